@@ -1,0 +1,15 @@
+"""fxrf: a torch.fx compiler for CNNs driven by the 3D receptive field (3DRF).
+
+    >>> import torch.nn as nn, fxrf
+    >>> a = fxrf.analyze(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU()), (1, 3, 32, 32))
+    >>> a.record("_0").rf.volume        # 3x3 pixels x 3 channels
+    27
+"""
+from .analysis import META_KEY, RF, Analysis, NodeRecord, Stage, analyze
+from .errors import AnalysisError, FxrfError, InputError, TraceError, UnsupportedOpError
+from .rules import Decline, rf_rule
+from .trace import trace
+
+__all__ = ["analyze", "trace", "rf_rule", "Decline", "Analysis", "NodeRecord", "RF", "Stage", "META_KEY",
+           "FxrfError", "TraceError", "InputError", "UnsupportedOpError", "AnalysisError"]
+__version__ = "0.1.0"

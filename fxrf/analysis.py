@@ -1,0 +1,384 @@
+"""The analysis pass: stages, then one walk over the graph that applies the rules and writes one record per node.
+
+Three steps, each linear in the number of nodes and independent of the input resolution:
+1. shapes (fxrf.shapes) and the fields referenced to the model input (which also tell where the spatial axes of
+   every tensor are);
+2. stages: a node whose map has another spatial size than its inputs starts one; the maps of one resolution
+   connected to each other form one stage, whose input is the union of the channels of all its starting nodes;
+3. fields referenced to the stage input, the paper's 3DRF, and the gain of every conv.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field as dc_field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from . import field as F_
+from .errors import AnalysisError, FxrfError, InputError, UnsupportedOpError
+from .field import Field
+from .metric import DEFAULT_ALPHA, gain as gain_of, volume as volume_of
+from .rules import Ctx, Decline, T, default_sp, lookup
+from .rules.conv import conv as conv_rule, conv_spec
+from .shapes import TMeta
+from .trace import InputSpec, _as_shapes, describe, op_name, trace_with_values
+
+META_KEY = "fxrf"  # node.meta[META_KEY] holds the NodeRecord
+
+
+@dataclass(frozen=True)
+class RF:
+    """A receptive field: spatial extent per dim (capped at the reference size) and channel counts."""
+
+    spatial: tuple
+    channel: int
+    channel_mean: float
+
+    @property
+    def height(self) -> int:
+        return self.spatial[-2] if len(self.spatial) >= 2 else 1
+
+    @property
+    def width(self) -> int:
+        return self.spatial[-1] if self.spatial else 1
+
+    @property
+    def volume(self) -> int:
+        return volume_of(self.spatial, self.channel)
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    resolution: tuple  # w_0 per spatial dim
+    channels: int  # c_0
+    inputs: tuple  # names of the nodes whose outputs make up the stage input
+
+    @property
+    def volume(self) -> int:  # V_0
+        return volume_of(self.resolution, self.channels)
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """Everything the analysis knows about one node; stored in node.meta["fxrf"]."""
+
+    name: str
+    op: str
+    target: str
+    shape: tuple
+    stage: int | None
+    kernel: str | None  # conv kind: standard | pointwise | depthwise | grouped
+    rf: RF | None  # 3DRF referenced to the stage input
+    gain: float | None
+    input_rf: RF | None  # referenced to the model input
+    supported: bool
+    field: Field | None = dc_field(repr=False, compare=False, default=None)  # exact per-channel sets (stage)
+    input_field: Field | None = dc_field(repr=False, compare=False, default=None)
+
+
+@dataclass
+class Analysis:
+    graph_module: fx.GraphModule
+    model: str
+    input_shape: tuple
+    alpha: float
+    stages: list
+    records: list  # NodeRecord in graph order, tensor-valued nodes only
+    unsupported: list  # (node name, target, reason)
+
+    def record(self, name: str) -> NodeRecord:
+        for r in self.records:
+            if r.name == name:
+                return r
+        raise KeyError(f"no node named {name!r}; nodes: {', '.join(r.name for r in self.records[:8])}, ...")
+
+    def convs(self) -> list:
+        return [r for r in self.records if r.kernel is not None]
+
+    def to_dict(self) -> dict:
+        from .report import to_dict
+        return to_dict(self)
+
+    def table(self, width: int = 100) -> str:
+        from .report import table
+        return table(self, width)
+
+
+def analyze(model: nn.Module, example_input: InputSpec, *, alpha: float = DEFAULT_ALPHA, strict: bool = False,
+            concrete_args: dict | None = None, leaf_modules=()) -> Analysis:
+    """Trace `model` (unless it is a GraphModule already) and annotate every node with its 3DRF.
+
+    >>> import torch.nn as nn
+    >>> a = analyze(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)), (1, 3, 32, 32))
+    >>> [(r.name, r.rf.height, r.rf.channel, r.rf.volume) for r in a.convs()]
+    [('_0', 3, 3, 27), ('_1', 5, 3, 75)]
+    >>> round(a.record("_1").gain, 4)
+    1.7315
+    """
+    gm, shapes, modules = trace_with_values(model, example_input, concrete_args=concrete_args,
+                                            leaf_modules=leaf_modules)
+    inputs = _as_shapes(example_input)
+    return _Walker(gm, shapes, inputs, modules, alpha, strict).run(type(model).__name__)
+
+
+class _Walker:
+    def __init__(self, gm, shapes, inputs, modules, alpha, strict):
+        self.gm, self.shapes, self.alpha, self.strict = gm, shapes, alpha, strict
+        self.input_shape = inputs[0].shape
+        self.dims = max(len(self.input_shape) - 2, 0)
+        self.modules = modules
+        self._summaries: dict = {}
+        self.unsupported: list = []
+        self._declined: dict = {}
+
+    # -- step 1 and 3: the rules ------------------------------------------------------------------------------
+
+    def _ctx_and_rule(self, node):
+        mod = self.modules[node.target] if node.op == "call_module" else None
+        return mod, lookup(node, mod)
+
+    def _apply(self, node, mod, rule, env, stage_of=None, stage=None):
+        """Fields of `node`'s output from its inputs' fields in `env` (inputs of other stages see nothing)."""
+
+        def wrap(n):
+            v = self.shapes[n]
+            f = env.get(n)
+            if stage_of is not None and stage_of.get(n) != stage:
+                f = _nothing(f)
+            if isinstance(v, TMeta):
+                value = None
+                if n.op == "get_attr":
+                    value = _attr(self.gm, n.target)
+                return T(v.shape, f, value)
+            if isinstance(v, tuple) and v and all(isinstance(x, TMeta) for x in v):
+                fs = f if isinstance(f, tuple) else (None,) * len(v)
+                return tuple(T(x.shape, y) for x, y in zip(v, fs))
+            return v
+
+        args = fx.node.map_arg(node.args, wrap)
+        kwargs = fx.node.map_arg(node.kwargs, wrap)
+        ctx = Ctx(node, mod, args, kwargs, self.shapes[node], self.dims)
+        if rule is None:
+            return self._conservative(ctx, "no rule")
+        try:
+            return rule(ctx)
+        except Decline as e:
+            return self._conservative(ctx, str(e))
+        except FxrfError:
+            raise
+        except Exception as e:
+            raise AnalysisError(f"the receptive-field rule {rule.__name__} failed on {describe(self.gm, node)}: "
+                                f"{type(e).__name__}: {e}") from e
+
+    def _conservative(self, ctx: Ctx, reason: str):
+        node = ctx.node
+        if node not in self._declined:
+            self._declined[node] = reason
+            if self.strict:
+                raise UnsupportedOpError(
+                    f"no receptive-field rule for {describe(self.gm, node)}"
+                    + ("" if reason == "no rule" else f" ({reason})")
+                    + f"; register one with @fxrf.rf_rule({_rule_key(node, ctx.module)}) or call with strict=False "
+                      f"to treat it conservatively")
+        ins = [t for t in ctx.tensors() if t.field is not None]
+        outs = ctx.out if isinstance(ctx.out, tuple) else (ctx.out,)
+        results = []
+        for o in outs:
+            sp = default_sp(o.shape, self.dims)
+            cshape = tuple(n for a, n in enumerate(o.shape) if a > 0 and a not in sp)
+            sizes = [[t.shape[a] if a is not None else 1 for a in t.field.sp] for t in ins]
+            results.append(F_.everything([t.field for t in ins], sizes, cshape, sp))
+        return tuple(results) if isinstance(ctx.out, tuple) else results[0]
+
+    # -- the whole pass -----------------------------------------------------------------------------------------
+
+    def run(self, model_name: str) -> Analysis:
+        gm = self.gm
+        nodes = [n for n in gm.graph.nodes if n.op not in ("output",)]
+        inp_env: dict = {}
+        offset = 0
+        placeholders = [self.shapes[n] for n in nodes if n.op == "placeholder" and isinstance(self.shapes[n], TMeta)]
+        words = F_.words_for(sum(_reference(v.shape, self.dims, 0, words=1).channels for v in placeholders))
+        for node in nodes:  # step 1: fields referenced to the model input
+            v = self.shapes[node]
+            if node.op == "placeholder":
+                if isinstance(v, TMeta):
+                    f = _reference(v.shape, self.dims, offset, words=words)
+                    offset += f.channels
+                    inp_env[node] = f
+            elif node.op in ("call_module", "call_function", "call_method") and _is_tensorish(v):
+                mod, rule = self._ctx_and_rule(node)
+                inp_env[node] = self._apply(node, mod, rule, inp_env)
+        stage_of, stages, starts = self._stages(nodes, inp_env)
+        st_env: dict = {}
+        offsets = {}
+        for s in stages:  # each starting node's channels get their own bits of the stage input
+            o = 0
+            for name in s.inputs:
+                offsets[name] = o
+                o += inp_env[self._by_name[name]].channels
+        records = []
+        for node in nodes:  # step 3: fields referenced to the stage input
+            v = self.shapes[node]
+            if not _is_tensorish(v):
+                continue
+            if node in starts:
+                st_env[node] = _reference(v.shape, self.dims, offsets[node.name], inp_env.get(node),
+                                          F_.words_for(stages[stage_of[node]].channels))
+            elif node.op in ("call_module", "call_function", "call_method"):
+                mod, rule = self._ctx_and_rule(node)
+                st_env[node] = self._apply(node, mod, rule, st_env, stage_of, stage_of.get(node))
+            if isinstance(v, TMeta):
+                records.append(self._record(node, v, stage_of, stages, st_env, inp_env, starts))
+        for node, reason in self._declined.items():
+            self.unsupported.append((node.name, _target_str(gm, node), reason))
+        for r in records:
+            gm_node = self._by_name[r.name]
+            gm_node.meta[META_KEY] = r
+        return Analysis(gm, model_name, tuple(self.input_shape), self.alpha, stages, records, self.unsupported)
+
+    # -- step 2: stages -----------------------------------------------------------------------------------------
+
+    def _stages(self, nodes, inp_env):
+        self._by_name = {n.name: n for n in nodes}
+        parent: dict = {}
+
+        def find(n):
+            while parent[n] is not n:
+                parent[n] = parent[parent[n]]
+                n = parent[n]
+            return n
+
+        def size_of(n):
+            f = inp_env.get(n)
+            v = self.shapes.get(n)
+            if not isinstance(f, Field) or not isinstance(v, TMeta) or not f.is_map:
+                return None
+            return tuple(v.shape[a] for a in f.sp)
+
+        starts, attached = [], []
+        for n in nodes:
+            size = size_of(n)
+            if size is None:
+                if isinstance(self.shapes.get(n), TMeta) and n.op != "get_attr":
+                    attached.append(n)
+                continue
+            ins = [m for m in n.all_input_nodes if m.op != "get_attr" and size_of(m) is not None]
+            same = [m for m in ins if size_of(m) == size]
+            global_ = all(s == 1 for s in size) and ins and not same
+            if global_:  # global pooling: stays in the stage it reduces
+                attached.append(n)
+                continue
+            parent[n] = n
+            if n.op == "placeholder" or not same:
+                starts.append(n)
+            for m in same:
+                parent[find(m)] = find(n)
+        roots, stages, stage_of = {}, [], {}
+        for n in starts:
+            r = find(n)
+            if r not in roots:
+                roots[r] = len(roots)
+                stages.append([])
+            stages[roots[r]].append(n)
+        for n in parent:
+            stage_of[n] = roots[find(n)]
+        for n in attached:  # vectors and global maps: the stage of their inputs, if they agree on one
+            got = {stage_of.get(m) for m in n.all_input_nodes if m.op != "get_attr"} - {None} or {None}
+            stage_of[n] = got.pop() if len(got) == 1 else None
+        result = []
+        for i, members in enumerate(stages):
+            res = size_of(members[0])
+            c0 = sum(inp_env[m].channels for m in members)
+            result.append(Stage(i, res, c0, tuple(m.name for m in members)))
+        return stage_of, result, set(starts)
+
+    # -- records ------------------------------------------------------------------------------------------------
+
+    def _summary(self, f: Field, cap) -> RF:
+        key = (id(f), tuple(cap))  # per-channel ops (BN, ReLU) hand the same Field on: summarise it once
+        rf = self._summaries.get(key)
+        if rf is None:
+            spatial, cmin, cmean = f.summary(tuple(cap))
+            rf = self._summaries[key] = RF(spatial, cmin, cmean)
+        return rf
+
+    def _record(self, node, v, stage_of, stages, st_env, inp_env, starts) -> NodeRecord:
+        s = stage_of.get(node)
+        f = st_env.get(node)
+        rf = None
+        if s is not None and isinstance(f, Field):
+            rf = self._summary(f, stages[s].resolution)
+        fi = inp_env.get(node)
+        input_rf = self._summary(fi, self.input_shape[2:]) if isinstance(fi, Field) and self.dims else None
+        mod = self.modules.get(node.target) if node.op == "call_module" else None
+        kernel, g = None, None
+        rule = lookup(node, mod) if node.op != "placeholder" else None
+        if rule is conv_rule:
+            ctx = Ctx(node, mod, fx.node.map_arg(node.args, lambda n: T(self.shapes[n].shape, None)
+                                                 if isinstance(self.shapes[n], TMeta) else self.shapes[n]),
+                      node.kwargs, v, self.dims)
+            kernel = conv_spec(ctx).kind
+            src = node.args[0]
+            prev = st_env.get(src) if stage_of.get(src) == s else None
+            if rf is not None and node not in starts and isinstance(prev, Field):
+                pv = self._summary(prev, stages[s].resolution).volume
+                if pv > 0:
+                    g = gain_of(pv, rf.volume, stages[s].volume, self.alpha)
+        return NodeRecord(node.name, _op_label(node, mod), _target_str(self.gm, node, mod), tuple(v.shape), s, kernel, rf,
+                          g, input_rf, node not in self._declined, f if isinstance(f, Field) else None,
+                          fi if isinstance(fi, Field) else None)
+
+
+
+
+def _reference(shape, dims, offset, like: Field | None = None, words: int = 1) -> Field:
+    """The field of a reference tensor (model input or stage input) in its own coordinates."""
+    sp = like.sp if like is not None else default_sp(shape, dims)
+    cshape = tuple(n for a, n in enumerate(shape) if a > 0 and a not in sp)
+    return F_.identity(cshape, dims, offset, sp, words)
+
+
+def _nothing(f):
+    return tuple(None for _ in f) if isinstance(f, tuple) else None
+
+
+def _is_tensorish(v) -> bool:
+    return isinstance(v, TMeta) or (isinstance(v, tuple) and bool(v) and all(isinstance(x, TMeta) for x in v))
+
+
+def _attr(gm, target):
+    obj = gm
+    for p in target.split("."):
+        obj = getattr(obj, p)
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def _op_label(node, mod) -> str:
+    if node.op == "placeholder":
+        return "input"
+    if node.op == "get_attr":
+        return "constant"
+    if mod is not None:
+        return type(mod).__name__.lower()
+    return op_name(node).rsplit(".", 1)[-1]
+
+
+def _target_str(gm, node, mod=None) -> str:
+    if node.op == "call_module":
+        mod = mod if mod is not None else gm.get_submodule(node.target)
+        return f"{node.target} ({type(mod).__name__})"
+    if node.op in ("call_function", "call_method"):
+        return op_name(node)
+    return str(node.target)
+
+
+def _rule_key(node, mod) -> str:
+    if mod is not None:
+        return f"{type(mod).__module__}.{type(mod).__name__}"
+    if isinstance(node.target, str):
+        return repr(node.target)
+    return op_name(node)

@@ -1,0 +1,21 @@
+"""fxrf's exceptions. Each message names the node, the op and what to do about it."""
+
+
+class FxrfError(Exception):
+    """Base class of every error fxrf raises on purpose."""
+
+
+class TraceError(FxrfError):
+    """The model could not be turned into a GraphModule with shapes."""
+
+
+class InputError(FxrfError, ValueError):
+    """The model or the example input is not what fxrf can work with (wrong type, rank, channels)."""
+
+
+class UnsupportedOpError(FxrfError):
+    """strict=True and a node has no receptive-field rule."""
+
+
+class AnalysisError(FxrfError):
+    """A rule failed on a node; the message names the node and the op."""

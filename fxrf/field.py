@@ -1,0 +1,318 @@
+"""The per-channel receptive field of a tensor, and the algebra the op rules use on it.
+
+A *reach* is what one output channel can see of a reference tensor (a stage input, or the model input): a set of
+reference channels, and along each spatial dim k an interval [lo_k, hi_k] of reference pixels relative to the
+neuron (the neuron at output position x sees [x*jump + lo, x*jump + hi], so its extent is hi - lo + 1).
+Bounds stay uncapped here; capping at the stage size happens when a field is reported, which gives the same
+result as the paper's per-layer min(., w_0) because the recurrence only ever adds.
+
+A `Field` stores its distinct reaches once: `bits[i]` is reach i's channel set as a row of uint64 words (bit c =
+channel c, so OR is union and popcount is the size, vectorised over all reaches at once) and `spans[i]` its
+bounds as a row [lo_0, hi_0, lo_1, hi_1, ...]. An integer array `idx` over the tensor's channel-like axes
+(every axis but batch and the spatial ones) says which reach each channel has. So reshape, transpose, cat, split,
+roll and index_select are numpy ops on `idx`; a conv window is one vector add on `spans`; and after a standard
+conv a 2048-channel field holds one reach.
+
+`None` stands for "sees nothing of the reference" (constants, inputs from another stage); every function here
+accepts it.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
+@dataclass(frozen=True, eq=False)
+class Field:
+    """Distinct reaches (`bits`, `spans`) plus, per channel, the index of its reach (`idx`)."""
+
+    bits: np.ndarray  # (reaches, words) uint64: reach i's reference channels as a bitset
+    spans: np.ndarray  # (reaches, 2 * dims) float: lo_0, hi_0, lo_1, hi_1, ...
+    idx: np.ndarray  # int64 over the channel-like axes: which reach each channel has
+    jump: tuple  # reference pixels per pixel of this tensor, per reference dim
+    sp: tuple  # per reference spatial dim, the tensor axis (batch = 0) that holds it, or None once pooled away
+
+    @property
+    def dims(self) -> int:
+        """Number of reference spatial dims."""
+        return len(self.sp)
+
+    @property
+    def ndim(self) -> int:
+        """Rank of the tensor this field describes."""
+        return 1 + self.idx.ndim + sum(a is not None for a in self.sp)
+
+    @property
+    def is_map(self) -> bool:
+        """Whether every reference spatial dim is still an axis of the tensor."""
+        return bool(self.sp) and all(a is not None for a in self.sp)
+
+    @property
+    def channels(self) -> int:
+        return int(self.idx.size)
+
+    def channel_axes(self) -> list[int]:
+        """Tensor axes that `idx` covers, in order."""
+        return [a for a in range(1, self.ndim) if a not in self.sp]
+
+    def idx_axis(self, tensor_axis: int) -> int:
+        """Position in `idx` of a channel-like tensor axis (negative axes allowed); ValueError if it is spatial."""
+        return self.channel_axes().index(tensor_axis % self.ndim)
+
+    def replace(self, **kw) -> "Field":
+        d = dict(bits=self.bits, spans=self.spans, idx=self.idx, jump=self.jump, sp=self.sp)
+        d.update(kw)
+        return Field(**d)
+
+    def with_idx(self, idx: np.ndarray, sp: tuple | None = None, jump: tuple | None = None) -> "Field":
+        """Same reaches, channels rearranged by `idx` (reaches no channel refers to any more are dropped)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        bits, spans = self.bits, self.spans
+        if len(bits) > 1:
+            used = np.bincount(idx.ravel(), minlength=len(bits))
+            if not used.all():
+                keep = np.flatnonzero(used)
+                lut = np.full(len(bits), -1, dtype=np.int64)
+                lut[keep] = np.arange(len(keep))
+                idx = lut[idx]
+                bits, spans = _frozen(bits[keep]), _frozen(spans[keep])
+        return Field(bits, spans, _frozen(np.ascontiguousarray(idx)), self.jump if jump is None else tuple(jump),
+                     self.sp if sp is None else tuple(sp))
+
+    def sets(self) -> list[frozenset]:
+        """The reference channels each channel can see, in flattened channel order (for tests and users)."""
+        flags = np.unpackbits(self.bits.view(np.uint8), axis=1, bitorder="little")
+        as_sets = [frozenset(np.flatnonzero(row).tolist()) for row in flags]
+        return [as_sets[i] for i in self.idx.ravel().tolist()]
+
+    def extents(self) -> np.ndarray:
+        """Per channel (flattened), the uncapped spatial extent along each reference dim."""
+        ext = self.spans[:, 1::2] - self.spans[:, 0::2] + 1
+        return ext[self.idx.ravel()]
+
+    def summary(self, cap: Sequence[int]) -> tuple[tuple[int, ...], int, float]:
+        """(spatial extent per dim, largest over channels and capped at `cap`; min channels; mean channels)."""
+        ext = (self.spans[:, 1::2] - self.spans[:, 0::2]).max(axis=0) + 1
+        spatial = tuple(min(int(round(e)), c) for e, c in zip(ext.tolist(), cap))
+        counts = self._counts
+        if len(counts) == 1:
+            return spatial, int(counts[0]), float(counts[0])
+        per_reach = np.bincount(self.idx.ravel(), minlength=len(self.bits))
+        return spatial, int(counts.min()), float(np.dot(per_reach, counts)) / self.idx.size
+
+    @functools.cached_property
+    def _counts(self) -> np.ndarray:  # cached: BN and activations pass the same Field object on
+        return np.bitwise_count(self.bits).sum(axis=1, dtype=np.int64)
+
+
+def _or(bits: np.ndarray) -> np.ndarray:
+    """Union of the rows of a bitset matrix."""
+    return np.bitwise_or.reduce(bits, axis=0)
+
+
+def _hull(spans: np.ndarray) -> np.ndarray:
+    """The smallest bounds containing every row: min of the lo columns, max of the hi columns."""
+    out = spans.max(axis=0)
+    out[0::2] = spans[:, 0::2].min(axis=0)
+    return out
+
+
+def words_for(channels: int) -> int:
+    """uint64 words per bitset for a reference with `channels` channels."""
+    return max(1, -(-channels // 64))
+
+
+def identity(channel_shape: tuple, dims: int, offset: int = 0, sp: tuple | None = None, words: int = 0) -> Field:
+    """A reference tensor [N, *channel_shape, *spatial] itself: channel i sees channel offset+i, one pixel wide.
+    `words`: bitset width of the whole reference (several tensors can share one, at different offsets)."""
+    n = int(np.prod(channel_shape)) if channel_shape else 1
+    c = np.arange(offset, offset + n)
+    bits = np.zeros((n, max(words, words_for(offset + n))), dtype=np.uint64)
+    bits[np.arange(n), c >> 6] = np.left_shift(np.uint64(1), (c & 63).astype(np.uint64))
+    bits = _frozen(bits)
+    spans = _frozen(np.zeros((n, 2 * dims)))
+    idx = _frozen(np.arange(n, dtype=np.int64).reshape(channel_shape))
+    first = 1 + len(channel_shape)
+    return Field(bits, spans, idx, (1,) * dims, tuple(range(first, first + dims)) if sp is None else sp)
+
+
+def as_vector(f: Field) -> Field:
+    """The same field with its (size-1) spatial axes dropped: [N, C, 1, 1] read as [N, C]."""
+    return f.replace(sp=(None,) * f.dims)
+
+
+# ---- spatial transfer -------------------------------------------------------------------------------------------
+
+
+def _shifted(f: Field, lo_add: Sequence, hi_add: Sequence, jump: tuple | None = None) -> Field:
+    if not any(lo_add) and not any(hi_add):
+        return f if jump is None else f.replace(jump=jump)
+    add = np.empty(2 * len(lo_add))
+    add[0::2], add[1::2] = lo_add, hi_add
+    return f.replace(spans=_frozen(f.spans + add), jump=f.jump if jump is None else jump)
+
+
+def window(f: Field | None, kernel: Sequence, stride: Sequence, padding: Sequence, dilation: Sequence):
+    """A sliding window along the reference dims: output x reads input x*s - p + t*dil, t < k."""
+    if f is None:
+        return None
+    lo = [-p * j for j, p in zip(f.jump, padding)]
+    hi = [((k - 1) * dl - p) * j for j, k, p, dl in zip(f.jump, kernel, padding, dilation)]
+    return _shifted(f, lo, hi, tuple(j * s for j, s in zip(f.jump, stride)))
+
+
+def widen(f: Field | None, sizes: Sequence[int]) -> Field | None:
+    """Every position of a map of `sizes` pixels folded into one neuron (global pooling)."""
+    if f is None:
+        return None
+    n = len(sizes)
+    return window(f, sizes, (1,) * n, (0,) * n, (1,) * n)
+
+
+def spread(f: Field | None, sizes: Sequence[int]) -> Field | None:
+    """A value broadcast over a map of `sizes` (per reference dim; 1 = untouched): each position sees what any
+    position of the map sees."""
+    if f is None:
+        return None
+    return _shifted(f, [-(s - 1) * j for s, j in zip(sizes, f.jump)], [(s - 1) * j for s, j in zip(sizes, f.jump)])
+
+
+def rescale(f: Field | None, factor: Sequence) -> Field | None:
+    """Resolution changed by `factor` (output pixels per input pixel) without mixing: upsampling."""
+    if f is None:
+        return None
+    return f.replace(jump=tuple(j / s for j, s in zip(f.jump, factor)))
+
+
+# ---- channel transfer -------------------------------------------------------------------------------------------
+
+
+def mix(f: Field | None, out_channels: int, groups: int = 1, axis: int = -1) -> Field | None:
+    """A conv/linear along idx `axis`: output o of group g sees every input channel of group g."""
+    if f is None:
+        return None
+    idx = f.idx if axis in (-1, f.idx.ndim - 1) else np.moveaxis(f.idx, axis, -1)
+    lead, cin = idx.shape[:-1], idx.shape[-1]
+    per_out = out_channels // groups
+    if groups == cin and per_out == 1:  # depthwise, multiplier 1: channel c sees what channel c saw
+        return f
+    if len(f.bits) == 1 or (groups == 1 and not lead):  # one reach for all outputs
+        bits = f.bits if len(f.bits) == 1 else _frozen(_or(f.bits)[None])
+        spans = f.spans if len(f.bits) == 1 else _frozen(_hull(f.spans)[None])
+        out = np.zeros(lead + (out_channels,), dtype=np.int64)
+        return Field(bits, spans, _frozen(out if not lead else np.moveaxis(out, -1, axis)), f.jump, f.sp)
+    rows = idx.reshape(-1, cin // groups)
+    bits, spans, memo, out_rows = [], [], {}, []
+    for row in rows.tolist():
+        key = tuple(sorted(set(row)))
+        j = memo.get(key)
+        if j is None:
+            j = memo[key] = len(bits)
+            bits.append(_or(f.bits[list(key)]))
+            spans.append(_hull(f.spans[list(key)]))
+        out_rows.append(j)
+    out = np.repeat(np.asarray(out_rows, dtype=np.int64), per_out).reshape(lead + (out_channels,))
+    return Field(_frozen(np.stack(bits)), _frozen(np.stack(spans)), _frozen(np.moveaxis(out, -1, axis)), f.jump, f.sp)
+
+
+def channel_window(f: Field | None, axis: int, kernel: int, stride: int, padding: int, dilation: int,
+                   out_size: int) -> Field | None:
+    """A sliding window along a channel-like idx `axis` (a conv1d run across channels, as in ECA attention)."""
+    if f is None:
+        return None
+    idx = np.moveaxis(f.idx, axis, -1)
+    n = idx.shape[-1]
+    flat = idx.reshape(-1, n)
+    bits, spans, memo = [], [], {}
+    out = np.empty((flat.shape[0], out_size), dtype=np.int64)
+    for r, row in enumerate(flat.tolist()):
+        for o in range(out_size):
+            taps = (o * stride - padding + t * dilation for t in range(kernel))
+            key = tuple(sorted({row[i] for i in taps if 0 <= i < n}))
+            j = memo.get(key)
+            if j is None:
+                j = memo[key] = len(bits)
+                bits.append(_or(f.bits[list(key)]))
+                spans.append(_hull(f.spans[list(key)]))
+            out[r, o] = j
+    out = np.moveaxis(out.reshape(idx.shape[:-1] + (out_size,)), -1, axis)
+    return Field(_frozen(np.stack(bits)), _frozen(np.stack(spans)), _frozen(np.ascontiguousarray(out)), f.jump, f.sp)
+
+
+def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | None:
+    """Elementwise op of fields already broadcast to one channel `shape`: each channel sees the union."""
+    live = [f for f in fields if f is not None]
+    if not live:
+        return None
+    jump = tuple(max(js) for js in zip(*(f.jump for f in live)))
+    acc = live[0]
+    bits, spans, idx = acc.bits, acc.spans, np.broadcast_to(acc.idx, shape)
+    for f in live[1:]:
+        if f.bits is bits and f.spans is spans and f.idx is acc.idx:  # add(x, x)
+            continue
+        b = np.broadcast_to(f.idx, shape)
+        if len(bits) == 1 and len(f.bits) == 1:
+            bits, spans = bits | f.bits, _frozen(_hull(np.concatenate([spans, f.spans]))[None])
+            continue
+        if len(bits) == 1:  # x + f(x) with a uniform f(x) (residual adds): pairs are just f's channels
+            ia, ib, inv = np.zeros(len(f.bits), dtype=np.int64), np.arange(len(f.bits)), b
+        elif len(f.bits) == 1:
+            ia, ib, inv = np.arange(len(bits)), np.zeros(len(bits), dtype=np.int64), idx
+        else:
+            codes = idx.astype(np.int64) * len(f.bits) + b
+            uniq, inv = np.unique(codes.ravel(), return_inverse=True)
+            ia, ib = uniq // len(f.bits), uniq % len(f.bits)
+        bits = bits[ia] | f.bits[ib]
+        lo_hi = np.maximum(spans[ia], f.spans[ib])
+        lo_hi[:, 0::2] = np.minimum(spans[ia][:, 0::2], f.spans[ib][:, 0::2])
+        spans, idx = _frozen(lo_hi), inv.reshape(shape)
+    return Field(_frozen(bits) if bits.flags.writeable else bits, spans, _frozen(np.ascontiguousarray(idx)), jump, sp)
+
+
+def cat(fields: Sequence[Field | None], axis: int, sizes: Sequence[int]) -> Field | None:
+    """Concatenation along a channel-like idx axis; inputs that see nothing contribute channels that see nothing."""
+    live = [f for f in fields if f is not None]
+    if not live:
+        return None
+    like = live[0]
+    bits, spans, parts, base = [], [], [], 0
+    for f, n in zip(fields, sizes):
+        if f is None:  # a constant slab: an empty reach, so channel counts stay honest
+            shape = list(like.idx.shape)
+            shape[axis] = n
+            f = Field(np.zeros((1, like.bits.shape[1]), dtype=np.uint64), np.zeros((1, 2 * like.dims)),
+                      np.zeros(shape, dtype=np.int64), like.jump, like.sp)
+        bits.append(f.bits)
+        spans.append(f.spans)
+        parts.append(f.idx + base)
+        base += len(f.bits)
+    jump = tuple(max(js) for js in zip(*(f.jump for f in live)))
+    return Field(_frozen(np.concatenate(bits)), _frozen(np.concatenate(spans)),
+                 _frozen(np.concatenate(parts, axis=axis)), jump, like.sp)
+
+
+def remap(f: Field | None, fn) -> Field | None:
+    """Apply a numpy indexing/reshaping function to the channel index array (view, transpose, roll, slicing)."""
+    if f is None:
+        return None
+    return f.with_idx(fn(f.idx))
+
+
+def everything(fields: Sequence[Field | None], sizes: Sequence[Sequence[int]], channel_shape: tuple,
+               sp: tuple) -> Field | None:
+    """The conservative field: every output channel sees all that any input sees, over the whole of each map."""
+    live = [spread(f, s) for f, s in zip(fields, sizes) if f is not None]
+    if not live:
+        return None
+    bits = _or(np.concatenate([f.bits for f in live]))[None]
+    spans = _hull(np.concatenate([f.spans for f in live]))[None]
+    jump = tuple(max(js) for js in zip(*(f.jump for f in live)))
+    return Field(_frozen(bits), _frozen(spans), _frozen(np.zeros(channel_shape, dtype=np.int64)), jump, sp)

@@ -1,0 +1,227 @@
+"""Ops that move channels around without computing: reshape, permute, cat, split, slicing, roll, shuffle.
+
+All of them are numpy operations on the channel index array, so a channel shuffle written as
+view -> transpose -> view (ShuffleNet) is followed exactly, channel by channel.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import field
+from . import Ctx, Decline, T, rf_rule
+from .elementwise import broadcast_merge
+
+
+# Row-major reshape. With the spatial axes trailing and kept, only the channel part is regrouped; when they are
+# folded into features, feature i*HW + j comes from channel i (at some pixel: the whole map, conservatively).
+@rf_rule("view", "reshape", torch.reshape, nn.Flatten, torch.flatten, "flatten", nn.Unflatten, "unflatten",
+         "squeeze", torch.squeeze, "unsqueeze", torch.unsqueeze)
+def reshape(ctx: Ctx):
+    x = ctx.args[0]
+    return reshape_field(x, ctx.out_shape, ctx.dims)
+
+
+def reshape_field(x: T, out_shape: tuple, dims: int):
+    f = x.field
+    if f is None:
+        return None
+    rank = len(x.shape)
+    present = [a for a in f.sp if a is not None]
+    map_sizes = [x.shape[a] for a in present]
+    hw = math.prod(map_sizes)
+    trailing = tuple(present) == tuple(range(rank - len(present), rank))
+    if present and hw > 1 and not trailing:
+        raise Decline("a reshape of a tensor whose spatial axes are not the trailing ones")
+    if present and hw > 1:
+        if len(out_shape) >= 2 + len(present) and tuple(out_shape[-len(present):]) == tuple(map_sizes):
+            idx = f.idx.reshape(out_shape[1:len(out_shape) - len(present)])
+            out_sp = tuple(None if a is None else a - rank + len(out_shape) for a in f.sp)
+            return f.with_idx(idx, sp=out_sp)
+        sizes = [x.shape[a] if a is not None else 1 for a in f.sp]
+        f = field.spread(f, sizes)
+        flat = np.repeat(f.idx.ravel(), hw)
+    else:
+        flat = f.idx.ravel()
+    n = len(out_shape)
+    if n >= 2 + dims and math.prod(out_shape[n - dims:]) == 1 and dims:
+        return f.with_idx(flat.reshape(out_shape[1:n - dims]), sp=tuple(range(n - dims, n)))
+    return f.with_idx(flat.reshape(out_shape[1:]), sp=(None,) * dims)
+
+
+# Axis permutation: the spatial axes move with it, the channel index array is transposed.
+@rf_rule("permute", torch.permute, "transpose", torch.transpose, "swapaxes", torch.swapaxes, "swapdims")
+def permute(ctx: Ctx):
+    x = ctx.args[0]
+    rank = len(x.shape)
+    name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+    if name == "permute":
+        dims = ctx.args[1:] if ctx.node.op == "call_method" else (ctx.arg(1, "dims"),)
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = dims[0]
+        perm = [d % rank for d in dims]
+    else:
+        a, b = ctx.arg(1, "dim0") % rank, ctx.arg(2, "dim1") % rank
+        perm = list(range(rank))
+        perm[a], perm[b] = perm[b], perm[a]
+    return permute_field(x.field, perm)
+
+
+def permute_field(f, perm: list):
+    if f is None:
+        return None
+    if perm[0] != 0:
+        raise Decline("a permutation that moves the batch axis")
+    sp = tuple(None if a is None else perm.index(a) for a in f.sp)
+    cin = f.channel_axes()
+    order = [cin.index(src) for src in perm[1:] if src not in f.sp]
+    return f.with_idx(f.idx.transpose(order), sp=sp)
+
+
+# Concatenation along a channel-like axis keeps each part's channels in order.
+@rf_rule(torch.cat, torch.concat)
+def cat(ctx: Ctx):
+    parts = [t for t in ctx.arg(0, "tensors") if isinstance(t, T)]
+    dim = ctx.arg(1, "dim", 0) % len(parts[0].shape)
+    live = [t.field for t in parts if t.field is not None]
+    if not live:
+        return None
+    lead = live[0]
+    if dim in lead.sp or dim == 0:
+        raise Decline("concatenation along a spatial or the batch axis")
+    if any(f.sp != lead.sp or f.idx.ndim != lead.idx.ndim for f in live):
+        raise Decline("concatenation of tensors with different layouts")
+    return field.cat([t.field for t in parts], lead.idx_axis(dim), [t.shape[dim] for t in parts])
+
+
+# chunk/split along channels: each piece keeps its channels; along a spatial axis each piece is a crop.
+@rf_rule("chunk", torch.chunk, "split", torch.split, "tensor_split", torch.tensor_split, "unbind", torch.unbind)
+def split(ctx: Ctx):
+    x = ctx.args[0]
+    outs = ctx.out
+    f = x.field
+    name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+    dim = ctx.arg(1 if name == "unbind" else 2, "dim", 0) % len(x.shape)
+    if f is None:
+        return tuple(None for _ in outs)
+    if dim in f.sp:
+        return tuple(f for _ in outs)
+    if dim == 0:
+        raise Decline("a split of the batch axis")
+    ax = f.idx_axis(dim)
+    bounds = np.cumsum([1 if name == "unbind" else o.shape[dim] for o in outs])[:-1]
+    pieces = np.split(f.idx, bounds, axis=ax)
+    if name == "unbind":
+        pieces = [p.squeeze(ax) for p in pieces]
+    return tuple(f.with_idx(p) for p in pieces)
+
+
+# x[index]: basic indexing. Channel axes are sliced in the index array; spatial slices are crops (a step s
+# multiplies the jump); an int on a spatial axis drops it.
+@rf_rule(getattr(__import__("operator"), "getitem"))
+def getitem(ctx: Ctx):
+    x, index = ctx.args[0], ctx.args[1]
+    if isinstance(x, (tuple, list)):  # picking one output of split/chunk or of a module returning a tuple
+        return x[index].field
+    f = x.field
+    if f is None:
+        return None
+    index = index if isinstance(index, tuple) else (index,)
+    rank = len(x.shape)
+    if any(i is Ellipsis for i in index):
+        k = index.index(Ellipsis)
+        fill = rank - (len(index) - 1 - sum(i is None for i in index))
+        index = index[:k] + (slice(None),) * fill + index[k + 1:]
+    index = index + (slice(None),) * (rank - sum(i is not None for i in index))
+    idx_index, sp, jump, out_axis, in_axis = [], list(f.sp), list(f.jump), 0, 0
+    for i in index:
+        if i is None:
+            idx_index.append(None)
+            out_axis += 1
+            continue
+        if not isinstance(i, (int, slice)):
+            raise Decline("advanced (tensor or list) indexing")
+        if in_axis == 0:
+            if not isinstance(i, slice):
+                raise Decline("indexing into the batch axis")
+        elif in_axis in f.sp:
+            k = f.sp.index(in_axis)
+            if isinstance(i, slice):
+                jump[k] = jump[k] * (i.step or 1)
+                sp[k] = ("new", out_axis)
+            else:
+                sp[k] = None
+        else:
+            idx_index.append(i)
+        if isinstance(i, slice):
+            out_axis += 1
+        in_axis += 1
+    sp = tuple(a[1] if isinstance(a, tuple) else None for a in sp)
+    return f.with_idx(f.idx[tuple(idx_index)], sp=sp, jump=jump)
+
+
+# torch.roll along channels rotates them; along a spatial axis it wraps around the map.
+@rf_rule("roll", torch.roll)
+def roll(ctx: Ctx):
+    x = ctx.args[0]
+    f = x.field
+    shifts, dims = ctx.arg(1, "shifts"), ctx.arg(2, "dims")
+    if f is None:
+        return None
+    if dims is None:
+        raise Decline("roll of the flattened tensor")
+    shifts = shifts if isinstance(shifts, (tuple, list)) else (shifts,)
+    dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+    for s, d in zip(shifts, dims):
+        d %= len(x.shape)
+        if d in f.sp:
+            sizes = [x.shape[a] if a == d else 1 for a in f.sp]
+            f = field.spread(f, sizes)
+        else:
+            f = field.remap(f, lambda idx, ax=f.idx_axis(d), s=s: np.roll(idx, s, axis=ax))
+    return f
+
+
+# index_select with a constant index tensor picks channels.
+@rf_rule("index_select", torch.index_select)
+def index_select(ctx: Ctx):
+    x, dim, index = ctx.args[0], ctx.arg(1, "dim"), ctx.arg(2, "index")
+    f = x.field
+    if f is None:
+        return None
+    if not isinstance(index, T) or index.value is None or index.value.is_meta:
+        raise Decline("index_select with an index that is not a constant")
+    dim %= len(x.shape)
+    if dim in f.sp or dim == 0:
+        raise Decline("index_select along a spatial or the batch axis")
+    picks = index.value.detach().cpu().numpy().astype(np.int64)
+    return field.remap(f, lambda idx: np.take(idx, picks, axis=f.idx_axis(dim)))
+
+
+# channel_shuffle(g): out channel k*g + j is in channel j*(C/g) + k.
+@rf_rule(nn.ChannelShuffle, F.channel_shuffle, torch.channel_shuffle, F.native_channel_shuffle)
+def channel_shuffle(ctx: Ctx):
+    x = ctx.args[0]
+    g = ctx.module.groups if ctx.module is not None else ctx.arg(1, "groups")
+    f = x.field
+    if f is None:
+        return None
+    ax = f.idx_axis(1)
+
+    def shuffle(idx):
+        idx = np.moveaxis(idx, ax, 0)
+        c = idx.shape[0]
+        idx = idx.reshape((g, c // g) + idx.shape[1:]).swapaxes(0, 1).reshape(idx.shape)
+        return np.moveaxis(idx, 0, ax)
+
+    return field.remap(f, shuffle)
+
+
+# expand / expand_as / broadcast_to: a broadcast of one operand.
+@rf_rule("expand", "expand_as", torch.broadcast_to, "broadcast_to")
+def expand(ctx: Ctx):
+    return broadcast_merge([t for t in ctx.tensors()[:1] if t.field is not None], ctx.out_shape)
