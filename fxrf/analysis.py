@@ -153,9 +153,9 @@ class _Walker:
                 if n.op == "get_attr":
                     value = _attr(self.gm, n.target)
                 return T(v.shape, f, value)
-            if isinstance(v, tuple) and v and all(isinstance(x, TMeta) for x in v):
+            if _is_tensorish(v):  # a tuple holding tensors (split, chunk, a module returning several values)
                 fs = f if isinstance(f, tuple) else (None,) * len(v)
-                return tuple(T(x.shape, y) for x, y in zip(v, fs))
+                return tuple(T(x.shape, y) if isinstance(x, TMeta) else x for x, y in zip(v, fs))
             return v
 
         args = fx.node.map_arg(node.args, wrap)
@@ -184,14 +184,19 @@ class _Walker:
                     + f"; register one with @fxrf.rf_rule({_rule_key(node, ctx.module)}) or call with strict=False "
                       f"to treat it conservatively")
         ins = [t for t in ctx.tensors() if t.field is not None]
-        outs = ctx.out if isinstance(ctx.out, tuple) else (ctx.out,)
+        single = isinstance(ctx.out, TMeta)
         results = []
-        for o in outs:
-            sp = default_sp(o.shape, self.dims)
+        for o in ((ctx.out,) if single else ctx.out):
+            if not isinstance(o, TMeta):
+                results.append(None)
+                continue
+            like = next((t.field for t in ins if tuple(t.shape) == tuple(o.shape)),
+                        next((t.field for t in ins if len(t.shape) == len(o.shape)), None))
+            sp = like.sp if like is not None else default_sp(o.shape, self.dims)  # keep NHWC as NHWC
             cshape = tuple(n for a, n in enumerate(o.shape) if a > 0 and a not in sp)
             sizes = [[t.shape[a] if a is not None else 1 for a in t.field.sp] for t in ins]
             results.append(F_.everything([t.field for t in ins], sizes, cshape, sp))
-        return tuple(results) if isinstance(ctx.out, tuple) else results[0]
+        return results[0] if single else tuple(results)
 
     # -- the whole pass -----------------------------------------------------------------------------------------
 
@@ -206,7 +211,7 @@ class _Walker:
             v = self.shapes[node]
             if node.op == "placeholder":
                 if isinstance(v, TMeta):
-                    f = _reference(v.shape, self.dims, offset, words=words)
+                    f = _reference(v.shape, self.dims, offset, words=words)  # hull: the classic RF (Araujo 2019)
                     offset += f.channels
                     inp_env[node] = f
             elif node.op in ("call_module", "call_function", "call_method") and _is_tensorish(v):
@@ -226,8 +231,9 @@ class _Walker:
             if not _is_tensorish(v):
                 continue
             if node in starts:
+                stage = stages[stage_of[node]]
                 st_env[node] = _reference(v.shape, self.dims, offsets[node.name], inp_env.get(node),
-                                          F_.words_for(stages[stage_of[node]].channels))
+                                          F_.words_for(stage.channels), stage.resolution)
             elif node.op in ("call_module", "call_function", "call_method"):
                 mod, rule = self._ctx_and_rule(node)
                 st_env[node] = self._apply(node, mod, rule, st_env, stage_of, stage_of.get(node))
@@ -252,9 +258,10 @@ class _Walker:
                 n = parent[n]
             return n
 
-        def size_of(n):
-            f = inp_env.get(n)
-            v = self.shapes.get(n)
+        def size_of(n):  # spatial size of a map (of the first map, for an op with several outputs)
+            f, v = inp_env.get(n), self.shapes.get(n)
+            if isinstance(f, tuple):
+                f, v = next(((x, y) for x, y in zip(f, v) if isinstance(x, Field) and x.is_map), (None, None))
             if not isinstance(f, Field) or not isinstance(v, TMeta) or not f.is_map:
                 return None
             return tuple(v.shape[a] for a in f.sp)
@@ -267,9 +274,8 @@ class _Walker:
                     attached.append(n)
                 continue
             ins = [m for m in n.all_input_nodes if m.op != "get_attr" and size_of(m) is not None]
-            same = [m for m in ins if size_of(m) == size]
-            global_ = all(s == 1 for s in size) and ins and not same
-            if global_:  # global pooling: stays in the stage it reduces
+            same = [m for m in ins if size_of(m) == size and m in parent]
+            if all(s == 1 for s in size) and ins and not same:  # global pooling and what follows it at 1x1
                 attached.append(n)
                 continue
             parent[n] = n
@@ -298,11 +304,11 @@ class _Walker:
 
     # -- records ------------------------------------------------------------------------------------------------
 
-    def _summary(self, f: Field, cap) -> RF:
-        key = (id(f), tuple(cap))  # per-channel ops (BN, ReLU) hand the same Field on: summarise it once
+    def _summary(self, f: Field, cap, sizes) -> RF:
+        key = (id(f), tuple(cap), sizes)  # per-channel ops (BN, ReLU) hand the same Field on: summarise it once
         rf = self._summaries.get(key)
         if rf is None:
-            spatial, cmin, cmean = f.summary(tuple(cap))
+            spatial, cmin, cmean = f.summary(tuple(cap), sizes)
             rf = self._summaries[key] = RF(spatial, cmin, cmean)
         return rf
 
@@ -311,9 +317,11 @@ class _Walker:
         f = st_env.get(node)
         rf = None
         if s is not None and isinstance(f, Field):
-            rf = self._summary(f, stages[s].resolution)
+            rf = self._summary(f, stages[s].resolution, map_size(f, v.shape))
         fi = inp_env.get(node)
-        input_rf = self._summary(fi, self.input_shape[2:]) if isinstance(fi, Field) and self.dims else None
+        input_rf = None
+        if isinstance(fi, Field) and self.dims:
+            input_rf = self._summary(fi, self.input_shape[2:], map_size(fi, v.shape))
         mod = self.modules.get(node.target) if node.op == "call_module" else None
         kernel, g = None, None
         rule = lookup(node, mod) if node.op != "placeholder" else None
@@ -325,7 +333,7 @@ class _Walker:
             src = node.args[0]
             prev = st_env.get(src) if stage_of.get(src) == s else None
             if rf is not None and node not in starts and isinstance(prev, Field):
-                pv = self._summary(prev, stages[s].resolution).volume
+                pv = self._summary(prev, stages[s].resolution, map_size(prev, self.shapes[src].shape)).volume
                 if pv > 0:
                     g = gain_of(pv, rf.volume, stages[s].volume, self.alpha)
         return NodeRecord(node.name, _op_label(node, mod), _target_str(self.gm, node, mod), tuple(v.shape), s, kernel, rf,
@@ -335,11 +343,16 @@ class _Walker:
 
 
 
-def _reference(shape, dims, offset, like: Field | None = None, words: int = 1) -> Field:
+def map_size(f: Field, shape) -> tuple:
+    """Pixels of the tensor's map along each reference dim (1 where it has been pooled away)."""
+    return tuple(shape[a] if a is not None else 1 for a in f.sp)
+
+
+def _reference(shape, dims, offset, like: Field | None = None, words: int = 1, map_size=None) -> Field:
     """The field of a reference tensor (model input or stage input) in its own coordinates."""
     sp = like.sp if like is not None else default_sp(shape, dims)
     cshape = tuple(n for a, n in enumerate(shape) if a > 0 and a not in sp)
-    return F_.identity(cshape, dims, offset, sp, words)
+    return F_.identity(cshape, dims, offset, sp, words, map_size)
 
 
 def _nothing(f):
@@ -347,7 +360,8 @@ def _nothing(f):
 
 
 def _is_tensorish(v) -> bool:
-    return isinstance(v, TMeta) or (isinstance(v, tuple) and bool(v) and all(isinstance(x, TMeta) for x in v))
+    """A tensor, or a tuple/list that holds at least one tensor at its top level."""
+    return isinstance(v, TMeta) or (isinstance(v, (tuple, list)) and any(isinstance(x, TMeta) for x in v))
 
 
 def _attr(gm, target):

@@ -39,6 +39,10 @@ class Field:
     idx: np.ndarray  # int64 over the channel-like axes: which reach each channel has
     jump: tuple  # reference pixels per pixel of this tensor, per reference dim
     sp: tuple  # per reference spatial dim, the tensor axis (batch = 0) that holds it, or None once pooled away
+    # Stage fields only: per reference dim k, a (reaches, 2*w0_k - 1) bool array of the offsets (-(w0-1)..w0-1,
+    # column w0-1 is offset 0) a reach can see. Offsets beyond the map can never be seen, so this is exact and
+    # bounded: a dilated conv whose outer taps fall off a small map does not count what it cannot see.
+    taps: tuple | None = None
 
     @property
     def dims(self) -> int:
@@ -68,14 +72,14 @@ class Field:
         return self.channel_axes().index(tensor_axis % self.ndim)
 
     def replace(self, **kw) -> "Field":
-        d = dict(bits=self.bits, spans=self.spans, idx=self.idx, jump=self.jump, sp=self.sp)
+        d = dict(bits=self.bits, spans=self.spans, idx=self.idx, jump=self.jump, sp=self.sp, taps=self.taps)
         d.update(kw)
         return Field(**d)
 
     def with_idx(self, idx: np.ndarray, sp: tuple | None = None, jump: tuple | None = None) -> "Field":
         """Same reaches, channels rearranged by `idx` (reaches no channel refers to any more are dropped)."""
         idx = np.asarray(idx, dtype=np.int64)
-        bits, spans = self.bits, self.spans
+        bits, spans, taps = self.bits, self.spans, self.taps
         if len(bits) > 1:
             used = np.bincount(idx.ravel(), minlength=len(bits))
             if not used.all():
@@ -84,8 +88,9 @@ class Field:
                 lut[keep] = np.arange(len(keep))
                 idx = lut[idx]
                 bits, spans = _frozen(bits[keep]), _frozen(spans[keep])
+                taps = _rows(self.taps, keep)
         return Field(bits, spans, _frozen(np.ascontiguousarray(idx)), self.jump if jump is None else tuple(jump),
-                     self.sp if sp is None else tuple(sp))
+                     self.sp if sp is None else tuple(sp), taps)
 
     def sets(self) -> list[frozenset]:
         """The reference channels each channel can see, in flattened channel order (for tests and users)."""
@@ -93,15 +98,29 @@ class Field:
         as_sets = [frozenset(np.flatnonzero(row).tolist()) for row in flags]
         return [as_sets[i] for i in self.idx.ravel().tolist()]
 
-    def extents(self) -> np.ndarray:
-        """Per channel (flattened), the uncapped spatial extent along each reference dim."""
-        ext = self.spans[:, 1::2] - self.spans[:, 0::2] + 1
-        return ext[self.idx.ravel()]
+    def extents(self, cap: Sequence[int], sizes: Sequence[int]) -> np.ndarray:
+        """Per channel (flattened) and reference dim, the extent the neuron at the centre of this tensor's map
+        (`sizes` pixels per reference dim, 1 where pooled away) sees of a reference map of `cap` pixels."""
+        return self._reach_extents(tuple(cap), tuple(sizes))[self.idx.ravel()]
 
-    def summary(self, cap: Sequence[int]) -> tuple[tuple[int, ...], int, float]:
-        """(spatial extent per dim, largest over channels and capped at `cap`; min channels; mean channels)."""
-        ext = (self.spans[:, 1::2] - self.spans[:, 0::2]).max(axis=0) + 1
-        spatial = tuple(min(int(round(e)), c) for e, c in zip(ext.tolist(), cap))
+    def _reach_extents(self, cap, sizes) -> np.ndarray:
+        if self.taps is None:  # the classic hull, capped as in the paper
+            ext = np.rint(self.spans[:, 1::2] - self.spans[:, 0::2] + 1).astype(np.int64)
+            return np.minimum(ext, np.asarray(cap, dtype=np.int64))
+        out = np.zeros((len(self.bits), len(cap)), dtype=np.int64)
+        for k, (t, w0, n) in enumerate(zip(self.taps, cap, sizes)):
+            c = int((n // 2) * self.jump[k])  # the neuron's position in reference pixels
+            seen = t[:, w0 - 1 - c: 2 * w0 - 1 - c]  # offsets -c .. w0-1-c: the map as seen from there
+            anyv = seen.any(axis=1)
+            first = seen.argmax(axis=1)
+            last = seen.shape[1] - 1 - seen[:, ::-1].argmax(axis=1)
+            out[:, k] = np.where(anyv, last - first + 1, 0)
+        return out
+
+    def summary(self, cap: Sequence[int], sizes: Sequence[int] | None = None) -> tuple[tuple[int, ...], int, float]:
+        """(spatial extent per dim, the largest over channels (see `extents`); min channels; mean channels)."""
+        sizes = tuple(cap) if sizes is None else tuple(sizes)
+        spatial = tuple(int(e) for e in self._reach_extents(tuple(cap), sizes).max(axis=0))
         counts = self._counts
         if len(counts) == 1:
             return spatial, int(counts[0]), float(counts[0])
@@ -118,6 +137,37 @@ def _or(bits: np.ndarray) -> np.ndarray:
     return np.bitwise_or.reduce(bits, axis=0)
 
 
+def _rows(taps, rows):
+    """The same reaches' taps, picked or repeated by `rows` (None stays None)."""
+    return None if taps is None else tuple(_frozen(t[rows]) for t in taps)
+
+
+def _union_taps(taps, groups):
+    """Per group of reach indices, the OR of their taps."""
+    if taps is None:
+        return None
+    return tuple(_frozen(np.stack([t[list(g)].any(axis=0) for g in groups])) for t in taps)
+
+
+def _shift_or(t: np.ndarray, offsets) -> np.ndarray:
+    """OR of `t` shifted right by each offset (a Minkowski sum with the tap set), columns falling off dropped."""
+    offsets = sorted(set(int(o) for o in offsets))
+    n = t.shape[1]
+    if len(offsets) > 2 and offsets == list(range(offsets[0], offsets[-1] + 1)):  # dense: a sliding any()
+        cs = np.concatenate([np.zeros((t.shape[0], 1), dtype=np.int64), np.cumsum(t, axis=1)], axis=1)
+        i = np.arange(n)
+        lo = np.clip(i - offsets[-1], 0, n)
+        hi = np.clip(i - offsets[0] + 1, 0, n)
+        return _frozen((cs[:, hi] - cs[:, lo]) > 0)
+    out = np.zeros_like(t)
+    for o in offsets:
+        if o >= 0:
+            out[:, o:] |= t[:, :n - o] if o < n else False
+        elif -o < n:
+            out[:, :n + o] |= t[:, -o:]
+    return _frozen(out)
+
+
 def _hull(spans: np.ndarray) -> np.ndarray:
     """The smallest bounds containing every row: min of the lo columns, max of the hi columns."""
     out = spans.max(axis=0)
@@ -130,9 +180,11 @@ def words_for(channels: int) -> int:
     return max(1, -(-channels // 64))
 
 
-def identity(channel_shape: tuple, dims: int, offset: int = 0, sp: tuple | None = None, words: int = 0) -> Field:
+def identity(channel_shape: tuple, dims: int, offset: int = 0, sp: tuple | None = None, words: int = 0,
+             map_size: Sequence[int] | None = None) -> Field:
     """A reference tensor [N, *channel_shape, *spatial] itself: channel i sees channel offset+i, one pixel wide.
-    `words`: bitset width of the whole reference (several tensors can share one, at different offsets)."""
+    `words`: bitset width of the whole reference (several tensors can share one, at different offsets).
+    `map_size`: track exact tap sets for a reference map of that size (stage fields)."""
     n = int(np.prod(channel_shape)) if channel_shape else 1
     c = np.arange(offset, offset + n)
     bits = np.zeros((n, max(words, words_for(offset + n))), dtype=np.uint64)
@@ -141,7 +193,15 @@ def identity(channel_shape: tuple, dims: int, offset: int = 0, sp: tuple | None 
     spans = _frozen(np.zeros((n, 2 * dims)))
     idx = _frozen(np.arange(n, dtype=np.int64).reshape(channel_shape))
     first = 1 + len(channel_shape)
-    return Field(bits, spans, idx, (1,) * dims, tuple(range(first, first + dims)) if sp is None else sp)
+    taps = None
+    if map_size is not None:
+        taps = []
+        for w0 in map_size:
+            t = np.zeros((n, 2 * w0 - 1), dtype=bool)
+            t[:, w0 - 1] = True
+            taps.append(_frozen(t))
+        taps = tuple(taps)
+    return Field(bits, spans, idx, (1,) * dims, tuple(range(first, first + dims)) if sp is None else sp, taps)
 
 
 def as_vector(f: Field) -> Field:
@@ -166,7 +226,14 @@ def window(f: Field | None, kernel: Sequence, stride: Sequence, padding: Sequenc
         return None
     lo = [-p * j for j, p in zip(f.jump, padding)]
     hi = [((k - 1) * dl - p) * j for j, k, p, dl in zip(f.jump, kernel, padding, dilation)]
-    return _shifted(f, lo, hi, tuple(j * s for j, s in zip(f.jump, stride)))
+    out = _shifted(f, lo, hi, tuple(j * s for j, s in zip(f.jump, stride)))
+    if f.taps is not None and not all(float(x).is_integer() for x in out.jump):
+        return out.replace(taps=None)  # a fractional pixel grid (adaptive pooling): fall back to the hull
+    if f.taps is not None:
+        taps = tuple(t if k == 1 and p == 0 else _shift_or(t, [(-p + i * dl) * j for i in range(int(k))])
+                     for t, k, p, dl, j in zip(f.taps, kernel, padding, dilation, f.jump))
+        out = out.replace(taps=taps)
+    return out
 
 
 def widen(f: Field | None, sizes: Sequence[int]) -> Field | None:
@@ -182,14 +249,18 @@ def spread(f: Field | None, sizes: Sequence[int]) -> Field | None:
     position of the map sees."""
     if f is None:
         return None
-    return _shifted(f, [-(s - 1) * j for s, j in zip(sizes, f.jump)], [(s - 1) * j for s, j in zip(sizes, f.jump)])
+    out = _shifted(f, [-(s - 1) * j for s, j in zip(sizes, f.jump)], [(s - 1) * j for s, j in zip(sizes, f.jump)])
+    if f.taps is not None:
+        out = out.replace(taps=tuple(t if s == 1 else _shift_or(t, range(-(s - 1) * j, (s - 1) * j + 1))
+                                     for t, s, j in zip(f.taps, sizes, f.jump)))
+    return out
 
 
 def rescale(f: Field | None, factor: Sequence) -> Field | None:
     """Resolution changed by `factor` (output pixels per input pixel) without mixing: upsampling."""
     if f is None:
         return None
-    return f.replace(jump=tuple(j / s for j, s in zip(f.jump, factor)))
+    return f.replace(jump=tuple(j / s for j, s in zip(f.jump, factor)), taps=None)  # hull from here on
 
 
 # ---- channel transfer -------------------------------------------------------------------------------------------
@@ -207,8 +278,9 @@ def mix(f: Field | None, out_channels: int, groups: int = 1, axis: int = -1) -> 
     if len(f.bits) == 1 or (groups == 1 and not lead):  # one reach for all outputs
         bits = f.bits if len(f.bits) == 1 else _frozen(_or(f.bits)[None])
         spans = f.spans if len(f.bits) == 1 else _frozen(_hull(f.spans)[None])
+        taps = f.taps if len(f.bits) == 1 else _union_taps(f.taps, [range(len(f.bits))])
         out = np.zeros(lead + (out_channels,), dtype=np.int64)
-        return Field(bits, spans, _frozen(out if not lead else np.moveaxis(out, -1, axis)), f.jump, f.sp)
+        return Field(bits, spans, _frozen(out if not lead else np.moveaxis(out, -1, axis)), f.jump, f.sp, taps)
     rows = idx.reshape(-1, cin // groups)
     bits, spans, memo, out_rows = [], [], {}, []
     for row in rows.tolist():
@@ -220,7 +292,8 @@ def mix(f: Field | None, out_channels: int, groups: int = 1, axis: int = -1) -> 
             spans.append(_hull(f.spans[list(key)]))
         out_rows.append(j)
     out = np.repeat(np.asarray(out_rows, dtype=np.int64), per_out).reshape(lead + (out_channels,))
-    return Field(_frozen(np.stack(bits)), _frozen(np.stack(spans)), _frozen(np.moveaxis(out, -1, axis)), f.jump, f.sp)
+    return Field(_frozen(np.stack(bits)), _frozen(np.stack(spans)), _frozen(np.moveaxis(out, -1, axis)), f.jump, f.sp,
+                 _union_taps(f.taps, list(memo)))
 
 
 def channel_window(f: Field | None, axis: int, kernel: int, stride: int, padding: int, dilation: int,
@@ -244,7 +317,8 @@ def channel_window(f: Field | None, axis: int, kernel: int, stride: int, padding
                 spans.append(_hull(f.spans[list(key)]))
             out[r, o] = j
     out = np.moveaxis(out.reshape(idx.shape[:-1] + (out_size,)), -1, axis)
-    return Field(_frozen(np.stack(bits)), _frozen(np.stack(spans)), _frozen(np.ascontiguousarray(out)), f.jump, f.sp)
+    return Field(_frozen(np.stack(bits)), _frozen(np.stack(spans)), _frozen(np.ascontiguousarray(out)), f.jump, f.sp,
+                 _union_taps(f.taps, list(memo)))
 
 
 def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | None:
@@ -254,13 +328,14 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
         return None
     jump = tuple(max(js) for js in zip(*(f.jump for f in live)))
     acc = live[0]
-    bits, spans, idx = acc.bits, acc.spans, np.broadcast_to(acc.idx, shape)
+    bits, spans, idx, taps = acc.bits, acc.spans, np.broadcast_to(acc.idx, shape), acc.taps
     for f in live[1:]:
         if f.bits is bits and f.spans is spans and f.idx is acc.idx:  # add(x, x)
             continue
         b = np.broadcast_to(f.idx, shape)
         if len(bits) == 1 and len(f.bits) == 1:
             bits, spans = bits | f.bits, _frozen(_hull(np.concatenate([spans, f.spans]))[None])
+            taps = None if taps is None else tuple(_frozen(a | c) for a, c in zip(taps, f.taps))
             continue
         if len(bits) == 1:  # x + f(x) with a uniform f(x) (residual adds): pairs are just f's channels
             ia, ib, inv = np.zeros(len(f.bits), dtype=np.int64), np.arange(len(f.bits)), b
@@ -271,10 +346,12 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
             uniq, inv = np.unique(codes.ravel(), return_inverse=True)
             ia, ib = uniq // len(f.bits), uniq % len(f.bits)
         bits = bits[ia] | f.bits[ib]
+        taps = None if taps is None else tuple(_frozen(a[ia] | c[ib]) for a, c in zip(taps, f.taps))
         lo_hi = np.maximum(spans[ia], f.spans[ib])
         lo_hi[:, 0::2] = np.minimum(spans[ia][:, 0::2], f.spans[ib][:, 0::2])
         spans, idx = _frozen(lo_hi), inv.reshape(shape)
-    return Field(_frozen(bits) if bits.flags.writeable else bits, spans, _frozen(np.ascontiguousarray(idx)), jump, sp)
+    return Field(_frozen(bits) if bits.flags.writeable else bits, spans, _frozen(np.ascontiguousarray(idx)), jump, sp,
+                 taps)
 
 
 def cat(fields: Sequence[Field | None], axis: int, sizes: Sequence[int]) -> Field | None:
@@ -289,14 +366,24 @@ def cat(fields: Sequence[Field | None], axis: int, sizes: Sequence[int]) -> Fiel
             shape = list(like.idx.shape)
             shape[axis] = n
             f = Field(np.zeros((1, like.bits.shape[1]), dtype=np.uint64), np.zeros((1, 2 * like.dims)),
-                      np.zeros(shape, dtype=np.int64), like.jump, like.sp)
+                      np.zeros(shape, dtype=np.int64), like.jump, like.sp,
+                      None if like.taps is None else tuple(np.zeros((1, t.shape[1]), dtype=bool) for t in like.taps))
         bits.append(f.bits)
         spans.append(f.spans)
         parts.append(f.idx + base)
         base += len(f.bits)
     jump = tuple(max(js) for js in zip(*(f.jump for f in live)))
+    taps = None
+    if like.taps is not None:
+        taps = []
+        for k in range(len(like.taps)):
+            rows = []
+            for f in fields:
+                rows.append(f.taps[k] if f is not None else np.zeros((1, like.taps[k].shape[1]), dtype=bool))
+            taps.append(_frozen(np.concatenate(rows)))
+        taps = tuple(taps)
     return Field(_frozen(np.concatenate(bits)), _frozen(np.concatenate(spans)),
-                 _frozen(np.concatenate(parts, axis=axis)), jump, like.sp)
+                 _frozen(np.concatenate(parts, axis=axis)), jump, like.sp, taps)
 
 
 def remap(f: Field | None, fn) -> Field | None:
@@ -315,4 +402,7 @@ def everything(fields: Sequence[Field | None], sizes: Sequence[Sequence[int]], c
     bits = _or(np.concatenate([f.bits for f in live]))[None]
     spans = _hull(np.concatenate([f.spans for f in live]))[None]
     jump = tuple(max(js) for js in zip(*(f.jump for f in live)))
-    return Field(_frozen(bits), _frozen(spans), _frozen(np.zeros(channel_shape, dtype=np.int64)), jump, sp)
+    taps = None
+    if all(f.taps is not None for f in live):
+        taps = tuple(_frozen(np.concatenate([f.taps[k] for f in live]).any(axis=0)[None]) for k in range(live[0].dims))
+    return Field(_frozen(bits), _frozen(spans), _frozen(np.zeros(channel_shape, dtype=np.int64)), jump, sp, taps)

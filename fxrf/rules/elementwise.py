@@ -54,13 +54,13 @@ def broadcast_merge(ts: list[T], out_shape: tuple):
     sp = tuple(None if a is None else a + shift for a in lead.field.sp)
     channel_axes = [a for a in range(1, rank) if a not in sp]
     shape = tuple(out_shape[a] for a in channel_axes)
-    aligned = [_align(t, rank, sp, channel_axes, out_shape) for t in ts]
+    aligned = [_align(t, rank, sp, channel_axes, out_shape, lead.field.jump) for t in ts]
     return field.merge(aligned, shape, sp)
 
 
-def _align(t: T, rank: int, sp: tuple, channel_axes: list, out_shape: tuple):
+def _align(t: T, rank: int, sp: tuple, channel_axes: list, out_shape: tuple, jump: tuple):
     """One operand's field expressed in the output's layout: broadcast channels, spread broadcast pixels."""
-    f = t.field
+    f = t.field.replace(jump=jump)  # a pooled gate broadcast back lives on the output's pixel grid
     shift = rank - len(t.shape)
     own_sp = tuple(None if a is None else a + shift for a in f.sp)
     for mine, theirs in zip(own_sp, sp):

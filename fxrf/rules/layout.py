@@ -125,7 +125,7 @@ def split(ctx: Ctx):
 @rf_rule(getattr(__import__("operator"), "getitem"))
 def getitem(ctx: Ctx):
     x, index = ctx.args[0], ctx.args[1]
-    if isinstance(x, (tuple, list)):  # picking one output of split/chunk or of a module returning a tuple
+    if not isinstance(x, T):  # picking one output of split/chunk or of a module returning a tuple
         return x[index].field
     f = x.field
     if f is None:
