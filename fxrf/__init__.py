@@ -10,6 +10,20 @@ from .errors import AnalysisError, FxrfError, InputError, TraceError, Unsupporte
 from .rules import Decline, rf_rule
 from .trace import trace
 
-__all__ = ["analyze", "trace", "rf_rule", "Decline", "Analysis", "NodeRecord", "RF", "Stage", "META_KEY",
+
+
+def organize_stages(model, example_input, **kwargs):
+    """The stage-level organizer (fxrf.passes.organizer.organize_stages)."""
+    from .passes.organizer import organize_stages as run
+    return run(model, example_input, **kwargs)
+
+
+def decompose(model, example_input, **kwargs):
+    """The kernel-level decomposer (fxrf.passes.decomposer.decompose)."""
+    from .passes.decomposer import decompose as run
+    return run(model, example_input, **kwargs)
+
+
+__all__ = ["organize_stages", "decompose", "analyze", "trace", "rf_rule", "Decline", "Analysis", "NodeRecord", "RF", "Stage", "META_KEY",
            "FxrfError", "TraceError", "InputError", "UnsupportedOpError", "AnalysisError"]
 __version__ = "0.1.0"

@@ -9,6 +9,7 @@ Three steps, each linear in the number of nodes and independent of the input res
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field as dc_field
 from typing import Any
 
@@ -97,6 +98,12 @@ class Analysis:
 
     def convs(self) -> list:
         return [r for r in self.records if r.kernel is not None]
+
+    @functools.cached_property
+    def costs(self) -> dict:
+        """{node name: fxrf.cost.Cost}: params and MACs from shapes alone (computed on first use)."""
+        from .cost import model_cost
+        return model_cost(self.graph_module)
 
     def to_dict(self) -> dict:
         from .report import to_dict

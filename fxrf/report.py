@@ -16,17 +16,39 @@ def _rf(rf, with_mean=True):
     return d
 
 
+COST_CONVENTION = ("macs: multiply-accumulates of conv, linear and matmul (FLOPs = 2 x MACs; fvcore's count); "
+                   "extra_macs: norms, activations, pooling and elementwise ops as ptflops counts them")
+
+
+def _cost_sum(costs) -> dict:
+    return {"params": sum(c.params for c in costs), "macs": sum(c.macs for c in costs),
+            "extra_macs": sum(c.extra_macs for c in costs)}
+
+
 def to_dict(a) -> dict:
-    """The JSON document: model, input, alpha, stages, one entry per tensor node, unsupported ops."""
+    """The JSON document (docs/schema.md): model, input, alpha, stages, one entry per tensor node, cost, and the
+    ops analysed conservatively."""
+    costs = a.costs
+    per_stage: dict = {}
+    for r in a.records:
+        if r.name in costs:
+            per_stage.setdefault(r.stage, []).append(costs[r.name])
+    nodes = []
+    for r in a.records:
+        c = costs.get(r.name)
+        nodes.append({"name": r.name, "op": r.op, "target": r.target, "shape": list(r.shape), "stage": r.stage,
+                      "kernel": r.kernel, "rf": _rf(r.rf), "gain": None if r.gain is None else round(r.gain, 6),
+                      "input_rf": _rf(r.input_rf, with_mean=False),
+                      "params": c.params if c else 0, "macs": c.macs if c else 0})
     return {
         "model": a.model,
         "input_shape": list(a.input_shape),
         "alpha": a.alpha,
         "stages": [{"index": s.index, "resolution": list(s.resolution), "channels": s.channels, "volume": s.volume,
-                    "input": s.inputs[0] if len(s.inputs) == 1 else list(s.inputs)} for s in a.stages],
-        "nodes": [{"name": r.name, "op": r.op, "target": r.target, "shape": list(r.shape), "stage": r.stage,
-                   "kernel": r.kernel, "rf": _rf(r.rf), "gain": None if r.gain is None else round(r.gain, 6),
-                   "input_rf": _rf(r.input_rf, with_mean=False)} for r in a.records],
+                    "input": s.inputs[0], "inputs": list(s.inputs), **_cost_sum(per_stage.get(s.index, []))}
+                   for s in a.stages],
+        "nodes": nodes,
+        "cost": {"convention": COST_CONVENTION, "total": _cost_sum(costs.values())},
         "unsupported": [{"name": n, "target": t, "reason": why} for n, t, why in a.unsupported],
     }
 

@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import AnalysisError
+from .errors import AnalysisError, FxrfError, InputError
 
 
 class TMeta(NamedTuple):
@@ -102,10 +102,23 @@ shape_rule(operator.add, operator.iadd, operator.mul, operator.imul, operator.su
 # ---- convolution, pooling, linear ------------------------------------------------------------------------------
 
 
+def _check_conv_input(node, x, d, in_channels, what):
+    """A wrong input for the first conv is the usual symptom of a wrong example input: say so plainly."""
+    if len(x.shape) != d + 2:
+        raise InputError(f"{what} [node {node.name}] expects a batched {d + 2}-D input (N, C, "
+                         f"{ {1: 'L', 2: 'H, W', 3: 'D, H, W'}.get(d, '...')}) but gets shape {tuple(x.shape)}: pass an example input "
+                         f"of rank {d + 2}, e.g. (1, {in_channels}, {', '.join(['32'] * d)})")
+    if x.shape[1] != in_channels:
+        raise InputError(f"{what} [node {node.name}] expects {in_channels} input channels but gets {x.shape[1]} "
+                         f"(input shape {tuple(x.shape)}): pass an example input with {in_channels} channels")
+
+
 @shape_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _conv_module(node, mod, args, kwargs):
     x = args[0]
     d = len(mod.kernel_size)
+    _check_conv_input(node, x, d, mod.in_channels, f"call_module '{node.target}' ({type(mod).__name__}"
+                                                   f"({mod.in_channels}, {mod.out_channels}, ...))")
     pad = mod.padding
     if isinstance(pad, str):
         pad = (0,) * d if pad == "valid" else tuple((dl * (k - 1)) // 2 for k, dl in zip(mod.kernel_size, mod.dilation))
@@ -120,6 +133,7 @@ def _conv_module(node, mod, args, kwargs):
 def _conv_fn(node, mod, args, kwargs):
     x, w = args[0], _a(args, kwargs, 1, "weight")
     d = len(w.shape) - 2
+    _check_conv_input(node, x, d, w.shape[1] * _a(args, kwargs, 6, "groups", 1), f"call_function {node.target.__name__}")
     stride = _tuple(_a(args, kwargs, 3, "stride", 1), d)
     pad = _a(args, kwargs, 4, "padding", 0)
     dil = _tuple(_a(args, kwargs, 5, "dilation", 1), d)
@@ -190,6 +204,10 @@ def _adaptive(node, mod, args, kwargs):
 
 @shape_rule(nn.Linear)
 def _linear_module(node, mod, args, kwargs):
+    if args[0].shape[-1] != mod.in_features:
+        raise InputError(f"call_module '{node.target}' (Linear({mod.in_features}, {mod.out_features})) [node "
+                         f"{node.name}] gets {args[0].shape[-1]} features (shape {tuple(args[0].shape)}): the "
+                         f"example input's size probably differs from the one the model was built for")
     return TMeta(args[0].shape[:-1] + (mod.out_features,), args[0].dtype)
 
 
@@ -398,6 +416,8 @@ def propagate(gm: fx.GraphModule, inputs: list[TMeta], modules: dict | None = No
             continue
         try:
             env[node] = evaluate(node, gm, env, modules)
+        except FxrfError:
+            raise
         except Exception as e:
             from .trace import describe
             raise AnalysisError(f"cannot compute the output shape of {describe(gm, node)}: {e}") from e
