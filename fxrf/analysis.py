@@ -131,6 +131,31 @@ def analyze(model: nn.Module, example_input: InputSpec, *, alpha: float = DEFAUL
     return _Walker(gm, shapes, inputs, modules, alpha, strict).run(type(model).__name__)
 
 
+def analyze_graph(gm: fx.GraphModule, example_inputs, *, constant_inputs=(), alpha: float = DEFAULT_ALPHA,
+                  strict: bool = False, name: str | None = None) -> Analysis:
+    """Analyse a GraphModule given one example tensor (or shape) per placeholder.
+
+    Placeholders at the positions in `constant_inputs` hold parameters or buffers (as torch.compile lifts them
+    into graph inputs) and are treated like `get_attr` constants: they see nothing of the model input.
+    """
+    constant_inputs = set(constant_inputs)
+    metas = [TMeta(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else _as_shapes(t)[0]
+             for t in example_inputs]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = {placeholders[i].name: example_inputs[i] for i in constant_inputs
+              if isinstance(example_inputs[i], torch.Tensor)}
+    modules = dict(gm.named_modules())
+    from .shapes import propagate
+    from .trace import annotate
+    shapes = propagate(gm, metas, modules)
+    annotate(gm, shapes)
+    inputs = [m for i, m in enumerate(metas) if i not in constant_inputs] or metas
+    walker = _Walker(gm, shapes, inputs, modules, alpha, strict)
+    walker.constants = values
+    walker.constant_names = {placeholders[i].name for i in constant_inputs}
+    return walker.run(name or type(gm).__name__)
+
+
 class _Walker:
     def __init__(self, gm, shapes, inputs, modules, alpha, strict):
         self.gm, self.shapes, self.alpha, self.strict = gm, shapes, alpha, strict
@@ -138,6 +163,8 @@ class _Walker:
         self.dims = max(len(self.input_shape) - 2, 0)
         self.modules = modules
         self._summaries: dict = {}
+        self.constants: dict = {}  # placeholder name -> tensor, for placeholders that hold parameters
+        self.constant_names: set = set()
         self.unsupported: list = []
         self._declined: dict = {}
 
@@ -159,6 +186,8 @@ class _Walker:
                 value = None
                 if n.op == "get_attr":
                     value = _attr(self.gm, n.target)
+                elif n.name in self.constants:
+                    value = self.constants[n.name]
                 return T(v.shape, f, value)
             if _is_tensorish(v):  # a tuple holding tensors (split, chunk, a module returning several values)
                 fs = f if isinstance(f, tuple) else (None,) * len(v)
@@ -212,12 +241,13 @@ class _Walker:
         nodes = [n for n in gm.graph.nodes if n.op not in ("output",)]
         inp_env: dict = {}
         offset = 0
-        placeholders = [self.shapes[n] for n in nodes if n.op == "placeholder" and isinstance(self.shapes[n], TMeta)]
+        placeholders = [self.shapes[n] for n in nodes if n.op == "placeholder" and isinstance(self.shapes[n], TMeta)
+                        and n.name not in self.constant_names]
         words = F_.words_for(sum(_reference(v.shape, self.dims, 0, words=1).channels for v in placeholders))
         for node in nodes:  # step 1: fields referenced to the model input
             v = self.shapes[node]
             if node.op == "placeholder":
-                if isinstance(v, TMeta):
+                if isinstance(v, TMeta) and node.name not in self.constant_names:
                     f = _reference(v.shape, self.dims, offset, words=words)  # hull: the classic RF (Araujo 2019)
                     offset += f.channels
                     inp_env[node] = f
@@ -244,7 +274,7 @@ class _Walker:
             elif node.op in ("call_module", "call_function", "call_method"):
                 mod, rule = self._ctx_and_rule(node)
                 st_env[node] = self._apply(node, mod, rule, st_env, stage_of, stage_of.get(node))
-            if isinstance(v, TMeta):
+            if isinstance(v, TMeta) and node.name not in self.constant_names:
                 records.append(self._record(node, v, stage_of, stages, st_env, inp_env, starts))
         for node, reason in self._declined.items():
             self.unsupported.append((node.name, _target_str(gm, node), reason))
@@ -277,7 +307,7 @@ class _Walker:
         for n in nodes:
             size = size_of(n)
             if size is None:
-                if isinstance(self.shapes.get(n), TMeta) and n.op != "get_attr":
+                if isinstance(self.shapes.get(n), TMeta) and n.op != "get_attr" and n.name not in self.constant_names:
                     attached.append(n)
                 continue
             ins = [m for m in n.all_input_nodes if m.op != "get_attr" and size_of(m) is not None]
