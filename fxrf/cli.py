@@ -106,6 +106,9 @@ def _cmd_analyze(args) -> int:
         raise UsageError(str(e).splitlines()[0]) from e
     a.model = args.model
     doc = a.to_dict()
+    for path in (args.out, args.plot, args.graph):
+        if path and os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
     if args.plot:
         from .plot import plot_analysis
         plot_analysis(a, args.plot)

@@ -1,7 +1,105 @@
-"""Reports of an Analysis: the JSON document (docs/schema.md) and a table for the terminal."""
+"""Reports of an Analysis: the JSON document (docs/schema.md), a table for the terminal, and the per-stage summary
+that the table, the plot (fxrf.plot), the graph export (fxrf.graph) and benchmarks/paper_tables.py share.
+
+>>> import torch.nn as nn, fxrf
+>>> a = fxrf.analyze(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)), (1, 3, 8, 8))
+>>> s = stage_summaries(a)[0]
+>>> (rf_text(s.rf), s.rf.volume, s.v0, s.saturated, s.params, s.macs)
+('5x5x3', 75, 192, False, 808, 50688)
+>>> max(len(line) for line in table(a).splitlines()) <= 80
+True
+"""
 from __future__ import annotations
 
-import math
+import textwrap
+from dataclasses import dataclass
+
+# --------------------------------------------------------------------------------------------- shared helpers
+
+
+@dataclass(frozen=True)
+class StageSummary:
+    """What one stage amounts to: its convs in graph order, its widest conv 3DRF and what it costs."""
+
+    stage: object  # fxrf.analysis.Stage
+    convs: tuple  # NodeRecords of the convs (kernel is not None), graph order
+    rf: object  # the RF of largest volume among the convs (the stage's 3DRF), None without convs
+    params: int  # over every node of the stage (convs, norms, the head attached to it, ...)
+    macs: int
+    extra_macs: int
+
+    @property
+    def v0(self) -> int:
+        return self.stage.volume
+
+    @property
+    def saturated(self) -> bool:
+        """The stage's 3DRF covers its whole input (3DRF = V_0): convs after that point add no gain."""
+        return self.rf is not None and self.rf.volume >= self.v0
+
+    @property
+    def zero_gain(self) -> tuple:
+        """Convs whose gain is exactly 0: they add nothing to the 3DRF (saturated, or a 1x1 on a full channel field)."""
+        return tuple(r for r in self.convs if r.gain == 0)
+
+
+def stage_summaries(a) -> list:
+    """One StageSummary per stage of `a`, in stage order."""
+    costs = a.costs
+    convs: dict = {}
+    sums: dict = {}
+    for r in a.records:
+        if r.kernel is not None:
+            convs.setdefault(r.stage, []).append(r)
+        c = costs.get(r.name)
+        if c is not None:
+            p, m, e = sums.get(r.stage, (0, 0, 0))
+            sums[r.stage] = (p + c.params, m + c.macs, e + c.extra_macs)
+    out = []
+    for s in a.stages:
+        cs = tuple(convs.get(s.index, ()))
+        rfs = [r.rf for r in cs if r.rf is not None]
+        out.append(StageSummary(s, cs, max(rfs, key=lambda rf: rf.volume) if rfs else None,
+                                *sums.get(s.index, (0, 0, 0))))
+    return out
+
+
+def rf_text(rf) -> str:
+    """'HxWxC' (spatial extents then channels): the 3DRF as the paper writes it, '-' for None."""
+    if rf is None:
+        return "-"
+    return "x".join(str(s) for s in rf.spatial) + f"x{rf.channel}"
+
+
+def si(n: float) -> str:
+    """A count in 3 significant digits with K/M/G/T: 14728266 -> '14.7M', 864 -> '864'.
+
+    >>> [si(n) for n in (0, 864, 1728, 39040, 999999, 313201664, 15470264320)]
+    ['0', '864', '1.73K', '39.0K', '1.00M', '313M', '15.5G']
+    """
+    n = float(n)
+    if abs(n) < 999.5:
+        return f"{n:.0f}"
+    for unit in ("K", "M", "G", "T"):
+        n /= 1000
+        if abs(n) < 999.5 or unit == "T":
+            break
+    decimals = 2 if abs(n) < 9.995 else 1 if abs(n) < 99.95 else 0
+    return f"{n:.{decimals}f}{unit}"
+
+
+def gain_text(g) -> str:
+    """A gain in at most 7 characters, 'start' for a conv that starts its stage (no previous field)."""
+    if g is None:
+        return "start"
+    if g == 0:
+        return "0"
+    if g >= 1e4:
+        return f"{g:.2e}"
+    return f"{g:.1f}" if g >= 100 else f"{g:.2f}" if g >= 10 else f"{g:.3f}"
+
+
+# ------------------------------------------------------------------------------------------------ JSON
 
 
 def _rf(rf, with_mean=True):
@@ -27,7 +125,10 @@ def _cost_sum(costs) -> dict:
 
 def to_dict(a) -> dict:
     """The JSON document (docs/schema.md): model, input, alpha, stages, one entry per tensor node, cost, and the
-    ops analysed conservatively."""
+    ops analysed conservatively.
+
+    Per stage, besides w_0/c_0/V_0 and its cost: `rf`, the largest conv 3DRF of the stage (null without convs),
+    and `saturated`, whether it reaches V_0. Per node: params, macs and extra_macs of that node."""
     costs = a.costs
     per_stage: dict = {}
     for r in a.records:
@@ -39,13 +140,16 @@ def to_dict(a) -> dict:
         nodes.append({"name": r.name, "op": r.op, "target": r.target, "shape": list(r.shape), "stage": r.stage,
                       "kernel": r.kernel, "rf": _rf(r.rf), "gain": None if r.gain is None else round(r.gain, 6),
                       "input_rf": _rf(r.input_rf, with_mean=False),
-                      "params": c.params if c else 0, "macs": c.macs if c else 0})
+                      "params": c.params if c else 0, "macs": c.macs if c else 0,
+                      "extra_macs": c.extra_macs if c else 0})
+    summaries = {s.stage.index: s for s in stage_summaries(a)}
     return {
         "model": a.model,
         "input_shape": list(a.input_shape),
         "alpha": a.alpha,
         "stages": [{"index": s.index, "resolution": list(s.resolution), "channels": s.channels, "volume": s.volume,
-                    "input": s.inputs[0], "inputs": list(s.inputs), **_cost_sum(per_stage.get(s.index, []))}
+                    "input": s.inputs[0], "inputs": list(s.inputs), **_cost_sum(per_stage.get(s.index, [])),
+                    "rf": _rf(summaries[s.index].rf), "saturated": summaries[s.index].saturated}
                    for s in a.stages],
         "nodes": nodes,
         "cost": {"convention": COST_CONVENTION, "total": _cost_sum(costs.values())},
@@ -53,36 +157,93 @@ def to_dict(a) -> dict:
     }
 
 
-def table(a, width: int = 100) -> str:
-    """Per stage: w_0, c_0, V_0; per conv: kernel type, spatial/channel 3DRF, volume, gain."""
-    lines = [f"{a.model}  input {tuple(a.input_shape)}  alpha {a.alpha:g}"]
-    head = f"{'node':<28} {'kernel':<9} {'shape':<18} {'HxW':>9} {'ch':>6} {'volume':>12} {'gain':>8}"
-    by_stage: dict = {}
-    for r in a.convs():
-        by_stage.setdefault(r.stage, []).append(r)
-    for s in a.stages:
-        res = "x".join(map(str, s.resolution))
-        lines.append("")
-        lines.append(f"stage {s.index}: w0 {res}  c0 {s.channels}  V0 {s.volume:,}  input {', '.join(s.inputs)[:40]}")
-        convs = by_stage.get(s.index, [])
-        if not convs:
-            lines.append("  (no convs)")
+# ----------------------------------------------------------------------------------------------- table
+
+_COLUMNS = ("node", "kernel", "c_out", "3DRF HxWxC", "volume", "gain", "params", "MACs")
+_RIGHT = (False, False, True, True, True, True, True, True)
+
+
+def table(a, width: int = 80) -> str:
+    """The analysis for a terminal, every line at most `width` characters (node names are clipped from the left).
+
+    One row per conv and linear layer in graph order, grouped by stage (a separator line with w_0, c_0 and V_0
+    opens each stage); each stage ends with a total row (its widest 3DRF, its params and MACs); the model total
+    and the exact counts close the table. '*' marks a 3DRF that covers the whole stage input (saturated).
+    """
+    costs = a.costs
+    summaries = stage_summaries(a)
+    rows_by_stage: dict = {}
+    for r in a.records:
+        c = costs.get(r.name)
+        if r.kernel is None and (c is None or c.kind != "linear"):
             continue
-        lines.append("  " + head)
-        for r in convs:
-            hw = f"{r.rf.height}x{r.rf.width}" if r.rf else "-"
-            ch = str(r.rf.channel) if r.rf else "-"
-            vol = f"{r.rf.volume:,}" if r.rf else "-"
-            g = "start" if r.gain is None else f"{r.gain:.4f}"
-            shape = "x".join(map(str, r.shape[1:]))
-            lines.append(f"  {_clip(r.name, 28):<28} {r.kernel:<9} {shape:<18} {hw:>9} {ch:>6} {vol:>12} {g:>8}")
+        sat = r.rf is not None and r.stage is not None and r.rf.volume >= a.stages[r.stage].volume
+        rows_by_stage.setdefault(r.stage, []).append(
+            [r.name, r.kernel or "linear", str(r.shape[1]) if len(r.shape) > 1 else "-",
+             rf_text(r.rf) if r.kernel else "-",
+             (f"{r.rf.volume:,}" + ("*" if sat else " ")) if r.kernel and r.rf else "- ",
+             gain_text(r.gain) if r.kernel else "", si(c.params) if c else "0", si(c.macs) if c else "0"])
+    totals = {}
+    for s in summaries:
+        totals[s.stage.index] = [f"stage {s.stage.index} total", "", "", rf_text(s.rf),
+                                 (f"{s.rf.volume:,}" + ("*" if s.saturated else " ")) if s.rf else "- ", "",
+                                 si(s.params), si(s.macs)]
+    outside = [c for r in a.records if r.stage is None and (c := costs.get(r.name)) is not None]
+    grand = _cost_sum(costs.values())
+    total_row = ["total", "", "", "", "", "", si(grand["params"]), si(grand["macs"])]
+    every = [list(_COLUMNS), total_row] + list(totals.values()) + [row for rs in rows_by_stage.values() for row in rs]
+    widths = [max(len(row[i]) for row in every) for i in range(len(_COLUMNS))]
+    gap = 2 if sum(widths) + 2 * (len(widths) - 1) <= width else 1  # air between columns where it fits
+    rest = sum(widths[1:]) + gap * (len(widths) - 1)
+    widths[0] = max(min(widths[0], width - rest), 8)
+
+    def fmt(cells):
+        out = []
+        for i, (cell, w) in enumerate(zip(cells, widths)):
+            cell = _clip(cell, w)
+            out.append(cell.rjust(w) if _RIGHT[i] else cell.ljust(w))
+        return (" " * gap).join(out).rstrip()
+
+    line_w = min(width, sum(widths) + gap * (len(widths) - 1))
+    shape = "x".join(map(str, a.input_shape))
+    lines = textwrap.wrap(f"{a.model}  input {shape}  alpha {a.alpha:g}", width)
+    lines += textwrap.wrap("3DRF: spatial x channel field of a conv's output over its stage input; "
+                           "* = the whole stage input (3DRF = V0, saturated); gain 'start': the conv starts "
+                           "its stage. MACs: multiply-accumulates of conv/linear/matmul.", width)
+    lines += ["", fmt(_COLUMNS)]
+    for s in summaries:
+        st = s.stage
+        res = "x".join(map(str, st.resolution))
+        more = f" (+{len(st.inputs) - 1})" if len(st.inputs) > 1 else ""
+        head = f"-- stage {st.index}: {res} px, c0 {st.channels}, V0 {st.volume:,}, input {st.inputs[0]}{more}"
+        lines.append((_clip_right(head, line_w - 3) + " ").ljust(line_w, "-"))
+        rows = rows_by_stage.get(st.index, [])
+        lines += [fmt(row) for row in rows] if rows else ["(no convs)"]
+        if rows or s.params or s.macs:
+            lines.append(fmt(totals[st.index]))
+    if None in rows_by_stage or outside:
+        lines.append(_clip_right("-- outside any stage ", line_w).ljust(line_w, "-"))
+        lines += [fmt(row) for row in rows_by_stage.get(None, [])]
+        o = _cost_sum(outside)
+        lines.append(fmt(["outside total", "", "", "", "", "", si(o["params"]), si(o["macs"])]))
+    lines.append("=" * line_w)
+    lines.append(fmt(total_row))
+    lines += textwrap.wrap(f"params {grand['params']:,}; MACs {grand['macs']:,} in conv, linear and matmul "
+                           f"(FLOPs = 2 x MACs) + {grand['extra_macs']:,} in norm, activation, pooling and "
+                           f"elementwise ops", width)
     if a.unsupported:
         lines.append("")
-        lines.append(f"{len(a.unsupported)} node(s) without an exact rule, analysed conservatively:")
+        lines += textwrap.wrap(f"{len(a.unsupported)} node(s) without an exact rule, analysed conservatively:",
+                               width)
         for n, t, why in a.unsupported:
-            lines.append(f"  {n}: {t} ({why})")
+            lines.append(_clip_right(f"  {n}: {t} ({why})", width))
     return "\n".join(lines)
 
 
 def _clip(s: str, n: int) -> str:
+    """Keep the end of a node name (its most specific part)."""
     return s if len(s) <= n else "…" + s[-(n - 1):]
+
+
+def _clip_right(s: str, n: int) -> str:
+    return s if len(s) <= n else s[:n - 1] + "…"

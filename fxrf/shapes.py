@@ -57,6 +57,9 @@ def _window_out(size, k, s, p, dl, ceil=False):
     out = (-(-num // s) if ceil else num // s) + 1
     if ceil and (out - 1) * s >= size + p:  # PyTorch: the last window must start inside the input or left padding
         out -= 1
+    if out <= 0:
+        raise InputError(f"a {k}-pixel window (stride {s}, padding {p}, dilation {dl}) does not fit a {size}-pixel "
+                         f"input: the example input is too small for this model")
     return out
 
 
@@ -412,7 +415,7 @@ def propagate(gm: fx.GraphModule, inputs: list[TMeta], modules: dict | None = No
                 env[node] = node.args[0] if node.args else None  # default value of an optional argument
             continue
         if node.op == "output":
-            env[node] = None
+            env[node] = fx.node.map_arg(node.args[0], env.__getitem__)
             continue
         try:
             env[node] = evaluate(node, gm, env, modules)
@@ -420,5 +423,8 @@ def propagate(gm: fx.GraphModule, inputs: list[TMeta], modules: dict | None = No
             raise
         except Exception as e:
             from .trace import describe
-            raise AnalysisError(f"cannot compute the output shape of {describe(gm, node)}: {e}") from e
+            raise AnalysisError(
+                f"cannot compute the output shape of {describe(gm, node)}: {type(e).__name__}: {e}. fxrf runs ops "
+                f"without a shape rule on meta tensors, which this one does not support; register a shape rule "
+                f"with @fxrf.shapes.shape_rule(...) or trace with this module inlined") from e
     return env

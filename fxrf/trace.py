@@ -49,14 +49,20 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.extra_leaves = tuple(leaf_modules)
         self.path: list[str] = []
+        self.failed_in: str | None = None  # the innermost submodule whose forward raised
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self.extra_leaves) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
-        self.path.append(self.path_of_module(m))
+        path = self.path_of_module(m)
+        self.path.append(path)
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = path
+            raise
         finally:
             self.path.pop()
 
@@ -113,10 +119,10 @@ def _symbolic_trace(model: nn.Module, concrete_args, leaf_modules) -> fx.GraphMo
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as e:
-        where = tracer.path[-1] if tracer.path else ""
+        where = tracer.failed_in or ""
         inside = f" in submodule '{where}' ({_type_name(type(model.get_submodule(where)))})" if where else ""
         raise TraceError(
-            f"cannot trace {type(model).__name__}{inside}: {type(e).__name__}: {e}\n"
+            f"cannot trace {type(model).__name__}{inside}: {type(e).__name__}: {e}. "
             f"To proceed: mark that module as a leaf (fxrf.trace(model, x, leaf_modules=[ItsClass])), pass "
             f"concrete_args for the argument the control flow depends on, or trace the model yourself "
             f"(torch.fx.symbolic_trace or a custom Tracer) and pass the GraphModule") from e

@@ -68,13 +68,22 @@ def conv(ctx: Ctx):
     if f is None:
         return None
     f = field.mix(f, spec.out_channels, spec.groups, axis=f.idx_axis(-len(spec.kernel) - 1))
-    return _slide(f, len(x.shape), spec.kernel, spec.stride, spec.padding, spec.dilation, ctx.out_shape)
+    return _slide(f, x.shape, spec.kernel, spec.stride, spec.padding, spec.dilation, ctx.out_shape)
 
 
-def _slide(f, rank, kernel, stride, padding, dilation, out_shape):
+def one_pixel(size, k, s, p, dl):
+    """A window along an axis of size 1 reads only position 0, all other taps are padding: an identity window
+    if some tap hits position 0 (exact, since a 1-pixel map has a single neuron)."""
+    if size == 1 and any(t * dl == p for t in range(k)):
+        return 1, s, 0, 1
+    return k, s, p, dl
+
+
+def _slide(f, in_shape, kernel, stride, padding, dilation, out_shape):
     """A window over the last len(kernel) tensor axes, whichever of them are spatial or channel-like."""
-    d = len(kernel)
-    params = {a: (k, s, p, dl) for a, k, s, p, dl in zip(range(rank - d, rank), kernel, stride, padding, dilation)}
+    d, rank = len(kernel), len(in_shape)
+    params = {a: one_pixel(in_shape[a], k, s, p, dl)
+              for a, k, s, p, dl in zip(range(rank - d, rank), kernel, stride, padding, dilation)}
     sp_k, sp_s, sp_p, sp_d = [], [], [], []
     for axis in f.sp:  # spatial dims of the reference, in its order
         k, s, p, dl = params.pop(axis, (1, 1, 0, 1))

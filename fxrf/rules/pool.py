@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from .. import field, shapes
 from . import Ctx, Decline, rf_rule
+from .conv import one_pixel
 
 
 # out[c, x] = reduce over t < k of in[c, x*s - p + t*dil]: a window per channel.
@@ -27,7 +28,8 @@ def _window_last(x, kernel, stride, padding, dilation):
     if f is None:
         return None
     rank, d = len(x.shape), len(kernel)
-    params = dict(zip(range(rank - d, rank), zip(kernel, stride, padding, dilation)))
+    params = {a: one_pixel(x.shape[a], *kps) for a, kps in zip(range(rank - d, rank), zip(kernel, stride, padding,
+                                                                                          dilation))}
     if any(a not in f.sp for a in params):
         raise Decline("pooling over a channel-like axis")
     ks, ss, ps, ds = zip(*(params.get(a, (1, 1, 0, 1)) for a in f.sp))
