@@ -337,14 +337,18 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
             bits, spans = bits | f.bits, _frozen(_hull(np.concatenate([spans, f.spans]))[None])
             taps = None if taps is None else tuple(_frozen(a | c) for a, c in zip(taps, f.taps))
             continue
-        if len(bits) == 1:  # x + f(x) with a uniform f(x) (residual adds): pairs are just f's channels
-            ia, ib, inv = np.zeros(len(f.bits), dtype=np.int64), np.arange(len(f.bits)), b
-        elif len(f.bits) == 1:
-            ia, ib, inv = np.arange(len(bits)), np.zeros(len(bits), dtype=np.int64), idx
-        else:
-            codes = idx.astype(np.int64) * len(f.bits) + b
-            uniq, inv = np.unique(codes.ravel(), return_inverse=True)
-            ia, ib = uniq // len(f.bits), uniq % len(f.bits)
+        if len(bits) == 1 or len(f.bits) == 1:  # one side uniform (residual adds): broadcast, no pairing
+            one, many, idx = ((bits, spans, taps), (f.bits, f.spans, f.taps), b) if len(bits) == 1 else \
+                ((f.bits, f.spans, f.taps), (bits, spans, taps), idx)
+            bits = many[0] | one[0]
+            taps = None if taps is None else tuple(_frozen(m | o) for m, o in zip(many[2], one[2]))
+            lo_hi = np.maximum(many[1], one[1])
+            lo_hi[:, 0::2] = np.minimum(many[1][:, 0::2], one[1][:, 0::2])
+            spans = _frozen(lo_hi)
+            continue
+        codes = idx.astype(np.int64) * len(f.bits) + b
+        uniq, inv = np.unique(codes.ravel(), return_inverse=True)
+        ia, ib = uniq // len(f.bits), uniq % len(f.bits)
         bits = bits[ia] | f.bits[ib]
         taps = None if taps is None else tuple(_frozen(a[ia] | c[ib]) for a, c in zip(taps, f.taps))
         lo_hi = np.maximum(spans[ia], f.spans[ib])

@@ -114,8 +114,9 @@ def plot_analysis(a, path) -> str:
 
     for ax, top, what in ((ax_w, ymax_w, "spatial 3DRF (px per side)"), (ax_c, ymax_c, "channel 3DRF")):
         ax.set_yscale("log", base=2)
-        ax.set_ylim(0.7, top * 2.2)
+        ax.set_ylim(0.45, top * 2.2)
         ax.set_ylabel(what)
+        ax.yaxis.set_major_locator(_pow2_locator(top))
         ax.yaxis.set_major_formatter(_pow2_formatter())
         ax.grid(axis="y", which="major", color="#dddddd", lw=0.6, zorder=0)
     ax_g.set_yscale("symlog", linthresh=1.0, linscale=1.0)
@@ -155,12 +156,21 @@ def _series(ax, xs, ys, full, color, cap, annotate, fs):
     if hit:
         ax.plot(*zip(*hit), ls="none", marker="s", ms=8, mfc=color, mec="black", zorder=4)
     ax.hlines(cap, xs[0] - 0.4, xs[-1] + 0.4, colors=color, linestyles="--", lw=1.2, zorder=2)
-    ax.annotate(f"{cap}", (xs[-1] + 0.4, cap), xytext=(2, 0), textcoords="offset points", va="center",
-                ha="left", fontsize=fs - 1, color=color)
+    if ys[-1] != cap:  # else the last point's own label already says it
+        ax.annotate(f"{cap}", (xs[-1] + 0.4, cap), xytext=(2, 0), textcoords="offset points", va="center",
+                    ha="left", fontsize=fs - 1, color=color)
     if annotate:
         for x, y in zip(xs, ys):
             ax.annotate(str(y), (x, y), xytext=(0, -11), textcoords="offset points", ha="center", va="center",
                         fontsize=fs)
+
+
+def _pow2_locator(top):
+    """Every power of 2 up to `top` while that stays readable (at most 8 ticks), else every other one."""
+    from matplotlib.ticker import FixedLocator
+    k = max(int(top).bit_length(), 1)
+    step = 1 if k <= 8 else 2
+    return FixedLocator([2.0 ** i for i in range(0, k + 1, step)])
 
 
 def _pow2_formatter():
