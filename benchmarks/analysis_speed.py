@@ -13,8 +13,9 @@ Measured, on torchvision resnet50 (random weights, eval mode), at 224 px and at 
   by running a forward (its printout is swallowed).
 
 Why: fxrf never runs the model. Every node's output shape and receptive field follow from closed-form rules over
-shapes (kernel, stride, padding, dilation, groups), so the cost of an analysis depends on the number of nodes in
-the graph, not on the number of pixels. A forward (and so any hook-based tool) grows with the resolution -- about
+shapes (kernel, stride, padding, dilation, groups), so the cost of an analysis must depend on the number of nodes in
+the graph, not on the number of pixels (the one place resolution leaks in: a stage field's exact tap sets are
+boolean rows 2w-1 wide for a w-pixel stage map; the 1.3x target below bounds that). A forward (and so any hook-based tool) grows with the resolution -- about
 20x more pixels at 1024 px than at 224 px. The targets checked below encode that:
 
 * from the GraphModule, the analysis takes at most 0.1x one 224 px forward;
@@ -24,8 +25,7 @@ the graph, not on the number of pixels. A forward (and so any hook-based tool) g
 Each measured callable is warmed up (``--warmup`` calls at least, more until two consecutive calls agree within
 25%: a CPU forward's first calls are many times slower than the rest), then timed ``--repeat`` times
 (``--repeat-slow`` times when the last warm-up call took longer than --slow-s seconds, e.g. the 1024 px forward and
-torchscan); the median is the figure, min and max
-show the spread. The garbage collector stays on (as in real use) and is run before each item. torch's thread count
+torchscan); the median is the figure, min and max show the spread. The garbage collector stays on (as in real use) and is run before each item. torch's thread count
 is left at its default and printed.
 
     python benchmarks/analysis_speed.py                    # the table, a minute or two on a laptop CPU
@@ -65,8 +65,24 @@ SCALE_TARGETS = [("fxrf_graph", 1.3, "analyze(GraphModule) @1024 <= 1.3x @224"),
                  ("fxrf_module", 1.3, "analyze(nn.Module)   @1024 <= 1.3x @224")]
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
+def _load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def machine() -> dict:
-    return {"processor": platform.processor() or platform.machine(), "platform": platform.platform(),
+    return {"processor": platform.processor() or platform.machine(), "cpu_model": _cpu_model(),
+            "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
             "fxrf": getattr(fxrf, "__version__", "?")}
@@ -133,7 +149,9 @@ def main(argv=None) -> int:
     import torchvision
 
     info = machine()
-    print(f"machine: processor={info['processor']!r} cpu_count={info['cpu_count']} | {info['platform']}")
+    load_start = _load()
+    print(f"machine: processor={info['processor']!r} cpu_count={info['cpu_count']} {info['cpu_model']} | "
+          f"{info['platform']}")
     print(f"python {info['python']}, torch {info['torch']}, torchvision {torchvision.__version__}, "
           f"fxrf {info['fxrf']}; torch threads {info['torch_threads']} (interop {info['torch_interop_threads']}, "
           f"default, not changed)")
@@ -214,6 +232,21 @@ def main(argv=None) -> int:
     if ref and fwd_hi:
         print(f"  (for scale: the forward itself grows {fwd_hi / ref:.1f}x from {SIZES[0]} to {SIZES[1]} px)")
 
+    # The multi-threaded forward suffers far more from other processes than the single-threaded analysis, so a
+    # busy machine flatters the ratios: say so rather than print a quiet "ok".
+    load_end = _load()
+    info["load_avg_1min"] = {"start": load_start, "end": load_end}
+    warnings = []
+    if load_start is not None and load_start > 0.25 * (os.cpu_count() or 1):
+        warnings.append(f"the machine was busy before the run (1-min load {load_start:.2f} on {os.cpu_count()} "
+                        f"CPUs): the forward slows down most, so the ratios are optimistic")
+    noisy = [f"{rows[k]['label'].split(',')[0]} @{rows[k]['size']}" for k in order
+             if "note" not in rows[k] and rows[k]["max_s"] > 1.5 * rows[k]["min_s"]]
+    if noisy:
+        warnings.append("max > 1.5x min (noisy, other load?): " + "; ".join(noisy))
+    for w in warnings:
+        print(f"  WARNING {w}")
+
     if args.profile:
         import cProfile
         import pstats
@@ -231,7 +264,8 @@ def main(argv=None) -> int:
         doc = {"model": "torchvision.models.resnet50(weights=None).eval()", "machine": info,
                "settings": {"repeat": args.repeat, "repeat_slow": args.repeat_slow, "slow_s": args.slow_s,
                             "warmup": args.warmup, "sizes": list(SIZES), "reference": f"forward_{REF}"},
-               "graph_nodes": {str(s): n for s, n in nodes.items()}, "items": rows, "targets": checks}
+               "graph_nodes": {str(s): n for s, n in nodes.items()}, "items": rows, "targets": checks,
+               "warnings": warnings}
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2)
         print(f"\nwrote {args.json}")

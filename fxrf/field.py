@@ -303,22 +303,20 @@ def channel_window(f: Field | None, axis: int, kernel: int, stride: int, padding
         return None
     idx = np.moveaxis(f.idx, axis, -1)
     n = idx.shape[-1]
-    flat = idx.reshape(-1, n)
-    bits, spans, memo = [], [], {}
-    out = np.empty((flat.shape[0], out_size), dtype=np.int64)
-    for r, row in enumerate(flat.tolist()):
-        for o in range(out_size):
-            taps = (o * stride - padding + t * dilation for t in range(kernel))
-            key = tuple(sorted({row[i] for i in taps if 0 <= i < n}))
-            j = memo.get(key)
-            if j is None:
-                j = memo[key] = len(bits)
-                bits.append(_or(f.bits[list(key)]))
-                spans.append(_hull(f.spans[list(key)]))
-            out[r, o] = j
-    out = np.moveaxis(out.reshape(idx.shape[:-1] + (out_size,)), -1, axis)
-    return Field(_frozen(np.stack(bits)), _frozen(np.stack(spans)), _frozen(np.ascontiguousarray(out)), f.jump, f.sp,
-                 _union_taps(f.taps, list(memo)))
+    pos = np.arange(out_size)[:, None] * stride - padding + np.arange(kernel)[None, :] * dilation  # (out, k)
+    valid = (pos >= 0) & (pos < n)
+    lead = idx.shape[:-1]
+    if len(f.bits) == 1:  # every tap sees the one reach
+        out = np.zeros(lead + (out_size,), dtype=np.int64)
+        return f.replace(idx=_frozen(np.ascontiguousarray(np.moveaxis(out, -1, axis))))
+    taps = np.where(valid, idx.reshape(-1, n)[:, np.clip(pos, 0, n - 1)], -1)  # (rows, out, k): reach per tap
+    taps = np.sort(taps.reshape(-1, kernel), axis=1)
+    keys, inv = np.unique(taps, axis=0, return_inverse=True)
+    groups = [[int(r) for r in row if r >= 0] or [0] for row in keys.tolist()]  # an all-padding window: any reach
+    bits = _frozen(np.stack([_or(f.bits[g]) for g in groups]))
+    spans = _frozen(np.stack([_hull(f.spans[g]) for g in groups]))
+    out = np.moveaxis(inv.reshape(lead + (out_size,)), -1, axis)
+    return Field(bits, spans, _frozen(np.ascontiguousarray(out)), f.jump, f.sp, _union_taps(f.taps, groups))
 
 
 def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | None:

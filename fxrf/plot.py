@@ -142,7 +142,7 @@ def plot_analysis(a, path) -> str:
     shape = "x".join(map(str, a.input_shape))
     fig.suptitle(f"{a.model}, input {shape}: 3DRF and gain of every conv, by stage", fontsize=12, y=0.995)
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0))
-    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    fig.tight_layout(rect=(0, 0.06, 1, 1.0))
     fig.subplots_adjust(hspace=0.12)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -161,6 +161,8 @@ def to_dict(a) -> dict:
 
 _COLUMNS = ("node", "kernel", "c_out", "3DRF HxWxC", "volume", "gain", "params", "MACs")
 _RIGHT = (False, False, True, True, True, True, True, True)
+_DROP_ORDER = (2, 1, 4)  # c_out, kernel, volume: what a narrow terminal loses first
+_MIN_NODE = 13  # "stage N total" still fits
 
 
 def table(a, width: int = 80) -> str:
@@ -194,28 +196,35 @@ def table(a, width: int = 80) -> str:
     every = [list(_COLUMNS), total_row] + list(totals.values()) + [row for rs in rows_by_stage.values() for row in rs]
     widths = [max(len(row[i]) for row in every) for i in range(len(_COLUMNS))]
     gap = 2 if sum(widths) + 2 * (len(widths) - 1) <= width else 1  # air between columns where it fits
-    rest = sum(widths[1:]) + gap * (len(widths) - 1)
-    widths[0] = max(min(widths[0], width - rest), 8)
+    keep = list(range(len(_COLUMNS)))
+    for drop in _DROP_ORDER:  # a very narrow width: give up the least needed columns, never the line limit
+        if sum(widths[i] for i in keep[1:]) + gap * (len(keep) - 1) + _MIN_NODE <= width:
+            break
+        keep.remove(drop)
+    rest = sum(widths[i] for i in keep[1:]) + gap * (len(keep) - 1)
+    widths[0] = max(min(widths[0], width - rest), _MIN_NODE)
 
     def fmt(cells):
         out = []
-        for i, (cell, w) in enumerate(zip(cells, widths)):
-            cell = _clip(cell, w)
-            out.append(cell.rjust(w) if _RIGHT[i] else cell.ljust(w))
+        for i in keep:
+            cell = _clip(cells[i], widths[i])
+            out.append(cell.rjust(widths[i]) if _RIGHT[i] else cell.ljust(widths[i]))
         return (" " * gap).join(out).rstrip()
 
-    line_w = min(width, sum(widths) + gap * (len(widths) - 1))
+    line_w = min(width, sum(widths[i] for i in keep) + gap * (len(keep) - 1))
     shape = "x".join(map(str, a.input_shape))
-    lines = textwrap.wrap(f"{a.model}  input {shape}  alpha {a.alpha:g}", width)
-    lines += textwrap.wrap("3DRF: spatial x channel field of a conv's output over its stage input; "
-                           "* = the whole stage input (3DRF = V0, saturated); gain 'start': the conv starts "
-                           "its stage. MACs: multiply-accumulates of conv/linear/matmul.", width)
+    prose = min(width, max(line_w, 60))  # text wraps to the table's width
+    lines = textwrap.wrap(f"{a.model}  input {shape}  alpha {a.alpha:g}", prose)
+    lines += [_clip_right(t, width) for t in (
+        "3DRF: the field of a conv's output over its stage input, HxWxC",
+        "*: saturated, the 3DRF is the whole stage input (volume = V0)",
+        "gain 'start': the conv starts its stage (no field before it)")]
     lines += ["", fmt(_COLUMNS)]
     for s in summaries:
         st = s.stage
         res = "x".join(map(str, st.resolution))
         more = f" (+{len(st.inputs) - 1})" if len(st.inputs) > 1 else ""
-        head = f"-- stage {st.index}: {res} px, c0 {st.channels}, V0 {st.volume:,}, input {st.inputs[0]}{more}"
+        head = f"-- stage {st.index}: w0 {res}, c0 {st.channels}, V0 {st.volume:,}, input {st.inputs[0]}{more}"
         lines.append((_clip_right(head, line_w - 3) + " ").ljust(line_w, "-"))
         rows = rows_by_stage.get(st.index, [])
         lines += [fmt(row) for row in rows] if rows else ["(no convs)"]
@@ -228,13 +237,15 @@ def table(a, width: int = 80) -> str:
         lines.append(fmt(["outside total", "", "", "", "", "", si(o["params"]), si(o["macs"])]))
     lines.append("=" * line_w)
     lines.append(fmt(total_row))
-    lines += textwrap.wrap(f"params {grand['params']:,}; MACs {grand['macs']:,} in conv, linear and matmul "
-                           f"(FLOPs = 2 x MACs) + {grand['extra_macs']:,} in norm, activation, pooling and "
-                           f"elementwise ops", width)
+    n = max(len(f"{grand[k]:,}") for k in ("params", "macs", "extra_macs"))
+    lines += [_clip_right(t, width) for t in (
+        f"params  {grand['params']:>{n},}",
+        f"MACs    {grand['macs']:>{n},}  in conv, linear, matmul (FLOPs = 2 x MACs)",
+        f"      + {grand['extra_macs']:>{n},}  MACs in norm, activation, pooling, elementwise ops")]
     if a.unsupported:
         lines.append("")
         lines += textwrap.wrap(f"{len(a.unsupported)} node(s) without an exact rule, analysed conservatively:",
-                               width)
+                               prose)
         for n, t, why in a.unsupported:
             lines.append(_clip_right(f"  {n}: {t} ({why})", width))
     return "\n".join(lines)

@@ -20,7 +20,7 @@ def run(argv, capsys):
 def test_analyze_file_factory_table(capsys):
     code, out, err = run(["analyze", f"{EXAMPLE}:make", "--input", "1,3,32,32"], capsys)
     assert code == 0 and err == ""
-    assert "stage 1: w0 16x16" in out and "depthwise" in out
+    assert "stage 1" in out and "16x16" in out and "depthwise" in out
 
 
 def test_analyze_torchvision_json_and_out(tmp_path, capsys):
@@ -36,7 +36,7 @@ def test_analyze_torchvision_json_and_out(tmp_path, capsys):
 
 def test_analyze_module_factory(capsys):
     code, out, _ = run(["analyze", "fxrf.models:vgg11_cifar", "--input", "1,3,32,32"], capsys)
-    assert code == 0 and "stage 4: w0 2x2" in out
+    assert code == 0 and "stage 4" in out and "2x2" in out
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,0 +1,250 @@
+"""The paper's tables, recomputed by fxrf and printed beside the paper's figures.
+
+    python benchmarks/paper_tables.py                              # print
+    python benchmarks/paper_tables.py --out docs/reproduction.md   # also write the Markdown page
+
+Sections: Table 2 (the 3DRF gain of the conv inserted into VGG-11), Tables 3-5 (params and MACs of every baseline
+row), the 3DRF of every stage of every baseline (which stages are saturated), and Table 6 (fxrf.passes.table6).
+The paper's "MFLOPs" are MACs (multiply-accumulates of conv and linear layers) rounded to 10M
+(/work/shared/paper/NOTES.md). Nothing is trained and nothing is downloaded: the ImageNet VGG16/VGG19/ResNet50 rows
+are torchvision's models built on the meta device (shapes only) at 224x224.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import warnings
+
+import torch
+
+import fxrf
+from fxrf.cost import total
+from fxrf.models import (mobilenet_v1_cifar, mobilenet_v1_imagenet, resnet50_cifar, vgg11_variant, vgg16_cifar,
+                         vgg16_cifar100, vgg19_cifar, vgg19_cifar100)
+from fxrf.report import rf_text, stage_summaries
+
+ALPHA = 3.0
+MACS_TOLERANCE = 0.02  # relative; a figure that rounds to the paper's 10M step passes too
+
+# ------------------------------------------------------------------------------------------------- data
+
+# Table 2: gain of the conv inserted before the i-th max pool of VGG-11 (CIFAR-10, 32x32).
+TABLE2_PAPER = {1: "1.73", 2: "1.60", 3: "0.29", 4: "0.0", 5: "0.0"}
+# NOTES.md's closed forms, an independent check of the analysis (alpha = 3).
+TABLE2_CLOSED = {1: 16 / 9 * math.exp(-9 * ALPHA / 1024), 2: 16 / 9 * math.exp(-9 * ALPHA / 256),
+                 3: 24 / 25 * math.exp(-25 * ALPHA / 64), 4: 0.0, 5: 0.0}
+
+
+def _tv(name):
+    def build():
+        import torchvision.models as tvm
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            return tvm.get_model(name, weights=None)
+    build.__name__ = f"torchvision:{name}"
+    return build
+
+
+# (dataset, network, how fxrf builds it, factory, kwargs, input side, paper MFLOPs, paper params) of Tables 3-5.
+BASELINES = [
+    ("CIFAR-10", "VGG16", "fxrf:vgg16_cifar", vgg16_cifar, {}, 32, 310, "14.73"),
+    ("CIFAR-10", "VGG19", "fxrf:vgg19_cifar", vgg19_cifar, {}, 32, 400, "20.04"),
+    ("CIFAR-10", "MobileNet", "fxrf:mobilenet_v1_cifar", mobilenet_v1_cifar, {}, 32, 50, "3.22"),
+    ("CIFAR-10", "ResNet50", "fxrf:resnet50_cifar", resnet50_cifar, {}, 32, 1300, "23.52"),
+    ("CIFAR-100", "VGG16", "fxrf:vgg16_cifar100", vgg16_cifar100, {}, 32, 330, "34.02"),
+    ("CIFAR-100", "VGG19", "fxrf:vgg19_cifar100", vgg19_cifar100, {}, 32, 420, "39.33"),
+    ("CIFAR-100", "MobileNet", "mobilenet_v1_cifar(100)", mobilenet_v1_cifar, {"num_classes": 100}, 32, 50, "3.32"),
+    ("CIFAR-100", "ResNet50", "resnet50_cifar(100)", resnet50_cifar, {"num_classes": 100}, 32, 1310, "23.71"),
+    ("ImageNet", "VGG16", "torchvision:vgg16", _tv("vgg16"), {}, 224, 15500, "138.36"),
+    ("ImageNet", "VGG19", "torchvision:vgg19", _tv("vgg19"), {}, 224, 19670, "143.67"),
+    ("ImageNet", "MobileNet", "fxrf:mobilenet_v1_imagenet", mobilenet_v1_imagenet, {}, 224, 580, "4.23"),
+    ("ImageNet", "ResNet50", "torchvision:resnet50", _tv("resnet50"), {}, 224, 4120, "25.56"),
+]
+
+# Known, explained departures from the paper (printed as footnotes, never hidden).
+NOTES = {
+    ("CIFAR-100", "MobileNet", "params"): (
+        "Table 4's 3.32M cannot be reached with the CIFAR MobileNet that gives Table 3's 3.22M (NOTES.md): a "
+        "100-class head Linear(1024, 100) adds 90 x 1025 = 92,250 parameters, 3,217,226 -> 3,309,476 = 3.31M. "
+        "Printing 3.32M takes at least 3,315,000 (5,524 more); left as a mismatch (see tests/test_models.py)."),
+    ("ImageNet", "MobileNet", "macs"): (
+        "568.7M MACs round to 570, not the paper's 580 (1.9% low, inside the 2% tolerance); 569M is also what "
+        "the MobileNet v1 paper (Howard et al. 2017, Table 8) gives for this layout."),
+    ("CIFAR-10", "MobileNet", "macs"): (
+        "46.4M MACs are 7% under 50 but round to 50 at the paper's precision (10M)."),
+    ("CIFAR-100", "MobileNet", "macs"): (
+        "as for CIFAR-10: 46.4M MACs round to the paper's 50."),
+}
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def _fmt_table(header, rows, right=None) -> list:
+    """Plain-text columns: left-aligned text, right-aligned numbers (columns flagged in `right`)."""
+    right = right or [False] * len(header)
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(str(c).rjust(w) if ra else str(c).ljust(w)
+                         for c, w, ra in zip(cells, widths, right)).rstrip()
+
+    return [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+
+
+def _analyze(factory, kwargs, side):
+    model = factory(**kwargs)
+    return fxrf.analyze(model, (1, 3, side, side), alpha=ALPHA)
+
+
+def _ratio(ours, paper) -> str:
+    return f"{ours / paper:.3f}" if paper else "-"
+
+
+# ------------------------------------------------------------------------------------------------- sections
+
+
+def table2() -> list:
+    out = ["Table 2: 3DRF gain of the conv inserted into VGG-11 (CIFAR-10, 1x3x32x32, alpha = 3)",
+           "  gain of the inserted conv = the gain of the last conv of the stage at 32/2^(i-1) px", ""]
+    rows, notes = [], []
+    for i in range(1, 6):
+        a = _analyze(vgg11_variant, {"i": i}, 32)
+        side = 32 // 2 ** (i - 1)
+        stage = next(s for s in stage_summaries(a) if tuple(s.stage.resolution) == (side, side))
+        last = stage.convs[-1]
+        g = last.gain
+        paper = float(TABLE2_PAPER[i])
+        ok = (g == 0) if paper == 0 else abs(g - paper) < 0.01
+        rows.append([f"Variant-{i}", f"{side}x{side}", last.name, f"{rf_text(last.rf)}", f"{g:.4f}",
+                     f"{TABLE2_CLOSED[i]:.4f}", TABLE2_PAPER[i], _ratio(g, paper), "ok" if ok else "MISMATCH"])
+        if paper and ok and f"{g:.2f}" != TABLE2_PAPER[i]:
+            notes.append(f"  Variant-{i}: {g:.4f} rounds to {g:.2f}; the paper prints {TABLE2_PAPER[i]} "
+                         f"(within its last digit: |diff| = {abs(g - paper):.4f} < 0.01).")
+    out += ["  " + s for s in _fmt_table(
+        ["network", "stage", "inserted conv", "3DRF", "gain", "closed form", "paper", "ratio", "check"], rows,
+        [False, False, False, True, True, True, True, True, False])]
+    out += [""] + (["  notes:"] + notes if notes else [])
+    return out
+
+
+def tables345(analyses) -> list:
+    out = ["Tables 3-5: params and MACs of the baselines (batch 1)",
+           "  params: every parameter of the model; check = equal to the paper's printed digits.",
+           "  MACs: multiply-accumulates of conv and linear layers, in millions (the paper's \"MFLOPs\", rounded",
+           f"  to 10M); check = within {MACS_TOLERANCE:.0%} of the paper or equal to it once rounded to 10M.",
+           ""]
+    footnotes = []
+    for dataset, table in (("CIFAR-10", "Table 3"), ("CIFAR-100", "Table 4"), ("ImageNet", "Table 5")):
+        rows = []
+        for (ds, net, spec, *_rest, paper_macs, paper_params) in BASELINES:
+            if ds != dataset:
+                continue
+            c = total(analyses[(ds, net)].costs)
+            params_m = f"{c.params / 1e6:.2f}"
+            p_ok = params_m == paper_params
+            macs_m = c.macs / 1e6
+            rounded = int(round(macs_m / 10)) * 10
+            m_ok = abs(macs_m - paper_macs) <= MACS_TOLERANCE * paper_macs or rounded == paper_macs
+            marks = ""
+            for what in ("params", "macs"):
+                if (ds, net, what) in NOTES:
+                    footnotes.append((ds, net, what))
+                    marks += f"[{len(footnotes)}]"
+            rows.append([net, spec, f"{c.params:,}", params_m + "M", paper_params + "M",
+                         _ratio(c.params / 1e6, float(paper_params)), "ok" if p_ok else "MISMATCH",
+                         f"{macs_m:,.1f}", f"{rounded:,}", f"{paper_macs:,}", _ratio(macs_m, paper_macs),
+                         "ok" if m_ok else "MISMATCH", marks])
+        out.append(f"  {table} ({dataset})")
+        out += ["  " + s for s in _fmt_table(
+            ["network", "built as", "params", "ours", "paper", "ratio", "check", "MACs (M)", "~10M", "paper",
+             "ratio", "check", "note"], rows,
+            [False, False, True, True, True, True, False, True, True, True, True, False, False])]
+        out.append("")
+    out.append("  notes:")
+    for k, key in enumerate(footnotes, 1):
+        ds, net, what = key
+        out += _wrap(f"[{k}] {ds} {net} {'params' if what == 'params' else 'MACs'}: {NOTES[key]}", "  ", 100)
+    return out
+
+
+def stage_fields(analyses) -> list:
+    out = ["3DRF of every stage of the baselines (alpha = 3)",
+           "  3DRF = the largest conv field of the stage, spatial x channel (HxWxC) over the stage input;",
+           "  saturated = it covers the whole stage input (3DRF = V0 = w0 x w0 x c0); gain-0 convs add nothing.",
+           ""]
+    seen = {}
+    for (ds, net, spec, *_rest) in BASELINES:
+        a = analyses[(ds, net)]
+        shape = "x".join(map(str, a.input_shape))
+        rows = []
+        for s in stage_summaries(a):
+            st = s.stage
+            share = 100 * s.rf.volume / s.v0 if s.rf else None
+            pct = "-" if share is None else f"{share:.1f}%" if share >= 1 else f"{share:.2f}%"
+            rows.append([str(st.index), "x".join(map(str, st.resolution)), f"{st.channels:,}", f"{s.v0:,}",
+                         str(len(s.convs)), rf_text(s.rf), f"{s.rf.volume:,}" if s.rf else "-", pct,
+                         str(len(s.zero_gain)), "yes" if s.saturated else "no"])
+        key = tuple(map(tuple, rows))
+        title = f"  {ds} {net} ({spec}, {shape})"
+        if key in seen:
+            out += [title + f": every stage as {seen[key]} (checked; only the classifier differs)", ""]
+            continue
+        seen[key] = f"{ds} {net}"
+        n_sat = sum(r[-1] == "yes" for r in rows)
+        out.append(title + f": {n_sat} of {len(rows)} stages saturated")
+        out += ["    " + s for s in _fmt_table(
+            ["stage", "w0", "c0", "V0", "convs", "3DRF", "volume", "of V0", "gain-0", "saturated"], rows,
+            [True, True, True, True, True, True, True, True, True, False])]
+        out.append("")
+    return out
+
+
+def table6() -> list:
+    try:
+        from fxrf.passes.table6 import format_table6
+    except ImportError:
+        return ["Table 6: pending (fxrf.passes.table6 not available)"]
+    text = format_table6()
+    return ["Table 6: kernel-level design (CIFAR-10) on VGG16-opt", ""] + str(text).rstrip("\n").splitlines()
+
+
+def _wrap(text, indent, width) -> list:
+    import textwrap
+    return textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=indent + "    ")
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def report() -> str:
+    analyses = {(ds, net): _analyze(factory, kw, side) for ds, net, _, factory, kw, side, *_ in BASELINES}
+    sections = [table2(), tables345(analyses), stage_fields(analyses), table6()]
+    head = [f"fxrf {fxrf.__version__}, torch {torch.__version__}; the poster's figures: "
+            "/work/shared/paper/3drf-poster.txt, worked notes: NOTES.md", ""]
+    return "\n".join(head + [line for sec in sections for line in sec + [""]]).rstrip() + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", help="also write the output as a Markdown page (e.g. docs/reproduction.md)")
+    args = p.parse_args(argv)
+    text = report()
+    sys.stdout.write(text)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as fh:
+            fh.write("# Reproducing the paper's tables\n\n"
+                     "Generated by running, from the repository root:\n\n"
+                     f"    python benchmarks/paper_tables.py --out {args.out}\n\n"
+                     "Do not edit by hand; re-run the command after changing the analysis, the cost model or the "
+                     "models. \"MFLOPs\" in the paper are MACs (multiply-accumulates), see NOTES.md; ratio = "
+                     "fxrf / paper.\n\n"
+                     "```text\n" + text + "```\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,402 @@
+"""The kernel-level decomposer: replace standard k x k convs by factorized blocks under the paper's two rules.
+
+- Quality: for the same input, the 3DRF of the new stage equals the original stage's. Measured with the stage input
+  as the reference, at the stage's end nodes (the maps of the stage that something outside it reads): spatial
+  extents equal and channel counts equal (as fractions of the stage input where a strided block moved the stage
+  start, so that its stage input has other channels).
+- Compact: removing any one factorized kernel from a block makes its 3DRF smaller. Measured on the block alone
+  with its own input as the reference (the paper's Figure 4), the removed conv passed through (blocks.measure).
+
+Both are read off `fxrf.analyze` on the candidate graph, never computed by hand. A fixed recipe is applied to
+every eligible conv (a standard k x k conv called once, all but the first conv when skip_first) and the verdicts
+are reported per stage; recipe="auto" picks per stage the cheapest candidate (MACs, then parameters) that meets
+both. DW+RPW rotates its groups against the previous grouped layer of its stage (not the first one of a stage: a
+stage's input channels are all distinct, so a rotation there changes nothing); the rotations are then folded into
+a neighbouring conv where one can take them (fold.py) and what remains is counted.
+
+    >>> import torch, torch.nn as nn, fxrf
+    >>> m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+    ...                   nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU()).eval()
+    >>> r = fxrf.decompose(m, (2, 3, 8, 8), recipe="DW+PW")
+    >>> [(c.conv, c.recipe, c.quality_layer, c.compact) for c in r.changes]
+    [('_3', 'DW+PW', True, True)]
+    >>> [(s.blocks, s.quality, s.compact) for s in r.stages]
+    [(('DW+PW',), True, True)]
+    >>> r.graph_module(torch.rand(2, 3, 8, 8)).shape
+    torch.Size([2, 32, 8, 8])
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxrf.analysis import Analysis, analyze, map_size
+from fxrf.cost import total
+from fxrf.metric import DEFAULT_ALPHA
+
+from . import PassResult, finish, private_copy
+from .blocks import AUTO_CANDIDATES, Recipe, build, emit, load, measure, model_pattern, parse
+from .fold import fold_permutations
+
+KEEP = parse("S")
+
+# ------------------------------------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class Site:
+    """An eligible conv of the original graph."""
+
+    node: str
+    target: str
+    stage: int
+    in_shape: tuple
+    starts_stage: bool  # a strided conv: its output starts the stage
+
+
+@dataclass(frozen=True)
+class BlockChange:
+    """One conv replaced by a block."""
+
+    conv: str  # node replaced
+    target: str  # module path (now the Block container)
+    stage: int
+    recipe: str
+    output: str  # the node that now stands for the conv's output
+    shift: int  # DW+RPW: channels the groups are rotated by against the previous grouped layer (0: none)
+    rf_conv: str  # 3DRF of the conv alone, its input as the reference (e.g. 3x3x64)
+    rf_block: str  # the same for the block
+    quality_block: bool  # the block alone reaches the conv's 3DRF (Figure 4)
+    quality_layer: bool | None  # in the model, the block's output has the conv's 3DRF (None: starts a stage)
+    compact: bool
+    params_before: int  # the conv's own cost, and the block's (intermediate norms included)
+    params_after: int
+    macs_before: int
+    macs_after: int
+    transfer_error: float | None  # ||W - block's linear map||_F / ||W||_F, None without transfer
+
+
+@dataclass(frozen=True)
+class Declined:
+    conv: str
+    recipe: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class StageReport:
+    stage: int
+    resolution: tuple
+    channels: int  # c_0 of the original stage
+    convs: tuple  # the eligible convs, graph order
+    blocks: tuple  # what each became ("S": kept)
+    quality: bool  # the stage's 3DRF equals the original's
+    compact: bool  # every block of the stage is compact
+    ends: tuple  # ((end node before, its node after), ...)
+    rf_before: tuple  # per end node (spatial, channel, channel_mean, c_0), stage input as the reference
+    rf_after: tuple
+    params_before: int  # over every node of the stage
+    params_after: int
+    macs_before: int
+    macs_after: int
+    tried: tuple = ()  # auto: (recipe, macs, params, quality, compact) in the order tried
+
+
+@dataclass
+class Decomposition(PassResult):
+    stages: list = field(default_factory=list)  # StageReport per stage of the original graph
+
+
+# ----------------------------------------------------------------------------------------------------- the pass
+
+
+def decompose(model: nn.Module, example_input, recipe: str = "auto", *, transfer_weights: bool = True,
+              skip_first: bool = True, fold: bool = True, candidates=AUTO_CANDIDATES,
+              alpha: float = DEFAULT_ALPHA) -> Decomposition:
+    """Replace standard convs of `model` by factorized blocks; the model itself is not modified.
+
+    recipe: "auto", or a catalog recipe applied everywhere eligible ("DW+PW", "DW+GPW-g4", "DW+RPW-g4-o50",
+    "GC+shuffle-g4", "PW+DW+PW-e6", "S"). transfer_weights: initialise each block from its conv (transfer.py).
+    fold: fold the inserted channel rotations/shuffles into neighbouring convs where possible.
+    """
+    gm = private_copy(model, example_input)
+    before = analyze(gm, example_input, alpha=alpha)
+    ends = stage_ends(before)  # read now: the edits below rewrite this graph in place
+    pattern = model_pattern(gm)
+    sites = eligible_sites(gm, before, skip_first)
+    tried: dict = {}
+    if str(recipe).strip().lower() == "auto":
+        plan, tried = _auto(gm, before, ends, sites, pattern, example_input, [parse(c) for c in candidates], alpha)
+        name = "auto"
+    else:
+        r = parse(recipe)
+        plan, name = {s.node: r for s in sites}, r.name
+    applied = _apply(gm, sites, plan, pattern, transfer_weights)
+    finish(gm)
+    fold_changes, fold_summary = [], {"permutations": 0, "folded": 0, "remaining": 0, "remaining_nodes": []}
+    if fold and applied.permutations:
+        inputs = {n.name: n.args[0].name for n in gm.graph.nodes if n.name in applied.permutations}
+        folded = fold_permutations(gm, example_input, nodes=set(applied.permutations))
+        gm, fold_changes, fold_summary = folded.graph_module, folded.changes, folded.summary
+        gone = {c.node for c in fold_changes}
+        for conv, out in list(applied.renamed.items()):
+            while out in gone:  # a folded shuffle was the block's last node: its input stands for it now
+                out = inputs[out]
+            applied.renamed[conv] = out
+    else:
+        fold_summary["remaining"] = fold_summary["permutations"] = len(applied.permutations)
+        fold_summary["remaining_nodes"] = list(applied.permutations)
+    after = analyze(gm, example_input, alpha=alpha)
+    checks = stage_quality(before, ends, after, applied.renamed)
+    changes = [_change(d, before, after, applied.renamed, pattern) for d in applied.done]
+    stages = _stage_reports(before, after, sites, changes, checks, tried)
+    cb, ca = total(before.costs), total(after.costs)
+    rewritten = [s for s in stages if any(b != "S" for b in s.blocks)]
+    summary = {
+        "recipe": name, "params_before": cb.params, "params_after": ca.params, "macs_before": cb.macs,
+        "macs_after": ca.macs, "replaced": len(changes), "declined": len(applied.declined),
+        "quality": all(s.quality for s in rewritten), "compact": all(s.compact for s in rewritten),
+        "permutations_inserted": len(applied.permutations), "permutations_folded": fold_summary["folded"],
+        "permutations_remaining": fold_summary["remaining"], "remaining_permutations": fold_summary["remaining_nodes"],
+        "stages": [asdict(s) for s in stages], "declined_convs": [asdict(d) for d in applied.declined],
+    }
+    return Decomposition(gm, changes + list(fold_changes), summary, stages)
+
+
+def eligible_sites(gm: fx.GraphModule, a: Analysis, skip_first: bool = True) -> list[Site]:
+    """Standard k x k convs (nn.Conv2d, one group, called once with one input) inside a stage, graph order."""
+    modules = dict(gm.named_modules())
+    calls: dict = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+    convs = [n for n in gm.graph.nodes if _is_conv(n, modules)]
+    starts = {name for s in a.stages for name in s.inputs}
+    sites = []
+    for node in convs:
+        mod = modules.get(node.target) if node.op == "call_module" else None
+        if skip_first and node is convs[0]:
+            continue
+        if not isinstance(mod, nn.Conv2d) or mod.groups != 1 or tuple(mod.kernel_size) == (1, 1):
+            continue
+        if calls[node.target] != 1 or len(node.args) != 1 or node.kwargs:
+            continue
+        rec = a.record(node.name)
+        if rec.stage is None:
+            continue
+        shape = tuple(node.args[0].meta["tensor_meta"].shape)
+        sites.append(Site(node.name, node.target, rec.stage, shape, node.name in starts))
+    return sites
+
+
+def _is_conv(node, modules) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), nn.modules.conv._ConvNd)
+    return node.op == "call_function" and node.target in (F.conv1d, F.conv2d, F.conv3d)
+
+
+@dataclass
+class _Applied:
+    done: list = field(default_factory=list)  # (site, recipe, conv module, output node name, shift, error)
+    declined: list = field(default_factory=list)
+    renamed: dict = field(default_factory=dict)  # conv node -> the node standing for its output
+    permutations: list = field(default_factory=list)  # inserted roll / shuffle nodes
+
+
+def _apply(gm: fx.GraphModule, sites, plan: dict, pattern, transfer: bool) -> _Applied:
+    """Edit `gm` (a private copy) in place: each planned site's conv becomes its block."""
+    graph = gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    out = _Applied()
+    grouped_before: set = set()  # stages that already have a DW+RPW layer
+    for site in sites:
+        recipe = plan.get(site.node, KEEP)
+        if recipe.keeps:
+            continue
+        conv = gm.get_submodule(site.target)
+        reason = recipe.inapplicable(conv)
+        if reason:
+            out.declined.append(Declined(site.node, recipe.name, reason))
+            continue
+        shift = 0
+        if recipe.kind.name == "DW+RPW":
+            shift = recipe.shift(conv) if site.stage in grouped_before else 0
+            grouped_before.add(site.stage)
+        block, program = build(recipe, conv, pattern, shift)
+        error = load(block, recipe, conv) if transfer else None
+        node = nodes[site.node]
+        parent, _, leaf = site.target.rpartition(".")
+        (gm.get_submodule(parent) if parent else gm).add_module(leaf, block)  # the Block takes the conv's place
+        with graph.inserting_before(node):
+            new = emit(graph, site.target, program, node.args[0])
+        node.replace_all_uses_with(new[-1])
+        graph.erase_node(node)
+        out.renamed[site.node] = new[-1].name
+        out.permutations += [n.name for n, (op, arg) in zip(new, program) if op == "roll" or arg == "shuffle"]
+        out.done.append((site, recipe, conv, new[-1].name, shift, error))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ auto
+
+
+def _auto(gm, before, ends, sites, pattern, example_input, recipes, alpha):
+    """Per stage, the cheapest candidate (MACs, then params, then catalog order) whose blocks are compact and whose
+    stage meets quality. The quality of a candidate is read from one analysis of the whole model with the
+    candidate applied everywhere (stages are independent: each has its own reference), built on a copy whose
+    parameters live on the meta device."""
+    by_stage: dict = {}
+    for s in sites:
+        by_stage.setdefault(s.stage, []).append(s)
+    verdicts: dict = {}
+
+    def quality(recipe: Recipe) -> dict:
+        if recipe.name not in verdicts:
+            skel = _skeleton(gm)
+            applied = _apply(skel, sites, {s.node: recipe for s in sites}, pattern, transfer=False)
+            finish(skel)
+            checks = stage_quality(before, ends, analyze(skel, example_input, alpha=alpha), applied.renamed)
+            verdicts[recipe.name] = {k: c.ok for k, c in checks.items()}
+        return verdicts[recipe.name]
+
+    plan, tried = {}, {}
+    for stage, ss in by_stage.items():
+        convs = [gm.get_submodule(s.target) for s in ss]
+        options = []
+        for order, r in enumerate([KEEP] + list(recipes)):
+            used = [r if not r.inapplicable(c) else KEEP for c in convs]
+            if not r.keeps and all(u.keeps for u in used):
+                continue
+            ms = [measure(u, c, s.in_shape, pattern) for u, c, s in zip(used, convs, ss)]
+            compact = all(m.compact for m, u in zip(ms, used) if not u.keeps)
+            options.append((sum(m.macs for m in ms), sum(m.params for m in ms), order, r, compact))
+        log = []
+        for macs, params, _, r, compact in sorted(options, key=lambda o: o[:3]):
+            if not compact:
+                log.append((r.name, macs, params, None, False))
+                continue
+            ok = True if r.keeps else quality(r)[stage]
+            log.append((r.name, macs, params, ok, True))
+            if ok:
+                plan.update({s.node: r for s in ss})
+                break
+        tried[stage] = tuple(log)
+    return plan, tried
+
+
+def _skeleton(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy whose parameters are empty meta tensors (buffers, which the analysis may read, stay real)."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad) for p in gm.parameters()}
+    return copy.deepcopy(gm, memo)
+
+
+# ---------------------------------------------------------------------------------------------------- verdicts
+
+
+def stage_ends(a: Analysis) -> dict:
+    """{stage: names of its end nodes}: maps at the stage's resolution that something outside the stage reads."""
+    recs = {r.name: r for r in a.records}
+
+    def inside(name, s):
+        r = recs.get(name)
+        return (r is not None and r.stage == s and r.field is not None and r.field.is_map
+                and map_size(r.field, r.shape) == tuple(a.stages[s].resolution))
+
+    ends = {s.index: [] for s in a.stages}
+    for node in a.graph_module.graph.nodes:
+        r = recs.get(node.name)
+        if r is None or r.stage is None or not inside(node.name, r.stage):
+            continue
+        if any(not inside(u.name, r.stage) for u in node.users):
+            ends[r.stage].append(node.name)
+    return ends
+
+
+@dataclass(frozen=True)
+class StageCheck:
+    ok: bool
+    ends: tuple
+    before: tuple
+    after: tuple
+
+
+def rf_row(rf, c0: int) -> tuple:
+    return (tuple(rf.spatial), rf.channel, rf.channel_mean, c0) if rf is not None else None
+
+
+def same_rf(a: tuple | None, b: tuple | None) -> bool:
+    """Equal 3DRFs: spatial extents, and channel counts as fractions of each stage's input channels."""
+    if a is None or b is None:
+        return a is b
+    (sa, ca, ma, c0a), (sb, cb, mb, c0b) = a, b
+    return sa == sb and ca * c0b == cb * c0a and math.isclose(ma * c0b, mb * c0a, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def stage_quality(before: Analysis, ends: dict, after: Analysis, renamed: dict) -> dict:
+    """{stage: StageCheck} comparing the 3DRF at every end node (`stage_ends(before)`) of each original stage with
+    the new graph's (`renamed`: original conv node -> the node that stands for its output now)."""
+    out = {}
+    recs_after = {r.name: r for r in after.records}
+    for s, names in ends.items():
+        rows_b, rows_a, ends = [], [], []
+        for name in names:
+            rb = before.record(name)
+            new = renamed.get(name, name)
+            ra = recs_after.get(new)
+            c0 = after.stages[ra.stage].channels if ra is not None and ra.stage is not None else None
+            rows_b.append(rf_row(rb.rf, before.stages[s].channels))
+            rows_a.append(rf_row(ra.rf, c0) if ra is not None and c0 is not None else None)
+            ends.append((name, new))
+        ok = all(same_rf(x, y) for x, y in zip(rows_b, rows_a))
+        out[s] = StageCheck(ok, tuple(ends), tuple(rows_b), tuple(rows_a))
+    return out
+
+
+def _change(done, before, after, renamed, pattern) -> BlockChange:
+    site, recipe, conv, _, shift, error = done
+    out = renamed[site.node]
+    mc, mb = measure(KEEP, conv, site.in_shape, pattern), measure(recipe, conv, site.in_shape, pattern)
+    layer = None
+    if not site.starts_stage:
+        ra = after.record(out)
+        layer = same_rf(rf_row(before.record(site.node).rf, before.stages[site.stage].channels),
+                        rf_row(ra.rf, after.stages[ra.stage].channels) if ra.stage is not None else None)
+    return BlockChange(site.node, site.target, site.stage, recipe.name, out, shift, mc.rf_text, mb.rf_text,
+                       mb.rf.spatial == mc.rf.spatial and mb.rf.channel == mc.rf.channel, layer, mb.compact,
+                       mc.params, mb.params, mc.macs, mb.macs, error)
+
+
+def _stage_costs(a: Analysis) -> dict:
+    out: dict = {}
+    costs = a.costs
+    for r in a.records:
+        c = costs.get(r.name)
+        if r.stage is not None and c is not None:
+            p, m = out.get(r.stage, (0, 0))
+            out[r.stage] = (p + c.params, m + c.macs)
+    return out
+
+
+def _stage_reports(before, after, sites, changes, checks, tried) -> list:
+    cost_b, cost_a = _stage_costs(before), _stage_costs(after)
+    by_conv = {c.conv: c for c in changes}
+    reports = []
+    for st in before.stages:
+        ss = [s for s in sites if s.stage == st.index]
+        blocks = tuple(by_conv[s.node].recipe if s.node in by_conv else "S" for s in ss)
+        chk = checks[st.index]
+        # the same stage in the new graph: the one its end nodes fall in
+        idx_after = {after.record(n).stage for _, n in chk.ends if after.record(n).stage is not None}
+        pb, mb = cost_b.get(st.index, (0, 0))
+        pa, ma = (sum(cost_a.get(i, (0, 0))[0] for i in idx_after), sum(cost_a.get(i, (0, 0))[1] for i in idx_after))
+        reports.append(StageReport(
+            st.index, tuple(st.resolution), st.channels, tuple(s.node for s in ss), blocks, chk.ok,
+            all(by_conv[s.node].compact for s in ss if s.node in by_conv), chk.ends, chk.before, chk.after,
+            pb, pa, mb, ma, tried.get(st.index, ())))
+    return reports

@@ -1,0 +1,261 @@
+"""Folding channel permutations into the weights of a neighbouring conv.
+
+A node that only permutes channels (torch.roll along the channels, a channel shuffle, index_select with a constant
+permutation) costs a copy at run time. It disappears when it can be pushed, through ops that act on each channel
+separately (norms, activations, pools, depthwise convs: their per-channel parameters are permuted along), into
+
+- the output channels of the conv that produces it: conv(x)[perm] is the conv with weight[perm], bias[perm]; or
+- the input channels of the conv that consumes it: W . x[perm] = W' . x with W'[:, perm] = W.
+
+A grouped conv takes a permutation only if it keeps every channel inside its group (group blocks are contiguous in
+PyTorch). So a rotation between two grouped convs with only per-channel ops in between (DW+RPW after DW+RPW) can
+never be folded: the producer's groups and the consumer's groups would both have to be contiguous in one channel
+order while being shifted against each other. Those stay, and are counted.
+
+    >>> import torch, torch.nn as nn, fxrf
+    >>> class M(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.a, self.bn, self.b = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1, groups=2)
+    ...     def forward(self, x):
+    ...         return self.b(torch.roll(torch.relu(self.bn(self.a(x))), 3, 1))
+    >>> m = M().eval(); x = torch.rand(1, 3, 8, 8)
+    >>> r = fold_permutations(m, x)
+    >>> r.summary["folded"], r.summary["remaining"], torch.allclose(r.graph_module(x), m(x), atol=1e-6)
+    (1, 0, True)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxrf.trace import trace
+
+from . import PassResult, finish, private_copy
+
+# ---- ops that act on each channel on its own (parameters, if any, indexed by channel along dim 0) -----------------
+
+_PER_CHANNEL_MODULES = (
+    nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Identity, nn.Dropout,
+    nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+)
+_PER_CHANNEL_FUNCTIONS = (
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish,
+    F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, F.sigmoid, F.tanh, torch.sigmoid, torch.tanh, F.dropout,
+    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.max_pool2d,
+    "relu", "relu_", "sigmoid", "tanh", "contiguous", "clone",
+)
+_PERMUTATIONS = (torch.roll, "roll", F.channel_shuffle, torch.channel_shuffle, F.native_channel_shuffle,
+                 torch.index_select, "index_select", nn.ChannelShuffle)
+
+
+@dataclass(frozen=True)
+class FoldChange:
+    node: str  # the permutation node, gone from the graph
+    op: str
+    into: str  # the conv whose weights took it
+    side: str  # "output channels of the producer" | "input channels of the consumer"
+    through: tuple  # the per-channel nodes in between (their parameters were permuted too)
+
+
+def fold_permutations(model: nn.Module, example_input, nodes=None) -> PassResult:
+    """A copy of `model` with every channel permutation (or those named in `nodes`) folded where possible.
+
+    Summary: permutations seen, folded, remaining (and the names of those that remain)."""
+    gm = private_copy(model, example_input)
+    trace(gm, example_input)  # fresh shapes on every node (a GraphModule may come with new nodes)
+    modules = dict(gm.named_modules())
+    calls = _call_counts(gm)
+    changes, remaining, seen = [], [], 0
+    for node in list(gm.graph.nodes):
+        if nodes is not None and node.name not in nodes:
+            continue
+        perm = channel_permutation(gm, node, modules)
+        if perm is None:
+            continue
+        seen += 1
+        change = _fold_back(gm, node, perm, modules, calls) or _fold_forward(gm, node, perm, modules, calls)
+        if change is None:
+            remaining.append(node.name)
+            continue
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        changes.append(change)
+    finish(gm)
+    return PassResult(gm, changes, {"permutations": seen, "folded": len(changes), "remaining": len(remaining),
+                                    "remaining_nodes": remaining})
+
+
+def _call_counts(gm):
+    counts: dict = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            counts[n.target] = counts.get(n.target, 0) + 1
+    return counts
+
+
+def _target_of(node):
+    return node.target if node.op in ("call_function", "call_method") else None
+
+
+def _module(node, modules):
+    return modules.get(node.target) if node.op == "call_module" else None
+
+
+def channel_permutation(gm: fx.GraphModule, node: fx.Node, modules: dict | None = None) -> torch.Tensor | None:
+    """perm if `node` computes out[:, j] = in[:, perm[j]] on a 4-D map (probed on a tensor that numbers every
+    element), else None."""
+    modules = modules if modules is not None else dict(gm.named_modules())
+    mod = _module(node, modules)
+    if not (isinstance(mod, nn.ChannelShuffle) or (mod is None and _target_of(node) in _PERMUTATIONS)):
+        return None
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    meta = node.args[0].meta.get("tensor_meta")
+    if meta is None or len(meta.shape) != 4:
+        return None
+    c = int(meta.shape[1])
+    probe = torch.arange(c * 6, dtype=torch.float64).reshape(1, c, 2, 3)
+
+    def value(a):
+        if isinstance(a, fx.Node):
+            if a is node.args[0]:
+                return probe
+            if a.op == "get_attr":
+                return _fetch(gm, a.target)
+            raise LookupError
+        return a
+
+    try:
+        args = fx.node.map_aggregate(node.args, lambda a: value(a) if isinstance(a, fx.Node) else a)
+        kwargs = fx.node.map_aggregate(node.kwargs, lambda a: value(a) if isinstance(a, fx.Node) else a)
+        if mod is not None:
+            out = mod(*args, **kwargs)
+        elif node.op == "call_method":
+            out = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            out = node.target(*args, **kwargs)
+    except Exception:
+        return None
+    if not isinstance(out, torch.Tensor) or out.shape != probe.shape:
+        return None
+    perm = (out[0, :, 0, 0] // 6).long()
+    if not torch.equal(torch.sort(perm).values, torch.arange(c)) or not torch.equal(out, probe[:, perm]):
+        return None
+    return perm
+
+
+def _fetch(gm, target):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _per_channel(node, modules, calls) -> bool:
+    """Acts on each channel separately, on one tensor input, and its module (if any) is called only here."""
+    mod = _module(node, modules)
+    if mod is not None:
+        if calls.get(node.target, 0) != 1:
+            return False
+        if isinstance(mod, nn.Conv2d):
+            return mod.groups == mod.in_channels == mod.out_channels  # depthwise, one filter per channel
+        return isinstance(mod, _PER_CHANNEL_MODULES)
+    if node.op not in ("call_function", "call_method") or _target_of(node) not in _PER_CHANNEL_FUNCTIONS:
+        return False
+    return len(node.all_input_nodes) == 1
+
+
+def _reindex(mod: nn.Module, index: torch.Tensor, channels: int) -> None:
+    """Permute every per-channel parameter and buffer of `mod` (dim 0 of size `channels`) by `index`."""
+    with torch.no_grad():
+        for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
+            if t.dim() >= 1 and t.shape[0] == channels and not (isinstance(mod, nn.PReLU) and t.numel() == 1):
+                t.copy_(t[index].clone())
+
+
+def _block_preserving(perm: torch.Tensor, groups: int) -> bool:
+    size = len(perm) // groups
+    return bool((perm // size == torch.arange(len(perm)) // size).all())
+
+
+def _fold_back(gm, node, perm, modules, calls) -> FoldChange | None:
+    """Into the output channels of the conv that produces the permuted tensor."""
+    chain, n = [], node.args[0]
+    while _per_channel(n, modules, calls) and len(n.users) == 1:
+        chain.append(n)
+        n = n.args[0]
+    prod = _module(n, modules)
+    if not (isinstance(prod, nn.Conv2d) and len(n.users) == 1 and calls.get(n.target) == 1):
+        return None
+    if prod.groups > 1 and not _block_preserving(perm, prod.groups):
+        return None
+    c = len(perm)
+    for m in chain:  # conv(x)[perm] -> per-channel ops with parameters p[perm]
+        if _module(m, modules) is not None:
+            _reindex(_module(m, modules), perm, c)
+    _reindex(prod, perm, c)
+    return FoldChange(node.name, _op(node, modules), n.target, "output channels of the producer",
+                      tuple(m.name for m in chain))
+
+
+def _fold_forward(gm, node, perm, modules, calls) -> FoldChange | None:
+    """Into the input channels of the conv (or linear, after a 1x1 map is flattened) that consumes it."""
+    if len(node.users) != 1:
+        return None
+    chain, n = [], next(iter(node.users))
+    while len(n.users) == 1 and (_per_channel(n, modules, calls) or _flattens_1x1(n, modules, calls)):
+        chain.append(n)
+        n = next(iter(n.users))
+    cons = _module(n, modules)
+    if calls.get(getattr(n, "target", None)) != 1 or n.args[0] is not (chain[-1] if chain else node):
+        return None
+    c = len(perm)
+    inverse = torch.argsort(perm)
+    if isinstance(cons, nn.Conv2d):
+        if cons.groups > 1 and not _block_preserving(perm, cons.groups):
+            return None
+        size = cons.in_channels // cons.groups
+        w = cons.weight
+        with torch.no_grad():  # W'[o, perm[j]] = W[o, j], within each group
+            new = w.clone()
+            for g in range(cons.groups):
+                rows = slice(g * (cons.out_channels // cons.groups), (g + 1) * (cons.out_channels // cons.groups))
+                local = perm[g * size:(g + 1) * size] - g * size
+                new[rows, local] = w[rows, :]
+            w.copy_(new)
+    elif isinstance(cons, nn.Linear) and cons.in_features == c:
+        with torch.no_grad():
+            cons.weight.copy_(cons.weight[:, inverse].clone())
+    else:
+        return None
+    for m in chain:  # per-channel ops now see unpermuted channels: p' = p[inverse]
+        if _module(m, modules) is not None:
+            _reindex(_module(m, modules), inverse, c)
+    return FoldChange(node.name, _op(node, modules), n.target, "input channels of the consumer",
+                      tuple(m.name for m in chain))
+
+
+def _flattens_1x1(node, modules, calls) -> bool:
+    """torch.flatten(x, 1) / nn.Flatten of a map with one pixel: channel order is kept."""
+    meta = node.args[0].meta.get("tensor_meta") if node.args and isinstance(node.args[0], fx.Node) else None
+    if meta is None or len(meta.shape) != 4 or meta.shape[2] * meta.shape[3] != 1:
+        return False
+    mod = _module(node, modules)
+    if isinstance(mod, nn.Flatten):
+        return mod.start_dim == 1 and calls.get(node.target) == 1
+    return _target_of(node) in (torch.flatten, "flatten") and (node.args[1:2] or (node.kwargs.get("start_dim"),))[0] == 1
+
+
+def _op(node, modules) -> str:
+    mod = _module(node, modules)
+    if mod is not None:
+        return type(mod).__name__
+    t = _target_of(node)
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
