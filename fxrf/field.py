@@ -312,7 +312,7 @@ def channel_window(f: Field | None, axis: int, kernel: int, stride: int, padding
     taps = np.where(valid, idx.reshape(-1, n)[:, np.clip(pos, 0, n - 1)], -1)  # (rows, out, k): reach per tap
     taps = np.sort(taps.reshape(-1, kernel), axis=1)
     keys, inv = np.unique(taps, axis=0, return_inverse=True)
-    groups = [[int(r) for r in row if r >= 0] or [0] for row in keys.tolist()]  # an all-padding window: any reach
+    groups = [[int(r) for r in row if r >= 0] or [0] for row in keys.tolist()]  # all padding: conservatively reach 0
     bits = _frozen(np.stack([_or(f.bits[g]) for g in groups]))
     spans = _frozen(np.stack([_hull(f.spans[g]) for g in groups]))
     out = np.moveaxis(inv.reshape(lead + (out_size,)), -1, axis)

@@ -1,7 +1,8 @@
 """A picture of an Analysis: per stage, the spatial and channel 3DRF and the gain of every conv, in graph order.
 
-matplotlib is an optional extra (``pip install 'fxrf[plot]'``); it is imported only when a plot is drawn, with
-the non-interactive Agg backend, so this works on a headless machine.
+matplotlib is an optional extra (``pip install 'fxrf[plot]'``); it is imported only when a plot is drawn, and the
+figure is rendered by the Agg canvas without pyplot: it works on a headless machine, opens no window and leaves the
+caller's matplotlib backend (a notebook's, say) alone.
 
 >>> import os, tempfile, torch.nn as nn, fxrf
 >>> from fxrf.plot import plot_analysis
@@ -28,14 +29,16 @@ def stage_color(index) -> str:
     return "#bbbbbb" if index is None else STAGE_COLORS[index % len(STAGE_COLORS)]
 
 
-def _pyplot():
+def _agg_figure(**kwargs):
+    """A Figure drawn by the Agg canvas, without pyplot: no window, and the caller's backend is left alone."""
     try:
-        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError as e:
         raise FxrfError("plotting needs matplotlib, an optional extra: pip install 'fxrf[plot]'") from e
-    matplotlib.use("Agg", force=True)  # no display needed; never opens a window
-    import matplotlib.pyplot as plt
-    return plt
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def plot_analysis(a, path) -> str:
@@ -47,7 +50,7 @@ def plot_analysis(a, path) -> str:
     a red X = gain 0, the conv adds nothing to the 3DRF; 'start' = the conv starts its stage, no gain). A stage
     whose 3DRF reaches V_0 is labelled 'saturated'.
     """
-    plt = _pyplot()
+    fig = _agg_figure(figsize=(8.0, 9.0))
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -58,8 +61,8 @@ def plot_analysis(a, path) -> str:
     n = len(convs)
     dense = n > 40  # many convs: smaller labels, no value annotations on the 3DRF panels
     fig_w = min(max(8.0, 0.42 * n + 2.5), 40.0)
-    fig, (ax_w, ax_c, ax_g) = plt.subplots(3, 1, sharex=True, figsize=(fig_w, 9.0),
-                                           gridspec_kw={"height_ratios": [1, 1, 1.15]})
+    fig.set_size_inches(fig_w, 9.0)
+    ax_w, ax_c, ax_g = fig.subplots(3, 1, sharex=True, gridspec_kw={"height_ratios": [1, 1, 1.15]})
     fs = 7 if dense else 8
 
     x = 0
@@ -146,7 +149,6 @@ def plot_analysis(a, path) -> str:
     fig.subplots_adjust(hspace=0.12)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

@@ -149,7 +149,7 @@ def _conv_fn(node, mod, args, kwargs):
     return TMeta(x.shape[:-d - 1] + (w.shape[0],) + sp, x.dtype)
 
 
-def pool_params(mod_or_none, args, kwargs, d):
+def pool_params(node, mod_or_none, args, kwargs, d):
     """(kernel, stride, padding, dilation, ceil_mode) of a max/avg pool in module or functional form."""
     if mod_or_none is not None:
         m = mod_or_none
@@ -160,11 +160,9 @@ def pool_params(mod_or_none, args, kwargs, d):
     s = _a(args, kwargs, 2, "stride", None)
     s = k if s is None or s == [] or s == () else _tuple(s, d)
     p = _tuple(_a(args, kwargs, 3, "padding", 0), d)
-    is_max = "max" in getattr(_a(args, kwargs, -1, "__fn__", None), "__name__", "")  # unused: set below
-    del is_max
-    dil = _tuple(kwargs.get("dilation", 1), d)
-    ceil = kwargs.get("ceil_mode", False)
-    return k, s, p, dil, ceil
+    if "max" in node.target.__name__:  # max_pool(x, k, s, p, dilation, ceil_mode)
+        return k, s, p, _tuple(_a(args, kwargs, 4, "dilation", 1), d), _a(args, kwargs, 5, "ceil_mode", False)
+    return k, s, p, (1,) * d, _a(args, kwargs, 4, "ceil_mode", False)  # avg_pool(x, k, s, p, ceil_mode, ...)
 
 
 _POOL_DIMS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
@@ -180,7 +178,7 @@ def pool_dims(node, mod) -> int:
 def _pool(node, mod, args, kwargs):
     x = args[0]
     d = pool_dims(node, mod)
-    k, s, p, dl, ceil = pool_params(mod, args, kwargs, d)
+    k, s, p, dl, ceil = pool_params(node, mod, args, kwargs, d)
     sp = tuple(_window_out(n, kk, ss, pp, dd, ceil) for n, kk, ss, pp, dd in zip(x.shape[-d:], k, s, p, dl))
     return TMeta(x.shape[:-d] + sp, x.dtype)
 

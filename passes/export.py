@@ -47,7 +47,8 @@ def emit_source(gm: fx.GraphModule, path, *, class_name: str | None = None) -> s
     code = gm.graph.python_code(root_module="self")
     needs: set = set()  # modules the constructors need (classes outside torch.nn)
     init = _init_lines(gm, needs)
-    imports, preamble = _imports(code.globals, needs)
+    used = {k: v for k, v in code.globals.items() if re.search(rf"\b{re.escape(k)}\b", code.src)}
+    imports, preamble = _imports(used, needs, code.src)
     top, forward = _split(code.src)
     lines = [
         f'"""{name}: written by fxrf.passes.export.emit_source from a torch.fx GraphModule.',
@@ -91,8 +92,10 @@ def _split(src: str) -> tuple:
 # -- imports for the names the generated code uses --------------------------------------------------------------
 
 
-def _imports(globals_: dict, needs: set) -> tuple:
-    imports = ["import math", "", "import torch", "import torch.fx", "import torch.nn as nn"]
+def _imports(globals_: dict, needs: set, src: str) -> tuple:
+    """Import lines and assignments that define every global name the generated code uses."""
+    imports = ["import math"] if {"inf", "nan"} & set(globals_) else []
+    imports += ["import torch"] + (["import torch.fx"] if "torch.fx." in src else []) + ["import torch.nn as nn"]
     imports += [f"import {m}" for m in sorted(needs) if m != "torch"]
     preamble = []
     for gname, obj in sorted(globals_.items()):
@@ -104,6 +107,8 @@ def _imports(globals_: dict, needs: set) -> tuple:
             preamble.append("NoneType = type(None)")
         elif isinstance(obj, types.ModuleType):
             imports.append(f"import {obj.__name__}" if obj.__name__ == gname else f"import {obj.__name__} as {gname}")
+        elif isinstance(obj, str) and obj.startswith("torch.") and isinstance(_resolve(*obj.rsplit(".", 1)), type):
+            preamble.append(f"{gname} = {obj}")  # a type annotation fx keeps as a string, e.g. torch.Tensor
         elif isinstance(obj, (str, int, float, bool)) or obj is None:
             preamble.append(f"{gname} = {obj!r}")
         else:

@@ -141,6 +141,7 @@ def organize_stages(model: nn.Module, example_input, *, alpha: float = DEFAULT_A
     _insert_greedy(work, example_input, alpha, threshold, limits, before, kernel_size, max_insertions, a, changes,
                    declined)
     finish(work)
+    work = _renamed(work, type(model).__name__)
     a = analyze(work, example_input, alpha=alpha)
     after = total(a.costs)
     summary = {
@@ -158,6 +159,15 @@ def organize_stages(model: nn.Module, example_input, *, alpha: float = DEFAULT_A
         "function_preserved": not any(c.kind == "remove" for c in changes),
     }
     return OrganizerResult(work, changes, summary, declined, a)
+
+
+def _renamed(gm: fx.GraphModule, class_name: str) -> fx.GraphModule:
+    """`gm` under the input model's class name (deep copies of a GraphModule are all called "GraphModule")."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}), type_expr=None)
+    out = fx.GraphModule(gm, graph, class_name=class_name)
+    out.train(gm.training)
+    return out
 
 
 def _check_arguments(threshold, cutoff, macs_budget, params_budget, kernel_size, max_insertions):

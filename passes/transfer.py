@@ -50,6 +50,20 @@ def shuffle_perm(channels: int, groups: int) -> torch.Tensor:
     return (p % groups) * (channels // groups) + p // groups
 
 
+def _top(m: torch.Tensor, r: int):
+    """Batched best rank-r factors of matrices m [B, rows, cols] (cols small: the k*k taps): m ~ a @ b with
+    a [B, rows, r], b [B, r, cols], each factor carrying sqrt(sigma). From the eigenvectors of the small Gram
+    matrix m^T m (its top eigenvectors are the right singular vectors), which is much faster than an SVD."""
+    lam, v = torch.linalg.eigh(m.transpose(1, 2) @ m)  # ascending
+    lam, v = lam.flip(-1)[:, :r].clamp_min(0), v.flip(-1)[:, :, :r]  # [B, r], [B, cols, r]
+    sigma = lam.sqrt()
+    tiny = sigma <= sigma[:, :1].clamp_min(1e-300) * 1e-12
+    scale = torch.where(tiny, 0.0, sigma.clamp_min(1e-300).rsqrt())
+    a = (m @ v) * scale[:, None, :]  # u * sqrt(sigma) = m v / sqrt(sigma)
+    b = (v * torch.where(tiny, 1.0, sigma.sqrt())[:, None, :]).transpose(1, 2)
+    return a, b
+
+
 def dw_pw(w: torch.Tensor, bias=None, groups: int = 1, shift: int = 0) -> Factors:
     """Depthwise k x k (child "dw") then a pointwise conv with `groups` groups (child "pw") reading the depthwise
     output rolled by `shift` channels: W[o, c] ~ P[o, c] D[c], P zero outside c's (rotated) group."""
@@ -60,9 +74,8 @@ def dw_pw(w: torch.Tensor, bias=None, groups: int = 1, shift: int = 0) -> Factor
     rows = group[:, None] * n + torch.arange(n)  # [C, n]: the outputs input channel c reaches
     per_c = w.detach().double().permute(1, 0, 2, 3).reshape(c_ch, o_ch, kh * kw)
     block = torch.gather(per_c, 1, rows[:, :, None].expand(c_ch, n, kh * kw))  # [C, n, k*k]
-    u, sv, vh = torch.linalg.svd(block, full_matrices=False)  # per input channel: best rank 1 (Eckart-Young)
-    r = sv[:, :1].sqrt()
-    a, b = u[:, :, 0] * r, vh[:, 0] * r  # [C, n], [C, k*k]
+    a, b = _top(block, 1)  # per input channel: best rank 1 (Eckart-Young)
+    a, b = a[:, :, 0], b[:, 0]  # [C, n], [C, k*k]
     dw = b.reshape(c_ch, 1, kh, kw)
     pw = torch.zeros(o_ch, m, dtype=torch.float64)
     pw[rows, (where - group * m)[:, None].expand(c_ch, n)] = a
@@ -94,17 +107,14 @@ def inverted(w: torch.Tensor, bias=None, expansion: int = 6) -> Factors:
     o_ch, c_ch, kh, kw = w.shape
     e = expansion
     per_c = w.detach().double().permute(1, 0, 2, 3).reshape(c_ch, o_ch, kh * kw)
-    u, sv, vh = torch.linalg.svd(per_c, full_matrices=False)  # [C, O, r], [C, r], [C, r, k*k]
-    rank = sv.shape[1]
-    keep = min(e, rank)
-    r = sv[:, :keep].sqrt()
+    keep = min(e, kh * kw)
+    a, b = _top(per_c, keep)  # [C, O, keep], [C, keep, k*k]: the best rank-`keep` factors per input channel
     gen = torch.Generator().manual_seed(0)
     dw = torch.randn(c_ch, e, kh * kw, generator=gen, dtype=torch.float64) / math.sqrt(kh * kw)
     pw = torch.zeros(o_ch, c_ch, e, dtype=torch.float64)  # beyond the rank: silent (zero projection), trainable
-    dw[:, :keep] = vh[:, :keep] * r[:, :, None]
-    pw[:, :, :keep] = (u[:, :, :keep] * r[:, None, :]).permute(1, 0, 2)
-    zero = sv[:, :keep] == 0
-    pw[:, :, :keep] = torch.where(zero[None], 0.0, pw[:, :, :keep])
+    live = a.norm(dim=1) > 0  # [C, keep]
+    dw[:, :keep] = torch.where(live[:, :, None], b, dw[:, :keep])
+    pw[:, :, :keep] = a.permute(1, 0, 2)
     expand = torch.zeros(c_ch, e, c_ch, dtype=torch.float64)
     expand[torch.arange(c_ch), :, torch.arange(c_ch)] = 1.0  # hidden channel c*E + r copies input channel c
     eff = torch.einsum("ocr,crk->ock", pw, dw).reshape(o_ch, c_ch, kh, kw)

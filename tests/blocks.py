@@ -206,3 +206,20 @@ BLOCKS = {  # name -> (model, input shape)
     "saturating_stack": (SaturatingStack, (1, 4, 7, 7)),
     "eca": (Eca, (1, 8, 7, 7)),
 }
+
+
+class Functional(nn.Module):
+    """Functional forms: F.conv2d with parameters (as torch.compile sees convs), F.avg_pool2d, torch.cat."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(6, 4, 3, 3))
+        self.w2 = nn.Parameter(torch.randn(6, 3, 1, 5))
+
+    def forward(self, x):
+        y = F.relu(F.conv2d(x, self.w1, padding=1))
+        y = F.avg_pool2d(y, 3, 1, 1)
+        return torch.cat([F.conv2d(y, self.w2, padding=(0, 2), groups=2), y], dim=1)
+
+
+BLOCKS["functional"] = (Functional, (1, 4, 9, 9))

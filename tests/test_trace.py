@@ -98,3 +98,16 @@ def test_records_are_frozen_and_rewritten():
     fxrf.analyze(gm, (1, 3, 16, 16))  # re-running overwrites: nothing stale survives
     assert node.meta[fxrf.META_KEY].shape == (1, 4, 14, 14)
     assert copy.copy(node.meta[fxrf.META_KEY]) is not None
+
+
+class FunctionalPools(nn.Module):
+    def forward(self, x):
+        a = torch.nn.functional.max_pool2d(x, 3, 2, 1, 1, True)  # positional dilation and ceil_mode
+        b = torch.nn.functional.avg_pool2d(x, 3, 2, 0, True)  # positional ceil_mode
+        return a[:, :, :b.shape[2], :b.shape[3]] + b
+
+
+def test_functional_pool_positional_arguments():
+    m = FunctionalPools()
+    x = torch.rand(1, 2, 10, 10)
+    assert _our_shapes(m, x.shape) == _real_shapes(m, x)

@@ -6,6 +6,7 @@ view -> transpose -> view (ShuffleNet) is followed exactly, channel by channel.
 from __future__ import annotations
 
 import math
+import operator
 
 import numpy as np
 import torch
@@ -122,7 +123,7 @@ def split(ctx: Ctx):
 
 # x[index]: basic indexing. Channel axes are sliced in the index array; spatial slices are crops (a step s
 # multiplies the jump); an int on a spatial axis drops it.
-@rf_rule(getattr(__import__("operator"), "getitem"))
+@rf_rule(operator.getitem)
 def getitem(ctx: Ctx):
     x, index = ctx.args[0], ctx.args[1]
     if not isinstance(x, T):  # picking one output of split/chunk or of a module returning a tuple

@@ -19,7 +19,7 @@ from .conv import one_pixel
 def pool(ctx: Ctx):
     x = ctx.args[0]
     d = shapes.pool_dims(ctx.node, ctx.module)
-    k, s, p, dl, _ = shapes.pool_params(ctx.module, ctx.args, ctx.kwargs, d)
+    k, s, p, dl, _ = shapes.pool_params(ctx.node, ctx.module, ctx.args, ctx.kwargs, d)
     return _window_last(x, k, s, p, dl)
 
 
