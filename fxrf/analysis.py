@@ -109,7 +109,7 @@ class Analysis:
         from .report import to_dict
         return to_dict(self)
 
-    def table(self, width: int = 100) -> str:
+    def table(self, width: int = 80) -> str:
         from .report import table
         return table(self, width)
 

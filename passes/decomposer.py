@@ -42,7 +42,8 @@ from fxrf.metric import DEFAULT_ALPHA
 
 from . import PassResult, finish, private_copy
 from .blocks import AUTO_CANDIDATES, Recipe, build, emit, load, measure, model_pattern, parse
-from .fold import fold_permutations
+from .blocks import cost as block_cost
+from .fold import fold_in_place
 
 KEEP = parse("S")
 
@@ -127,7 +128,8 @@ def decompose(model: nn.Module, example_input, recipe: str = "auto", *, transfer
     """
     gm = private_copy(model, example_input)
     before = analyze(gm, example_input, alpha=alpha)
-    ends = stage_ends(before)  # read now: the edits below rewrite this graph in place
+    ends = stage_ends(before)  # read these now: the edits below rewrite this graph in place
+    cost_before, stage_cost_before = total(before.costs), _stage_costs(before)
     pattern = model_pattern(gm)
     sites = eligible_sites(gm, before, skip_first)
     tried: dict = {}
@@ -142,7 +144,7 @@ def decompose(model: nn.Module, example_input, recipe: str = "auto", *, transfer
     fold_changes, fold_summary = [], {"permutations": 0, "folded": 0, "remaining": 0, "remaining_nodes": []}
     if fold and applied.permutations:
         inputs = {n.name: n.args[0].name for n in gm.graph.nodes if n.name in applied.permutations}
-        folded = fold_permutations(gm, example_input, nodes=set(applied.permutations))
+        folded = fold_in_place(gm, example_input, nodes=set(applied.permutations))
         gm, fold_changes, fold_summary = folded.graph_module, folded.changes, folded.summary
         gone = {c.node for c in fold_changes}
         for conv, out in list(applied.renamed.items()):
@@ -155,8 +157,8 @@ def decompose(model: nn.Module, example_input, recipe: str = "auto", *, transfer
     after = analyze(gm, example_input, alpha=alpha)
     checks = stage_quality(before, ends, after, applied.renamed)
     changes = [_change(d, before, after, applied.renamed, pattern) for d in applied.done]
-    stages = _stage_reports(before, after, sites, changes, checks, tried)
-    cb, ca = total(before.costs), total(after.costs)
+    stages = _stage_reports(before, stage_cost_before, after, sites, changes, checks, tried)
+    cb, ca = cost_before, total(after.costs)
     rewritten = [s for s in stages if any(b != "S" for b in s.blocks)]
     summary = {
         "recipe": name, "params_before": cb.params, "params_after": ca.params, "macs_before": cb.macs,
@@ -273,16 +275,14 @@ def _auto(gm, before, ends, sites, pattern, example_input, recipes, alpha):
             used = [r if not r.inapplicable(c) else KEEP for c in convs]
             if not r.keeps and all(u.keeps for u in used):
                 continue
-            ms = [measure(u, c, s.in_shape, pattern) for u, c, s in zip(used, convs, ss)]
-            compact = all(m.compact for m, u in zip(ms, used) if not u.keeps)
-            options.append((sum(m.macs for m in ms), sum(m.params for m in ms), order, r, compact))
+            cs = [block_cost(u, c, s.in_shape, pattern) for u, c, s in zip(used, convs, ss)]
+            options.append((sum(c.macs for c in cs), sum(c.params for c in cs), order, r, used))
         log = []
-        for macs, params, _, r, compact in sorted(options, key=lambda o: o[:3]):
-            if not compact:
-                log.append((r.name, macs, params, None, False))
-                continue
-            ok = True if r.keeps else quality(r)[stage]
-            log.append((r.name, macs, params, ok, True))
+        for macs, params, _, r, used in sorted(options, key=lambda o: o[:3]):
+            compact = all(measure(u, c, s.in_shape, pattern).compact
+                          for u, c, s in zip(used, convs, ss) if not u.keeps)
+            ok = None if not compact else True if r.keeps else quality(r)[stage]
+            log.append((r.name, macs, params, ok, compact))
             if ok:
                 plan.update({s.node: r for s in ss})
                 break
@@ -383,8 +383,8 @@ def _stage_costs(a: Analysis) -> dict:
     return out
 
 
-def _stage_reports(before, after, sites, changes, checks, tried) -> list:
-    cost_b, cost_a = _stage_costs(before), _stage_costs(after)
+def _stage_reports(before, cost_b, after, sites, changes, checks, tried) -> list:
+    cost_a = _stage_costs(after)
     by_conv = {c.conv: c for c in changes}
     reports = []
     for st in before.stages:

@@ -67,7 +67,11 @@ def fold_permutations(model: nn.Module, example_input, nodes=None) -> PassResult
     """A copy of `model` with every channel permutation (or those named in `nodes`) folded where possible.
 
     Summary: permutations seen, folded, remaining (and the names of those that remain)."""
-    gm = private_copy(model, example_input)
+    return fold_in_place(private_copy(model, example_input), example_input, nodes)
+
+
+def fold_in_place(gm: fx.GraphModule, example_input, nodes=None) -> PassResult:
+    """`fold_permutations` on a GraphModule the caller owns (a pass's private copy): edits and returns it."""
     trace(gm, example_input)  # fresh shapes on every node (a GraphModule may come with new nodes)
     modules = dict(gm.named_modules())
     calls = _call_counts(gm)

@@ -35,8 +35,8 @@ class Factors(NamedTuple):
 
     def error(self, w: torch.Tensor) -> float:
         """Relative Frobenius error of the block's linear map against the original weight."""
-        norm = float(w.double().norm())
-        return float((w.double() - self.effective.double()).norm()) / norm if norm > 0 else 0.0
+        norm = float(w.norm())
+        return float((w - self.effective.to(w)).norm()) / norm if norm > 0 else 0.0
 
 
 def rotation(channels: int, shift: int) -> torch.Tensor:
@@ -54,11 +54,11 @@ def _top(m: torch.Tensor, r: int):
     """Batched best rank-r factors of matrices m [B, rows, cols] (cols small: the k*k taps): m ~ a @ b with
     a [B, rows, r], b [B, r, cols], each factor carrying sqrt(sigma). From the eigenvectors of the small Gram
     matrix m^T m (its top eigenvectors are the right singular vectors), which is much faster than an SVD."""
-    lam, v = torch.linalg.eigh(m.transpose(1, 2) @ m)  # ascending
-    lam, v = lam.flip(-1)[:, :r].clamp_min(0), v.flip(-1)[:, :, :r]  # [B, r], [B, cols, r]
+    lam, v = torch.linalg.eigh((m.transpose(1, 2) @ m).double())  # ascending; only this small solve in float64
+    lam, v = lam.flip(-1)[:, :r].clamp_min(0).to(m.dtype), v.flip(-1)[:, :, :r].to(m.dtype)  # [B, r], [B, cols, r]
     sigma = lam.sqrt()
-    tiny = sigma <= sigma[:, :1].clamp_min(1e-300) * 1e-12
-    scale = torch.where(tiny, 0.0, sigma.clamp_min(1e-300).rsqrt())
+    tiny = sigma <= sigma[:, :1] * 1e-4  # below the float32 noise of the Gram matrix
+    scale = torch.where(tiny, 0.0, sigma.clamp_min(torch.finfo(m.dtype).tiny).rsqrt())
     a = (m @ v) * scale[:, None, :]  # u * sqrt(sigma) = m v / sqrt(sigma)
     b = (v * torch.where(tiny, 1.0, sigma.sqrt())[:, None, :]).transpose(1, 2)
     return a, b
@@ -72,14 +72,14 @@ def dw_pw(w: torch.Tensor, bias=None, groups: int = 1, shift: int = 0) -> Factor
     where = (torch.arange(c_ch) - shift) % c_ch  # dw channel c sits at pw input position where[c]
     group = where // m
     rows = group[:, None] * n + torch.arange(n)  # [C, n]: the outputs input channel c reaches
-    per_c = w.detach().double().permute(1, 0, 2, 3).reshape(c_ch, o_ch, kh * kw)
+    per_c = w.detach().float().permute(1, 0, 2, 3).reshape(c_ch, o_ch, kh * kw)
     block = torch.gather(per_c, 1, rows[:, :, None].expand(c_ch, n, kh * kw))  # [C, n, k*k]
     a, b = _top(block, 1)  # per input channel: best rank 1 (Eckart-Young)
     a, b = a[:, :, 0], b[:, 0]  # [C, n], [C, k*k]
     dw = b.reshape(c_ch, 1, kh, kw)
-    pw = torch.zeros(o_ch, m, dtype=torch.float64)
+    pw = torch.zeros(o_ch, m)
     pw[rows, (where - group * m)[:, None].expand(c_ch, n)] = a
-    eff = torch.zeros(c_ch, o_ch, kh * kw, dtype=torch.float64)
+    eff = torch.zeros(c_ch, o_ch, kh * kw)
     eff.scatter_(1, rows[:, :, None].expand(c_ch, n, kh * kw), a[:, :, None] * b[:, None, :])
     eff = eff.reshape(c_ch, o_ch, kh, kw).permute(1, 0, 2, 3)
     return Factors({"dw": (dw.to(w), None), "pw": (pw.reshape(o_ch, m, 1, 1).to(w), bias)}, eff.to(w))
@@ -106,16 +106,16 @@ def inverted(w: torch.Tensor, bias=None, expansion: int = 6) -> Factors:
     projection ("pw"): per input channel, the best rank-E approximation of W[:, c]."""
     o_ch, c_ch, kh, kw = w.shape
     e = expansion
-    per_c = w.detach().double().permute(1, 0, 2, 3).reshape(c_ch, o_ch, kh * kw)
+    per_c = w.detach().float().permute(1, 0, 2, 3).reshape(c_ch, o_ch, kh * kw)
     keep = min(e, kh * kw)
     a, b = _top(per_c, keep)  # [C, O, keep], [C, keep, k*k]: the best rank-`keep` factors per input channel
     gen = torch.Generator().manual_seed(0)
-    dw = torch.randn(c_ch, e, kh * kw, generator=gen, dtype=torch.float64) / math.sqrt(kh * kw)
-    pw = torch.zeros(o_ch, c_ch, e, dtype=torch.float64)  # beyond the rank: silent (zero projection), trainable
+    dw = torch.randn(c_ch, e, kh * kw, generator=gen) / math.sqrt(kh * kw)
+    pw = torch.zeros(o_ch, c_ch, e)  # beyond the rank: silent (zero projection), trainable
     live = a.norm(dim=1) > 0  # [C, keep]
     dw[:, :keep] = torch.where(live[:, :, None], b, dw[:, :keep])
     pw[:, :, :keep] = a.permute(1, 0, 2)
-    expand = torch.zeros(c_ch, e, c_ch, dtype=torch.float64)
+    expand = torch.zeros(c_ch, e, c_ch)
     expand[torch.arange(c_ch), :, torch.arange(c_ch)] = 1.0  # hidden channel c*E + r copies input channel c
     eff = torch.einsum("ocr,crk->ock", pw, dw).reshape(o_ch, c_ch, kh, kw)
     return Factors({"expand": (expand.reshape(c_ch * e, c_ch, 1, 1).to(w), None),

@@ -135,7 +135,8 @@ def test_plot_writes_a_png(vgg16, tmp_path):
 
 def test_plot_without_matplotlib_names_the_extra(vgg16, tmp_path, monkeypatch):
     import sys
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)  # any import of matplotlib -> ImportError
     from fxrf.plot import plot_analysis
     with pytest.raises(FxrfError, match=re.escape("pip install 'fxrf[plot]'")):
         plot_analysis(vgg16, str(tmp_path / "x.png"))
