@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import AnalysisError, FxrfError, InputError
+from .registry import registrar
 
 
 class TMeta(NamedTuple):
@@ -29,17 +30,7 @@ class TMeta(NamedTuple):
 _SHAPE_RULES: dict[Any, Callable] = {}
 
 
-def shape_rule(*targets):
-    """Register a shape rule for module types, functions and method names (strings)."""
-
-    def deco(fn):
-        for t in dict.fromkeys(targets):  # F.conv2d is torch.conv2d: one object named twice is one target
-            if t in _SHAPE_RULES:
-                raise KeyError(f"shape rule for {t!r} registered twice")
-            _SHAPE_RULES[t] = fn
-        return fn
-
-    return deco
+shape_rule = registrar(_SHAPE_RULES, "shape rule")  # @shape_rule(nn.Conv2d, F.conv2d, "view", ...)
 
 
 def _a(args, kwargs, i, name, default=None):

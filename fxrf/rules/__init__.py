@@ -20,6 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..field import Field
+from ..registry import registrar
 
 Rule = Callable[["Ctx"], Any]
 _RULES: dict[Any, Rule] = {}
@@ -74,17 +75,8 @@ class Ctx:
         return out
 
 
-def rf_rule(*targets):
-    """Register a receptive-field rule for module types, functions, and tensor-method names (strings)."""
-
-    def deco(fn: Rule) -> Rule:
-        for t in dict.fromkeys(targets):  # F.relu_ is torch.relu_: one object named twice is one target
-            if t in _RULES:
-                raise KeyError(f"a receptive-field rule for {t!r} is already registered ({_RULES[t].__name__})")
-            _RULES[t] = fn
-        return fn
-
-    return deco
+rf_rule = registrar(_RULES, "receptive-field rule")
+rf_rule.__doc__ = "Register a receptive-field rule for module types, functions, and tensor-method names (strings)."
 
 
 def lookup(node: fx.Node, module: nn.Module | None) -> Rule | None:
