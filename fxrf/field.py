@@ -43,6 +43,9 @@ class Field:
     # column w0-1 is offset 0) a reach can see. Offsets beyond the map can never be seen, so this is exact and
     # bounded: a dilated conv whose outer taps fall off a small map does not count what it cannot see.
     taps: tuple | None = None
+    # Stage fields: the reference map size; extents are then taken at the centre neuron, clipped by the map.
+    # While no dilated or strided window has made holes, `taps` stays None and `spans` say it all (cheap).
+    size: tuple | None = None
 
     @property
     def dims(self) -> int:
@@ -72,7 +75,8 @@ class Field:
         return self.channel_axes().index(tensor_axis % self.ndim)
 
     def replace(self, **kw) -> "Field":
-        d = dict(bits=self.bits, spans=self.spans, idx=self.idx, jump=self.jump, sp=self.sp, taps=self.taps)
+        d = dict(bits=self.bits, spans=self.spans, idx=self.idx, jump=self.jump, sp=self.sp, taps=self.taps,
+                 size=self.size)
         d.update(kw)
         return Field(**d)
 
@@ -90,7 +94,7 @@ class Field:
                 bits, spans = _frozen(bits[keep]), _frozen(spans[keep])
                 taps = _rows(self.taps, keep)
         return Field(bits, spans, _frozen(np.ascontiguousarray(idx)), self.jump if jump is None else tuple(jump),
-                     self.sp if sp is None else tuple(sp), taps)
+                     self.sp if sp is None else tuple(sp), taps, self.size)
 
     def sets(self) -> list[frozenset]:
         """The reference channels each channel can see, in flattened channel order (for tests and users)."""
@@ -104,9 +108,14 @@ class Field:
         return self._reach_extents(tuple(cap), tuple(sizes))[self.idx.ravel()]
 
     def _reach_extents(self, cap, sizes) -> np.ndarray:
-        if self.taps is None:  # the classic hull, capped as in the paper
+        if self.taps is None and self.size is None:  # the classic hull, capped as in the paper
             ext = np.rint(self.spans[:, 1::2] - self.spans[:, 0::2] + 1).astype(np.int64)
             return np.minimum(ext, np.asarray(cap, dtype=np.int64))
+        if self.taps is None:  # dense offsets lo..hi: clip them to the map as seen from the centre neuron
+            c = np.asarray([(n // 2) * j for n, j in zip(sizes, self.jump)], dtype=float)
+            first = np.maximum(self.spans[:, 0::2], -c)
+            last = np.minimum(self.spans[:, 1::2], np.asarray(cap, dtype=float) - 1 - c)
+            return np.maximum(np.rint(last - first + 1), 0).astype(np.int64)
         out = np.zeros((len(self.bits), len(cap)), dtype=np.int64)
         for k, (t, w0, n) in enumerate(zip(self.taps, cap, sizes)):
             c = int((n // 2) * self.jump[k])  # the neuron's position in reference pixels
@@ -135,6 +144,22 @@ class Field:
 def _or(bits: np.ndarray) -> np.ndarray:
     """Union of the rows of a bitset matrix."""
     return np.bitwise_or.reduce(bits, axis=0)
+
+
+def _dense_taps(f: Field) -> tuple:
+    """Tap rows for a field whose offsets are still the dense intervals in `spans`."""
+    out = []
+    for k, w0 in enumerate(f.size):
+        o = np.arange(-(w0 - 1), w0)
+        out.append(_frozen((o >= f.spans[:, 2 * k, None]) & (o <= f.spans[:, 2 * k + 1, None])))
+    return tuple(out)
+
+
+def _all_taps(fields) -> list | None:
+    """Everyone's taps if any of them has holes (materialising the dense ones), else None."""
+    if all(f.taps is None for f in fields):
+        return None
+    return [f.taps if f.taps is not None else _dense_taps(f) for f in fields]
 
 
 def _rows(taps, rows):
@@ -193,15 +218,8 @@ def identity(channel_shape: tuple, dims: int, offset: int = 0, sp: tuple | None 
     spans = _frozen(np.zeros((n, 2 * dims)))
     idx = _frozen(np.arange(n, dtype=np.int64).reshape(channel_shape))
     first = 1 + len(channel_shape)
-    taps = None
-    if map_size is not None:
-        taps = []
-        for w0 in map_size:
-            t = np.zeros((n, 2 * w0 - 1), dtype=bool)
-            t[:, w0 - 1] = True
-            taps.append(_frozen(t))
-        taps = tuple(taps)
-    return Field(bits, spans, idx, (1,) * dims, tuple(range(first, first + dims)) if sp is None else sp, taps)
+    return Field(bits, spans, idx, (1,) * dims, tuple(range(first, first + dims)) if sp is None else sp, None,
+                 None if map_size is None else tuple(map_size))
 
 
 def as_vector(f: Field) -> Field:
@@ -227,13 +245,17 @@ def window(f: Field | None, kernel: Sequence, stride: Sequence, padding: Sequenc
     lo = [-p * j for j, p in zip(f.jump, padding)]
     hi = [((k - 1) * dl - p) * j for j, k, p, dl in zip(f.jump, kernel, padding, dilation)]
     out = _shifted(f, lo, hi, tuple(j * s for j, s in zip(f.jump, stride)))
-    if f.taps is not None and not all(float(x).is_integer() for x in out.jump):
-        return out.replace(taps=None)  # a fractional pixel grid (adaptive pooling): fall back to the hull
-    if f.taps is not None:
-        taps = tuple(t if k == 1 and p == 0 else _shift_or(t, [(-p + i * dl) * j for i in range(int(k))])
-                     for t, k, p, dl, j in zip(f.taps, kernel, padding, dilation, f.jump))
-        out = out.replace(taps=taps)
-    return out
+    if f.size is None:
+        return out
+    if not all(float(x).is_integer() for x in out.jump):
+        return out.replace(taps=None)  # a fractional pixel grid (adaptive pooling): intervals only
+    holes = any(k > 1 and dl * j != 1 for k, dl, j in zip(kernel, dilation, f.jump))
+    if f.taps is None and not holes:
+        return out
+    taps = f.taps if f.taps is not None else _dense_taps(f)
+    taps = tuple(t if k == 1 and p == 0 else _shift_or(t, [(-p + i * dl) * j for i in range(int(k))])
+                 for t, k, p, dl, j in zip(taps, kernel, padding, dilation, f.jump))
+    return out.replace(taps=taps)
 
 
 def widen(f: Field | None, sizes: Sequence[int]) -> Field | None:
@@ -280,7 +302,8 @@ def mix(f: Field | None, out_channels: int, groups: int = 1, axis: int = -1) -> 
         spans = f.spans if len(f.bits) == 1 else _frozen(_hull(f.spans)[None])
         taps = f.taps if len(f.bits) == 1 else _union_taps(f.taps, [range(len(f.bits))])
         out = np.zeros(lead + (out_channels,), dtype=np.int64)
-        return Field(bits, spans, _frozen(out if not lead else np.moveaxis(out, -1, axis)), f.jump, f.sp, taps)
+        return Field(bits, spans, _frozen(out if not lead else np.moveaxis(out, -1, axis)), f.jump, f.sp, taps,
+                     f.size)
     rows = idx.reshape(-1, cin // groups)
     bits, spans, memo, out_rows = [], [], {}, []
     for row in rows.tolist():
@@ -293,7 +316,7 @@ def mix(f: Field | None, out_channels: int, groups: int = 1, axis: int = -1) -> 
         out_rows.append(j)
     out = np.repeat(np.asarray(out_rows, dtype=np.int64), per_out).reshape(lead + (out_channels,))
     return Field(_frozen(np.stack(bits)), _frozen(np.stack(spans)), _frozen(np.moveaxis(out, -1, axis)), f.jump, f.sp,
-                 _union_taps(f.taps, list(memo)))
+                 _union_taps(f.taps, list(memo)), f.size)
 
 
 def channel_window(f: Field | None, axis: int, kernel: int, stride: int, padding: int, dilation: int,
@@ -316,7 +339,7 @@ def channel_window(f: Field | None, axis: int, kernel: int, stride: int, padding
     bits = _frozen(np.stack([_or(f.bits[g]) for g in groups]))
     spans = _frozen(np.stack([_hull(f.spans[g]) for g in groups]))
     out = np.moveaxis(inv.reshape(lead + (out_size,)), -1, axis)
-    return Field(bits, spans, _frozen(np.ascontiguousarray(out)), f.jump, f.sp, _union_taps(f.taps, groups))
+    return Field(bits, spans, _frozen(np.ascontiguousarray(out)), f.jump, f.sp, _union_taps(f.taps, groups), f.size)
 
 
 def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | None:
@@ -325,6 +348,9 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
     if not live:
         return None
     jump = tuple(max(js) for js in zip(*(f.jump for f in live)))
+    all_taps = _all_taps(live)
+    if all_taps is not None:
+        live = [f.replace(taps=t) for f, t in zip(live, all_taps)]
     acc = live[0]
     bits, spans, idx, taps = acc.bits, acc.spans, np.broadcast_to(acc.idx, shape), acc.taps
     for f in live[1:]:
@@ -353,7 +379,7 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
         lo_hi[:, 0::2] = np.minimum(spans[ia][:, 0::2], f.spans[ib][:, 0::2])
         spans, idx = _frozen(lo_hi), inv.reshape(shape)
     return Field(_frozen(bits) if bits.flags.writeable else bits, spans, _frozen(np.ascontiguousarray(idx)), jump, sp,
-                 taps)
+                 taps, acc.size)
 
 
 def cat(fields: Sequence[Field | None], axis: int, sizes: Sequence[int]) -> Field | None:
@@ -361,15 +387,22 @@ def cat(fields: Sequence[Field | None], axis: int, sizes: Sequence[int]) -> Fiel
     live = [f for f in fields if f is not None]
     if not live:
         return None
+    all_taps = _all_taps(live)
+    if all_taps is not None:
+        swap = {id(f): f.replace(taps=t) for f, t in zip(live, all_taps)}
+        fields = [None if f is None else swap[id(f)] for f in fields]
+        live = [f for f in fields if f is not None]
     like = live[0]
     bits, spans, parts, base = [], [], [], 0
     for f, n in zip(fields, sizes):
         if f is None:  # a constant slab: an empty reach, so channel counts stay honest
             shape = list(like.idx.shape)
             shape[axis] = n
-            f = Field(np.zeros((1, like.bits.shape[1]), dtype=np.uint64), np.zeros((1, 2 * like.dims)),
-                      np.zeros(shape, dtype=np.int64), like.jump, like.sp,
-                      None if like.taps is None else tuple(np.zeros((1, t.shape[1]), dtype=bool) for t in like.taps))
+            empty = np.tile([0.0, -1.0], like.dims)[None]  # lo > hi: no pixel either
+            f = Field(np.zeros((1, like.bits.shape[1]), dtype=np.uint64), empty, np.zeros(shape, dtype=np.int64),
+                      like.jump, like.sp,
+                      None if like.taps is None else tuple(np.zeros((1, t.shape[1]), dtype=bool) for t in like.taps),
+                      like.size)
         bits.append(f.bits)
         spans.append(f.spans)
         parts.append(f.idx + base)
@@ -385,7 +418,7 @@ def cat(fields: Sequence[Field | None], axis: int, sizes: Sequence[int]) -> Fiel
             taps.append(_frozen(np.concatenate(rows)))
         taps = tuple(taps)
     return Field(_frozen(np.concatenate(bits)), _frozen(np.concatenate(spans)),
-                 _frozen(np.concatenate(parts, axis=axis)), jump, like.sp, taps)
+                 _frozen(np.concatenate(parts, axis=axis)), jump, like.sp, taps, like.size)
 
 
 def remap(f: Field | None, fn) -> Field | None:
@@ -404,7 +437,8 @@ def everything(fields: Sequence[Field | None], sizes: Sequence[Sequence[int]], c
     bits = _or(np.concatenate([f.bits for f in live]))[None]
     spans = _hull(np.concatenate([f.spans for f in live]))[None]
     jump = tuple(max(js) for js in zip(*(f.jump for f in live)))
-    taps = None
-    if all(f.taps is not None for f in live):
-        taps = tuple(_frozen(np.concatenate([f.taps[k] for f in live]).any(axis=0)[None]) for k in range(live[0].dims))
-    return Field(_frozen(bits), _frozen(spans), _frozen(np.zeros(channel_shape, dtype=np.int64)), jump, sp, taps)
+    taps = _all_taps(live)
+    if taps is not None:
+        taps = tuple(_frozen(np.concatenate([t[k] for t in taps]).any(axis=0)[None]) for k in range(live[0].dims))
+    return Field(_frozen(bits), _frozen(spans), _frozen(np.zeros(channel_shape, dtype=np.int64)), jump, sp, taps,
+                 live[0].size)
