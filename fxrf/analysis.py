@@ -163,6 +163,7 @@ class _Walker:
         self.dims = max(len(self.input_shape) - 2, 0)
         self.modules = modules
         self._summaries: dict = {}
+        self._plan: dict = {}
         self.constants: dict = {}  # placeholder name -> tensor, for placeholders that hold parameters
         self.constant_names: set = set()
         self.unsupported: list = []
@@ -171,8 +172,11 @@ class _Walker:
     # -- step 1 and 3: the rules ------------------------------------------------------------------------------
 
     def _ctx_and_rule(self, node):
-        mod = self.modules[node.target] if node.op == "call_module" else None
-        return mod, lookup(node, mod)
+        plan = self._plan.get(node)  # looked up once, used by both walks and the record
+        if plan is None:
+            mod = self.modules[node.target] if node.op == "call_module" else None
+            plan = self._plan[node] = (mod, lookup(node, mod))
+        return plan
 
     def _apply(self, node, mod, rule, env, stage_of=None, stage=None):
         """Fields of `node`'s output from its inputs' fields in `env` (inputs of other stages see nothing)."""
@@ -359,9 +363,8 @@ class _Walker:
         input_rf = None
         if isinstance(fi, Field) and self.dims:
             input_rf = self._summary(fi, self.input_shape[2:], map_size(fi, v.shape))
-        mod = self.modules.get(node.target) if node.op == "call_module" else None
+        mod, rule = self._plan.get(node, (None, None))
         kernel, g = None, None
-        rule = lookup(node, mod) if node.op != "placeholder" else None
         if rule is conv_rule:
             ctx = Ctx(node, mod, fx.node.map_arg(node.args, lambda n: T(self.shapes[n].shape, None)
                                                  if isinstance(self.shapes[n], TMeta) else self.shapes[n]),
