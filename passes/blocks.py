@@ -17,7 +17,6 @@ block's 3DRF and cost from `fxrf.analyze` and `fxrf.cost` on it. No number about
 from __future__ import annotations
 
 import copy
-import functools
 import operator
 import re
 from collections import Counter
@@ -77,7 +76,8 @@ CATALOG: tuple[Kind, ...] = (
          lambda w, b, r, s: transfer.dw_pw(w, b, r.groups, s),
          "C -dw kxk-> C -roll o% of a group-> C -pw 1x1, G groups-> O (groups shifted against the previous layer)"),
     Kind("GC+shuffle", r"GC\+shuffle-g(?P<g>\d+)", (GC, SHUFFLE),
-         lambda w, b, r, s: transfer.gc_shuffle(w, b, r.groups), "C -conv kxk, G groups-> O -shuffle G-> O (ShuffleNet)"),
+         lambda w, b, r, s: transfer.gc_shuffle(w, b, r.groups),
+         "C -conv kxk, G groups-> O -shuffle G-> O (ShuffleNet)"),
     Kind("PW+DW+PW", r"PW\+DW\+PW-e(?P<e>\d+)", (EXPAND, DW_HIDDEN, PW),
          lambda w, b, r, s: transfer.inverted(w, b, r.expansion),
          "C -pw-> eC -dw kxk-> eC -pw-> O (inverted bottleneck, MobileNetV2)"),
@@ -163,7 +163,8 @@ class Pattern:
 
     @property
     def signature(self) -> tuple:
-        return (type(self.norm).__name__ if self.norm is not None else None,
+        """What a block's 3DRF and cost depend on: the kinds of norm and activation, and whether the norm is affine."""
+        return (type(self.norm).__name__ if self.norm is not None else None, getattr(self.norm, "affine", None),
                 type(self.act).__name__ if self.act is not None else None)
 
     def make_norm(self, channels: int, like: torch.Tensor) -> nn.Module | None:
@@ -340,13 +341,28 @@ def signature(conv: nn.Conv2d) -> tuple:
 def measure(recipe: Recipe | str, conv: nn.Conv2d, in_shape: tuple, pattern: Pattern = Pattern()) -> Measure:
     """3DRF, cost and compactness of `recipe` replacing `conv` on an input of `in_shape` (batch 1; cached)."""
     recipe = parse(recipe)
-    return _measure(recipe.name, signature(conv), (1,) + tuple(in_shape[1:]), pattern.signature, pattern)
+    key = (recipe.name, signature(conv), (1,) + tuple(in_shape[1:]), pattern.signature)
+    if key not in _MEASURES:
+        _MEASURES[key] = _measure(recipe, _meta_conv(key[1]), key[2], pattern)
+    return _MEASURES[key]
 
 
 def cost(recipe: Recipe | str, conv: nn.Conv2d, in_shape: tuple, pattern: Pattern = Pattern()):
     """fxrf.cost.Cost of the block alone (batch 1; cached): cheaper than `measure` (no 3DRF analyses)."""
+    from fxrf.cost import model_cost, total
+    from fxrf.trace import trace
+
     recipe = parse(recipe)
-    return _cost(recipe.name, signature(conv), (1,) + tuple(in_shape[1:]), pattern.signature, pattern)
+    key = (recipe.name, signature(conv), (1,) + tuple(in_shape[1:]), pattern.signature)
+    if key not in _COSTS:
+        gm, _ = isolated(recipe, _meta_conv(key[1]), key[2], pattern)
+        trace(gm, key[2])
+        _COSTS[key] = total(model_cost(gm))
+    return _COSTS[key]
+
+
+_MEASURES: dict = {}  # (recipe, conv signature, input shape, pattern signature) -> Measure
+_COSTS: dict = {}
 
 
 def _meta_conv(sig) -> nn.Conv2d:
@@ -354,23 +370,11 @@ def _meta_conv(sig) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, k, s, p, d, bias=bias, padding_mode=mode, device="meta")
 
 
-@functools.lru_cache(maxsize=4096)
-def _cost(name, sig, in_shape, _pattern_key, pattern):
-    from fxrf.cost import model_cost, total
-    from fxrf.trace import trace
-
-    gm, _ = isolated(parse(name), _meta_conv(sig), in_shape, pattern)
-    trace(gm, in_shape)
-    return total(model_cost(gm))
-
-
-@functools.lru_cache(maxsize=4096)
-def _measure(name, sig, in_shape, pattern_key, pattern) -> Measure:
+def _measure(recipe: Recipe, conv: nn.Conv2d, in_shape: tuple, pattern: Pattern) -> Measure:
     from fxrf.analysis import analyze
 
-    recipe, conv = parse(name), _meta_conv(sig)
     gm, out = isolated(recipe, conv, in_shape, pattern)
-    c = _cost(name, sig, in_shape, pattern_key, pattern)
+    c = cost(recipe, conv, in_shape, pattern)
     without = []
     for child in _io(recipe, conv):
         g, o = isolated(recipe, conv, in_shape, pattern, remove=child)

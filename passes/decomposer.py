@@ -2,8 +2,10 @@
 
 - Quality: for the same input, the 3DRF of the new stage equals the original stage's. Measured with the stage input
   as the reference, at the stage's end nodes (the maps of the stage that something outside it reads): spatial
-  extents equal and channel counts equal (as fractions of the stage input where a strided block moved the stage
-  start, so that its stage input has other channels).
+  extents equal and channel counts equal. A strided conv starts a stage; its block starts the stage one layer
+  earlier (at the strided depthwise conv), so that stage's input is not the same tensor any more: there the block
+  itself must reach the conv's 3DRF (alone, as in Figure 4) and the stage's ends must see at least what they saw,
+  with channels counted as fractions of each stage's input.
 - Compact: removing any one factorized kernel from a block makes its 3DRF smaller. Measured on the block alone
   with its own input as the reference (the paper's Figure 4), the removed conv passed through (blocks.measure).
 
@@ -41,11 +43,11 @@ from fxrf.cost import total
 from fxrf.metric import DEFAULT_ALPHA
 
 from . import PassResult, finish, private_copy
-from .blocks import AUTO_CANDIDATES, Recipe, build, emit, load, measure, model_pattern, parse
+from .blocks import AUTO_CANDIDATES, build, emit, load, measure, model_pattern, parse
 from .blocks import cost as block_cost
 from .fold import fold_in_place
 
-KEEP = parse("S")
+KEEP, CLOSE = parse("S"), parse("DW+PW")
 
 # ------------------------------------------------------------------------------------------------------- records
 
@@ -106,7 +108,8 @@ class StageReport:
     params_after: int
     macs_before: int
     macs_after: int
-    tried: tuple = ()  # auto: (recipe, macs, params, quality, compact) in the order tried
+    moved_start: bool = False  # a strided block starts the stage earlier: compared "at least", see the module doc
+    tried: tuple = ()  # auto: (assignment, macs, params, quality, compact) in the order tried
 
 
 @dataclass
@@ -155,8 +158,8 @@ def decompose(model: nn.Module, example_input, recipe: str = "auto", *, transfer
         fold_summary["remaining"] = fold_summary["permutations"] = len(applied.permutations)
         fold_summary["remaining_nodes"] = list(applied.permutations)
     after = analyze(gm, example_input, alpha=alpha)
-    checks = stage_quality(before, ends, after, applied.renamed)
     changes = [_change(d, before, after, applied.renamed, pattern) for d in applied.done]
+    checks = stage_quality(before, ends, after, applied.renamed, _moved(applied, pattern))
     stages = _stage_reports(before, stage_cost_before, after, sites, changes, checks, tried)
     cb, ca = cost_before, total(after.costs)
     rewritten = [s for s in stages if any(b != "S" for b in s.blocks)]
@@ -248,43 +251,60 @@ def _apply(gm: fx.GraphModule, sites, plan: dict, pattern, transfer: bool) -> _A
 # ------------------------------------------------------------------------------------------------------ auto
 
 
+def _assignments(recipes, n: int) -> list:
+    """A stage's candidates, (label, recipe per eligible conv in graph order): every recipe throughout; and every
+    grouped recipe closed by one DW+PW block (its dense pointwise completes the channel field in one step) or opened
+    by one (a strided first conv must reach its own 3DRF alone, see the module doc)."""
+    out = [("S", (KEEP,) * n)]
+    for r in recipes:
+        out.append((r.name, (r,) * n))
+        if n >= 2 and r.groups > 1:
+            out.append((f"{r.name} + DW+PW", (r,) * (n - 1) + (CLOSE,)))
+            out.append((f"DW+PW + {r.name}", (CLOSE,) + (r,) * (n - 1)))
+    return out
+
+
 def _auto(gm, before, ends, sites, pattern, example_input, recipes, alpha):
-    """Per stage, the cheapest candidate (MACs, then params, then catalog order) whose blocks are compact and whose
-    stage meets quality. The quality of a candidate is read from one analysis of the whole model with the
-    candidate applied everywhere (stages are independent: each has its own reference), built on a copy whose
-    parameters live on the meta device."""
+    """Per stage, the cheapest assignment (MACs, then params, then catalog order) whose blocks are compact and
+    whose stage meets quality. The quality of an assignment is read from one analysis of the whole model with it
+    applied to every stage (stages are independent: each has its own reference), built on a copy whose parameters
+    live on the meta device; a verdict is computed only when a stage's search reaches that assignment."""
     by_stage: dict = {}
     for s in sites:
         by_stage.setdefault(s.stage, []).append(s)
     verdicts: dict = {}
 
-    def quality(recipe: Recipe) -> dict:
-        if recipe.name not in verdicts:
+    def quality(label: str) -> dict:
+        if label not in verdicts:
+            plan = {}
+            for ss in by_stage.values():
+                plan.update({s.node: r for s, r in zip(ss, dict(_assignments(recipes, len(ss))).get(label, ()))})
             skel = _skeleton(gm)
-            applied = _apply(skel, sites, {s.node: recipe for s in sites}, pattern, transfer=False)
+            applied = _apply(skel, sites, plan, pattern, transfer=False)
             finish(skel)
-            checks = stage_quality(before, ends, analyze(skel, example_input, alpha=alpha), applied.renamed)
-            verdicts[recipe.name] = {k: c.ok for k, c in checks.items()}
-        return verdicts[recipe.name]
+            checks = stage_quality(before, ends, analyze(skel, example_input, alpha=alpha), applied.renamed,
+                                   _moved(applied, pattern))
+            verdicts[label] = {k: c.ok for k, c in checks.items()}
+        return verdicts[label]
 
     plan, tried = {}, {}
     for stage, ss in by_stage.items():
         convs = [gm.get_submodule(s.target) for s in ss]
         options = []
-        for order, r in enumerate([KEEP] + list(recipes)):
-            used = [r if not r.inapplicable(c) else KEEP for c in convs]
-            if not r.keeps and all(u.keeps for u in used):
+        for order, (label, assignment) in enumerate(_assignments(recipes, len(ss))):
+            used = [r if not r.inapplicable(c) else KEEP for r, c in zip(assignment, convs)]
+            if label != "S" and all(u.keeps for u in used):
                 continue
             cs = [block_cost(u, c, s.in_shape, pattern) for u, c, s in zip(used, convs, ss)]
-            options.append((sum(c.macs for c in cs), sum(c.params for c in cs), order, r, used))
+            options.append((sum(c.macs for c in cs), sum(c.params for c in cs), order, label, used))
         log = []
-        for macs, params, _, r, used in sorted(options, key=lambda o: o[:3]):
+        for macs, params, _, label, used in sorted(options, key=lambda o: o[:3]):
             compact = all(measure(u, c, s.in_shape, pattern).compact
                           for u, c, s in zip(used, convs, ss) if not u.keeps)
-            ok = None if not compact else True if r.keeps else quality(r)[stage]
-            log.append((r.name, macs, params, ok, compact))
+            ok = None if not compact else True if label == "S" else quality(label)[stage]
+            log.append((label, macs, params, ok, compact))
             if ok:
-                plan.update({s.node: r for s in ss})
+                plan.update({s.node: u for s, u in zip(ss, used)})
                 break
         tried[stage] = tuple(log)
     return plan, tried
@@ -324,27 +344,44 @@ class StageCheck:
     ends: tuple
     before: tuple
     after: tuple
+    moved: bool = False
 
 
 def rf_row(rf, c0: int) -> tuple:
     return (tuple(rf.spatial), rf.channel, rf.channel_mean, c0) if rf is not None else None
 
 
-def same_rf(a: tuple | None, b: tuple | None) -> bool:
-    """Equal 3DRFs: spatial extents, and channel counts as fractions of each stage's input channels."""
+def same_rf(a: tuple | None, b: tuple | None, at_least: bool = False) -> bool:
+    """Equal 3DRFs (b >= a with at_least): spatial extents, and channel counts as fractions of each stage's input."""
     if a is None or b is None:
         return a is b
     (sa, ca, ma, c0a), (sb, cb, mb, c0b) = a, b
+    if at_least:
+        return (all(x <= y for x, y in zip(sa, sb)) and ca * c0b <= cb * c0a
+                and ma * c0b <= mb * c0a * (1 + 1e-9) + 1e-9)
     return sa == sb and ca * c0b == cb * c0a and math.isclose(ma * c0b, mb * c0a, rel_tol=1e-9, abs_tol=1e-9)
 
 
-def stage_quality(before: Analysis, ends: dict, after: Analysis, renamed: dict) -> dict:
+def _moved(applied: "_Applied", pattern) -> dict:
+    """{stage: whether its strided blocks reach their convs' 3DRF alone} for the stages a strided block starts."""
+    out: dict = {}
+    for site, recipe, conv, *_ in applied.done:
+        if site.starts_stage:
+            mb, mc = measure(recipe, conv, site.in_shape, pattern), measure(KEEP, conv, site.in_shape, pattern)
+            ok = mb.rf.spatial == mc.rf.spatial and mb.rf.channel == mc.rf.channel
+            out[site.stage] = out.get(site.stage, True) and ok
+    return out
+
+
+def stage_quality(before: Analysis, ends: dict, after: Analysis, renamed: dict, moved: dict | None = None) -> dict:
     """{stage: StageCheck} comparing the 3DRF at every end node (`stage_ends(before)`) of each original stage with
-    the new graph's (`renamed`: original conv node -> the node that stands for its output now)."""
+    the new graph's (`renamed`: original conv node -> the node that stands for its output now). `moved`: {stage:
+    its strided blocks reach their convs' 3DRF alone} for the stages that a strided block now starts."""
+    moved = moved or {}
     out = {}
     recs_after = {r.name: r for r in after.records}
     for s, names in ends.items():
-        rows_b, rows_a, ends = [], [], []
+        rows_b, rows_a, pairs = [], [], []
         for name in names:
             rb = before.record(name)
             new = renamed.get(name, name)
@@ -352,9 +389,9 @@ def stage_quality(before: Analysis, ends: dict, after: Analysis, renamed: dict) 
             c0 = after.stages[ra.stage].channels if ra is not None and ra.stage is not None else None
             rows_b.append(rf_row(rb.rf, before.stages[s].channels))
             rows_a.append(rf_row(ra.rf, c0) if ra is not None and c0 is not None else None)
-            ends.append((name, new))
-        ok = all(same_rf(x, y) for x, y in zip(rows_b, rows_a))
-        out[s] = StageCheck(ok, tuple(ends), tuple(rows_b), tuple(rows_a))
+            pairs.append((name, new))
+        ok = all(same_rf(x, y, at_least=s in moved) for x, y in zip(rows_b, rows_a)) and moved.get(s, True)
+        out[s] = StageCheck(ok, tuple(pairs), tuple(rows_b), tuple(rows_a), s in moved)
     return out
 
 
@@ -398,5 +435,5 @@ def _stage_reports(before, cost_b, after, sites, changes, checks, tried) -> list
         reports.append(StageReport(
             st.index, tuple(st.resolution), st.channels, tuple(s.node for s in ss), blocks, chk.ok,
             all(by_conv[s.node].compact for s in ss if s.node in by_conv), chk.ends, chk.before, chk.after,
-            pb, pa, mb, ma, tried.get(st.index, ())))
+            pb, pa, mb, ma, chk.moved, tried.get(st.index, ())))
     return reports

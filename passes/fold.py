@@ -165,7 +165,8 @@ def _per_channel(node, modules, calls) -> bool:
     """Acts on each channel separately, on one tensor input, and its module (if any) is called only here."""
     mod = _module(node, modules)
     if mod is not None:
-        if calls.get(node.target, 0) != 1:
+        stateful = any(True for _ in mod.parameters(recurse=False)) or any(True for _ in mod.buffers(recurse=False))
+        if stateful and calls.get(node.target, 0) != 1:  # its parameters serve other calls too
             return False
         if isinstance(mod, nn.Conv2d):
             return mod.groups == mod.in_channels == mod.out_channels  # depthwise, one filter per channel
@@ -253,7 +254,8 @@ def _flattens_1x1(node, modules, calls) -> bool:
     mod = _module(node, modules)
     if isinstance(mod, nn.Flatten):
         return mod.start_dim == 1 and calls.get(node.target) == 1
-    return _target_of(node) in (torch.flatten, "flatten") and (node.args[1:2] or (node.kwargs.get("start_dim"),))[0] == 1
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    return _target_of(node) in (torch.flatten, "flatten") and start == 1
 
 
 def _op(node, modules) -> str:
