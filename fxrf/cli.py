@@ -135,8 +135,9 @@ def _cmd_optimize(args) -> int:
     try:
         if args.stages:
             from .passes.organizer import organize_stages
-            r = organize_stages(current, shape, alpha=args.alpha, threshold=args.threshold,
-                                macs_budget=args.macs_budget, remove_saturated=not args.keep_saturated)
+            given = {k: v for k, v in (("threshold", args.threshold), ("macs_budget", args.macs_budget),
+                                       ("remove_below", args.remove_below)) if v is not None}
+            r = organize_stages(current, shape, alpha=args.alpha, remove_saturated=not args.keep_saturated, **given)
             current, report["stages"] = r.graph_module, r.to_dict()
         if args.kernels:
             from .passes.decomposer import decompose
@@ -189,8 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--input", required=True, help="example input shape, e.g. 1,3,32,32")
     op.add_argument("--stages", action="store_true", help="run the stage-level organizer")
     op.add_argument("--alpha", type=float, default=3.0)
-    op.add_argument("--threshold", type=float, default=0.5, help="insert a conv where its gain exceeds this")
-    op.add_argument("--macs-budget", type=float, default=None, help="max MACs ratio after/before (e.g. 1.25)")
+    op.add_argument("--threshold", type=float, help="insert a conv where its gain exceeds this (default 0.3)")
+    op.add_argument("--remove-below", type=float, help="remove convs whose gain is at most this (default: the "
+                                                       "threshold; 0 removes only saturated convs)")
+    op.add_argument("--macs-budget", type=float, help="max MACs ratio after/before (default 1.25)")
     op.add_argument("--keep-saturated", action="store_true", help="do not remove convs whose gain is 0")
     op.add_argument("--kernels", metavar="RECIPE", help="run the kernel decomposer: auto, DW+PW, DW+GPW-g4, ...")
     op.add_argument("--out", required=True, help="where to torch.save the optimized GraphModule")

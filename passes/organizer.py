@@ -72,6 +72,7 @@ class Change:
     after: str  # insert: the node the new conv reads; remove: the node its consumers read instead
     params: int  # parameters added (> 0) or removed (< 0)
     macs: int  # conv MACs added (> 0) or removed (< 0)
+    place: str = ""  # insert: "end" (after the stage's last block) or "branch" (inside it, before its last conv)
 
 
 @dataclass(frozen=True)
@@ -292,50 +293,66 @@ def _branch_merge(unit, src, kinds):
 
 def _insert_greedy(work, example_input, alpha, threshold, limits, original, kernel_size, max_insertions, a,
                    changes, declined):
-    """Insert one conv at a time where the candidate graph's analysis gives the highest gain."""
+    """Insert one conv at a time where the candidate graphs' analysis gives the highest gain (the cheaper place
+    on a tie), while the gain exceeds the threshold and the budgets hold."""
     now = total(a.costs)
     used = [now.macs, now.params]
-    open_stages = [s.index for s in a.stages]
-    while open_stages:
+    closed: set = set()  # (stage, place) that will get nothing more: the graph there does not change any more
+    while True:
         a = analyze(work, example_input, alpha=alpha)
         sites = {}
-        for s in list(open_stages):
-            site = _site(a, a.stages[s], kernel_size)
-            if isinstance(site, str):
-                declined.append(Declined("insert", s, None, None, site))
-                open_stages.remove(s)
-            else:
-                sites[s] = site
+        for stage in a.stages:
+            for place, site in _sites(a, stage, kernel_size).items():
+                if (stage.index, place) in closed:
+                    continue
+                if isinstance(site, str):
+                    declined.append(Declined("insert", stage.index, None, None, site))
+                    closed.add((stage.index, place))
+                else:
+                    sites[stage.index, place] = site
         if not sites:
             return
-        scored = _score(work, example_input, alpha, sites)  # (gain, stage, params, macs), best first
-        for gain, s, params, macs in scored:
-            site, why = sites[s], None
+        rows = []  # (gain, MACs, stage, place, params): one trial graph per place, every stage at once
+        for place in _PLACES:
+            rows += _score(work, example_input, alpha, {s: x for (s, p), x in sites.items() if p == place}, place)
+        for gain, macs, s, place, params in sorted(rows, key=lambda r: (-(r[0] if r[0] is not None else -1),) + r[1:4]):
+            site, where, why = sites[s, place], _PLACES[place], None
             if gain is None or gain <= threshold:
                 why = f"the next conv's gain {_fmt(gain)} <= threshold {threshold}"
             elif used[0] + macs > limits[0]:
-                why = f"the next conv (gain {gain:.4f}) would exceed the MACs budget ({_ratio(used[0] + macs, original.macs, limits[0], 'MACs')})"
+                why = (f"the next conv (gain {gain:.4f}) would exceed the MACs budget "
+                       f"({_ratio(used[0] + macs, original.macs, limits[0], 'MACs')})")
             elif used[1] + params > limits[1]:
-                why = f"the next conv (gain {gain:.4f}) would exceed the params budget ({_ratio(used[1] + params, original.params, limits[1], 'params')})"
-            elif len([c for c in changes if c.kind == "insert"]) >= max_insertions:
+                why = (f"the next conv (gain {gain:.4f}) would exceed the params budget "
+                       f"({_ratio(used[1] + params, original.params, limits[1], 'params')})")
+            elif sum(c.kind == "insert" for c in changes) >= max_insertions:
                 why = f"max_insertions ({max_insertions}) reached"
             if why is not None:
-                declined.append(Declined("insert", s, site.point, gain, why))
-                open_stages.remove(s)
+                declined.append(Declined("insert", s, site.point, gain, f"{where}: {why}"))
+                closed.add((s, place))
                 continue
             nodes = _insert(work, site, _prefix(work, s), meta=False)
+            if place == "end":  # a conv inside the block now would come before this one and change its gain
+                closed.add((s, "branch"))
             used[0] += macs
             used[1] += params
             changes.append(Change("insert", s, nodes[0].name, gain,
-                                  f"highest gain of the stages' next convs, {gain:.4f} > threshold {threshold}"
+                                  f"{where}: the highest gain of the next convs, {gain:.4f} > threshold {threshold}"
                                   + (f"; {site.note}" if site.note else ""),
-                                  tuple(n.name for n in nodes), site.point, params, macs))
+                                  tuple(n.name for n in nodes), site.point, params, macs, place))
             break  # the graph changed: analyse again
+        else:
+            return
 
 
-def _score(work, example_input, alpha, sites) -> list:
+_PLACES = {"end": "after the stage's last block", "branch": "inside the stage's last block, before its last conv"}
+
+
+def _score(work, example_input, alpha, sites, place) -> list:
     """One candidate conv per stage, all in one copy of the graph (stages are independent: each stage's fields
-    are referenced to its own input), analysed once: [(gain, stage, params, MACs)], highest gain first."""
+    are referenced to its own input), analysed once: [(gain, MACs, stage, place, params)]."""
+    if not sites:
+        return []
     graph = fx.Graph()
     graph.output(graph.graph_copy(work.graph, {}), type_expr=None)
     trial = fx.GraphModule(work, graph)  # shares the modules; the candidates' modules live on the meta device
@@ -345,8 +362,8 @@ def _score(work, example_input, alpha, sites) -> list:
     rows = []
     for s, nodes in units.items():
         mine = [costs[n.name] for n in nodes if n.name in costs]
-        rows.append((t.record(nodes[0].name).gain, s, sum(c.params for c in mine), sum(c.macs for c in mine)))
-    return sorted(rows, key=lambda row: (-(row[0] if row[0] is not None else -1), row[1]))
+        rows.append((t.record(nodes[0].name).gain, sum(c.macs for c in mine), s, place, sum(c.params for c in mine)))
+    return rows
 
 
 def _insert(gm, site: _Site, prefix: str, meta: bool) -> list:
@@ -415,26 +432,49 @@ def _prefix(gm, stage: int) -> str:
 # -- where a stage ends ----------------------------------------------------------------------------------------
 
 
-def _site(a: Analysis, stage: Stage, kernel_size: int | None):
-    """The place at the end of `stage` for one more conv and the pattern to give it, or the reason there is none."""
+def _sites(a: Analysis, stage: Stage, kernel_size: int | None) -> dict:
+    """{place: _Site or the reason there is none} for one more conv in `stage`, at two places:
+
+    "end": after the last node that all of the stage's data flows through (after the last block);
+    "branch": inside the last block, after the activation that feeds its last conv (the latest activation before
+    "end" that is not such a cut point: a residual branch), where the block may be narrower and the conv cheaper.
+    """
     gm = a.graph_module
     rec = {r.name: r for r in a.records}
     members = [n for n in gm.graph.nodes if n.name in rec and rec[n.name].stage == stage.index
                and n.op != "get_attr"]
     convs = [n for n in members if rec[n.name].kernel is not None]
     if not convs:
-        return "the stage holds no conv to take the pattern from"
+        return {"end": "the stage holds no conv to take the pattern from"}
     maps = {n for n in members if _is_map(rec[n.name], stage)}
     inside = maps | _returning({n for n in members if n not in maps}, maps)  # + gates (SE) that come back
     exits = [n for n in maps if any(u not in inside for u in n.users)]
     if not exits:
-        return "no value of the stage is used after it"
-    candidates = [n for n in reversed(members) if n in maps and _channels_first(rec[n.name], stage)]
-    point = next((p for p in candidates if _is_cut(p, exits, inside)), None)
-    if point is None:
-        return (f"no single channels-first node carries all of the stage's outputs "
-                f"({', '.join(n.name for n in exits[:4])}{', ...' if len(exits) > 4 else ''})")
+        return {"end": "no value of the stage is used after it"}
     modules = dict(gm.named_modules())
+    candidates = [n for n in reversed(members) if n in maps and _channels_first(rec[n.name], stage)]
+    cuts = {p: _is_cut(p, exits, inside) for p in candidates}
+    end = next((p for p in candidates if cuts[p]), None)
+    last_block = []  # the branch nodes after the last fork (a cut point with several users) before `end`
+    for q in candidates[candidates.index(end) + 1:] if end is not None else []:
+        if cuts[q] and len(q.users) > 1:
+            break
+        if not cuts[q]:
+            last_block.append(q)
+    branch = next((q for q in last_block if _activation(q, modules) is not None and len(q.users) == 1
+                   and rec[next(iter(q.users)).name].kernel is not None), None)
+    out = {"end": (f"no single channels-first node carries all of the stage's outputs "
+                   f"({', '.join(n.name for n in exits[:4])}{', ...' if len(exits) > 4 else ''})"
+                   if end is None else _site(a, stage, end, convs, modules, kernel_size))}
+    if branch is not None:
+        out["branch"] = _site(a, stage, branch, convs, modules, kernel_size)
+    return out
+
+
+def _site(a: Analysis, stage: Stage, point, convs, modules, kernel_size: int | None) -> _Site:
+    """A conv after `point` with the stage's pattern: its last standard conv's bias (and kernel, if
+    kernel_size is None), the batch norm after its convs, and `point`'s activation if idempotent."""
+    rec = {r.name: r for r in a.records}
     standard = [n for n in convs if rec[n.name].kernel == "standard"]
     template = (standard or convs)[-1]
     tmod = modules.get(template.target) if template.op == "call_module" else None
@@ -455,7 +495,8 @@ def _site(a: Analysis, stage: Stage, kernel_size: int | None):
     return _Site(stage.index, point.name, rec[point.name].shape[1], len(stage.resolution), kernel,
                  getattr(tmod, "bias", None) is not None, norm, act,
                  weight.dtype if weight is not None else getattr(tm, "dtype", torch.float32),
-                 weight.device if weight is not None else _device(gm), "; ".join(notes), gm.training)
+                 weight.device if weight is not None else _device(a.graph_module), "; ".join(notes),
+                 a.graph_module.training)
 
 
 def _is_map(r, stage: Stage) -> bool:
@@ -470,16 +511,15 @@ def _channels_first(r, stage: Stage) -> bool:
 
 
 def _returning(attached: set, maps: set) -> set:
-    """The attached nodes (global pools, gates) whose values flow back into the stage's maps."""
-    memo: dict = {}
-
-    def back(n) -> bool:
-        if n not in memo:
-            memo[n] = False
-            memo[n] = any(u in maps or (u in attached and back(u)) for u in n.users)
-        return memo[n]
-
-    return {n for n in attached if back(n)}
+    """The attached nodes (global pools, gates) whose values flow back into the stage's maps (iterative: chains
+    of attached nodes can be thousands long, e.g. window attention in a non-map layout)."""
+    found, todo = set(), list(maps)
+    while todo:
+        for m in todo.pop().all_input_nodes:
+            if m in attached and m not in found:
+                found.add(m)
+                todo.append(m)
+    return found
 
 
 def _is_cut(point, exits, inside) -> bool:
