@@ -154,13 +154,25 @@ def _cmd_optimize(args) -> int:
     return 0
 
 
+def _change_line(c) -> str:
+    if isinstance(c, dict) and "recipe" in c and "conv" in c:  # the decomposer's
+        return (f"{c['conv']} -> {c['recipe']} (stage {c.get('stage')}): 3DRF {c.get('rf_conv')} -> "
+                f"{c.get('rf_block')}")
+    if not isinstance(c, dict) or "kind" not in c:
+        return str(c)
+    where = ", ".join(f"{k} {c[k]:.4g}" if isinstance(c[k], float) else f"{k} {c[k]}"
+                      for k in ("stage", "gain") if c.get(k) is not None)
+    what = c.get("node") or c.get("block") or ""
+    return f"{c['kind']} {what} ({where})" + (f": {c['reason']}" if c.get("reason") else "")
+
+
 def _optimize_summary(report: dict) -> str:
     lines = []
     for name, r in report.items():
         s = r.get("summary", {})
         lines.append(f"{name}: " + ", ".join(f"{k} {v}" for k, v in s.items() if not isinstance(v, (dict, list))))
         for c in r.get("changes", []):
-            lines.append(f"  {c}")
+            lines.append("  " + _change_line(c))
     return "\n".join(lines)
 
 
