@@ -304,19 +304,19 @@ def mix(f: Field | None, out_channels: int, groups: int = 1, axis: int = -1) -> 
         out = np.zeros(lead + (out_channels,), dtype=np.int64)
         return Field(bits, spans, _frozen(out if not lead else np.moveaxis(out, -1, axis)), f.jump, f.sp, taps,
                      f.size)
-    rows = idx.reshape(-1, cin // groups)
-    bits, spans, memo, out_rows = [], [], {}, []
-    for row in rows.tolist():
-        key = tuple(sorted(set(row)))
-        j = memo.get(key)
-        if j is None:
-            j = memo[key] = len(bits)
-            bits.append(_or(f.bits[list(key)]))
-            spans.append(_hull(f.spans[list(key)]))
-        out_rows.append(j)
-    out = np.repeat(np.asarray(out_rows, dtype=np.int64), per_out).reshape(lead + (out_channels,))
-    return Field(_frozen(np.stack(bits)), _frozen(np.stack(spans)), _frozen(np.moveaxis(out, -1, axis)), f.jump, f.sp,
-                 _union_taps(f.taps, list(memo)), f.size)
+    rows = np.sort(idx.reshape(-1, cin // groups), axis=1)  # one row per (leading position, group)
+    memo: dict = {}  # equal rows are unioned once (a dict on the bytes: np.unique(axis=0) sorts structs, slowly)
+    out_rows = np.fromiter((memo.setdefault(r.tobytes(), len(memo)) for r in rows), dtype=np.int64,
+                           count=len(rows))
+    first = {}
+    for i, j in enumerate(out_rows.tolist()):
+        first.setdefault(j, i)
+    groups_of = [np.unique(rows[first[j]]).tolist() for j in range(len(memo))]
+    bits = _frozen(np.stack([_or(f.bits[g]) for g in groups_of]))
+    spans = _frozen(np.stack([_hull(f.spans[g]) for g in groups_of]))
+    out = np.repeat(out_rows.reshape(-1).astype(np.int64), per_out).reshape(lead + (out_channels,))
+    return Field(bits, spans, _frozen(np.moveaxis(out, -1, axis)), f.jump, f.sp, _union_taps(f.taps, groups_of),
+                 f.size)
 
 
 def channel_window(f: Field | None, axis: int, kernel: int, stride: int, padding: int, dilation: int,
