@@ -9,6 +9,7 @@ from .analysis import META_KEY, RF, Analysis, NodeRecord, Stage, analyze
 from .errors import AnalysisError, FxrfError, InputError, TraceError, UnsupportedOpError
 from .rules import Decline, rf_rule
 from .trace import trace
+from .backend import compile_model as compile  # noqa: A001  (importing it registers the "fxrf" torch.compile backend)
 
 
 
@@ -24,6 +25,6 @@ def decompose(model, example_input, **kwargs):
     return run(model, example_input, **kwargs)
 
 
-__all__ = ["organize_stages", "decompose", "analyze", "trace", "rf_rule", "Decline", "Analysis", "NodeRecord", "RF", "Stage", "META_KEY",
+__all__ = ["compile", "organize_stages", "decompose", "analyze", "trace", "rf_rule", "Decline", "Analysis", "NodeRecord", "RF", "Stage", "META_KEY",
            "FxrfError", "TraceError", "InputError", "UnsupportedOpError", "AnalysisError"]
 __version__ = "0.1.0"

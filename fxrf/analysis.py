@@ -139,7 +139,8 @@ def analyze_graph(gm: fx.GraphModule, example_inputs, *, constant_inputs=(), alp
     into graph inputs) and are treated like `get_attr` constants: they see nothing of the model input.
     """
     constant_inputs = set(constant_inputs)
-    metas = [TMeta(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else _as_shapes(t)[0]
+    metas = [TMeta(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor)
+             else t if isinstance(t, (int, float, torch.SymInt)) else _as_shapes(t)[0]  # sizes pass as values
              for t in example_inputs]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values = {placeholders[i].name: example_inputs[i] for i in constant_inputs
@@ -149,7 +150,8 @@ def analyze_graph(gm: fx.GraphModule, example_inputs, *, constant_inputs=(), alp
     from .trace import annotate
     shapes = propagate(gm, metas, modules)
     annotate(gm, shapes)
-    inputs = [m for i, m in enumerate(metas) if i not in constant_inputs] or metas
+    inputs = [m for i, m in enumerate(metas) if i not in constant_inputs and isinstance(m, TMeta)] or \
+        [m for m in metas if isinstance(m, TMeta)]
     walker = _Walker(gm, shapes, inputs, modules, alpha, strict)
     walker.constants = values
     walker.constant_names = {placeholders[i].name for i in constant_inputs}

@@ -18,7 +18,7 @@ What the backend does with each graph dynamo hands it (one per graph break, plus
    and kept: `reports()` lists every report since `clear_reports()`, `last_report()` those of the latest call.
 3. passes: each `pass(gm, example_inputs) -> GraphModule` (or a PassResult) in the order given. They work on
    dynamo's graph, where parameters are graph inputs: a pass must keep the placeholders as they are and compute
-   the same function at inference (e.g. fold a channel permutation into the weights it reads as constants).
+   the same function at inference. Built in: `roll_as_cat` (exact; what `fxrf.compile` applies by default).
 4. the inner backend: inductor (`compile_fx`, with `mode=` and `options["inductor"]` as its config), or any
    other registered backend ("eager", "aot_eager", ...), or a callable.
 
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import operator
 import re
 import sys
 import time
@@ -51,13 +52,13 @@ import torch.nn as nn
 from .analysis import Analysis, analyze_graph
 from .metric import DEFAULT_ALPHA
 
-__all__ = ["BACKEND_NAME", "GraphReport", "FxrfBackend", "make_backend", "fxrf_backend", "compile_model",
-           "analyze_dynamo_graph", "explain", "register_pass", "reports", "last_report", "clear_reports"]
+__all__ = ["BACKEND_NAME", "DEFAULT_GRAPH_PASSES", "GraphReport", "FxrfBackend", "make_backend", "fxrf_backend",
+           "compile_model", "CompileInfo", "analyze_dynamo_graph", "explain", "Explanation", "register_pass",
+           "roll_as_cat", "reports", "last_report", "clear_reports"]
 
 BACKEND_NAME = "fxrf"
 log = logging.getLogger("fxrf")
 
-INNER_BACKENDS = ("inductor", "eager", "aot_eager")  # the usual ones; any registered name or a callable works too
 _RESUME_PREFIX = "torch_dynamo_resume_in_"  # dynamo's name for the code that runs after a graph break
 
 
@@ -106,20 +107,26 @@ class GraphReport:
 
 
 class _Log:
-    """Every report since `clear_reports()`, grouped into calls (one top-level compiled call and its resumes)."""
+    """The reports since `clear_reports()`, grouped into calls (one top-level compiled call and its resumes); the
+    latest KEEP calls are kept (each report holds an Analysis, shapes only)."""
+
+    KEEP = 64
 
     def __init__(self):
         self.calls: list[list[GraphReport]] = []
         self.frames: list[set] = []  # per call: the (file, name, line) of the code objects compiled in it
+        self.count = 0  # calls started since clear_reports(), dropped ones included
 
-    def place(self, frame_key) -> tuple[int, int]:
-        """(call index, graph index) for a graph compiled from `frame_key` (None: unknown frame)."""
+    def place(self, frame_key) -> tuple[int, int, list]:
+        """(call index, graph index, the call's report list) for a graph compiled from `frame_key` (None: unknown)."""
         if not self.calls or not self._continues(frame_key):
             self.calls.append([])
             self.frames.append(set())
+            self.count += 1
+            del self.calls[:-self.KEEP], self.frames[:-self.KEEP]
         if frame_key is not None:
             self.frames[-1].add(frame_key)
-        return len(self.calls) - 1, len(self.calls[-1])
+        return self.count - 1, len(self.calls[-1]), self.calls[-1]
 
     def _continues(self, frame_key) -> bool:
         """A resume function continues the call in progress, and so does any code compiled while a frame of that
@@ -377,6 +384,109 @@ def register_pass(name: str) -> Callable:
     return register
 
 
+def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict]:
+    """A new GraphModule over a copy of gm's graph (attributes shared, node meta copied shallowly), and the map
+    from gm's nodes to the copy's."""
+    graph, env = fx.Graph(), {}
+    out = graph.graph_copy(gm.graph, env)
+    graph.output(out)
+    return fx.GraphModule(gm, graph, type(gm).__name__), env
+
+
+def _roll_args(node: fx.Node):
+    """(input, shift, dim) of a torch.roll / Tensor.roll along one dim by a constant shift, else None."""
+    if not ((node.op == "call_function" and node.target is torch.roll) or
+            (node.op == "call_method" and node.target == "roll")):
+        return None
+    names = ("input", "shifts", "dims")
+    args = dict(zip(names, node.args), **node.kwargs)
+    shift, dim = args.get("shifts"), args.get("dims")
+    shift = shift[0] if isinstance(shift, (tuple, list)) and len(shift) == 1 else shift
+    dim = dim[0] if isinstance(dim, (tuple, list)) and len(dim) == 1 else dim
+    if not isinstance(shift, int) or not isinstance(dim, int) or not isinstance(args.get("input"), fx.Node):
+        return None
+    return args["input"], shift, dim
+
+
+@register_pass("roll_as_cat")
+def roll_as_cat(gm: fx.GraphModule, example_inputs=None) -> fx.GraphModule:
+    """torch.roll(x, s, d) -> torch.cat([x[.., C-k:], x[.., :C-k]], d), k = s mod C: the same values.
+
+    Why: inductor lowers a roll to a pointwise kernel that indexes `(c + k) % C` along the axis, which its CPU
+    code generator does not vectorise (the innermost axis in channels-last); two slices and a cat are contiguous
+    copies it does vectorise. The DW+RPW blocks' channel rotations that fxrf.passes.fold cannot fold (between two
+    grouped convs) cost next to nothing this way. Exact, so safe for training as well as inference.
+
+    >>> import torch, torch.fx as fx
+    >>> gm = fx.symbolic_trace(lambda x: torch.roll(x, -3, 1))
+    >>> out = roll_as_cat(gm, [torch.randn(2, 8, 4, 4)])
+    >>> [n.target.__name__ for n in out.graph.nodes if n.op == "call_function"]
+    ['getitem', 'getitem', 'cat']
+    >>> x = torch.randn(2, 8, 4, 4); torch.equal(out(x), torch.roll(x, -3, 1))
+    True
+    """
+    new, env = _copy(gm)
+    graph = new.graph
+    done = 0
+    shapes = _placeholder_shapes(gm, example_inputs)
+    for old in list(gm.graph.nodes):
+        node = env.get(old)
+        parsed = None if node is None else _roll_args(node)
+        if parsed is None:
+            continue
+        x, shift, dim = parsed
+        shape = _shape_of(old.args[0] if old.args else old.kwargs["input"], shapes)
+        if shape is None or not -len(shape) <= dim < len(shape):
+            continue  # no shape known for its input: leave it
+        size = int(shape[dim])
+        k = shift % size if size else 0
+        if k == 0:
+            node.replace_all_uses_with(x)
+            graph.erase_node(node)
+            done += 1
+            continue
+        lead = (slice(None),) * (dim % len(shape))
+        with graph.inserting_before(node):
+            tail = graph.call_function(operator.getitem, (x, lead + (slice(size - k, None),)))
+            head = graph.call_function(operator.getitem, (x, lead + (slice(None, size - k),)))
+            cat = graph.call_function(torch.cat, ([tail, head], dim))
+        cat.meta = dict(node.meta)
+        node.replace_all_uses_with(cat)
+        graph.erase_node(node)
+        done += 1
+    graph.lint()
+    new.recompile()
+    new.meta["fxrf_roll_as_cat"] = done  # how many rolls were rewritten
+    return new
+
+
+def _placeholder_shapes(gm: fx.GraphModule, example_inputs) -> dict:
+    """{placeholder node: shape} from the example inputs (dynamo graphs also carry FakeTensors in node.meta)."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return {n: tuple(_hint(s) for s in t.shape) for n, t in zip(phs, example_inputs or ())
+            if isinstance(t, torch.Tensor)}
+
+
+def _shape_of(node: fx.Node, shapes: dict):
+    """The shape of a node's value: dynamo's example_value / val, torch's tensor_meta, or a placeholder's example."""
+    for key in ("example_value", "val", "tensor_meta"):
+        v = node.meta.get(key)
+        if v is not None and hasattr(v, "shape"):
+            return tuple(_hint(s) for s in v.shape)
+    if node in shapes:
+        return shapes[node]
+    if node.op in ("call_function", "call_method", "call_module") and shapes:
+        try:  # a graph without meta (symbolic_trace): fxrf's own shape propagation from the example inputs
+            from .shapes import TMeta, propagate
+            phs = [n for n in node.graph.nodes if n.op == "placeholder"]
+            env = propagate(node.graph.owning_module, [TMeta(shapes[p], torch.float32) for p in phs if p in shapes])
+            v = env.get(node)
+            return tuple(v.shape) if isinstance(v, TMeta) else None
+        except Exception:
+            return None
+    return None
+
+
 def _resolve_pass(p) -> tuple[str, Callable]:
     if callable(p):
         return getattr(p, "__name__", type(p).__name__), p
@@ -391,11 +501,11 @@ def _resolve_pass(p) -> tuple[str, Callable]:
 
 
 def _run_pass(name: str, fn: Callable, gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
+    before = [n.target for n in gm.graph.nodes if n.op == "placeholder"]  # before: a pass may edit gm in place
     out = fn(gm, example_inputs)
     out = getattr(out, "graph_module", out)  # a PassResult
     if not isinstance(out, fx.GraphModule):
         raise TypeError(f"pass {name} returned {type(out).__name__}; a pass returns a GraphModule (or a PassResult)")
-    before = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     after = [n.target for n in out.graph.nodes if n.op == "placeholder"]
     if len(before) != len(after):
         raise ValueError(f"pass {name} changed the graph's inputs ({len(before)} placeholders -> {len(after)}); "
@@ -420,6 +530,7 @@ class FxrfBackend:
         self.reports: list[GraphReport] = []  # the graphs this backend compiled
 
     __name__ = BACKEND_NAME  # what dynamo prints as the backend's name
+    KEEP = 256  # reports kept in `self.reports` (the shared `fxrf_backend` serves every backend="fxrf")
 
     def __call__(self, gm: fx.GraphModule, example_inputs, *, options: dict | None = None, mode: str | None = None):
         opts = dict(self.options)
@@ -432,7 +543,7 @@ class FxrfBackend:
         inner_name = inner if isinstance(inner, str) else getattr(inner, "__name__", type(inner).__name__)
 
         frame_key, frame, location, owner = _frame()
-        call, index = _LOG.place(frame_key)
+        call, index, call_reports = _LOG.place(frame_key)
         name = f"{owner or 'graph'}#{index}"
         reason = getattr(gm, "compile_subgraph_reason", None)
         report = GraphReport(index, call, _compile_id(gm), frame, location, _break_text(reason), None, None,
@@ -442,14 +553,15 @@ class FxrfBackend:
                                                                                           name)
             if report.analysis is not None:
                 report.macs = _macs(report.analysis)
-        for name, fn in passes:
-            gm = _run_pass(name, fn, gm, example_inputs)
+        for pass_name, fn in passes:
+            gm = _run_pass(pass_name, fn, gm, example_inputs)
         if passes and opts["analyze"] and report.analysis is not None:
             report.after_passes = self._analysis(gm, example_inputs, opts, name)[0]
             if report.after_passes is not None:
                 report.macs = _macs(report.after_passes)
-        _LOG.calls[call].append(report)
+        call_reports.append(report)
         self.reports.append(report)
+        del self.reports[:-self.KEEP]
         log.info("%s", report.summary())
         if opts["log_table"] and log.isEnabledFor(logging.INFO) and report.analysis is not None:
             log.info("%s", (report.after_passes or report.analysis).table())
@@ -559,6 +671,9 @@ _register()
 # -------------------------------------------------------------------------------------------- fxrf.compile
 
 
+DEFAULT_GRAPH_PASSES = ("roll_as_cat",)  # what fxrf.compile applies to dynamo's graphs unless told otherwise
+
+
 @dataclass
 class CompileInfo:
     """What `compile_model` did: the module-level passes' results and the backend that holds the graph reports."""
@@ -578,7 +693,8 @@ def compile_model(model: nn.Module, example_input, stages: bool | dict = False, 
 
     stages: False, True (organize_stages with its defaults) or a dict of organize_stages keyword arguments;
     kernels: None, "auto" or a decomposition recipe ("DW+PW", "DW+GPW-g4", "DW+RPW-g4-o50", ...) for decompose;
-    backend_options: the fxrf backend's options (inner, passes, alpha, ...); warmup: run the example input once
+    backend_options: the fxrf backend's options (inner, passes, alpha, ...; passes default to
+    DEFAULT_GRAPH_PASSES, the exact rewrites: roll_as_cat); warmup: run the example input once
     (no grad) so the graphs are compiled and reported before this returns; the rest goes to torch.compile
     (mode, dynamic, fullgraph, ...). The compiled module carries `.fxrf`, a CompileInfo with the passes' results
     and the graph reports.
@@ -589,7 +705,9 @@ def compile_model(model: nn.Module, example_input, stages: bool | dict = False, 
     >>> [len(r.analysis.convs()) for r in c.fxrf.reports]
     [1]
     """
-    from . import passes as _passes  # noqa: F401  (fxrf.passes: the package the passes live in)
+    if "backend" in torch_compile_kwargs:
+        raise ValueError("compile_model always uses the fxrf backend; give its options as backend_options "
+                         "(inner='inductor' | 'eager' | 'aot_eager' | a callable)")
     info = CompileInfo()
     if stages:
         from . import organize_stages
@@ -601,10 +719,7 @@ def compile_model(model: nn.Module, example_input, stages: bool | dict = False, 
         res = decompose(model, example_input, recipe=kernels)
         info.passes["kernels"] = res
         model = res.graph_module
-    if "backend" in torch_compile_kwargs:
-        raise ValueError("compile_model always uses the fxrf backend; give its options as backend_options "
-                         "(inner='inductor' | 'eager' | 'aot_eager' | a callable)")
-    opts = dict(backend_options or {})
+    opts = {"passes": DEFAULT_GRAPH_PASSES, **(backend_options or {})}
     if "options" in torch_compile_kwargs:  # torch.compile(options=...) is the backend's options here too
         opts.update(torch_compile_kwargs.pop("options"))
     info.backend = make_backend(**opts)

@@ -34,7 +34,7 @@ def fresh_dynamo():
 
 
 def conv_rows(a):
-    """Per conv, in graph order: kernel kind, 3DRF height, width, channels, gain (None where the conv starts a stage)."""
+    """Per conv, in graph order: kernel kind, 3DRF height, width, channels, gain (None: the conv starts a stage)."""
     return [(r.kernel, r.rf.height, r.rf.width, r.rf.channel, None if r.gain is None else round(r.gain, 9))
             for r in a.convs()]
 
@@ -243,9 +243,9 @@ def test_report_is_logged_at_info_and_serialisable(caplog):
     with caplog.at_level(logging.INFO, logger="fxrf"):
         compile_and_run(dw_pw_vgg().eval(), torch.randn(1, 3, 16, 16), inner="eager")
     text = caplog.text
-    assert "graph 0 (call 0, compile 0/0)" in text and "5 convs in 3 stages" in text and "3DRF" in text
+    assert "graph 0 (call 0, compile 0/0)" in text and "7 convs in 3 stages" in text and "3DRF" in text
     d = B.last_report()[0].to_dict()
-    assert d["graph"] == 0 and len([n for n in d["analysis"]["nodes"] if n["kernel"]]) == 5
+    assert d["graph"] == 0 and len([n for n in d["analysis"]["nodes"] if n["kernel"]]) == 7
     import json
     json.dumps(d)
 
@@ -269,10 +269,41 @@ def test_compile_model_runs_the_module_passes_then_the_backend():
     (report,) = compiled.fxrf.reports
     assert report.macs == kernels.summary["macs_after"] < kernels.summary["macs_before"]
     assert conv_rows(report.analysis) == conv_rows(fxrf.analyze(kernels.graph_module, tuple(x.shape)))
+    # the default graph pass turned the rotations fold could not remove into slices + cat, fields unchanged
+    assert report.passes == ("roll_as_cat",) and kernels.summary["permutations_remaining"] > 0
+    assert conv_rows(report.after_passes) == conv_rows(report.analysis)
+    assert not any(r.op == "roll" for r in report.after_passes.records)
+    assert sum(r.op == "roll" for r in report.analysis.records) == kernels.summary["permutations_remaining"]
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), kernels.graph_module(x), atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="backend_options"):
         B.compile_model(model, x, backend="inductor")
+
+
+def test_compile_model_with_stages_and_kernels():
+    model = randomize_bn(vgg_from_cfg([16, "M", 32, "M", 64, "M", 64, "M", "M"])).eval()
+    x = torch.randn(1, 3, 32, 32)
+    compiled = B.compile_model(model, x, stages={"macs_budget": 2.0}, kernels="DW+PW",
+                               backend_options={"inner": "eager"}, warmup=True)
+    stages, kernels = compiled.fxrf.passes["stages"], compiled.fxrf.passes["kernels"]
+    assert stages.summary["convs_per_stage_after"] != stages.summary["convs_per_stage_before"]
+    (report,) = compiled.fxrf.reports
+    assert conv_rows(report.analysis) == conv_rows(fxrf.analyze(kernels.graph_module, tuple(x.shape)))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), kernels.graph_module(x), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("shift,dim", [(-8, 1), (3, 1), (16, 1), (5, -1), ((2,), (2,))])
+def test_roll_as_cat_is_exact(shift, dim):
+    class M(nn.Module):
+        def forward(self, x):
+            return torch.roll(torch.relu(x), shift, dim) * 2
+
+    x = torch.randn(2, 16, 6, 7)
+    got, want = compile_and_run(M(), x, inner="eager", passes=["roll_as_cat"])
+    assert torch.equal(got, want)
+    (r,) = B.last_report()
+    assert not any(n.op == "roll" for n in r.after_passes.records)
 
 
 def test_registered_by_name_on_import_and_through_the_entry_point():
@@ -281,7 +312,7 @@ def test_registered_by_name_on_import_and_through_the_entry_point():
     assert "fxrf" in torch._dynamo.list_backends()
     code = textwrap.dedent("""
         import torch, torch.nn as nn
-        m = nn.Conv2d(3, 4, 3)
+        m = nn.Conv2d(3, 4, 3, padding=1)
         out = torch.compile(m, backend="fxrf", options={"inner": "eager"})(torch.randn(1, 3, 8, 8))
         import fxrf.backend as B
         print(len(B.last_report()), B.last_report()[0].analysis.convs()[0].rf.height)

@@ -199,7 +199,10 @@ def index_select(ctx: Ctx):
     dim %= len(x.shape)
     if dim in f.sp or dim == 0:
         raise Decline("index_select along a spatial or the batch axis")
-    picks = index.value.detach().cpu().numpy().astype(np.int64)
+    try:
+        picks = index.value.detach().cpu().numpy().astype(np.int64)
+    except Exception:  # a fake tensor (inside torch.compile): no values to read
+        raise Decline("index_select with an index whose values are not available") from None
     return field.remap(f, lambda idx: np.take(idx, picks, axis=f.idx_axis(dim)))
 
 
