@@ -52,6 +52,10 @@ class Ctx:
             return self.args[i]
         return self.kwargs.get(name, default)
 
+    def param(self, attr: str, i: int, name: str, default=None):
+        """A hyper-parameter: the module's attribute `attr`, or the functional form's argument `i` / `name`."""
+        return getattr(self.module, attr) if self.module is not None else self.arg(i, name, default)
+
     @property
     def out_shape(self) -> tuple:
         return self.out.shape

@@ -115,7 +115,7 @@ def batch_norm(ctx: Ctx):
 @rf_rule(nn.LayerNorm, F.layer_norm)
 def layer_norm(ctx: Ctx):
     x = ctx.args[0]
-    ns = ctx.module.normalized_shape if ctx.module is not None else ctx.arg(1, "normalized_shape")
+    ns = ctx.param("normalized_shape", 1, "normalized_shape")
     return _statistics_over(x, range(len(x.shape) - len(_tuple(ns, 1)), len(x.shape)))
 
 
@@ -123,7 +123,7 @@ def layer_norm(ctx: Ctx):
 @rf_rule(nn.GroupNorm, F.group_norm)
 def group_norm(ctx: Ctx):
     x = ctx.args[0]
-    groups = ctx.module.num_groups if ctx.module is not None else ctx.arg(1, "num_groups")
+    groups = ctx.param("num_groups", 1, "num_groups")
     if x.field is None:
         return None
     f = field.mix(x.field, x.shape[1], groups, axis=x.field.idx_axis(1))
@@ -156,7 +156,7 @@ def _statistics_over(x, axes):
          "softmax", "log_softmax")
 def softmax(ctx: Ctx):
     x = ctx.args[0]
-    dim = ctx.module.dim if ctx.module is not None else ctx.arg(1, "dim")
+    dim = ctx.param("dim", 1, "dim")
     if dim is None:
         raise Decline("softmax without an explicit dim")
     return _statistics_over(x, [dim % len(x.shape)])

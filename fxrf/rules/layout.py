@@ -210,7 +210,7 @@ def index_select(ctx: Ctx):
 @rf_rule(nn.ChannelShuffle, F.channel_shuffle, torch.channel_shuffle, F.native_channel_shuffle)
 def channel_shuffle(ctx: Ctx):
     x = ctx.args[0]
-    g = ctx.module.groups if ctx.module is not None else ctx.arg(1, "groups")
+    g = ctx.param("groups", 1, "groups")
     f = x.field
     if f is None:
         return None

@@ -88,7 +88,7 @@ def upsample(ctx: Ctx):
     f = x.field
     if f is None:
         return None
-    mode = ctx.module.mode if ctx.module is not None else ctx.arg(3, "mode", "nearest")
+    mode = ctx.param("mode", 3, "mode", "nearest")
     rank = len(x.shape)
     if any(a is None for a in f.sp) or tuple(f.sp) != tuple(range(rank - len(f.sp), rank)):
         raise Decline("resampling a tensor whose spatial axes are not the trailing ones")
@@ -102,7 +102,7 @@ def upsample(ctx: Ctx):
 @rf_rule(nn.PixelShuffle, F.pixel_shuffle)
 def pixel_shuffle(ctx: Ctx):
     x = ctx.args[0]
-    r = ctx.module.upscale_factor if ctx.module is not None else ctx.arg(1, "upscale_factor")
+    r = ctx.param("upscale_factor", 1, "upscale_factor")
     f = x.field
     if f is None:
         return None
@@ -115,7 +115,7 @@ def pixel_shuffle(ctx: Ctx):
 @rf_rule(nn.PixelUnshuffle, F.pixel_unshuffle)
 def pixel_unshuffle(ctx: Ctx):
     x = ctx.args[0]
-    r = ctx.module.downscale_factor if ctx.module is not None else ctx.arg(1, "downscale_factor")
+    r = ctx.param("downscale_factor", 1, "downscale_factor")
     f = x.field
     if f is None:
         return None
