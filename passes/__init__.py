@@ -28,7 +28,10 @@ def private_copy(model: nn.Module, example_input: Any, **trace_kwargs) -> fx.Gra
     """A traced GraphModule that shares nothing with `model` (passes edit this copy, never the user's model)."""
     from fxrf.trace import trace
     gm = model if isinstance(model, fx.GraphModule) else trace(model, example_input, **trace_kwargs)
-    return copy.deepcopy(gm)
+    gm = copy.deepcopy(gm)
+    if type(gm).__mro__[1] is not fx.GraphModule:  # fxrf.trace's lazily compiled kind: results get a plain one,
+        gm = fx.GraphModule(gm, gm.graph, gm.__class__.__name__)  # which every torch version saves and loads
+    return gm
 
 
 def finish(gm: fx.GraphModule) -> fx.GraphModule:
