@@ -301,7 +301,14 @@ class _Walker:
                 n = parent[n]
             return n
 
-        def size_of(n):  # spatial size of a map (of the first map, for an op with several outputs)
+        sizes: dict = {}
+
+        def size_of(n):
+            if n not in sizes:
+                sizes[n] = _size_of(n)
+            return sizes[n]
+
+        def _size_of(n):  # spatial size of a map (of the first map, for an op with several outputs)
             f, v = inp_env.get(n), self.shapes.get(n)
             if isinstance(f, tuple):
                 f, v = next(((x, y) for x, y in zip(f, v) if isinstance(x, Field) and x.is_map), (None, None))
