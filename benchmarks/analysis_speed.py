@@ -199,7 +199,7 @@ def main(argv=None) -> int:
             add(key, label, size, fn)
 
     ref = rows.get(f"forward_{REF}", {}).get("median_s")
-    print(f"\nresnet50 (torchvision, random weights, eval), batch 1; fxrf graph: "
+    print("\nresnet50 (torchvision, random weights, eval), batch 1; fxrf graph: "
           + ", ".join(f"{n} nodes @{s}" for s, n in nodes.items()))
     head = f"{'item':<38} {'size':>5} {'n':>3} {'median ms':>10} {'min ms':>10} {'max ms':>10} {'x fwd@224':>10}"
     print(head)

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field as dc_field
-from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from . import field as F_
-from .errors import AnalysisError, FxrfError, InputError, UnsupportedOpError
+from .errors import AnalysisError, FxrfError, UnsupportedOpError
 from .field import Field
 from .metric import DEFAULT_ALPHA, gain as gain_of, volume as volume_of
 from .rules import Ctx, Decline, T, default_sp, lookup

@@ -8,13 +8,12 @@ import math
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn as nn
 from hypothesis import HealthCheck, assume, event, given, settings
 
 import fxrf
 from fxrf import models
-from fxrf.cost import model_cost, total
+from fxrf.cost import total
 from fxrf.passes import export as export_module, organizer as organizer_module
 from fxrf.passes.export import emit_source
 from random_cnn import random_cnns
