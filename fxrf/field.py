@@ -129,6 +129,18 @@ class Field:
     def summary(self, cap: Sequence[int], sizes: Sequence[int] | None = None) -> tuple[tuple[int, ...], int, float]:
         """(spatial extent per dim, the largest over channels (see `extents`); min channels; mean channels)."""
         sizes = tuple(cap) if sizes is None else tuple(sizes)
+        if len(self.bits) == 1 and self.taps is None:  # most nodes: one reach, dense; plain Python is faster
+            row = self.spans[0].tolist()
+            spatial = []
+            for k, (w0, n, j) in enumerate(zip(cap, sizes, self.jump)):
+                lo, hi = row[2 * k], row[2 * k + 1]
+                if self.size is None:
+                    spatial.append(min(int(round(hi - lo + 1)), w0))
+                else:
+                    c = (n // 2) * j
+                    spatial.append(max(int(round(min(hi, w0 - 1 - c) - max(lo, -c) + 1)), 0))
+            n = int(self._counts[0])
+            return tuple(spatial), n, float(n)
         spatial = tuple(int(e) for e in self._reach_extents(tuple(cap), sizes).max(axis=0))
         counts = self._counts
         if len(counts) == 1:
