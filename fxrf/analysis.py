@@ -10,6 +10,7 @@ Three steps, each linear in the number of nodes and independent of the input res
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field as dc_field
 
 import torch
@@ -22,7 +23,7 @@ from .field import Field
 from .metric import DEFAULT_ALPHA, gain as gain_of, volume as volume_of
 from .rules import Ctx, Decline, T, default_sp, lookup
 from .rules.conv import conv as conv_rule, conv_spec
-from .shapes import TMeta
+from .shapes import TMeta, fetch_attr
 from .trace import InputSpec, _as_shapes, describe, op_name, trace_with_values
 
 META_KEY = "fxrf"  # node.meta[META_KEY] holds the NodeRecord
@@ -190,7 +191,8 @@ class _Walker:
             if isinstance(v, TMeta):
                 value = None
                 if n.op == "get_attr":
-                    value = _attr(self.gm, n.target)
+                    value = fetch_attr(self.gm, n.target)
+                    value = value if isinstance(value, torch.Tensor) else None
                 elif n.name in self.constants:
                     value = self.constants[n.name]
                 return T(v.shape, f, value)
@@ -234,7 +236,7 @@ class _Walker:
             like = next((t.field for t in ins if tuple(t.shape) == tuple(o.shape)),
                         next((t.field for t in ins if len(t.shape) == len(o.shape)), None))
             sp = like.sp if like is not None else default_sp(o.shape, self.dims)  # keep NHWC as NHWC
-            cshape = tuple(n for a, n in enumerate(o.shape) if a > 0 and a not in sp)
+            cshape = _channel_shape(o.shape, sp)
             sizes = [[t.shape[a] if a is not None else 1 for a in t.field.sp] for t in ins]
             results.append(F_.everything([t.field for t in ins], sizes, cshape, sp))
         return results[0] if single else tuple(results)
@@ -248,7 +250,8 @@ class _Walker:
         offset = 0
         placeholders = [self.shapes[n] for n in nodes if n.op == "placeholder" and isinstance(self.shapes[n], TMeta)
                         and n.name not in self.constant_names]
-        words = F_.words_for(sum(_reference(v.shape, self.dims, 0, words=1).channels for v in placeholders))
+        words = F_.words_for(sum(math.prod(_channel_shape(v.shape, default_sp(v.shape, self.dims)))
+                                 for v in placeholders))
         for node in nodes:  # step 1: fields referenced to the model input
             v = self.shapes[node]
             if node.op == "placeholder":
@@ -396,11 +399,15 @@ def map_size(f: Field, shape) -> tuple:
     return tuple(shape[a] if a is not None else 1 for a in f.sp)
 
 
-def _reference(shape, dims, offset, like: Field | None = None, words: int = 1, map_size=None) -> Field:
+def _reference(shape, dims, offset, like: Field | None = None, words: int = 1, size=None) -> Field:
     """The field of a reference tensor (model input or stage input) in its own coordinates."""
     sp = like.sp if like is not None else default_sp(shape, dims)
-    cshape = tuple(n for a, n in enumerate(shape) if a > 0 and a not in sp)
-    return F_.identity(cshape, dims, offset, sp, words, map_size)
+    return F_.identity(_channel_shape(shape, sp), dims, offset, sp, words, size)
+
+
+def _channel_shape(shape, sp) -> tuple:
+    """The sizes of a tensor's channel-like axes: all but batch and the spatial ones."""
+    return tuple(n for a, n in enumerate(shape) if a > 0 and a not in sp)
 
 
 def _nothing(f):
@@ -410,13 +417,6 @@ def _nothing(f):
 def _is_tensorish(v) -> bool:
     """A tensor, or a tuple/list that holds at least one tensor at its top level."""
     return isinstance(v, TMeta) or (isinstance(v, (tuple, list)) and any(isinstance(x, TMeta) for x in v))
-
-
-def _attr(gm, target):
-    obj = gm
-    for p in target.split("."):
-        obj = getattr(obj, p)
-    return obj if isinstance(obj, torch.Tensor) else None
 
 
 def _op_label(node, mod) -> str:

@@ -68,6 +68,8 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .shapes import fetch_attr
+
 __all__ = ["Cost", "COST_RULES", "cost_rule", "node_cost", "model_cost", "total"]
 
 KINDS = ("conv", "linear", "norm", "activation", "pool", "elementwise", "other")
@@ -295,20 +297,13 @@ def _leaf_meta(meta: Any) -> Any:
     return meta if hasattr(meta, "shape") else None
 
 
-def _fetch_attr(gm: torch.fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _shape_of(gm: torch.fx.GraphModule, value: Any) -> tuple[int, ...] | None:
     if isinstance(value, torch.fx.Node):
         leaf = _leaf_meta(value.meta.get("tensor_meta"))
         if leaf is not None:
             return tuple(leaf.shape)
         if value.op == "get_attr":
-            value = _fetch_attr(gm, value.target)
+            value = fetch_attr(gm, value.target)
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 

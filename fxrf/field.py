@@ -234,11 +234,6 @@ def identity(channel_shape: tuple, dims: int, offset: int = 0, sp: tuple | None 
                  None if map_size is None else tuple(map_size))
 
 
-def as_vector(f: Field) -> Field:
-    """The same field with its (size-1) spatial axes dropped: [N, C, 1, 1] read as [N, C]."""
-    return f.replace(sp=(None,) * f.dims)
-
-
 # ---- spatial transfer -------------------------------------------------------------------------------------------
 
 

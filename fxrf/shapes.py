@@ -364,7 +364,8 @@ def _run_on_meta(node: fx.Node, mod, args, kwargs):
     return _unmeta(out)
 
 
-def _attr(gm: fx.GraphModule, target: str):
+def fetch_attr(gm: fx.GraphModule, target: str):
+    """What a get_attr node with this dotted target reads from `gm`."""
     obj = gm
     for part in target.split("."):
         obj = getattr(obj, part)
@@ -376,7 +377,7 @@ def evaluate(node: fx.Node, gm: fx.GraphModule, env: dict, modules: dict) -> Any
     args = fx.node.map_arg(node.args, env.__getitem__)
     kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
     if node.op == "get_attr":
-        v = _attr(gm, node.target)
+        v = fetch_attr(gm, node.target)
         return TMeta(tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v
     mod = modules[node.target] if node.op == "call_module" else None
     if not _has_tensor(args) and not _has_tensor(kwargs) and node.op == "call_function":
