@@ -21,17 +21,19 @@ from . import field as F_
 from .errors import AnalysisError, FxrfError, UnsupportedOpError
 from .field import Field
 from .metric import DEFAULT_ALPHA, gain as gain_of, volume as volume_of
-from .rules import Ctx, Decline, T, default_sp, lookup
-from .rules.conv import conv as conv_rule, conv_spec
-from .shapes import TMeta, fetch_attr
-from .trace import InputSpec, _as_shapes, describe, op_name, trace_with_values
+from .naming import describe, op_name
+from .ops import Call, Decline, OpTable, T, TMeta, default_table
+from .rules import default_sp
+from .shapes import fetch_attr
+from .trace import InputSpec, _as_shapes, trace_with_values
 
 META_KEY = "fxrf"  # node.meta[META_KEY] holds the NodeRecord
 
 
 @dataclass(frozen=True)
 class RF:
-    """A receptive field: spatial extent per dim (capped at the reference size) and channel counts."""
+    """A receptive field: spatial extent per dim (capped at the reference size unless the analysis ran with
+    spatial_cap=False) and channel counts."""
 
     spatial: tuple
     channel: int
@@ -89,12 +91,18 @@ class Analysis:
     stages: list
     records: list  # NodeRecord in graph order, tensor-valued nodes only
     unsupported: list  # (node name, target, reason)
+    spatial_cap: bool = True  # False: spatial extents (and so volumes and gains) are not capped at w_0
 
     def record(self, name: str) -> NodeRecord:
-        for r in self.records:
-            if r.name == name:
-                return r
-        raise KeyError(f"no node named {name!r}; nodes: {', '.join(r.name for r in self.records[:8])}, ...")
+        """The record of the node called `name` (a dict lookup, built on first use)."""
+        r = self._by_name.get(name)
+        if r is None:
+            raise KeyError(f"no node named {name!r}; nodes: {', '.join(r.name for r in self.records[:8])}, ...")
+        return r
+
+    @functools.cached_property
+    def _by_name(self) -> dict:
+        return {r.name: r for r in self.records}
 
     def convs(self) -> list:
         return [r for r in self.records if r.kernel is not None]
@@ -115,8 +123,14 @@ class Analysis:
 
 
 def analyze(model: nn.Module, example_input: InputSpec, *, alpha: float = DEFAULT_ALPHA, strict: bool = False,
-            concrete_args: dict | None = None, leaf_modules=()) -> Analysis:
+            concrete_args: dict | None = None, leaf_modules=(), spatial_cap: bool = True,
+            rules: OpTable | None = None) -> Analysis:
     """Trace `model` (unless it is a GraphModule already) and annotate every node with its 3DRF.
+
+    spatial_cap: True (default) reports the poster's 3DRF^w_k = min(3DRF^w_{k-1} + w_k - 1, w_0), measured
+    exactly at the centre neuron (what autograd checks); False reports the uncapped extent of the stack
+    (3DRF^w_{k-1} + (w_k - 1) * D_k, which may exceed w_0) and computes volumes and gains from it, as the paper's
+    Tables 3-5 do (docs/paper.md). Channel fields are the same either way.
 
     >>> import torch.nn as nn
     >>> a = analyze(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)), (1, 3, 32, 32))
@@ -124,16 +138,23 @@ def analyze(model: nn.Module, example_input: InputSpec, *, alpha: float = DEFAUL
     [('_0', 3, 3, 27), ('_1', 5, 3, 75)]
     >>> round(a.record("_1").gain, 4)
     1.7315
+    >>> a = analyze(nn.Sequential(*[nn.Conv2d(8, 8, 3, padding=1) for _ in range(3)]), (1, 8, 4, 4),
+    ...             spatial_cap=False)
+    >>> [r.rf.height for r in a.convs()]   # 3, 5, 7 on a 4x4 map (capped: 3, 4, 4)
+    [3, 5, 7]
     """
     gm, shapes, modules = trace_with_values(model, example_input, concrete_args=concrete_args,
-                                            leaf_modules=leaf_modules)
+                                            leaf_modules=leaf_modules, rules=rules)
     inputs = _as_shapes(example_input)
-    return _Walker(gm, shapes, inputs, modules, alpha, strict).run(type(model).__name__)
+    walker = _Walker(gm, shapes, inputs, modules, alpha, strict, rules)
+    walker.spatial_cap = spatial_cap
+    return walker.run(type(model).__name__)
 
 
 def analyze_graph(gm: fx.GraphModule, example_inputs, *, constant_inputs=(), alpha: float = DEFAULT_ALPHA,
-                  strict: bool = False, name: str | None = None) -> Analysis:
-    """Analyse a GraphModule given one example tensor (or shape) per placeholder.
+                  strict: bool = False, name: str | None = None, spatial_cap: bool = True,
+                  rules: OpTable | None = None) -> Analysis:
+    """Analyse a GraphModule given one example tensor (or shape) per placeholder (spatial_cap: as `analyze`).
 
     Placeholders at the positions in `constant_inputs` hold parameters or buffers (as torch.compile lifts them
     into graph inputs) and are treated like `get_attr` constants: they see nothing of the model input.
@@ -148,19 +169,21 @@ def analyze_graph(gm: fx.GraphModule, example_inputs, *, constant_inputs=(), alp
     modules = dict(gm.named_modules())
     from .shapes import propagate
     from .trace import annotate
-    shapes = propagate(gm, metas, modules)
+    shapes = propagate(gm, metas, modules, rules)
     annotate(gm, shapes)
     inputs = [m for i, m in enumerate(metas) if i not in constant_inputs and isinstance(m, TMeta)] or \
         [m for m in metas if isinstance(m, TMeta)]
-    walker = _Walker(gm, shapes, inputs, modules, alpha, strict)
+    walker = _Walker(gm, shapes, inputs, modules, alpha, strict, rules)
     walker.constants = values
     walker.constant_names = {placeholders[i].name for i in constant_inputs}
+    walker.spatial_cap = spatial_cap
     return walker.run(name or type(gm).__name__)
 
 
 class _Walker:
-    def __init__(self, gm, shapes, inputs, modules, alpha, strict):
+    def __init__(self, gm, shapes, inputs, modules, alpha, strict, rules: OpTable | None = None):
         self.gm, self.shapes, self.alpha, self.strict = gm, shapes, alpha, strict
+        self.table = rules or default_table()
         self.input_shape = inputs[0].shape
         self.dims = max(len(self.input_shape) - 2, 0)
         self.modules = modules
@@ -168,6 +191,7 @@ class _Walker:
         self._plan: dict = {}
         self.constants: dict = {}  # placeholder name -> tensor, for placeholders that hold parameters
         self.constant_names: set = set()
+        self.spatial_cap = True  # False: extents are not capped at the reference size (analyze's spatial_cap)
         self.unsupported: list = []
         self._declined: dict = {}
 
@@ -177,10 +201,10 @@ class _Walker:
         plan = self._plan.get(node)  # looked up once, used by both walks and the record
         if plan is None:
             mod = self.modules[node.target] if node.op == "call_module" else None
-            plan = self._plan[node] = (mod, lookup(node, mod))
+            plan = self._plan[node] = (mod, self.table.lookup(node, mod))
         return plan
 
-    def _apply(self, node, mod, rule, env, stage_of=None, stage=None):
+    def _apply(self, node, mod, op, env, stage_of=None, stage=None):
         """Fields of `node`'s output from its inputs' fields in `env` (inputs of other stages see nothing)."""
 
         def wrap(n):
@@ -203,20 +227,20 @@ class _Walker:
 
         args = fx.node.map_arg(node.args, wrap)
         kwargs = fx.node.map_arg(node.kwargs, wrap)
-        ctx = Ctx(node, mod, args, kwargs, self.shapes[node], self.dims)
-        if rule is None:
+        ctx = Call(node, mod, args, kwargs, self.shapes[node], self.dims)
+        if op is None or op.rf is None:
             return self._conservative(ctx, "no rule")
         try:
-            return rule(ctx)
+            return op.rf(ctx)
         except Decline as e:
             return self._conservative(ctx, str(e))
         except FxrfError:
             raise
         except Exception as e:
-            raise AnalysisError(f"the receptive-field rule {rule.__name__} failed on {describe(self.gm, node)}: "
+            raise AnalysisError(f"the receptive-field rule of op {op.name!r} failed on {describe(self.gm, node)}: "
                                 f"{type(e).__name__}: {e}") from e
 
-    def _conservative(self, ctx: Ctx, reason: str):
+    def _conservative(self, ctx: Call, reason: str):
         node = ctx.node
         if node not in self._declined:
             self._declined[node] = reason
@@ -289,7 +313,8 @@ class _Walker:
         for r in records:
             gm_node = self._by_name[r.name]
             gm_node.meta[META_KEY] = r
-        return Analysis(gm, model_name, tuple(self.input_shape), self.alpha, stages, records, self.unsupported)
+        return Analysis(gm, model_name, tuple(self.input_shape), self.alpha, stages, records, self.unsupported,
+                        self.spatial_cap)
 
     # -- step 2: stages -----------------------------------------------------------------------------------------
 
@@ -360,7 +385,7 @@ class _Walker:
         key = (id(f), tuple(cap), sizes)  # per-channel ops (BN, ReLU) hand the same Field on: summarise it once
         rf = self._summaries.get(key)
         if rf is None:
-            spatial, cmin, cmean = f.summary(tuple(cap), sizes)
+            spatial, cmin, cmean = f.summary(tuple(cap), sizes, self.spatial_cap)
             rf = self._summaries[key] = RF(spatial, cmin, cmean)
         return rf
 
@@ -374,13 +399,13 @@ class _Walker:
         input_rf = None
         if isinstance(fi, Field) and self.dims:
             input_rf = self._summary(fi, self.input_shape[2:], map_size(fi, v.shape))
-        mod, rule = self._plan.get(node, (None, None))
+        mod, op = self._plan.get(node, (None, None))
         kernel, g = None, None
-        if rule is conv_rule:
-            ctx = Ctx(node, mod, fx.node.map_arg(node.args, lambda n: T(self.shapes[n].shape, None)
-                                                 if isinstance(self.shapes[n], TMeta) else self.shapes[n]),
-                      node.kwargs, v, self.dims)
-            kernel = conv_spec(ctx).kind
+        if op is not None and op.conv_like:  # a kernel type and a gain (any op registered with a ConvSpec)
+            ctx = Call(node, mod, fx.node.map_arg(node.args, lambda n: T(self.shapes[n].shape, None)
+                                                  if isinstance(self.shapes[n], TMeta) else self.shapes[n]),
+                       node.kwargs, v, self.dims)
+            kernel = op.spec(ctx).kind
             src = node.args[0]
             prev = st_env.get(src) if stage_of.get(src) == s else None
             if rf is not None and node not in starts and isinstance(prev, Field):

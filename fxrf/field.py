@@ -102,12 +102,15 @@ class Field:
         as_sets = [frozenset(np.flatnonzero(row).tolist()) for row in flags]
         return [as_sets[i] for i in self.idx.ravel().tolist()]
 
-    def extents(self, cap: Sequence[int], sizes: Sequence[int]) -> np.ndarray:
+    def extents(self, cap: Sequence[int], sizes: Sequence[int], capped: bool = True) -> np.ndarray:
         """Per channel (flattened) and reference dim, the extent the neuron at the centre of this tensor's map
-        (`sizes` pixels per reference dim, 1 where pooled away) sees of a reference map of `cap` pixels."""
-        return self._reach_extents(tuple(cap), tuple(sizes))[self.idx.ravel()]
+        (`sizes` pixels per reference dim, 1 where pooled away) sees of a reference map of `cap` pixels.
+        capped=False: the classic extent of the stack, hi - lo + 1, which may exceed `cap` (see `summary`)."""
+        return self._reach_extents(tuple(cap), tuple(sizes), capped)[self.idx.ravel()]
 
-    def _reach_extents(self, cap, sizes) -> np.ndarray:
+    def _reach_extents(self, cap, sizes, capped=True) -> np.ndarray:
+        if not capped:  # the hull of the offsets, not clipped to the map: sum of (w_k - 1) * D_k, plus 1
+            return np.rint(self.spans[:, 1::2] - self.spans[:, 0::2] + 1).astype(np.int64)
         if self.taps is None and self.size is None:  # the classic hull, capped as in the paper
             ext = np.rint(self.spans[:, 1::2] - self.spans[:, 0::2] + 1).astype(np.int64)
             return np.minimum(ext, np.asarray(cap, dtype=np.int64))
@@ -126,22 +129,28 @@ class Field:
             out[:, k] = np.where(anyv, last - first + 1, 0)
         return out
 
-    def summary(self, cap: Sequence[int], sizes: Sequence[int] | None = None) -> tuple[tuple[int, ...], int, float]:
-        """(spatial extent per dim, the largest over channels (see `extents`); min channels; mean channels)."""
+    def summary(self, cap: Sequence[int], sizes: Sequence[int] | None = None,
+                capped: bool = True) -> tuple[tuple[int, ...], int, float]:
+        """(spatial extent per dim, the largest over channels (see `extents`); min channels; mean channels).
+
+        capped=False reports the uncapped extent (the recurrence w_k = w_{k-1} + (w_k - 1) * D_k without
+        min(., w_0)), which is what the paper's Tables 3-5 use (docs/paper.md); channels are unaffected."""
         sizes = tuple(cap) if sizes is None else tuple(sizes)
-        if len(self.bits) == 1 and self.taps is None:  # most nodes: one reach, dense; plain Python is faster
+        if len(self.bits) == 1 and (self.taps is None or not capped):  # one reach, its hull: plain Python is faster
             row = self.spans[0].tolist()
             spatial = []
             for k, (w0, n, j) in enumerate(zip(cap, sizes, self.jump)):
                 lo, hi = row[2 * k], row[2 * k + 1]
-                if self.size is None:
+                if not capped:
+                    spatial.append(int(round(hi - lo + 1)))
+                elif self.size is None:
                     spatial.append(min(int(round(hi - lo + 1)), w0))
                 else:
                     c = (n // 2) * j
                     spatial.append(max(int(round(min(hi, w0 - 1 - c) - max(lo, -c) + 1)), 0))
             n = int(self._counts[0])
             return tuple(spatial), n, float(n)
-        spatial = tuple(int(e) for e in self._reach_extents(tuple(cap), sizes).max(axis=0))
+        spatial = tuple(int(e) for e in self._reach_extents(tuple(cap), sizes, capped).max(axis=0))
         counts = self._counts
         if len(counts) == 1:
             return spatial, int(counts[0]), float(counts[0])
