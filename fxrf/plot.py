@@ -51,89 +51,124 @@ def plot_analysis(a, path) -> str:
     whose 3DRF reaches V_0 is labelled 'saturated'.
     """
     fig = _agg_figure(figsize=(8.0, 9.0))
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
     summaries = [s for s in stage_summaries(a) if s.convs]
     convs = [r for s in summaries for r in s.convs]
     if not convs:
         raise FxrfError(f"nothing to plot: {a.model} has no convolutions in any stage")
     n = len(convs)
     dense = n > 40  # many convs: smaller labels, no value annotations on the 3DRF panels
-    fig_w = min(max(8.0, 0.42 * n + 2.5), 40.0)
-    fig.set_size_inches(fig_w, 9.0)
+    fig.set_size_inches(min(max(8.0, 0.42 * n + 2.5), 40.0), 9.0)
     ax_w, ax_c, ax_g = fig.subplots(3, 1, sharex=True, gridspec_kw={"height_ratios": [1, 1, 1.15]})
     fs = 7 if dense else 8
+    spans = _spans(summaries)
+    _spatial_panel(ax_w, spans, dense, fs)
+    _channel_panel(ax_c, spans, dense, fs)
+    _gain_panel(ax_g, spans, a.alpha, dense, fs)
+    _conv_axis(ax_g, convs, fs)  # the shared x axis, labelled under the bottom panel
+    _title_and_legend(fig, a)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
 
-    x = 0
-    spans = []  # (stage summary, first x, last x)
+
+def _spans(summaries) -> list:
+    """(stage summary, first x, last x) per stage: its convs' positions on the shared x axis."""
+    x, spans = 0, []
     for s in summaries:
         spans.append((s, x, x + len(s.convs) - 1))
         x += len(s.convs)
+    return spans
 
-    ymax_w = max(max(s.stage.resolution) for s, _, _ in spans)
-    ymax_c = max(s.stage.channels for s, _, _ in spans)
+
+def _band(ax, st, x0, x1) -> None:
+    """Every other stage shaded, so that the stages can be told apart."""
+    if st.index % 2 == 0:
+        ax.axvspan(x0 - 0.5, x1 + 0.5, color="#f2f2f2", zorder=0, lw=0)
+
+
+def _spatial_panel(ax, spans, dense, fs) -> None:
+    """The spatial 3DRF (pixels per side) of each conv, one line per stage, its cap w_0 dashed; the stage labels
+    (and 'saturated') above the panel."""
     for s, x0, x1 in spans:
         st = s.stage
         color = stage_color(st.index)
-        xs = list(range(x0, x1 + 1))
-        w0, c0 = max(st.resolution), st.channels
-        for ax in (ax_w, ax_c, ax_g):
-            if st.index % 2 == 0:
-                ax.axvspan(x0 - 0.5, x1 + 0.5, color="#f2f2f2", zorder=0, lw=0)
-        # spatial: one line per stage, the cap w_0 dashed
+        _band(ax, st, x0, x1)
         sp = [max(r.rf.spatial) if r.rf and r.rf.spatial else 1 for r in s.convs]
-        full_w = [r.rf is not None and tuple(r.rf.spatial) == tuple(st.resolution) for r in s.convs]
-        _series(ax_w, xs, sp, full_w, color, w0, annotate=not dense, fs=fs)
-        # channel
+        full = [r.rf is not None and tuple(r.rf.spatial) == tuple(st.resolution) for r in s.convs]
+        _series(ax, list(range(x0, x1 + 1)), sp, full, color, max(st.resolution), annotate=not dense, fs=fs)
+        res = "x".join(map(str, st.resolution))
+        label = f"stage {st.index}\n{res} px, c0 {st.channels}"
+        ax.annotate(label, ((x0 + x1) / 2, 1.0), xycoords=("data", "axes fraction"), xytext=(0, 14),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=fs, color=color,
+                    fontweight="bold", annotation_clip=False)
+        if s.saturated:
+            ax.annotate("saturated", ((x0 + x1) / 2, 1.0), xycoords=("data", "axes fraction"),
+                        xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=fs,
+                        color=SATURATED_COLOR, fontweight="bold", annotation_clip=False)
+    _log2_axis(ax, max(max(s.stage.resolution) for s, _, _ in spans), "spatial 3DRF (px per side)")
+
+
+def _channel_panel(ax, spans, dense, fs) -> None:
+    """The channel 3DRF of each conv, one line per stage, its cap c_0 dashed."""
+    for s, x0, x1 in spans:
+        st = s.stage
+        _band(ax, st, x0, x1)
         ch = [r.rf.channel if r.rf else 1 for r in s.convs]
-        full_c = [r.rf is not None and r.rf.channel >= c0 for r in s.convs]
-        _series(ax_c, xs, ch, full_c, color, c0, annotate=not dense, fs=fs)
-        # gain
-        for xi, r in zip(xs, s.convs):
+        full = [r.rf is not None and r.rf.channel >= st.channels for r in s.convs]
+        _series(ax, list(range(x0, x1 + 1)), ch, full, stage_color(st.index), st.channels, annotate=not dense,
+                fs=fs)
+    _log2_axis(ax, max(s.stage.channels for s, _, _ in spans), "channel 3DRF")
+
+
+def _log2_axis(ax, top, what: str) -> None:
+    ax.set_yscale("log", base=2)
+    ax.set_ylim(0.45, top * 2.2)
+    ax.set_ylabel(what)
+    ax.yaxis.set_major_locator(_pow2_locator(top))
+    ax.yaxis.set_major_formatter(_pow2_formatter())
+    ax.grid(axis="y", which="major", color="#dddddd", lw=0.6, zorder=0)
+
+
+def _gain_panel(ax, spans, alpha, dense, fs) -> None:
+    """The gain of each conv: a bar, a red X for gain 0, 'start' for a conv that starts its stage (symlog axis)."""
+    for s, x0, x1 in spans:
+        color = stage_color(s.stage.index)
+        _band(ax, s.stage, x0, x1)
+        for xi, r in zip(range(x0, x1 + 1), s.convs):
             g = r.gain
             if g is None:
-                ax_g.bar(xi, 0, color="none")
-                ax_g.annotate("start", (xi, 0), xytext=(0, 3), textcoords="offset points", ha="center",
-                              va="bottom", fontsize=fs - 1, color="#777777", rotation=90)
+                ax.bar(xi, 0, color="none")
+                ax.annotate("start", (xi, 0), xytext=(0, 3), textcoords="offset points", ha="center",
+                            va="bottom", fontsize=fs - 1, color="#777777", rotation=90)
             elif g == 0:
-                ax_g.plot([xi], [0], marker="X", ms=9, color=SATURATED_COLOR, zorder=4, ls="none")
-                ax_g.annotate("0", (xi, 0), xytext=(0, 7), textcoords="offset points", ha="center",
-                              va="bottom", fontsize=fs, color=SATURATED_COLOR, fontweight="bold")
+                ax.plot([xi], [0], marker="X", ms=9, color=SATURATED_COLOR, zorder=4, ls="none")
+                ax.annotate("0", (xi, 0), xytext=(0, 7), textcoords="offset points", ha="center",
+                            va="bottom", fontsize=fs, color=SATURATED_COLOR, fontweight="bold")
             else:
-                ax_g.bar(xi, g, width=0.7, color=color, alpha=0.85, zorder=3)
-                ax_g.annotate(gain_text(g), (xi, g), xytext=(0, 2), textcoords="offset points", ha="center",
-                              va="bottom", fontsize=fs, rotation=90 if dense else 0)
-        # stage label above the top panel
-        res = "x".join(map(str, st.resolution))
-        label = f"stage {st.index}\n{res} px, c0 {c0}"
-        ax_w.annotate(label, ((x0 + x1) / 2, 1.0), xycoords=("data", "axes fraction"), xytext=(0, 14),
-                      textcoords="offset points", ha="center", va="bottom", fontsize=fs, color=color,
-                      fontweight="bold", annotation_clip=False)
-        if s.saturated:
-            ax_w.annotate("saturated", ((x0 + x1) / 2, 1.0), xycoords=("data", "axes fraction"),
-                          xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=fs,
-                          color=SATURATED_COLOR, fontweight="bold", annotation_clip=False)
+                ax.bar(xi, g, width=0.7, color=color, alpha=0.85, zorder=3)
+                ax.annotate(gain_text(g), (xi, g), xytext=(0, 2), textcoords="offset points", ha="center",
+                            va="bottom", fontsize=fs, rotation=90 if dense else 0)
+    ax.set_yscale("symlog", linthresh=1.0, linscale=1.0)
+    gains = [r.gain for s, _, _ in spans for r in s.convs if r.gain]
+    ax.set_ylim(-0.05, max(gains + [2.0]) * 8)
+    ax.set_ylabel(f"gain (alpha = {alpha:g}, symlog)")
+    ax.yaxis.set_major_formatter(_pow2_formatter())
+    ax.grid(axis="y", which="major", color="#dddddd", lw=0.6, zorder=0)
+    ax.axhline(0, color="#999999", lw=0.8, zorder=1)
 
-    for ax, top, what in ((ax_w, ymax_w, "spatial 3DRF (px per side)"), (ax_c, ymax_c, "channel 3DRF")):
-        ax.set_yscale("log", base=2)
-        ax.set_ylim(0.45, top * 2.2)
-        ax.set_ylabel(what)
-        ax.yaxis.set_major_locator(_pow2_locator(top))
-        ax.yaxis.set_major_formatter(_pow2_formatter())
-        ax.grid(axis="y", which="major", color="#dddddd", lw=0.6, zorder=0)
-    ax_g.set_yscale("symlog", linthresh=1.0, linscale=1.0)
-    gains = [r.gain for r in convs if r.gain]
-    ax_g.set_ylim(-0.05, max(gains + [2.0]) * 8)
-    ax_g.set_ylabel(f"gain (alpha = {a.alpha:g}, symlog)")
-    ax_g.yaxis.set_major_formatter(_pow2_formatter())
-    ax_g.grid(axis="y", which="major", color="#dddddd", lw=0.6, zorder=0)
-    ax_g.axhline(0, color="#999999", lw=0.8, zorder=1)
 
-    ax_g.set_xticks(range(n))
-    ax_g.set_xticklabels([f"{r.name} ({_short_kernel(r.kernel)})" for r in convs], rotation=60, ha="right",
-                         rotation_mode="anchor", fontsize=fs)
-    ax_g.set_xlim(-0.6, n - 0.4)
+def _conv_axis(ax, convs, fs) -> None:
+    """One tick per conv: its name and kernel type."""
+    n = len(convs)
+    ax.set_xticks(range(n))
+    ax.set_xticklabels([f"{r.name} ({_short_kernel(r.kernel)})" for r in convs], rotation=60, ha="right",
+                       rotation_mode="anchor", fontsize=fs)
+    ax.set_xlim(-0.6, n - 0.4)
+
+
+def _title_and_legend(fig, a) -> None:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     handles = [Line2D([], [], color="#555555", marker="o", ms=5, ls="-", label="3DRF of the conv's output"),
                Line2D([], [], color="#555555", ls="--", label="cap: stage width w0 / stage input channels c0"),
@@ -147,9 +182,6 @@ def plot_analysis(a, path) -> str:
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0))
     fig.tight_layout(rect=(0, 0.06, 1, 1.0))
     fig.subplots_adjust(hspace=0.12)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
 
 
 def _series(ax, xs, ys, full, color, cap, annotate, fs):

@@ -165,36 +165,31 @@ _DROP_ORDER = (2, 1, 4)  # c_out, kernel, volume: what a narrow terminal loses f
 _MIN_NODE = 13  # "stage N total" still fits
 
 
-def table(a, width: int = 80) -> str:
-    """The analysis for a terminal, every line at most `width` characters (node names are clipped from the left).
+@dataclass(frozen=True)
+class _Columns:
+    """Where each column of the table goes: the columns kept, their widths and the space between them."""
 
-    One row per conv and linear layer in graph order, grouped by stage (a separator line with w_0, c_0 and V_0
-    opens each stage); each stage ends with a total row (its widest 3DRF, its params and MACs); the model total
-    and the exact counts close the table. '*' marks a 3DRF that covers the whole stage input (saturated).
-    """
-    costs = a.costs
-    summaries = stage_summaries(a)
-    rows_by_stage: dict = {}
-    for r in a.records:
-        c = costs.get(r.name)
-        if r.kernel is None and (c is None or c.kind != "linear"):
-            continue
-        sat = r.rf is not None and r.stage is not None and r.rf.volume >= a.stages[r.stage].volume
-        rows_by_stage.setdefault(r.stage, []).append(
-            [r.name, r.kernel or "linear", str(r.shape[1]) if len(r.shape) > 1 else "-",
-             rf_text(r.rf) if r.kernel else "-",
-             (f"{r.rf.volume:,}" + ("*" if sat else " ")) if r.kernel and r.rf else "- ",
-             gain_text(r.gain) if r.kernel else "", si(c.params) if c else "0", si(c.macs) if c else "0"])
-    totals = {}
-    for s in summaries:
-        totals[s.stage.index] = [f"stage {s.stage.index} total", "", "", rf_text(s.rf),
-                                 (f"{s.rf.volume:,}" + ("*" if s.saturated else " ")) if s.rf else "- ", "",
-                                 si(s.params), si(s.macs)]
-    outside = [c for r in a.records if r.stage is None and (c := costs.get(r.name)) is not None]
-    grand = _cost_sum(costs.values())
-    total_row = ["total", "", "", "", "", "", si(grand["params"]), si(grand["macs"])]
-    every = [list(_COLUMNS), total_row] + list(totals.values()) + [row for rs in rows_by_stage.values() for row in rs]
-    widths = [max(len(row[i]) for row in every) for i in range(len(_COLUMNS))]
+    keep: tuple  # indices into _COLUMNS, in order
+    widths: tuple  # per column of _COLUMNS (the node column already clipped to the width)
+    gap: int
+
+    @property
+    def line_w(self) -> int:
+        return sum(self.widths[i] for i in self.keep) + self.gap * (len(self.keep) - 1)
+
+    def fmt(self, cells) -> str:
+        out = []
+        for i in self.keep:
+            cell = _clip(cells[i], self.widths[i])
+            out.append(cell.rjust(self.widths[i]) if _RIGHT[i] else cell.ljust(self.widths[i]))
+        return (" " * self.gap).join(out).rstrip()
+
+
+def _layout(rows, width: int) -> _Columns:
+    """Columns for `rows` (lists of cells, the header among them) within `width` characters: two spaces between
+    columns where they fit, else one; the least needed columns dropped when even that does not fit; node names
+    clipped to what is left (at least _MIN_NODE)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
     gap = 2 if sum(widths) + 2 * (len(widths) - 1) <= width else 1  # air between columns where it fits
     keep = list(range(len(_COLUMNS)))
     for drop in _DROP_ORDER:  # a very narrow width: give up the least needed columns, never the line limit
@@ -203,51 +198,98 @@ def table(a, width: int = 80) -> str:
         keep.remove(drop)
     rest = sum(widths[i] for i in keep[1:]) + gap * (len(keep) - 1)
     widths[0] = max(min(widths[0], width - rest), _MIN_NODE)
+    return _Columns(tuple(keep), tuple(widths), gap)
 
-    def fmt(cells):
-        out = []
-        for i in keep:
-            cell = _clip(cells[i], widths[i])
-            out.append(cell.rjust(widths[i]) if _RIGHT[i] else cell.ljust(widths[i]))
-        return (" " * gap).join(out).rstrip()
 
-    line_w = min(width, sum(widths[i] for i in keep) + gap * (len(keep) - 1))
+def _volume_cell(rf, saturated: bool) -> str:
+    return f"{rf.volume:,}" + ("*" if saturated else " ")
+
+
+def _layer_rows(a) -> dict:
+    """{stage index (None: outside any stage): the rows of its convs and linear layers, graph order}."""
+    costs = a.costs
+    rows: dict = {}
+    for r in a.records:
+        c = costs.get(r.name)
+        if r.kernel is None and (c is None or c.kind != "linear"):
+            continue
+        sat = r.rf is not None and r.stage is not None and r.rf.volume >= a.stages[r.stage].volume
+        rows.setdefault(r.stage, []).append(
+            [r.name, r.kernel or "linear", str(r.shape[1]) if len(r.shape) > 1 else "-",
+             rf_text(r.rf) if r.kernel else "-",
+             _volume_cell(r.rf, sat) if r.kernel and r.rf else "- ",
+             gain_text(r.gain) if r.kernel else "", si(c.params) if c else "0", si(c.macs) if c else "0"])
+    return rows
+
+
+def _stage_total_row(s) -> list:
+    """A stage's total row: its widest 3DRF, its params and MACs."""
+    return [f"stage {s.stage.index} total", "", "", rf_text(s.rf), _volume_cell(s.rf, s.saturated) if s.rf else "- ",
+            "", si(s.params), si(s.macs)]
+
+
+def _sum_row(label: str, cost: dict) -> list:
+    return [label, "", "", "", "", "", si(cost["params"]), si(cost["macs"])]
+
+
+def _legend(a, width: int, prose: int) -> list:
     shape = "x".join(map(str, a.input_shape))
-    prose = min(width, max(line_w, 60))  # text wraps to the table's width
     lines = textwrap.wrap(f"{a.model}  input {shape}  alpha {a.alpha:g}", prose)
-    lines += [_clip_right(t, width) for t in (
+    return lines + [_clip_right(t, width) for t in (
         "3DRF: the field of a conv's output over its stage input, HxWxC",
         "*: saturated, the 3DRF is the whole stage input (volume = V0)",
         "gain 'start': the conv starts its stage (no field before it)")]
-    lines += ["", fmt(_COLUMNS)]
-    for s in summaries:
-        st = s.stage
-        res = "x".join(map(str, st.resolution))
-        more = f" (+{len(st.inputs) - 1})" if len(st.inputs) > 1 else ""
-        head = f"-- stage {st.index}: w0 {res}, c0 {st.channels}, V0 {st.volume:,}, input {st.inputs[0]}{more}"
-        lines.append((_clip_right(head, line_w - 3) + " ").ljust(line_w, "-"))
-        rows = rows_by_stage.get(st.index, [])
-        lines += [fmt(row) for row in rows] if rows else ["(no convs)"]
-        if rows or s.params or s.macs:
-            lines.append(fmt(totals[st.index]))
-    if None in rows_by_stage or outside:
-        lines.append(_clip_right("-- outside any stage ", line_w).ljust(line_w, "-"))
-        lines += [fmt(row) for row in rows_by_stage.get(None, [])]
-        o = _cost_sum(outside)
-        lines.append(fmt(["outside total", "", "", "", "", "", si(o["params"]), si(o["macs"])]))
-    lines.append("=" * line_w)
-    lines.append(fmt(total_row))
+
+
+def _stage_lines(s, rows: list, cols: _Columns, line_w: int) -> list:
+    """A stage's separator (w_0, c_0, V_0, its input), its rows and its total."""
+    st = s.stage
+    res = "x".join(map(str, st.resolution))
+    more = f" (+{len(st.inputs) - 1})" if len(st.inputs) > 1 else ""
+    head = f"-- stage {st.index}: w0 {res}, c0 {st.channels}, V0 {st.volume:,}, input {st.inputs[0]}{more}"
+    lines = [(_clip_right(head, line_w - 3) + " ").ljust(line_w, "-")]
+    lines += [cols.fmt(row) for row in rows] if rows else ["(no convs)"]
+    if rows or s.params or s.macs:
+        lines.append(cols.fmt(_stage_total_row(s)))
+    return lines
+
+
+def _exact_counts(grand: dict, width: int) -> list:
     n = max(len(f"{grand[k]:,}") for k in ("params", "macs", "extra_macs"))
-    lines += [_clip_right(t, width) for t in (
+    return [_clip_right(t, width) for t in (
         f"params  {grand['params']:>{n},}",
         f"MACs    {grand['macs']:>{n},}  in conv, linear, matmul (FLOPs = 2 x MACs)",
         f"      + {grand['extra_macs']:>{n},}  MACs in norm, activation, pooling, elementwise ops")]
+
+
+def table(a, width: int = 80) -> str:
+    """The analysis for a terminal, every line at most `width` characters (node names are clipped from the left).
+
+    One row per conv and linear layer in graph order, grouped by stage (a separator line with w_0, c_0 and V_0
+    opens each stage); each stage ends with a total row (its widest 3DRF, its params and MACs); the model total
+    and the exact counts close the table. '*' marks a 3DRF that covers the whole stage input (saturated).
+    """
+    summaries = stage_summaries(a)
+    rows_by_stage = _layer_rows(a)
+    grand = _cost_sum(a.costs.values())
+    every = [list(_COLUMNS), _sum_row("total", grand)] + [_stage_total_row(s) for s in summaries]
+    cols = _layout(every + [row for rs in rows_by_stage.values() for row in rs], width)
+    line_w = min(width, cols.line_w)
+    prose = min(width, max(line_w, 60))  # text wraps to the table's width
+    lines = _legend(a, width, prose) + ["", cols.fmt(_COLUMNS)]
+    for s in summaries:
+        lines += _stage_lines(s, rows_by_stage.get(s.stage.index, []), cols, line_w)
+    outside = [c for r in a.records if r.stage is None and (c := a.costs.get(r.name)) is not None]
+    if None in rows_by_stage or outside:
+        lines.append(_clip_right("-- outside any stage ", line_w).ljust(line_w, "-"))
+        lines += [cols.fmt(row) for row in rows_by_stage.get(None, [])]
+        lines.append(cols.fmt(_sum_row("outside total", _cost_sum(outside))))
+    lines += ["=" * line_w, cols.fmt(_sum_row("total", grand))] + _exact_counts(grand, width)
     if a.unsupported:
         lines.append("")
         lines += textwrap.wrap(f"{len(a.unsupported)} node(s) without an exact rule, analysed conservatively:",
                                prose)
-        for n, t, why in a.unsupported:
-            lines.append(_clip_right(f"  {n}: {t} ({why})", width))
+        lines += [_clip_right(f"  {n}: {t} ({why})", width) for n, t, why in a.unsupported]
     return "\n".join(lines)
 
 

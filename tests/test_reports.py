@@ -91,6 +91,70 @@ def test_table_clips_long_names_to_the_width(resnet50):
     assert "…" in text  # layer1_0_downsample_0 no longer fits
 
 
+class ConvPlusBias(torch.nn.Module):
+    """A conv plus a bias computed from a parameter alone: that linear layer belongs to no stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.p = torch.nn.Parameter(torch.zeros(1, 4))
+        self.fc = torch.nn.Linear(4, 8)
+
+    def forward(self, x):
+        return self.c(x) + self.fc(self.p).view(1, 8, 1, 1)
+
+
+# The table as it was before table() was split into a column layout and sections (commit a7dc895), every part
+# of it at 80 columns and at 45 (columns dropped, names and prose clipped). The figures check by hand:
+# c: 8 x 3 x 3 x 3 + 8 = 224 params, 8 x 8 x 8 outputs x 27 taps = 13,824 MACs, 3DRF 3x3x3 = 27, gain from the
+#    input pixel's field of volume 1: (27 - 1) / 1 x exp(-3 x 1 / 192) = 25.597, V0 = 8 x 8 x 3 = 192;
+# fc: 4 x 8 + 8 = 40 params + p's 4 = 44, 32 MACs; total 268 params, 13,856 MACs; the add: 8 x 8 x 8 = 512
+# extra MACs.
+TABLE_80 = """\
+ConvPlusBias  input 1x3x8x8  alpha 3
+3DRF: the field of a conv's output over its stage input, HxWxC
+*: saturated, the 3DRF is the whole stage input (volume = V0)
+gain 'start': the conv starts its stage (no field before it)
+
+node           kernel    c_out  3DRF HxWxC  volume   gain  params   MACs
+-- stage 0: w0 8x8, c0 3, V0 192, input x ------------------------------
+c              standard      8       3x3x3     27   25.60     224  13.8K
+stage 0 total                        3x3x3     27             224  13.8K
+-- outside any stage ---------------------------------------------------
+fc             linear        8           -      -              44     32
+outside total                                                  44     32
+========================================================================
+total                                                         268  13.9K
+params     268
+MACs    13,856  in conv, linear, matmul (FLOPs = 2 x MACs)
+      +    512  MACs in norm, activation, pooling, elementwise ops"""
+
+TABLE_45 = """\
+ConvPlusBias  input 1x3x8x8  alpha 3
+3DRF: the field of a conv's output over its …
+*: saturated, the 3DRF is the whole stage in…
+gain 'start': the conv starts its stage (no …
+
+node          3DRF HxWxC  gain params  MACs
+-- stage 0: w0 8x8, c0 3, V0 192, input… --
+c                  3x3x3 25.60    224 13.8K
+stage 0 total      3x3x3          224 13.8K
+-- outside any stage ----------------------
+fc                     -           44    32
+outside total                      44    32
+===========================================
+total                             268 13.9K
+params     268
+MACs    13,856  in conv, linear, matmul (FLO…
+      +    512  MACs in norm, activation, po…"""
+
+
+@pytest.mark.parametrize("width,expected", [(80, TABLE_80), (45, TABLE_45)])
+def test_table_text_is_unchanged(width, expected):
+    a = fxrf.analyze(ConvPlusBias(), (1, 3, 8, 8))
+    assert table(a, width=width) == expected
+
+
 # ------------------------------------------------------------------------------------------------ JSON
 
 
