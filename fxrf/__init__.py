@@ -6,10 +6,12 @@
     27
 """
 from .analysis import META_KEY, RF, Analysis, NodeRecord, Stage, analyze
-from .errors import AnalysisError, FxrfError, InputError, TraceError, UnsupportedOpError
-from .rules import Decline, rf_rule
+from .errors import AnalysisError, DuplicateRuleError, FxrfError, InputError, TraceError, UnsupportedOpError
+from .ops import Decline, Op, OpTable, op, rf_rule
+from .ops import DEFAULT as DEFAULT_OPS
+from . import rules as _rules  # noqa: F401  (registers the built-in ops in DEFAULT_OPS)
 from .trace import trace
-from .backend import compile_model as compile  # noqa: A001  (importing it registers the "fxrf" torch.compile backend)
+from .compiler import compile_model as compile  # noqa: A001  (importing it registers the "fxrf" torch.compile backend)
 
 
 
@@ -25,6 +27,7 @@ def decompose(model, example_input, **kwargs):
     return run(model, example_input, **kwargs)
 
 
-__all__ = ["compile", "organize_stages", "decompose", "analyze", "trace", "rf_rule", "Decline", "Analysis", "NodeRecord", "RF", "Stage", "META_KEY",
+__all__ = ["compile", "organize_stages", "decompose", "analyze", "trace", "rf_rule", "op", "Op", "OpTable",
+           "DEFAULT_OPS", "Decline", "DuplicateRuleError", "Analysis", "NodeRecord", "RF", "Stage", "META_KEY",
            "FxrfError", "TraceError", "InputError", "UnsupportedOpError", "AnalysisError"]
 __version__ = "0.1.0"

@@ -38,9 +38,9 @@ sum(p.numel() for p in model.parameters())`` for a traced model.
 
 Ops without a rule get ``macs = extra_macs = 0`` and ``kind = "other"``
 (``params`` still counts what the node owns, e.g. an ``nn.Embedding``).
-Rules live in one registry, :data:`COST_RULES`, filled by :func:`cost_rule`;
-targets are module classes (looked up along the MRO, so subclasses inherit a
-rule), functions (``call_function``) and method names (``call_method``).
+The rules are the ``cost`` of each op in the op table (:mod:`fxrf.ops`, one
+registration per op kind with its shape and receptive-field rules); module
+classes are looked up along the MRO, so subclasses inherit a rule.
 
 Example:
 
@@ -57,22 +57,18 @@ Cost(params=224, macs=3456, extra_macs=128, kind='total')
 
 from __future__ import annotations
 
-import math
-import operator
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.fx
 import torch.nn as nn
-import torch.nn.functional as F
 
+from .ops import KINDS, Call, Op, OpTable, TMeta, default_table
 from .shapes import fetch_attr
 
-__all__ = ["Cost", "COST_RULES", "cost_rule", "node_cost", "model_cost", "total"]
-
-KINDS = ("conv", "linear", "norm", "activation", "pool", "elementwise", "other")
+__all__ = ["Cost", "KINDS", "node_cost", "model_cost", "total"]
 
 
 @dataclass(frozen=True)
@@ -81,204 +77,6 @@ class Cost:
     macs: int  # multiply-accumulates of the main op (conv, linear, matmul)
     extra_macs: int  # cheap ops: norm, activation, pooling, elementwise
     kind: str  # one of KINDS, or "total" for a sum
-
-
-# --------------------------------------------------------------------- rules
-
-
-class _Rule(NamedTuple):
-    kind: str
-    fn: Callable[[OpCall], tuple[int, int]]  # -> (macs, extra_macs)
-
-
-COST_RULES: dict[Any, _Rule] = {}
-
-
-def cost_rule(*targets: Any, kind: str) -> Callable:
-    """Register ``fn(call: OpCall) -> (macs, extra_macs)`` for every target.
-
-    A target is a module class, a function or a method name (str).  Aliases given
-    to the same call (``F.conv2d is torch.conv2d``) are registered once; a target
-    that already has a rule raises ``ValueError``.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
-    unique = list({id(t): t for t in targets}.values())
-    for t in unique:
-        if t in COST_RULES:
-            raise ValueError(f"duplicate cost rule for {t!r}")
-
-    def register(fn: Callable[[OpCall], tuple[int, int]]) -> Callable:
-        for t in unique:
-            COST_RULES[t] = _Rule(kind, fn)
-        return fn
-
-    return register
-
-
-@dataclass(frozen=True)
-class OpCall:
-    """What a rule sees: the node, its module (``call_module`` only) and shapes."""
-
-    gm: torch.fx.GraphModule
-    node: torch.fx.Node
-    module: nn.Module | None
-
-    def arg(self, i: int, name: str, default: Any = None) -> Any:
-        """Argument ``i`` (positional; input/self is 0) or keyword ``name``."""
-        if i < len(self.node.args):
-            return self.node.args[i]
-        return self.node.kwargs.get(name, default)
-
-    def shape(self, value: Any) -> tuple[int, ...] | None:
-        return _shape_of(self.gm, value)
-
-    @property
-    def out_numel(self) -> int:
-        return math.prod(_shape_of(self.gm, self.node) or ())
-
-    @property
-    def in_numel(self) -> int:
-        return math.prod(self.shape(self.arg(0, "input")) or ())
-
-
-# conv -------------------------------------------------------------------------
-
-
-@cost_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, kind="conv")
-def _conv_module(c: OpCall) -> tuple[int, int]:  # out_elems * (C_in/groups) * prod(kernel)
-    m = c.module
-    return c.out_numel * (m.in_channels // m.groups) * math.prod(m.kernel_size), 0
-
-
-@cost_rule(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, kind="conv")
-def _conv_fn(c: OpCall) -> tuple[int, int]:  # out_elems * prod(weight[1:]) = out * C_in/g * prod(k)
-    return c.out_numel * math.prod(c.shape(c.arg(1, "weight"))[1:]), 0
-
-
-@cost_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, kind="conv")
-def _conv_t_module(c: OpCall) -> tuple[int, int]:  # in_elems * (C_out/groups) * prod(kernel)
-    m = c.module
-    return c.in_numel * (m.out_channels // m.groups) * math.prod(m.kernel_size), 0
-
-
-@cost_rule(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, kind="conv")
-def _conv_t_fn(c: OpCall) -> tuple[int, int]:  # in_elems * prod(weight[1:]) = in * C_out/g * prod(k)
-    return c.in_numel * math.prod(c.shape(c.arg(1, "weight"))[1:]), 0
-
-
-# linear / matmul --------------------------------------------------------------
-
-
-@cost_rule(nn.Linear, kind="linear")
-def _linear_module(c: OpCall) -> tuple[int, int]:  # out_elems * in_features
-    return c.out_numel * c.module.in_features, 0
-
-
-@cost_rule(F.linear, kind="linear")
-def _linear_fn(c: OpCall) -> tuple[int, int]:  # out_elems * weight.shape[-1] (in_features)
-    return c.out_numel * c.shape(c.arg(1, "weight"))[-1], 0
-
-
-@cost_rule(torch.matmul, torch.mm, torch.bmm, operator.matmul, "matmul", "mm", "bmm", kind="linear")
-def _matmul(c: OpCall) -> tuple[int, int]:  # out_elems * K, K = a.shape[-1]
-    return c.out_numel * c.shape(c.arg(0, "input"))[-1], 0
-
-
-@cost_rule(torch.addmm, torch.baddbmm, "addmm", "baddbmm", kind="linear")
-def _addmm(c: OpCall) -> tuple[int, int]:  # out_elems * K, K = mat1.shape[-1] (addend free)
-    return c.out_numel * c.shape(c.arg(1, "mat1"))[-1], 0
-
-
-# norm -------------------------------------------------------------------------
-
-_NORM_MODULES = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
-    nn.LayerNorm, nn.GroupNorm,
-)  # fmt: skip
-
-
-@cost_rule(*_NORM_MODULES, kind="norm")
-def _norm_module(c: OpCall) -> tuple[int, int]:  # elems * (2 if affine else 1)
-    return 0, c.out_numel * (2 if getattr(c.module, "weight", None) is not None else 1)
-
-
-@cost_rule(F.batch_norm, F.instance_norm, kind="norm")
-def _bn_fn(c: OpCall) -> tuple[int, int]:  # elems * (2 if weight (arg 3) else 1)
-    return 0, c.out_numel * (2 if c.arg(3, "weight") is not None else 1)
-
-
-@cost_rule(F.layer_norm, F.group_norm, torch.layer_norm, torch.group_norm, kind="norm")
-def _ln_fn(c: OpCall) -> tuple[int, int]:  # elems * (2 if weight (arg 2) else 1)
-    return 0, c.out_numel * (2 if c.arg(2, "weight") is not None else 1)
-
-
-# activation -------------------------------------------------------------------
-
-_ACT_NAMES = (
-    "relu", "relu6", "silu", "gelu", "hardswish", "hardsigmoid", "sigmoid", "tanh",
-    "leaky_relu", "elu", "selu", "celu", "mish", "softplus", "hardtanh", "prelu",
-    "softmax", "log_softmax",
-)  # fmt: skip
-_ACT_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
-    nn.Tanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus,
-    nn.Hardtanh, nn.PReLU, nn.Softmax, nn.LogSoftmax,
-)  # fmt: skip
-_ACT_FUNCTIONS = tuple(
-    f
-    for name in _ACT_NAMES
-    for ns in (F, torch, torch._C._nn)
-    for f in (getattr(ns, name, None), getattr(ns, name + "_", None))
-    if f is not None
-)
-_ACT_METHODS = tuple(
-    m for name in _ACT_NAMES for m in (name, name + "_") if hasattr(torch.Tensor, m)
-) + ("clamp", "clamp_", "clamp_min", "clamp_min_")
-
-
-@cost_rule(*_ACT_MODULES, *_ACT_FUNCTIONS, *_ACT_METHODS, torch.clamp, kind="activation")
-def _activation(c: OpCall) -> tuple[int, int]:  # 1 per output element
-    return 0, c.out_numel
-
-
-# pool -------------------------------------------------------------------------
-
-_POOL_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.LPPool1d, nn.LPPool2d,
-)  # fmt: skip
-_POOL_FUNCTIONS = (
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-    F.lp_pool1d, F.lp_pool2d,
-    torch.max_pool1d, torch.max_pool2d, torch.max_pool3d,
-)  # fmt: skip
-
-
-@cost_rule(*_POOL_MODULES, *_POOL_FUNCTIONS, kind="pool")
-def _pool(c: OpCall) -> tuple[int, int]:  # 1 per input element
-    return 0, c.in_numel
-
-
-# elementwise ------------------------------------------------------------------
-
-_EW_NAMES = ("add", "sub", "mul", "div", "true_divide")
-
-
-@cost_rule(
-    operator.add, operator.sub, operator.mul, operator.truediv,
-    operator.iadd, operator.isub, operator.imul, operator.itruediv,
-    *(getattr(torch, n) for n in _EW_NAMES),
-    *(m for n in _EW_NAMES for m in (n, n + "_")),
-    kind="elementwise",
-)  # fmt: skip
-def _elementwise(c: OpCall) -> tuple[int, int]:  # 1 per output element (after broadcast)
-    return 0, c.out_numel
 
 
 # ------------------------------------------------------------------ evaluation
@@ -311,17 +109,29 @@ def _has_tensor(node: torch.fx.Node) -> bool:
     return _leaf_meta(node.meta.get("tensor_meta")) is not None
 
 
-def _rule_for(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[_Rule | None, nn.Module | None]:
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        rule = next((COST_RULES[t] for t in type(module).__mro__ if t in COST_RULES), None)
-        return rule, module
-    if node.op in ("call_function", "call_method"):
-        try:
-            return COST_RULES.get(node.target), None
-        except TypeError:  # unhashable target
-            return None, None
-    return None, None
+def _rule_for(gm: torch.fx.GraphModule, node: torch.fx.Node, table: OpTable) -> tuple[Op | None, nn.Module | None]:
+    module = gm.get_submodule(node.target) if node.op == "call_module" else None
+    op = table.lookup(node, module)
+    return (op if op is not None and op.cost is not None else None), module
+
+
+def _as_meta(gm: torch.fx.GraphModule, value: Any) -> Any:
+    """A node argument as cost rules see it: tensors as TMeta (from tensor_meta, or the fetched constant)."""
+    if isinstance(value, torch.fx.Node):
+        shape = _shape_of(gm, value)
+        if shape is None:
+            return None
+        leaf = _leaf_meta(value.meta.get("tensor_meta"))
+        return TMeta(shape, getattr(leaf, "dtype", None))
+    if isinstance(value, torch.Tensor):
+        return TMeta(tuple(value.shape), value.dtype)
+    return value
+
+
+def _call(gm: torch.fx.GraphModule, node: torch.fx.Node, module) -> Call:
+    args = torch.fx.node.map_aggregate(node.args, lambda v: _as_meta(gm, v))
+    kwargs = torch.fx.node.map_aggregate(node.kwargs, lambda v: _as_meta(gm, v))
+    return Call(node, module, tuple(args), dict(kwargs), out=_as_meta(gm, node))
 
 
 def _is_costed(node: torch.fx.Node) -> bool:
@@ -338,14 +148,14 @@ def _attr_param(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor |
     return obj if isinstance(obj, torch.Tensor) else None
 
 
-def _params_by_node(gm: torch.fx.GraphModule) -> dict[str, int]:
+def _params_by_node(gm: torch.fx.GraphModule, table: OpTable) -> dict[str, int]:
     """Parameter count owned by each costed node; each tensor counted once."""
     claims: dict[str, list[torch.Tensor]] = {}
     for node in gm.graph.nodes:
         if node.op != "get_attr" or (t := _attr_param(gm, node)) is None:
             continue
         users = [u for u in node.users if _is_costed(u)]  # insertion (= graph) order
-        main = [u for u in users if getattr(_rule_for(gm, u)[0], "kind", None) in ("conv", "linear")]
+        main = [u for u in users if getattr(_rule_for(gm, u, table)[0], "kind", None) in ("conv", "linear")]
         if owner := (main or users or [None])[0]:
             claims.setdefault(owner.name, []).append(t)
 
@@ -366,32 +176,34 @@ def _params_by_node(gm: torch.fx.GraphModule) -> dict[str, int]:
     return result
 
 
-def _cost(gm: torch.fx.GraphModule, node: torch.fx.Node, params: Mapping[str, int]) -> Cost | None:
+def _cost(gm: torch.fx.GraphModule, node: torch.fx.Node, params: Mapping[str, int], table: OpTable) -> Cost | None:
     if not _is_costed(node):
         return None
-    rule, module = _rule_for(gm, node)
-    if rule is None:
+    op, module = _rule_for(gm, node, table)
+    if op is None:
         return Cost(params.get(node.name, 0), 0, 0, "other")
-    macs, extra = rule.fn(OpCall(gm, node, module))
-    return Cost(params.get(node.name, 0), int(macs), int(extra), rule.kind)
+    macs, extra = op.cost(_call(gm, node, module))
+    return Cost(params.get(node.name, 0), int(macs), int(extra), op.kind)
 
 
-def node_cost(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Cost | None:
+def node_cost(gm: torch.fx.GraphModule, node: torch.fx.Node, table: OpTable | None = None) -> Cost | None:
     """Cost of one node; ``None`` for placeholder/get_attr/output and non-tensor nodes.
 
     Parameter ownership is a whole-graph property (each parameter counted once),
     so this walks the graph; use :func:`model_cost` for all nodes at once.
     """
-    return _cost(gm, node, _params_by_node(gm))
+    table = table or default_table()
+    return _cost(gm, node, _params_by_node(gm, table), table)
 
 
-def model_cost(gm: torch.fx.GraphModule) -> dict[str, Cost]:
+def model_cost(gm: torch.fx.GraphModule, table: OpTable | None = None) -> dict[str, Cost]:
     """``node.name -> Cost`` for every node that has a cost, in graph order."""
     nodes = list(gm.graph.nodes)
     if any(n.op != "output" for n in nodes) and not any("tensor_meta" in n.meta for n in nodes):
         raise ValueError("no node carries meta['tensor_meta']; run torch.fx.passes.shape_prop.ShapeProp first")
-    params = _params_by_node(gm)
-    costs = {n.name: _cost(gm, n, params) for n in nodes}
+    table = table or default_table()
+    params = _params_by_node(gm, table)
+    costs = {n.name: _cost(gm, n, params, table) for n in nodes}
     return {name: c for name, c in costs.items() if c is not None}
 
 

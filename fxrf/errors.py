@@ -19,3 +19,7 @@ class UnsupportedOpError(FxrfError):
 
 class AnalysisError(FxrfError):
     """A rule failed on a node; the message names the node and the op."""
+
+
+class DuplicateRuleError(FxrfError, ValueError):
+    """A second op was registered for a target that already has one in the same op table."""

@@ -9,37 +9,10 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from .errors import InputError, TraceError
+from .naming import _type_name, describe, op_name  # noqa: F401  (describe and op_name: re-exported)
 from .shapes import TMeta, propagate
 
 InputSpec = Any  # a tensor, a shape (tuple of ints / torch.Size), or a tuple of those for several inputs
-
-
-def describe(gm: fx.GraphModule, node: fx.Node) -> str:
-    """`call_module 'layer1.0.conv1' (nn.Conv2d)`-style name of a node for error messages."""
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        return f"{node.op} '{node.target}' ({_type_name(type(mod))}) [node {node.name}]"
-    if node.op in ("call_function", "call_method"):
-        return f"{node.op} {op_name(node)} [node {node.name}]"
-    return f"{node.op} '{node.target}' [node {node.name}]"
-
-
-def op_name(node: fx.Node) -> str:
-    t = node.target
-    if isinstance(t, str):
-        return t
-    mod = getattr(t, "__module__", None) or ""
-    name = getattr(t, "__name__", repr(t))
-    mod = {"_operator": "operator", "torch._C._nn": "F", "torch.nn.functional": "F", "torch._C._VariableFunctions":
-           "torch", "torch.functional": "torch"}.get(mod, mod)
-    return f"{mod}.{name}" if mod else name
-
-
-def _type_name(cls: type) -> str:
-    mod = cls.__module__
-    if mod.startswith("torch.nn.modules"):
-        return f"nn.{cls.__name__}"
-    return f"{mod}.{cls.__name__}"
 
 
 try:  # generates the forward's Python code on first use, not at trace time (about 5 ms on resnet50)
@@ -104,7 +77,7 @@ def trace(model: nn.Module, example_input: InputSpec, *, concrete_args: dict | N
     return trace_with_values(model, example_input, concrete_args=concrete_args, leaf_modules=leaf_modules)[0]
 
 
-def trace_with_values(model, example_input, *, concrete_args=None, leaf_modules=()):
+def trace_with_values(model, example_input, *, concrete_args=None, leaf_modules=(), rules=None):
     """`trace`, also returning the abstract value of every node and the module table (for the analysis)."""
     if not isinstance(model, nn.Module):
         raise InputError(f"fxrf works on torch.nn.Module objects, got {type(model).__name__}: pass the model "
@@ -115,7 +88,7 @@ def trace_with_values(model, example_input, *, concrete_args=None, leaf_modules=
     if len(inputs) > len(placeholders):
         raise InputError(f"{type(model).__name__} takes {len(placeholders)} input(s), got {len(inputs)} example inputs")
     modules = dict(gm.named_modules())
-    env = propagate(gm, inputs, modules)
+    env = propagate(gm, inputs, modules, rules)
     annotate(gm, env)
     return gm, env, modules
 

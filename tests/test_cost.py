@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
-from fxrf.cost import COST_RULES, Cost, cost_rule, model_cost, node_cost, total
+from fxrf.cost import Cost, model_cost, node_cost, total
+from fxrf.errors import DuplicateRuleError
+from fxrf.ops import DEFAULT, Op, define
 
 MAIN = ("conv", "linear")
 
@@ -223,11 +225,13 @@ def test_operator_add_counts_broadcast_output():
 
 
 def test_registry_rejects_duplicates_and_requires_shapes():
-    with pytest.raises(ValueError, match="duplicate"):
-        cost_rule(nn.Conv2d, kind="conv")
-    with pytest.raises(ValueError, match="duplicate"):
-        cost_rule("relu", kind="activation")
-    assert F.conv2d in COST_RULES and torch.conv2d in COST_RULES and nn.Linear in COST_RULES
+    with pytest.raises(DuplicateRuleError, match="duplicate"):
+        define("my_conv", nn.Conv2d, cost=lambda call: (0, 0), kind="conv")
+    with pytest.raises(DuplicateRuleError, match="duplicate"):
+        define("my_relu", "relu", kind="activation")
+    with pytest.raises(ValueError, match="unknown cost kind"):
+        Op("bad", ("my_op",), kind="flops")
+    assert all(DEFAULT.lookup_target(t).cost is not None for t in (F.conv2d, torch.conv2d, nn.Linear))
     with pytest.raises(ValueError, match="ShapeProp"):
         model_cost(torch.fx.symbolic_trace(nn.Conv2d(1, 1, 1)))
 

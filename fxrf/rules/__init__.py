@@ -1,97 +1,25 @@
-"""The receptive-field rules: one small function per op kind, in one registry.
+"""The built-in ops: one registration per op kind (shape, receptive field, cost, traits) in `fxrf.ops.DEFAULT`.
 
-A rule maps one node (its module or function arguments, with every tensor argument given as `T(shape, field)`)
-to the `Field` of its output, or a tuple of fields for ops with several outputs. Rules are pure: they read the
-node and never touch the graph. The analysis calls each rule twice, once with fields referenced to the stage
-input and once with fields referenced to the model input; the same algebra serves both.
+A receptive-field rule maps one node (a `Call` whose tensor arguments are `T(shape, field)`) to the `Field` of
+its output, or a tuple of fields for ops with several outputs. Rules are pure: they read the node and never
+touch the graph. The analysis calls each rule twice, once with fields referenced to the stage input and once
+with fields referenced to the model input; the same algebra serves both.
 
-Register a rule for your own op:
+One module per op family: conv.py (convs, linear, norms, softmax), elementwise.py (activations, casts,
+broadcasting arithmetic), pool.py (pooling, reductions, resampling), layout.py (reshape, permute, cat, split,
+indexing, shuffles) and misc.py (what only has a shape or a cost). Register your own op with one call:
 
-    @rf_rule(MyUpsample, my_functional_upsample, "my_method")
-    def _my_upsample(ctx):
-        return field.rescale(ctx.args[0].field, (2, 2))
+    @fxrf.op(MyUpsample, my_functional_upsample, "my_method", shape=my_shape, cost=my_cost, kind="other")
+    def my_upsample(call):
+        return field.rescale(call.args[0].field, (2, 2))
+
+or `@fxrf.rf_rule(MyOp)` for a receptive-field rule alone (docs/architecture.md, "add an op").
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from ..ops import DEFAULT, Call, Decline, T, TMeta, define, op, rf_rule
 
-import torch.fx as fx
-import torch.nn as nn
-
-from ..field import Field
-from ..registry import registrar
-
-Rule = Callable[["Ctx"], Any]
-_RULES: dict[Any, Rule] = {}
-
-
-class Decline(Exception):
-    """Raised by a rule that cannot be exact for this call; the node gets the conservative field and is listed."""
-
-
-class T(NamedTuple):
-    """A tensor argument as a rule sees it: its shape and its field (None: sees nothing of the reference)."""
-
-    shape: tuple
-    field: Field | None
-    value: Any = None  # the tensor itself, for constants (get_attr) that hold real data
-
-
-@dataclass
-class Ctx:
-    node: fx.Node
-    module: nn.Module | None
-    args: tuple
-    kwargs: dict
-    out: Any  # the output's TMeta (shape, dtype), or a tuple of them
-    dims: int  # spatial dims of the reference (2 for images)
-
-    def arg(self, i: int, name: str, default=None):
-        if len(self.args) > i:
-            return self.args[i]
-        return self.kwargs.get(name, default)
-
-    def param(self, attr: str, i: int, name: str, default=None):
-        """A hyper-parameter: the module's attribute `attr`, or the functional form's argument `i` / `name`."""
-        return getattr(self.module, attr) if self.module is not None else self.arg(i, name, default)
-
-    @property
-    def out_shape(self) -> tuple:
-        return self.out.shape
-
-    def tensors(self) -> list[T]:
-        """Every tensor argument, flattened out of lists and tuples, in argument order."""
-        out: list[T] = []
-
-        def walk(v):
-            if isinstance(v, T):
-                out.append(v)
-            elif isinstance(v, (list, tuple)):
-                for x in v:
-                    walk(x)
-            elif isinstance(v, dict):
-                for x in v.values():
-                    walk(x)
-
-        walk(self.args)
-        walk(self.kwargs)
-        return out
-
-
-rf_rule = registrar(_RULES, "receptive-field rule")
-rf_rule.__doc__ = "Register a receptive-field rule for module types, functions, and tensor-method names (strings)."
-
-
-def lookup(node: fx.Node, module: nn.Module | None) -> Rule | None:
-    """The rule for a node: by module type (then its base classes), function object, or method name."""
-    if module is not None:
-        for cls in type(module).__mro__:
-            rule = _RULES.get(cls)
-            if rule is not None:
-                return rule
-        return None
-    return _RULES.get(node.target)
+Ctx = Call  # the name rules were written against before the op table: one call object for every rule
 
 
 def default_sp(shape: tuple, dims: int) -> tuple:
@@ -100,4 +28,31 @@ def default_sp(shape: tuple, dims: int) -> tuple:
     return tuple(range(n - dims, n)) if n >= 2 + dims else (None,) * dims
 
 
-from . import conv, elementwise, layout, pool  # noqa: E402,F401  (fill the registry)
+def tuple_of(v, n: int) -> tuple:
+    """An int-or-sequence hyper-parameter as an n-tuple."""
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+def same_shape(call: Call):
+    """Shape rule of ops whose output has their first tensor argument's shape and dtype."""
+    return next(a for a in list(call.args) + list(call.kwargs.values()) if isinstance(a, TMeta))
+
+
+def per_output(call: Call) -> tuple[int, int]:
+    """Cost rule: one cheap op per output element (activations, elementwise arithmetic)."""
+    return 0, call.out_numel
+
+
+def spatial_dims(call: Call) -> int:
+    """d of an op named ...1d / ...2d / ...3d (MaxPool2d or a subclass of it, F.adaptive_avg_pool3d)."""
+    names = [c.__name__ for c in type(call.module).__mro__] if call.module is not None else [call.name]
+    for name in names:
+        if name[-1:] == "d" and name[-2:-1].isdigit():
+            return int(name[-2])
+    return 2
+
+
+__all__ = ["DEFAULT", "Call", "Ctx", "Decline", "T", "TMeta", "define", "op", "rf_rule", "default_sp", "tuple_of",
+           "same_shape", "per_output", "spatial_dims"]
+
+from . import conv, elementwise, layout, misc, pool  # noqa: E402,F401  (fill the table)

@@ -1,6 +1,8 @@
 """Convolutions, linear layers and normalisations: the ops that mix channels."""
 from __future__ import annotations
 
+import math
+import operator
 from typing import NamedTuple
 
 import torch
@@ -8,7 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import field
-from . import Ctx, Decline, rf_rule
+from ..errors import InputError
+from . import Ctx, Decline, TMeta, define, op, per_output, same_shape, tuple_of
 
 
 class ConvSpec(NamedTuple):
@@ -30,16 +33,12 @@ class ConvSpec(NamedTuple):
         return "grouped"
 
 
-def _tuple(v, n):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
-
-
 def _left_pad(padding, kernel, dilation):
     if padding == "valid":
         return (0,) * len(kernel)
     if padding == "same":  # PyTorch puts the odd extra pixel on the right
         return tuple(dl * (k - 1) // 2 for k, dl in zip(kernel, dilation))
-    return _tuple(padding, len(kernel))
+    return tuple_of(padding, len(kernel))
 
 
 def conv_spec(ctx: Ctx) -> ConvSpec:
@@ -53,14 +52,60 @@ def conv_spec(ctx: Ctx) -> ConvSpec:
     d = len(w.shape) - 2
     groups = ctx.arg(6, "groups", 1)
     k = tuple(w.shape[2:])
-    dil = _tuple(ctx.arg(5, "dilation", 1), d)
-    return ConvSpec(w.shape[1] * groups, w.shape[0], groups, k, _tuple(ctx.arg(3, "stride", 1), d),
+    dil = tuple_of(ctx.arg(5, "dilation", 1), d)
+    return ConvSpec(w.shape[1] * groups, w.shape[0], groups, k, tuple_of(ctx.arg(3, "stride", 1), d),
                     _left_pad(ctx.arg(4, "padding", 0), k, dil), dil)
+
+
+def window_out(size, k, s, p, dl, ceil=False):
+    """Output length of a k-tap window (stride s, padding p each side, dilation dl) over `size` pixels."""
+    num = size + 2 * p - dl * (k - 1) - 1
+    out = (-(-num // s) if ceil else num // s) + 1
+    if ceil and (out - 1) * s >= size + p:  # PyTorch: the last window must start inside the input or left padding
+        out -= 1
+    if out <= 0:
+        raise InputError(f"a {k}-pixel window (stride {s}, padding {p}, dilation {dl}) does not fit a {size}-pixel "
+                         f"input: the example input is too small for this model")
+    return out
+
+
+def _check_conv_input(call: Ctx, x, d, in_channels):
+    """A wrong input for the first conv is the usual symptom of a wrong example input: say so plainly."""
+    node, m = call.node, call.module
+    what = (f"call_module '{node.target}' ({type(m).__name__}({m.in_channels}, {m.out_channels}, ...))"
+            if m is not None else f"call_function {call.name}")
+    if len(x.shape) != d + 2:
+        raise InputError(f"{what} [node {node.name}] expects a batched {d + 2}-D input (N, C, "
+                         f"{ {1: 'L', 2: 'H, W', 3: 'D, H, W'}.get(d, '...')}) but gets shape {tuple(x.shape)}: pass an example input "
+                         f"of rank {d + 2}, e.g. (1, {in_channels}, {', '.join(['32'] * d)})")
+    if x.shape[1] != in_channels:
+        raise InputError(f"{what} [node {node.name}] expects {in_channels} input channels but gets {x.shape[1]} "
+                         f"(input shape {tuple(x.shape)}): pass an example input with {in_channels} channels")
+
+
+# out size per dim = floor((n + 2p - dil*(k-1) - 1) / s) + 1; padding="same" keeps n.
+def conv_shape(call: Ctx):
+    x = call.args[0]
+    spec = conv_spec(call)
+    d = len(spec.kernel)
+    _check_conv_input(call, x, d, spec.in_channels)
+    out_c = x.shape[:1] + (spec.out_channels,)
+    if call.param("padding", 4, "padding", 0) == "same":
+        return TMeta(out_c + tuple(x.shape[-d:]), x.dtype)
+    sp = tuple(window_out(n, k, s, p, dl) for n, k, s, p, dl in
+               zip(x.shape[-d:], spec.kernel, spec.stride, spec.padding, spec.dilation))
+    return TMeta(out_c + sp, x.dtype)
+
+
+def conv_cost(call: Ctx):  # out_elements * (C_in / groups) * prod(kernel); the bias add is not counted
+    spec = conv_spec(call)
+    return call.out_numel * (spec.in_channels // spec.groups) * math.prod(spec.kernel), 0
 
 
 # out[o, x] = sum over c in o's group, t < k of w * in[c, x*s - p + t*dil]: o sees its group's channels,
 # and along each spatial dim the window [x*s - p, x*s - p + (k-1)*dil].
-@rf_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, F.conv1d, F.conv2d, F.conv3d)
+@op(nn.Conv1d, nn.Conv2d, nn.Conv3d, F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d,
+    shape=conv_shape, cost=conv_cost, kind="conv", spec=lambda call: conv_spec(call))
 def conv(ctx: Ctx):
     x = ctx.args[0]
     spec = conv_spec(ctx)
@@ -94,8 +139,24 @@ def _slide(f, in_shape, kernel, stride, padding, dilation, out_shape):
     return f
 
 
+def linear_shape(call: Ctx):
+    x = call.args[0]
+    m = call.module
+    if m is not None and x.shape[-1] != m.in_features:
+        raise InputError(f"call_module '{call.node.target}' (Linear({m.in_features}, {m.out_features})) [node "
+                         f"{call.node.name}] gets {x.shape[-1]} features (shape {tuple(x.shape)}): the "
+                         f"example input's size probably differs from the one the model was built for")
+    out = m.out_features if m is not None else call.arg(1, "weight").shape[0]
+    return TMeta(x.shape[:-1] + (out,), x.dtype)
+
+
+def linear_cost(call: Ctx):  # out_elements * in_features (bias not counted)
+    m = call.module
+    return call.out_numel * (m.in_features if m is not None else call.arg(1, "weight").shape[-1]), 0
+
+
 # y = x W^T + b over the last axis: every output feature sees every input feature of its row.
-@rf_rule(nn.Linear, F.linear)
+@op(nn.Linear, F.linear, shape=linear_shape, cost=linear_cost, kind="linear")
 def linear(ctx: Ctx):
     x = ctx.args[0]
     if x.field is None:
@@ -105,22 +166,31 @@ def linear(ctx: Ctx):
     return field.mix(x.field, ctx.out_shape[-1], 1, axis=-1)
 
 
+def norm_cost(weight_arg: int):
+    """1 op per element to normalise, 2 when affine (a weight is present): ptflops' convention."""
+    def cost(call: Ctx):
+        w = getattr(call.module, "weight", None) if call.module is not None else call.arg(weight_arg, "weight")
+        return 0, call.out_numel * (2 if w is not None else 1)
+    return cost
+
+
 # Inference-mode batch norm is an affine map per channel: identity on fields.
-@rf_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, F.batch_norm)
+@op(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, F.batch_norm,
+    shape=same_shape, cost=norm_cost(3), kind="norm", traits={"per_channel"})
 def batch_norm(ctx: Ctx):
     return ctx.args[0].field
 
 
 # Layer norm statistics run over the trailing normalized_shape axes: each output sees all of them.
-@rf_rule(nn.LayerNorm, F.layer_norm)
+@op(nn.LayerNorm, F.layer_norm, torch.layer_norm, shape=same_shape, cost=norm_cost(2), kind="norm")
 def layer_norm(ctx: Ctx):
     x = ctx.args[0]
     ns = ctx.param("normalized_shape", 1, "normalized_shape")
-    return _statistics_over(x, range(len(x.shape) - len(_tuple(ns, 1)), len(x.shape)))
+    return _statistics_over(x, range(len(x.shape) - len(tuple_of(ns, 1)), len(x.shape)))
 
 
 # Group norm: statistics over each group of channels and the whole map.
-@rf_rule(nn.GroupNorm, F.group_norm)
+@op(nn.GroupNorm, F.group_norm, torch.group_norm, shape=same_shape, cost=norm_cost(2), kind="norm")
 def group_norm(ctx: Ctx):
     x = ctx.args[0]
     groups = ctx.param("num_groups", 1, "num_groups")
@@ -131,7 +201,8 @@ def group_norm(ctx: Ctx):
 
 
 # Instance norm: statistics over the whole map, per channel.
-@rf_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, F.instance_norm)
+@op(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, F.instance_norm, shape=same_shape,
+    cost=norm_cost(3), kind="norm")
 def instance_norm(ctx: Ctx):
     x = ctx.args[0]
     return _statistics_over(x, [a for a in (x.field.sp if x.field else ()) if a is not None])
@@ -152,11 +223,38 @@ def _statistics_over(x, axes):
     return field.spread(f, sizes)
 
 
-@rf_rule(nn.Softmax, nn.LogSoftmax, nn.Softmin, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
-         "softmax", "log_softmax")
+@op(nn.Softmax, nn.LogSoftmax, nn.Softmin, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
+    "softmax", "log_softmax", shape=same_shape, cost=per_output, kind="activation", traits={"activation"})
 def softmax(ctx: Ctx):
     x = ctx.args[0]
     dim = ctx.param("dim", 1, "dim")
     if dim is None:
         raise Decline("softmax without an explicit dim")
     return _statistics_over(x, [dim % len(x.shape)])
+
+
+# Transposed convs: in_elements * (C_out / groups) * prod(kernel). Shape by meta execution; no receptive-field
+# rule yet (conservative).
+def conv_transpose_cost(call: Ctx):
+    m = call.module
+    per = (m.out_channels // m.groups) * math.prod(m.kernel_size) if m is not None else \
+        math.prod(call.arg(1, "weight").shape[1:])
+    return call.in_numel * per, 0
+
+
+define("conv_transpose", nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, F.conv_transpose1d,
+       F.conv_transpose2d, F.conv_transpose3d, cost=conv_transpose_cost, kind="conv")
+
+
+# matmul / mm / bmm: out_elements * K, K = the contracted dim (a.shape[-1]); addmm/baddbmm's addend is free.
+def matmul_cost(call: Ctx):
+    return call.out_numel * call.arg(0, "input").shape[-1], 0
+
+
+def addmm_cost(call: Ctx):
+    return call.out_numel * call.arg(1, "mat1").shape[-1], 0
+
+
+define("matmul", torch.matmul, torch.mm, torch.bmm, operator.matmul, "matmul", "mm", "bmm", cost=matmul_cost,
+       kind="linear")
+define("addmm", torch.addmm, torch.baddbmm, "addmm", "baddbmm", cost=addmm_cost, kind="linear")

@@ -1,4 +1,4 @@
-"""Elementwise ops: per-channel maps (identity on fields) and broadcasting merges (union of fields)."""
+"""Elementwise ops: per-element maps (identity on fields) and broadcasting arithmetic (union of fields)."""
 from __future__ import annotations
 
 import operator
@@ -9,39 +9,85 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import field
-from . import Ctx, Decline, T, rf_rule
-
-try:  # torchvision's stochastic depth is an fx-wrapped function: identity at inference
-    from torchvision.ops import stochastic_depth as _stochastic_depth
-    from torchvision.ops.stochastic_depth import StochasticDepth as _StochasticDepth
-    _TV = (_stochastic_depth, _StochasticDepth)
-except ImportError:  # pragma: no cover - torchvision is a dependency
-    _TV = ()
-
-# out[c, x] = f(in[c, x]): activations, dropout (inference), casts, copies.
-_PER_ELEMENT = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
-    nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-    nn.Dropout3d, nn.AlphaDropout, nn.Identity,
-    F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
-    F.hardtanh, F.softplus, F.dropout, F.sigmoid, F.tanh, torch.relu, torch.sigmoid, torch.tanh, torch.clone,
-    torch.abs, torch.exp, torch.neg, torch.sqrt, torch.rsqrt, torch.clamp,
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone", "abs", "exp", "neg", "sqrt", "rsqrt",
-    "clamp", "clamp_", "detach", "hardtanh_", "float", "half", "to", "type_as",
-) + _TV
+from ..ops import Op
+from . import DEFAULT, Ctx, Decline, T, TMeta, define, per_output, same_shape
 
 
-@rf_rule(*_PER_ELEMENT)
+# out[c, x] = f(in[c, x]): the output element sees exactly what its input element sees.
 def per_element(ctx: Ctx):
     return ctx.args[0].field
 
 
+def _forms(name: str, extra=()) -> tuple:
+    """Every spelling of an activation: F.name, torch.name, torch._C._nn.name, their in-place `name_`, the
+    tensor methods of those names."""
+    fns = [f for n in (name, name + "_") for ns in (F, torch, torch._C._nn) if (f := getattr(ns, n, None))]
+    methods = [m for m in (name, name + "_") if hasattr(torch.Tensor, m)]
+    return (*fns, *methods, *extra)
+
+
+# Activations: per element, 1 op per output element (ptflops). Idempotent ones (act(act(x)) == act(x)) can be
+# repeated after an identity conv without changing the function (the organizer's insertions).
+_ACTIVATIONS = (  # (name, module, idempotent, extra targets)
+    ("relu", nn.ReLU, True, ()),
+    ("relu6", nn.ReLU6, True, ()),
+    ("hardtanh", nn.Hardtanh, True, ("hardtanh_",)),
+    ("leaky_relu", nn.LeakyReLU, False, ()),
+    ("prelu", nn.PReLU, False, ()),
+    ("elu", nn.ELU, False, ()),
+    ("selu", nn.SELU, False, ()),
+    ("celu", nn.CELU, False, ()),
+    ("gelu", nn.GELU, False, ()),
+    ("silu", nn.SiLU, False, ()),
+    ("mish", nn.Mish, False, ()),
+    ("sigmoid", nn.Sigmoid, False, ()),
+    ("tanh", nn.Tanh, False, ()),
+    ("hardswish", nn.Hardswish, False, ()),
+    ("hardsigmoid", nn.Hardsigmoid, False, ()),
+    ("softplus", nn.Softplus, False, ()),
+    ("clamp", None, False, ("clamp_min", "clamp_min_", "clamp_max", "clamp_max_")),
+)
+for _name, _module, _idempotent, _extra in _ACTIVATIONS:
+    DEFAULT.register(Op(_name, ((_module,) if _module else ()) + _forms(_name, _extra), shape=same_shape,
+                        rf=per_element, cost=per_output, kind="activation",
+                        traits={"per_element", "per_channel", "activation"} | ({"idempotent"} if _idempotent else set())))
+
+
+# Dropout (an identity at inference), identity, copies and casts: per element, free.
+def _cast_shape(ctx: Ctx):
+    x = same_shape(ctx)
+    if ctx.node.op == "call_method" and ctx.node.target in ("float", "half"):
+        return TMeta(x.shape, torch.float32 if ctx.node.target == "float" else torch.float16)
+    return x
+
+
+define("identity", nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, F.dropout,
+       torch.clone, "contiguous", "clone", "detach",
+       # torchvision's stochastic depth (fx-wrapped function and module): the identity at inference; resolved
+       # once torchvision is imported, so importing fxrf does not import it
+       "torchvision.ops.stochastic_depth:stochastic_depth", "torchvision.ops.stochastic_depth:StochasticDepth",
+       shape=same_shape, rf=per_element, traits={"per_element", "per_channel"})
+define("cast", "float", "half", "to", "type_as", shape=_cast_shape, rf=per_element, traits={"per_element"})
+define("unary_math", torch.abs, torch.exp, torch.neg, torch.sqrt, torch.rsqrt, "abs", "exp", "neg", "sqrt", "rsqrt",
+       shape=same_shape, rf=per_element, traits={"per_element"})
+
+
 # out = a (op) b with broadcasting: each output element sees what its two source elements see.
-@rf_rule(operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.truediv, torch.add,
-         torch.mul, torch.sub, torch.div, torch.maximum, torch.minimum, "add", "add_", "mul", "mul_", "sub", "div",
-         "__add__", "__mul__", "__radd__", "__rmul__")
+def broadcast_shape(ctx: Ctx):
+    ts = [a for a in ctx.tensors()]
+    return TMeta(tuple(torch.broadcast_shapes(*(t.shape for t in ts))), ts[0].dtype)
+
+
 def binary(ctx: Ctx):
     return broadcast_merge([t for t in ctx.tensors() if t.field is not None], ctx.out_shape)
+
+
+_ARITH = ("add", "sub", "mul", "div", "true_divide")
+define("binary", operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+       operator.truediv, operator.itruediv, torch.maximum, torch.minimum,
+       *(getattr(torch, n) for n in _ARITH), *(m for n in _ARITH for m in (n, n + "_")),
+       "__add__", "__mul__", "__radd__", "__rmul__",
+       shape=broadcast_shape, rf=binary, cost=per_output, kind="elementwise")
 
 
 def broadcast_merge(ts: list[T], out_shape: tuple):

@@ -14,17 +14,47 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import field
-from . import Ctx, Decline, T, rf_rule
+from . import Ctx, Decline, T, TMeta, define, op
 from .elementwise import broadcast_merge
+
+
+def _with(x, dim, n):
+    s = list(x.shape)
+    s[dim] = n
+    return TMeta(tuple(s), x.dtype)
+
+
+def _sizes(ctx: Ctx, name: str):
+    """The size arguments of view/reshape/permute: method varargs, or one sequence argument."""
+    got = ctx.args[1:] if ctx.node.op == "call_method" else (ctx.arg(1, name),)
+    return tuple(got[0]) if len(got) == 1 and isinstance(got[0], (tuple, list, torch.Size)) else tuple(got)
+
+
+def reshape_shape(ctx: Ctx):  # one -1 takes what the others leave
+    x = ctx.args[0]
+    shape = _sizes(ctx, "shape")
+    known = math.prod(s for s in shape if s != -1)
+    return TMeta(tuple(math.prod(x.shape) // known if s == -1 else int(s) for s in shape), x.dtype)
+
+
+def flatten_shape(ctx: Ctx):  # axes start..end become one of their product
+    x = ctx.args[0]
+    start, end = ctx.param("start_dim", 1, "start_dim", 0), ctx.param("end_dim", 2, "end_dim", -1)
+    n = len(x.shape)
+    start, end = start % n if n else 0, end % n if n else 0
+    return TMeta(x.shape[:start] + (math.prod(x.shape[start:end + 1]),) + x.shape[end + 1:], x.dtype)
 
 
 # Row-major reshape. With the spatial axes trailing and kept, only the channel part is regrouped; when they are
 # folded into features, feature i*HW + j comes from channel i (at some pixel: the whole map, conservatively).
-@rf_rule("view", "reshape", torch.reshape, nn.Flatten, torch.flatten, "flatten", nn.Unflatten, "unflatten",
-         "squeeze", torch.squeeze, "unsqueeze", torch.unsqueeze)
+@op("view", "reshape", torch.reshape, shape=reshape_shape)
 def reshape(ctx: Ctx):
     x = ctx.args[0]
     return reshape_field(x, ctx.out_shape, ctx.dims)
+
+
+define("flatten", nn.Flatten, torch.flatten, "flatten", shape=flatten_shape, rf=reshape)
+define("squeeze", nn.Unflatten, "unflatten", "squeeze", torch.squeeze, "unsqueeze", torch.unsqueeze, rf=reshape)
 
 
 def reshape_field(x: T, out_shape: tuple, dims: int):
@@ -55,21 +85,27 @@ def reshape_field(x: T, out_shape: tuple, dims: int):
 
 
 # Axis permutation: the spatial axes move with it, the channel index array is transposed.
-@rf_rule("permute", torch.permute, "transpose", torch.transpose, "swapaxes", torch.swapaxes, "swapdims")
-def permute(ctx: Ctx):
+def _perm(ctx: Ctx) -> list:
+    rank = len(ctx.args[0].shape)
+    if ctx.name == "permute":
+        return [d % rank for d in _sizes(ctx, "dims")]
+    a, b = ctx.arg(1, "dim0") % rank, ctx.arg(2, "dim1") % rank
+    perm = list(range(rank))
+    perm[a], perm[b] = perm[b], perm[a]
+    return perm
+
+
+def permute_shape(ctx: Ctx):  # out.shape[i] = in.shape[perm[i]]
     x = ctx.args[0]
-    rank = len(x.shape)
-    name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
-    if name == "permute":
-        dims = ctx.args[1:] if ctx.node.op == "call_method" else (ctx.arg(1, "dims"),)
-        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
-            dims = dims[0]
-        perm = [d % rank for d in dims]
-    else:
-        a, b = ctx.arg(1, "dim0") % rank, ctx.arg(2, "dim1") % rank
-        perm = list(range(rank))
-        perm[a], perm[b] = perm[b], perm[a]
-    return permute_field(x.field, perm)
+    return TMeta(tuple(x.shape[d] for d in _perm(ctx)), x.dtype)
+
+
+@op("permute", torch.permute, "transpose", torch.transpose, shape=permute_shape)
+def permute(ctx: Ctx):
+    return permute_field(ctx.args[0].field, _perm(ctx))
+
+
+define("swapaxes", "swapaxes", torch.swapaxes, "swapdims", rf=permute)
 
 
 def permute_field(f, perm: list):
@@ -84,7 +120,13 @@ def permute_field(f, perm: list):
 
 
 # Concatenation along a channel-like axis keeps each part's channels in order.
-@rf_rule(torch.cat, torch.concat)
+def cat_shape(ctx: Ctx):  # the sizes along dim add up
+    xs = [t for t in ctx.arg(0, "tensors") if isinstance(t, TMeta)]
+    dim = ctx.arg(1, "dim", 0) % len(xs[0].shape)
+    return _with(xs[0], dim, sum(t.shape[dim] for t in xs))
+
+
+@op(torch.cat, torch.concat, shape=cat_shape)
 def cat(ctx: Ctx):
     parts = [t for t in ctx.arg(0, "tensors") if isinstance(t, T)]
     dim = ctx.arg(1, "dim", 0) % len(parts[0].shape)
@@ -100,12 +142,31 @@ def cat(ctx: Ctx):
 
 
 # chunk/split along channels: each piece keeps its channels; along a spatial axis each piece is a crop.
-@rf_rule("chunk", torch.chunk, "split", torch.split, "tensor_split", torch.tensor_split, "unbind", torch.unbind)
+def chunk_shape(ctx: Ctx):  # pieces of ceil(n / chunks), the last one shorter
+    x, n = ctx.args[0], ctx.arg(1, "chunks")
+    dim = ctx.arg(2, "dim", 0) % len(x.shape)
+    step = -(-x.shape[dim] // n)
+    return tuple(_with(x, dim, min(step, x.shape[dim] - i)) for i in range(0, x.shape[dim], step))
+
+
+def split_shape(ctx: Ctx):  # pieces of split_size (the last one shorter), or the given sections
+    x, sz = ctx.args[0], ctx.arg(1, "split_size_or_sections", ctx.kwargs.get("split_size"))
+    dim = ctx.arg(2, "dim", 0) % len(x.shape)
+    if isinstance(sz, int):
+        return tuple(_with(x, dim, min(sz, x.shape[dim] - i)) for i in range(0, x.shape[dim], sz))
+    return tuple(_with(x, dim, s) for s in sz)
+
+
+define("chunk", "chunk", torch.chunk, shape=chunk_shape, rf=lambda ctx: split(ctx))
+define("split", "split", torch.split, shape=split_shape, rf=lambda ctx: split(ctx))
+
+
+@op("tensor_split", torch.tensor_split, "unbind", torch.unbind, name="tensor_split")
 def split(ctx: Ctx):
     x = ctx.args[0]
     outs = ctx.out
     f = x.field
-    name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+    name = ctx.name
     dim = ctx.arg(1 if name == "unbind" else 2, "dim", 0) % len(x.shape)
     if f is None:
         return tuple(None for _ in outs)
@@ -123,7 +184,7 @@ def split(ctx: Ctx):
 
 # x[index]: basic indexing. Channel axes are sliced in the index array; spatial slices are crops (a step s
 # multiplies the jump); an int on a spatial axis drops it.
-@rf_rule(operator.getitem)
+@op(operator.getitem)
 def getitem(ctx: Ctx):
     x, index = ctx.args[0], ctx.args[1]
     if not isinstance(x, T):  # picking one output of split/chunk or of a module returning a tuple
@@ -166,7 +227,7 @@ def getitem(ctx: Ctx):
 
 
 # torch.roll along channels rotates them; along a spatial axis it wraps around the map.
-@rf_rule("roll", torch.roll)
+@op("roll", torch.roll, traits={"channel_permutation"})
 def roll(ctx: Ctx):
     x = ctx.args[0]
     f = x.field
@@ -188,7 +249,7 @@ def roll(ctx: Ctx):
 
 
 # index_select with a constant index tensor picks channels.
-@rf_rule("index_select", torch.index_select)
+@op("index_select", torch.index_select, traits={"channel_permutation"})
 def index_select(ctx: Ctx):
     x, dim, index = ctx.args[0], ctx.arg(1, "dim"), ctx.arg(2, "index")
     f = x.field
@@ -207,7 +268,8 @@ def index_select(ctx: Ctx):
 
 
 # channel_shuffle(g): out channel k*g + j is in channel j*(C/g) + k.
-@rf_rule(nn.ChannelShuffle, F.channel_shuffle, torch.channel_shuffle, F.native_channel_shuffle)
+@op(nn.ChannelShuffle, F.channel_shuffle, torch.channel_shuffle, F.native_channel_shuffle,
+    traits={"channel_permutation"})
 def channel_shuffle(ctx: Ctx):
     x = ctx.args[0]
     g = ctx.param("groups", 1, "groups")
@@ -226,6 +288,6 @@ def channel_shuffle(ctx: Ctx):
 
 
 # expand / expand_as / broadcast_to: a broadcast of one operand.
-@rf_rule("expand", "expand_as", torch.broadcast_to, "broadcast_to")
+@op("expand", "expand_as", torch.broadcast_to, "broadcast_to")
 def expand(ctx: Ctx):
     return broadcast_merge([t for t in ctx.tensors()[:1] if t.field is not None], ctx.out_shape)

@@ -8,18 +8,48 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import field, shapes
-from . import Ctx, Decline, rf_rule
-from .conv import one_pixel
+from .. import field
+from . import Ctx, Decline, TMeta, define, op, spatial_dims, tuple_of
+from .conv import one_pixel, window_out
+
+
+def pool_params(ctx: Ctx, d: int):
+    """(kernel, stride, padding, dilation, ceil_mode) of a max/avg pool in module or functional form."""
+    m = ctx.module
+    if m is not None:
+        k = tuple_of(m.kernel_size, d)
+        s = tuple_of(m.stride if m.stride is not None else m.kernel_size, d)
+        return k, s, tuple_of(m.padding, d), tuple_of(getattr(m, "dilation", 1), d), m.ceil_mode
+    k = tuple_of(ctx.arg(1, "kernel_size"), d)
+    s = ctx.arg(2, "stride", None)
+    s = k if s is None or s == [] or s == () else tuple_of(s, d)
+    p = tuple_of(ctx.arg(3, "padding", 0), d)
+    if "max" in ctx.name:  # max_pool(x, k, s, p, dilation, ceil_mode)
+        return k, s, p, tuple_of(ctx.arg(4, "dilation", 1), d), ctx.arg(5, "ceil_mode", False)
+    return k, s, p, (1,) * d, ctx.arg(4, "ceil_mode", False)  # avg_pool(x, k, s, p, ceil_mode, ...)
+
+
+# out size per dim = floor or ceil((n + 2p - dil*(k-1) - 1) / s) + 1
+def pool_shape(ctx: Ctx):
+    x = ctx.args[0]
+    d = spatial_dims(ctx)
+    k, s, p, dl, ceil = pool_params(ctx, d)
+    sp = tuple(window_out(n, kk, ss, pp, dd, ceil) for n, kk, ss, pp, dd in zip(x.shape[-d:], k, s, p, dl))
+    return TMeta(x.shape[:-d] + sp, x.dtype)
+
+
+def pool_cost(ctx: Ctx):  # 1 op per input element
+    return 0, ctx.in_numel
 
 
 # out[c, x] = reduce over t < k of in[c, x*s - p + t*dil]: a window per channel.
-@rf_rule(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-         F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)
+@op(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    torch.max_pool1d, torch.max_pool2d, torch.max_pool3d, torch.avg_pool1d,
+    shape=pool_shape, cost=pool_cost, kind="pool", traits={"per_channel"})
 def pool(ctx: Ctx):
     x = ctx.args[0]
-    d = shapes.pool_dims(ctx.node, ctx.module)
-    k, s, p, dl, _ = shapes.pool_params(ctx.node, ctx.module, ctx.args, ctx.kwargs, d)
+    k, s, p, dl, _ = pool_params(ctx, spatial_dims(ctx))
     return _window_last(x, k, s, p, dl)
 
 
@@ -36,13 +66,27 @@ def _window_last(x, kernel, stride, padding, dilation):
     return field.window(f, ks, ss, ps, ds)
 
 
+def adaptive_out(ctx: Ctx, x) -> tuple:
+    """(d, output size per spatial dim) of an adaptive pool (None in output_size keeps the input's size)."""
+    d = spatial_dims(ctx)
+    size = tuple_of(ctx.param("output_size", 1, "output_size"), d)
+    return d, tuple(n if o is None else o for o, n in zip(size, x.shape[-d:]))
+
+
+def adaptive_shape(ctx: Ctx):
+    x = ctx.args[0]
+    d, out = adaptive_out(ctx, x)
+    return TMeta(x.shape[:-d] + out, x.dtype)
+
+
 # Adaptive pooling: output i reads [floor(i*n/o), ceil((i+1)*n/o)); the widest such window bounds every neuron.
-@rf_rule(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-         nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-         F.adaptive_avg_pool3d, F.adaptive_max_pool2d)
+@op(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+    torch.adaptive_avg_pool1d, shape=adaptive_shape, cost=pool_cost, kind="pool", traits={"per_channel"})
 def adaptive_pool(ctx: Ctx):
     x = ctx.args[0]
-    d, out = shapes.adaptive_out(ctx.node, ctx.module, ctx.args, ctx.kwargs, x)
+    d, out = adaptive_out(ctx, x)
     kernel, stride = [], []
     for n, o in zip(x.shape[-d:], out):
         kernel.append(max(math.ceil((i + 1) * n / o) - (i * n) // o for i in range(o)))
@@ -50,8 +94,19 @@ def adaptive_pool(ctx: Ctx):
     return _window_last(x, kernel, stride, [0] * d, [1] * d)
 
 
+def reduce_shape(ctx: Ctx):
+    x = ctx.args[0]
+    dims = ctx.arg(1, "dim")
+    keep = ctx.arg(2, "keepdim", False)
+    if dims is None:
+        return TMeta((), x.dtype)
+    dims = {d % len(x.shape) for d in tuple_of(dims, 1)}
+    shape = tuple((1 if keep else None) if i in dims else s for i, s in enumerate(x.shape))
+    return TMeta(tuple(s for s in shape if s is not None), x.dtype)
+
+
 # mean/sum/amax over axes: spatial axes fold the whole map into each output, channel axes union.
-@rf_rule("mean", torch.mean, "sum", torch.sum, "amax", torch.amax)
+@op("mean", torch.mean, "sum", torch.sum, "amax", torch.amax, shape=reduce_shape)
 def reduce(ctx: Ctx):
     x = ctx.args[0]
     f = x.field
@@ -82,7 +137,7 @@ def field_tuple(v):
 
 
 # Upsampling: output pixel x reads input x / scale (nearest) or its two neighbours (linear modes).
-@rf_rule(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.interpolate)
+@op(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.interpolate)
 def upsample(ctx: Ctx):
     x = ctx.args[0]
     f = x.field
@@ -99,7 +154,7 @@ def upsample(ctx: Ctx):
 
 
 # pixel_shuffle(r): out channel c at (y, x) reads in channel c*r*r + (y%r)*r + x%r at (y//r, x//r).
-@rf_rule(nn.PixelShuffle, F.pixel_shuffle)
+@op(nn.PixelShuffle, F.pixel_shuffle)
 def pixel_shuffle(ctx: Ctx):
     x = ctx.args[0]
     r = ctx.param("upscale_factor", 1, "upscale_factor")
@@ -112,7 +167,7 @@ def pixel_shuffle(ctx: Ctx):
 
 
 # pixel_unshuffle(r): out channel c*r*r + k at (y, x) reads in channel c at one pixel of the r x r block (y, x).
-@rf_rule(nn.PixelUnshuffle, F.pixel_unshuffle)
+@op(nn.PixelUnshuffle, F.pixel_unshuffle)
 def pixel_unshuffle(ctx: Ctx):
     x = ctx.args[0]
     r = ctx.param("downscale_factor", 1, "downscale_factor")
@@ -124,3 +179,7 @@ def pixel_unshuffle(ctx: Ctx):
     f = f.with_idx(np.repeat(idx, r * r, axis=ax))
     n = len(f.sp)
     return field.window(f, [r] * n, [r] * n, [0] * n, [1] * n)
+
+
+# LP pooling: counted (1 op per input element); no receptive-field rule yet (conservative).
+define("lp_pool", nn.LPPool1d, nn.LPPool2d, F.lp_pool1d, F.lp_pool2d, cost=pool_cost, kind="pool")

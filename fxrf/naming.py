@@ -1,0 +1,32 @@
+"""How fxrf names a node or an op in messages and reports (`call_module 'layer1.0.conv1' (nn.Conv2d)`)."""
+from __future__ import annotations
+
+import torch.fx as fx
+
+
+def describe(gm: fx.GraphModule, node: fx.Node) -> str:
+    """`call_module 'layer1.0.conv1' (nn.Conv2d)`-style name of a node for error messages."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return f"{node.op} '{node.target}' ({_type_name(type(mod))}) [node {node.name}]"
+    if node.op in ("call_function", "call_method"):
+        return f"{node.op} {op_name(node)} [node {node.name}]"
+    return f"{node.op} '{node.target}' [node {node.name}]"
+
+
+def op_name(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return t
+    mod = getattr(t, "__module__", None) or ""
+    name = getattr(t, "__name__", repr(t))
+    mod = {"_operator": "operator", "torch._C._nn": "F", "torch.nn.functional": "F", "torch._C._VariableFunctions":
+           "torch", "torch.functional": "torch"}.get(mod, mod)
+    return f"{mod}.{name}" if mod else name
+
+
+def _type_name(cls: type) -> str:
+    mod = cls.__module__
+    if mod.startswith("torch.nn.modules"):
+        return f"nn.{cls.__name__}"
+    return f"{mod}.{cls.__name__}"
