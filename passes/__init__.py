@@ -6,7 +6,6 @@ graph are deep-copied first). Passes re-run the analysis on what they build inst
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any
 
@@ -27,11 +26,19 @@ class PassResult:
 def private_copy(model: nn.Module, example_input: Any, **trace_kwargs) -> fx.GraphModule:
     """A traced GraphModule that shares nothing with `model` (passes edit this copy, never the user's model)."""
     from fxrf.trace import trace
+
+    from .util import copy_graph_module
     gm = model if isinstance(model, fx.GraphModule) else trace(model, example_input, **trace_kwargs)
-    gm = copy.deepcopy(gm)
-    if type(gm).__mro__[1] is not fx.GraphModule:  # fxrf.trace's lazily compiled kind: results get a plain one,
-        gm = fx.GraphModule(gm, gm.graph, gm.__class__.__name__)  # which every torch version saves and loads
-    return gm
+    return copy_graph_module(gm, params="copy")
+
+
+def shared_copy(gm: fx.GraphModule, class_name: str | None = None) -> tuple[fx.GraphModule, dict]:
+    """A new GraphModule over a copy of gm's graph that shares gm's submodules, parameters and buffers (node meta
+    copied shallowly), and the map from gm's nodes to the copy's nodes. For rewrites of a graph whose parameters
+    must stay the caller's (torch.compile's graphs); `private_copy` is the one that shares nothing."""
+    graph, env = fx.Graph(), {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    return fx.GraphModule(gm, graph, class_name or type(gm).__name__), env
 
 
 def finish(gm: fx.GraphModule) -> fx.GraphModule:

@@ -1,10 +1,13 @@
 """The block catalog of the kernel-level decomposer: what may replace a standard k x k conv.
 
-Each kind of block is one row of `CATALOG`: its name, the recipe syntax that selects it, its layers (`Step`s) and
-the weight transfer that initialises it. One builder (`build`) turns a row plus the conv it replaces into a
-`Block` (the layers as modules) and a program; one emitter (`emit`) writes that program into an fx graph. The
-decomposer emits into the model's graph; `measure` emits the same program into a graph of its own and reads the
-block's 3DRF and cost from `fxrf.analyze` and `fxrf.cost` on it. No number about a block is written by hand.
+Each kind of block is one row of `CATALOG` (a `Kind`): its name and recipe parameters (from which its recipe names,
+their parser and the parser's list of valid recipes are derived), its layers (`Step`s), the weight transfer that
+initialises it, the candidates recipe="auto" tries and its doc line. Adding a block is adding a row (see
+docs/decomposer.md, "Adding a block"); `decompose(..., catalog=...)` takes a catalog as a value. One builder
+(`build`) turns a row plus the conv it replaces into a `Block` (the layers as modules) and a program; one emitter
+(`emit`) writes that program into an fx graph. The decomposer emits into the model's graph; `measure` emits the
+same program into a graph of its own and reads the block's 3DRF and cost from `fxrf.analyze` and `fxrf.cost` on it.
+No number about a block is written by hand.
 
     >>> import torch.nn as nn
     >>> conv = nn.Conv2d(64, 128, 3, padding=1)
@@ -17,6 +20,7 @@ block's 3DRF and cost from `fxrf.analyze` and `fxrf.cost` on it. No number about
 from __future__ import annotations
 
 import copy
+import itertools
 import operator
 import re
 from collections import Counter
@@ -26,9 +30,11 @@ from typing import Callable
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
+
+from fxrf.errors import InputError
 
 from . import transfer
+from .util import Template, conv_template, identity_norm, module_of
 
 # ---------------------------------------------------------------------------------------------------- the table
 
@@ -56,40 +62,49 @@ DW_HIDDEN = Step("conv", "dw", out="hidden", window=True, groups="dw", inner=Tru
 
 
 @dataclass(frozen=True)
+class Param:
+    """A recipe parameter: the `Recipe` field it sets, its letter in a recipe name ("-g4"), the value the error
+    text shows as an example, and what the parser accepts after the number ("%" after an overlap)."""
+
+    field: str
+    letter: str
+    example: int
+    suffix: str = ""
+
+
+PARAMS = {p.field: p for p in (Param("groups", "g", 4), Param("overlap", "o", 50, "%?"), Param("expansion", "e", 6))}
+
+
+@dataclass(frozen=True)
 class Kind:
-    """A row of the catalog."""
+    """One kind of block, registered once: a row of the catalog. Everything else is derived from the rows: the
+    recipe names and their parser (with the list of valid recipes in its error), what recipe="auto" tries, the
+    channel rotation of RPW (a "roll" step), the layers and the weight transfer."""
 
-    name: str
-    syntax: str  # regex of the recipe names that select this kind (named groups g, o, e)
-    steps: tuple
-    factorize: Callable | None  # (weight, bias, recipe, shift) -> transfer.Factors
-    flow: str  # the channel flow in one line (docs/decomposer.md draws it)
+    name: str  # the recipe name without parameters: "DW+RPW"
+    params: tuple  # Recipe fields its recipe names set, in order: ("groups", "overlap") -> "DW+RPW-g4-o50"
+    steps: tuple  # its layers (`Step`s) in order; () keeps the conv
+    factorize: Callable | None  # the weight transfer: (weight, bias, recipe, shift) -> transfer.Factors
+    flow: str  # the doc line: its channel flow (docs/decomposer.md draws it)
+    auto: tuple = ()  # what recipe="auto" tries: one tuple of `params` values per candidate; () never
 
+    @property
+    def syntax(self) -> str:
+        """The regex of the recipe names that select this kind (case is ignored)."""
+        return re.escape(self.name) + "".join(
+            rf"-{PARAMS[f].letter}(?P<{f}>\d+){PARAMS[f].suffix}" for f in self.params)
 
-CATALOG: tuple[Kind, ...] = (
-    Kind("S", r"S", (), None, "C -conv kxk-> O (kept as is)"),
-    Kind("DW+PW", r"DW\+PW", (DW, PW),
-         lambda w, b, r, s: transfer.dw_pw(w, b), "C -dw kxk-> C -pw 1x1-> O (MobileNet)"),
-    Kind("DW+GPW", r"DW\+GPW-g(?P<g>\d+)", (DW, GPW),
-         lambda w, b, r, s: transfer.dw_pw(w, b, r.groups), "C -dw kxk-> C -pw 1x1, G groups-> O"),
-    Kind("DW+RPW", r"DW\+RPW-g(?P<g>\d+)-o(?P<o>\d+)%?", (DW, SHIFT, GPW),
-         lambda w, b, r, s: transfer.dw_pw(w, b, r.groups, s),
-         "C -dw kxk-> C -roll o% of a group-> C -pw 1x1, G groups-> O (groups shifted against the previous layer)"),
-    Kind("GC+shuffle", r"GC\+shuffle-g(?P<g>\d+)", (GC, SHUFFLE),
-         lambda w, b, r, s: transfer.gc_shuffle(w, b, r.groups),
-         "C -conv kxk, G groups-> O -shuffle G-> O (ShuffleNet)"),
-    Kind("PW+DW+PW", r"PW\+DW\+PW-e(?P<e>\d+)", (EXPAND, DW_HIDDEN, PW),
-         lambda w, b, r, s: transfer.inverted(w, b, r.expansion),
-         "C -pw-> eC -dw kxk-> eC -pw-> O (inverted bottleneck, MobileNetV2)"),
-)
-KINDS = {k.name: k for k in CATALOG}
+    @property
+    def example(self) -> str:
+        return self.recipe(*(PARAMS[f].example for f in self.params)).name
 
-# What recipe="auto" tries, per stage (S, keeping the convs, is always a candidate).
-AUTO_CANDIDATES: tuple[str, ...] = (
-    "DW+PW", "DW+GPW-g2", "DW+GPW-g4", "DW+GPW-g8",
-    "DW+RPW-g2-o33", "DW+RPW-g2-o50", "DW+RPW-g4-o33", "DW+RPW-g4-o50", "DW+RPW-g8-o33", "DW+RPW-g8-o50",
-    "GC+shuffle-g2", "GC+shuffle-g4", "GC+shuffle-g8", "PW+DW+PW-e6",
-)
+    @property
+    def rotates(self) -> bool:
+        """Its groups are rotated against the previous grouped layer of the stage (the RPW shift)."""
+        return any(s.op == "roll" for s in self.steps)
+
+    def recipe(self, *values: int) -> "Recipe":
+        return Recipe(self, **dict(zip(self.params, values)))
 
 
 @dataclass(frozen=True)
@@ -103,14 +118,7 @@ class Recipe:
 
     @property
     def name(self) -> str:
-        k = self.kind.name
-        if k == "DW+GPW" or k == "GC+shuffle":
-            return f"{k}-g{self.groups}"
-        if k == "DW+RPW":
-            return f"{k}-g{self.groups}-o{self.overlap}"
-        if k == "PW+DW+PW":
-            return f"{k}-e{self.expansion}"
-        return k
+        return self.kind.name + "".join(f"-{PARAMS[f].letter}{getattr(self, f)}" for f in self.kind.params)
 
     @property
     def keeps(self) -> bool:
@@ -124,42 +132,81 @@ class Recipe:
         return None
 
     def shift(self, conv: nn.Conv2d) -> int:
-        """Channels the RPW groups are rotated by: o% of an input group (at least 1, less than a group)."""
-        if self.kind.name != "DW+RPW":
+        """Channels the RPW groups are rotated by: o% of an input group (at least 1, less than a group); 0 for a
+        kind without a roll step."""
+        if not self.kind.rotates:
             return 0
         m = conv.in_channels // self.groups
         return min(max(1, round(self.overlap * m / 100)), m - 1) if m > 1 else 0
 
 
-def parse(text: str | Recipe) -> Recipe:
-    """'DW+RPW-g4-o50' -> Recipe(kind DW+RPW, groups 4, overlap 50)."""
+def parse(text: str | Recipe, catalog=None) -> Recipe:
+    """'DW+RPW-g4-o50' -> Recipe(kind DW+RPW, groups 4, overlap 50), from the first row of `catalog` (default: CATALOG)
+    whose syntax matches (a Recipe comes back as it is).
+
+    >>> parse("dw+rpw-g4-o50%").name
+    'DW+RPW-g4-o50'
+    """
     if isinstance(text, Recipe):
         return text
-    for kind in CATALOG:
+    catalog = CATALOG if catalog is None else catalog
+    for kind in catalog:
         m = re.fullmatch(kind.syntax, text.strip(), flags=re.IGNORECASE)
         if m:
-            d = {k: int(v) for k, v in m.groupdict().items() if v is not None}
-            r = Recipe(kind, groups=d.get("g", 1), overlap=d.get("o", 0), expansion=d.get("e", 1))
+            r = Recipe(kind, **{k: int(v) for k, v in m.groupdict().items() if v is not None})
             if r.groups < 1 or r.expansion < 1 or not 0 <= r.overlap < 100:
-                raise ValueError(f"recipe {text!r}: groups and expansion must be >= 1, overlap in 0..99")
+                raise InputError(f"recipe {text!r}: groups and expansion must be >= 1, overlap in 0..99")
             return r
-    raise ValueError(f"unknown recipe {text!r}; use auto, S, DW+PW, DW+GPW-g4, DW+RPW-g4-o50, GC+shuffle-g4 or "
-                     f"PW+DW+PW-e6")
+    names = ["auto"] + [k.example for k in catalog]
+    raise InputError(f"unknown recipe {text!r}; use {', '.join(names[:-1])} or {names[-1]}")
+
+
+def check_catalog(catalog) -> tuple[Kind, ...]:
+    """The catalog as a tuple, checked: names unique (case is ignored), parameters known, auto values complete."""
+    seen: set = set()
+    for kind in catalog:
+        if kind.name.lower() in seen:
+            raise InputError(f"block kind {kind.name!r} is in the catalog twice; give the new row its own name")
+        seen.add(kind.name.lower())
+        unknown = [f for f in kind.params if f not in PARAMS]
+        if unknown:
+            raise InputError(f"block kind {kind.name!r}: unknown recipe parameters {unknown}; use {sorted(PARAMS)}")
+        if any(len(v) != len(kind.params) for v in kind.auto):
+            raise InputError(f"block kind {kind.name!r}: each auto candidate needs one value per {kind.params}")
+    return tuple(catalog)
+
+
+def auto_candidates(catalog=None) -> tuple[str, ...]:
+    """The recipes recipe="auto" tries, catalog order (S, keeping the convs, is always a candidate as well)."""
+    return tuple(k.recipe(*v).name for k in (CATALOG if catalog is None else catalog) for v in k.auto)
+
+
+# ------------------------------------------------------------------------------------------------- the catalog
+
+CATALOG: tuple[Kind, ...] = check_catalog((
+    Kind("S", (), (), None, "C -conv kxk-> O (kept as is)"),
+    Kind("DW+PW", (), (DW, PW), lambda w, b, r, s: transfer.dw_pw(w, b),
+         "C -dw kxk-> C -pw 1x1-> O (MobileNet)", auto=((),)),
+    Kind("DW+GPW", ("groups",), (DW, GPW), lambda w, b, r, s: transfer.dw_pw(w, b, r.groups),
+         "C -dw kxk-> C -pw 1x1, G groups-> O", auto=((2,), (4,), (8,))),
+    Kind("DW+RPW", ("groups", "overlap"), (DW, SHIFT, GPW), lambda w, b, r, s: transfer.dw_pw(w, b, r.groups, s),
+         "C -dw kxk-> C -roll o% of a group-> C -pw 1x1, G groups-> O (groups shifted against the previous layer)",
+         auto=tuple(itertools.product((2, 4, 8), (33, 50)))),
+    Kind("GC+shuffle", ("groups",), (GC, SHUFFLE), lambda w, b, r, s: transfer.gc_shuffle(w, b, r.groups),
+         "C -conv kxk, G groups-> O -shuffle G-> O (ShuffleNet)", auto=((2,), (4,), (8,))),
+    Kind("PW+DW+PW", ("expansion",), (EXPAND, DW_HIDDEN, PW), lambda w, b, r, s: transfer.inverted(w, b, r.expansion),
+         "C -pw-> eC -dw kxk-> eC -pw-> O (inverted bottleneck, MobileNetV2)", auto=((6,),)),
+))
+KINDS = {k.name: k for k in CATALOG}
+AUTO_CANDIDATES: tuple[str, ...] = auto_candidates(CATALOG)
 
 
 # ------------------------------------------------------------------------------------ the model's norm/activation
 
-_ACT_FUNCTIONS = {F.relu: nn.ReLU, torch.relu: nn.ReLU, F.relu6: nn.ReLU6, F.silu: nn.SiLU, F.gelu: nn.GELU,
-                  F.hardswish: nn.Hardswish, F.leaky_relu: nn.LeakyReLU, "relu": nn.ReLU}
-_ACTS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardtanh, nn.PReLU)
-
 
 @dataclass(frozen=True, eq=False)
-class Pattern:
+class Pattern(Template):
     """The norm and activation the model puts after its convs (templates; None: the model has none)."""
-
-    norm: nn.Module | None = None
-    act: nn.Module | None = None
 
     @property
     def signature(self) -> tuple:
@@ -168,16 +215,11 @@ class Pattern:
                 type(self.act).__name__ if self.act is not None else None)
 
     def make_norm(self, channels: int, like: torch.Tensor) -> nn.Module | None:
-        """A fresh norm for `channels`, the identity in eval mode (running stats 0/1, weight sqrt(1 + eps))."""
+        """A fresh norm for `channels`, the identity in eval mode (util.identity_norm); only for BatchNorm2d."""
         t = self.norm
         if not isinstance(t, nn.BatchNorm2d):
             return None
-        bn = nn.BatchNorm2d(channels, t.eps, t.momentum, t.affine, t.track_running_stats, device=like.device,
-                            dtype=like.dtype)
-        if bn.affine and like.device.type != "meta":
-            with torch.no_grad():
-                bn.weight.fill_((1 + t.eps) ** 0.5)
-        return bn.train(t.training)
+        return identity_norm(t, channels, device=like.device, dtype=like.dtype).train(t.training)
 
     def make_act(self, channels: int) -> nn.Module | None:
         t = self.act
@@ -193,23 +235,11 @@ def model_pattern(gm: fx.GraphModule) -> Pattern:
     modules = dict(gm.named_modules())
     seen: Counter = Counter()
     first: dict = {}
-
-    def act_of(node):
-        if node.op == "call_module" and isinstance(modules.get(node.target), _ACTS):
-            return modules[node.target]
-        if node.op in ("call_function", "call_method") and node.target in _ACT_FUNCTIONS:
-            return _ACT_FUNCTIONS[node.target]()
-        return None
-
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.Conv2d) or len(node.users) != 1:
+        if not isinstance(module_of(node, modules), nn.Conv2d) or len(node.users) != 1:
             continue
-        nxt = next(iter(node.users))
-        norm = modules.get(nxt.target) if nxt.op == "call_module" else None
-        norm = norm if isinstance(norm, nn.modules.batchnorm._NormBase) else None
-        after = next(iter(nxt.users)) if norm is not None and len(nxt.users) == 1 else (None if norm else nxt)
-        act = act_of(after) if after is not None else None
-        p = Pattern(norm, act)
+        t = conv_template(node, modules)
+        p = Pattern(t.norm, t.act)
         seen[p.signature] += 1
         first.setdefault(p.signature, p)
     if not seen:
@@ -341,7 +371,7 @@ def signature(conv: nn.Conv2d) -> tuple:
 def measure(recipe: Recipe | str, conv: nn.Conv2d, in_shape: tuple, pattern: Pattern = Pattern()) -> Measure:
     """3DRF, cost and compactness of `recipe` replacing `conv` on an input of `in_shape` (batch 1; cached)."""
     recipe = parse(recipe)
-    key = (recipe.name, signature(conv), (1,) + tuple(in_shape[1:]), pattern.signature)
+    key = (recipe, signature(conv), (1,) + tuple(in_shape[1:]), pattern.signature)  # the row: a toy may reuse a name
     if key not in _MEASURES:
         _MEASURES[key] = _measure(recipe, _meta_conv(key[1]), key[2], pattern)
     return _MEASURES[key]
@@ -353,7 +383,7 @@ def cost(recipe: Recipe | str, conv: nn.Conv2d, in_shape: tuple, pattern: Patter
     from fxrf.trace import trace
 
     recipe = parse(recipe)
-    key = (recipe.name, signature(conv), (1,) + tuple(in_shape[1:]), pattern.signature)
+    key = (recipe, signature(conv), (1,) + tuple(in_shape[1:]), pattern.signature)  # the row: a toy may reuse a name
     if key not in _COSTS:
         gm, _ = isolated(recipe, _meta_conv(key[1]), key[2], pattern)
         trace(gm, key[2])
@@ -361,7 +391,7 @@ def cost(recipe: Recipe | str, conv: nn.Conv2d, in_shape: tuple, pattern: Patter
     return _COSTS[key]
 
 
-_MEASURES: dict = {}  # (recipe, conv signature, input shape, pattern signature) -> Measure
+_MEASURES: dict = {}  # (Recipe, conv signature, input shape, pattern signature) -> Measure
 _COSTS: dict = {}
 
 

@@ -26,14 +26,18 @@ a neighbouring conv where one can take them (fold.py) and what remains is counte
     [(('DW+PW',), True, True)]
     >>> r.graph_module(torch.rand(2, 3, 8, 8)).shape
     torch.Size([2, 32, 8, 8])
+
+The result (`Decomposition`) keeps what happened in typed fields: `changes` (a BlockChange per replaced conv),
+`folds` (a fold.FoldChange per channel permutation folded into a conv), `declined` (a Declined per conv whose
+recipe could not apply), `stages` (a StageReport per stage of the original graph) and `summary` (totals);
+`to_dict()` gives them as JSON-ready dicts.
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple, Sequence
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
@@ -43,9 +47,10 @@ from fxrf.cost import total
 from fxrf.metric import DEFAULT_ALPHA
 
 from . import PassResult, finish, private_copy
-from .blocks import AUTO_CANDIDATES, build, emit, load, measure, model_pattern, parse
+from .blocks import CATALOG, Recipe, auto_candidates, build, check_catalog, emit, load, measure, model_pattern, parse
 from .blocks import cost as block_cost
 from .fold import fold_in_place
+from .util import call_counts, copy_graph_module, module_of
 
 KEEP, CLOSE = parse("S"), parse("DW+PW")
 
@@ -87,9 +92,30 @@ class BlockChange:
 
 @dataclass(frozen=True)
 class Declined:
+    """A planned conv the recipe cannot replace (kept as it is)."""
+
     conv: str
     recipe: str
     reason: str
+
+
+class RFRow(NamedTuple):
+    """A 3DRF as the stage verdicts compare it, referenced to its stage's input of c0 channels."""
+
+    spatial: tuple
+    channel: int
+    channel_mean: float
+    c0: int
+
+
+class Trial(NamedTuple):
+    """One assignment recipe="auto" tried for a stage, in the order tried."""
+
+    assignment: str  # e.g. "DW+GPW-g8", "DW+GPW-g8 + DW+PW" (closed by one DW+PW block)
+    macs: int
+    params: int
+    quality: bool | None  # None: not checked (not compact)
+    compact: bool
 
 
 @dataclass(frozen=True)
@@ -102,33 +128,49 @@ class StageReport:
     quality: bool  # the stage's 3DRF equals the original's
     compact: bool  # every block of the stage is compact
     ends: tuple  # ((end node before, its node after), ...)
-    rf_before: tuple  # per end node (spatial, channel, channel_mean, c_0), stage input as the reference
+    rf_before: tuple  # per end node an RFRow (spatial, channel, channel_mean, c_0), stage input as the reference
     rf_after: tuple
     params_before: int  # over every node of the stage
     params_after: int
     macs_before: int
     macs_after: int
     moved_start: bool = False  # a strided block starts the stage earlier: compared "at least", see the module doc
-    tried: tuple = ()  # auto: (assignment, macs, params, quality, compact) in the order tried
+    tried: tuple = ()  # auto: a Trial (assignment, macs, params, quality, compact) per assignment, in the order tried
 
 
 @dataclass
 class Decomposition(PassResult):
-    stages: list = field(default_factory=list)  # StageReport per stage of the original graph
+    """What `decompose` did. graph_module: the new model; changes: a BlockChange per replaced conv (graph order);
+    folds: a fold.FoldChange per inserted permutation folded into a conv; declined: a Declined per conv its recipe
+    could not replace; stages: a StageReport per stage of the original graph; summary: totals (params and MACs
+    before and after, counts, verdicts, the stage reports as dicts)."""
+
+    folds: list = field(default_factory=list)
+    declined: list = field(default_factory=list)
+    stages: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()  # changes, summary (which holds the stages and the declined convs as dicts)
+        d["folds"] = [asdict(f) for f in self.folds]
+        return d
 
 
 # ----------------------------------------------------------------------------------------------------- the pass
 
 
-def decompose(model: nn.Module, example_input, recipe: str = "auto", *, transfer_weights: bool = True,
-              skip_first: bool = True, fold: bool = True, candidates=AUTO_CANDIDATES,
-              alpha: float = DEFAULT_ALPHA) -> Decomposition:
+def decompose(model: nn.Module, example_input, recipe: str | Recipe = "auto", *, transfer_weights: bool = True,
+              skip_first: bool = True, fold: bool = True, candidates: Sequence[str | Recipe] | None = None,
+              alpha: float = DEFAULT_ALPHA, catalog: Sequence | None = None) -> Decomposition:
     """Replace standard convs of `model` by factorized blocks; the model itself is not modified.
 
     recipe: "auto", or a catalog recipe applied everywhere eligible ("DW+PW", "DW+GPW-g4", "DW+RPW-g4-o50",
     "GC+shuffle-g4", "PW+DW+PW-e6", "S"). transfer_weights: initialise each block from its conv (transfer.py).
-    fold: fold the inserted channel rotations/shuffles into neighbouring convs where possible.
+    skip_first: keep the model's first conv. fold: fold the inserted channel rotations/shuffles into neighbouring
+    convs where possible. candidates: the recipes "auto" tries (None: those the catalog marks). alpha: the 3DRF
+    metric's alpha. catalog: the block kinds recipe names are read from (None: blocks.CATALOG; a catalog with
+    more rows registers blocks for this call only, see docs/decomposer.md).
     """
+    catalog = check_catalog(CATALOG if catalog is None else catalog)
     gm = private_copy(model, example_input)
     before = analyze(gm, example_input, alpha=alpha)
     ends = stage_ends(before)  # read these now: the edits below rewrite this graph in place
@@ -136,20 +178,21 @@ def decompose(model: nn.Module, example_input, recipe: str = "auto", *, transfer
     pattern = model_pattern(gm)
     sites = eligible_sites(gm, before, skip_first)
     tried: dict = {}
-    if str(recipe).strip().lower() == "auto":
-        plan, tried = _auto(gm, before, ends, sites, pattern, example_input, [parse(c) for c in candidates], alpha)
+    if isinstance(recipe, str) and recipe.strip().lower() == "auto":
+        recipes = [parse(c, catalog) for c in (auto_candidates(catalog) if candidates is None else candidates)]
+        plan, tried = _auto(gm, before, ends, sites, pattern, example_input, recipes, alpha)
         name = "auto"
     else:
-        r = parse(recipe)
+        r = parse(recipe, catalog)
         plan, name = {s.node: r for s in sites}, r.name
     applied = _apply(gm, sites, plan, pattern, transfer_weights)
     finish(gm)
-    fold_changes, fold_summary = [], {"permutations": 0, "folded": 0, "remaining": 0, "remaining_nodes": []}
+    folds, fold_summary = [], {"permutations": 0, "folded": 0, "remaining": 0, "remaining_nodes": []}
     if fold and applied.permutations:
         inputs = {n.name: n.args[0].name for n in gm.graph.nodes if n.name in applied.permutations}
         folded = fold_in_place(gm, example_input, nodes=set(applied.permutations))
-        gm, fold_changes, fold_summary = folded.graph_module, folded.changes, folded.summary
-        gone = {c.node for c in fold_changes}
+        gm, folds, fold_summary = folded.graph_module, folded.changes, folded.summary
+        gone = {c.node for c in folds}
         for conv, out in list(applied.renamed.items()):
             while out in gone:  # a folded shuffle was the block's last node: its input stands for it now
                 out = inputs[out]
@@ -158,7 +201,7 @@ def decompose(model: nn.Module, example_input, recipe: str = "auto", *, transfer
         fold_summary["remaining"] = fold_summary["permutations"] = len(applied.permutations)
         fold_summary["remaining_nodes"] = list(applied.permutations)
     after = analyze(gm, example_input, alpha=alpha)
-    changes = [_change(d, before, after, applied.renamed, pattern) for d in applied.done]
+    changes = [_change(d, before, after, applied.renamed, pattern) for d in applied.replaced]
     checks = stage_quality(before, ends, after, applied.renamed, _moved(applied, pattern))
     stages = _stage_reports(before, stage_cost_before, after, sites, changes, checks, tried)
     cb, ca = cost_before, total(after.costs)
@@ -171,21 +214,18 @@ def decompose(model: nn.Module, example_input, recipe: str = "auto", *, transfer
         "permutations_remaining": fold_summary["remaining"], "remaining_permutations": fold_summary["remaining_nodes"],
         "stages": [asdict(s) for s in stages], "declined_convs": [asdict(d) for d in applied.declined],
     }
-    return Decomposition(gm, changes + list(fold_changes), summary, stages)
+    return Decomposition(gm, changes, summary, folds=list(folds), declined=list(applied.declined), stages=stages)
 
 
 def eligible_sites(gm: fx.GraphModule, a: Analysis, skip_first: bool = True) -> list[Site]:
     """Standard k x k convs (nn.Conv2d, one group, called once with one input) inside a stage, graph order."""
     modules = dict(gm.named_modules())
-    calls: dict = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            calls[n.target] = calls.get(n.target, 0) + 1
+    calls = call_counts(gm)
     convs = [n for n in gm.graph.nodes if _is_conv(n, modules)]
     starts = {name for s in a.stages for name in s.inputs}
     sites = []
     for node in convs:
-        mod = modules.get(node.target) if node.op == "call_module" else None
+        mod = module_of(node, modules)
         if skip_first and node is convs[0]:
             continue
         if not isinstance(mod, nn.Conv2d) or mod.groups != 1 or tuple(mod.kernel_size) == (1, 1):
@@ -202,14 +242,26 @@ def eligible_sites(gm: fx.GraphModule, a: Analysis, skip_first: bool = True) -> 
 
 def _is_conv(node, modules) -> bool:
     if node.op == "call_module":
-        return isinstance(modules.get(node.target), nn.modules.conv._ConvNd)
+        return isinstance(module_of(node, modules), nn.modules.conv._ConvNd)
     return node.op == "call_function" and node.target in (F.conv1d, F.conv2d, F.conv3d)
+
+
+@dataclass(frozen=True)
+class _Replaced:
+    """A conv `_apply` replaced, before the analysis of the result gives its BlockChange."""
+
+    site: Site
+    recipe: Recipe
+    conv: nn.Conv2d  # the original module
+    output: str  # the block's last node
+    shift: int
+    error: float | None  # transfer error (None without transfer)
 
 
 @dataclass
 class _Applied:
-    done: list = field(default_factory=list)  # (site, recipe, conv module, output node name, shift, error)
-    declined: list = field(default_factory=list)
+    replaced: list = field(default_factory=list)  # _Replaced, graph order
+    declined: list = field(default_factory=list)  # Declined
     renamed: dict = field(default_factory=dict)  # conv node -> the node standing for its output
     permutations: list = field(default_factory=list)  # inserted roll / shuffle nodes
 
@@ -219,7 +271,7 @@ def _apply(gm: fx.GraphModule, sites, plan: dict, pattern, transfer: bool) -> _A
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
     out = _Applied()
-    grouped_before: set = set()  # stages that already have a DW+RPW layer
+    grouped_before: set = set()  # stages that already have a rotated (DW+RPW) layer
     for site in sites:
         recipe = plan.get(site.node, KEEP)
         if recipe.keeps:
@@ -230,7 +282,7 @@ def _apply(gm: fx.GraphModule, sites, plan: dict, pattern, transfer: bool) -> _A
             out.declined.append(Declined(site.node, recipe.name, reason))
             continue
         shift = 0
-        if recipe.kind.name == "DW+RPW":
+        if recipe.kind.rotates:
             shift = recipe.shift(conv) if site.stage in grouped_before else 0
             grouped_before.add(site.stage)
         block, program = build(recipe, conv, pattern, shift)
@@ -244,23 +296,36 @@ def _apply(gm: fx.GraphModule, sites, plan: dict, pattern, transfer: bool) -> _A
         graph.erase_node(node)
         out.renamed[site.node] = new[-1].name
         out.permutations += [n.name for n, (op, arg) in zip(new, program) if op == "roll" or arg == "shuffle"]
-        out.done.append((site, recipe, conv, new[-1].name, shift, error))
+        out.replaced.append(_Replaced(site, recipe, conv, new[-1].name, shift, error))
     return out
 
 
 # ------------------------------------------------------------------------------------------------------ auto
 
 
-def _assignments(recipes, n: int) -> list:
-    """A stage's candidates, (label, recipe per eligible conv in graph order): every recipe throughout; and every
-    grouped recipe closed by one DW+PW block (its dense pointwise completes the channel field in one step) or opened
-    by one (a strided first conv must reach its own 3DRF alone, see the module doc)."""
-    out = [("S", (KEEP,) * n)]
+class _Assignment(NamedTuple):
+    label: str
+    recipes: tuple  # a Recipe per eligible conv of the stage, graph order
+
+
+class _Option(NamedTuple):
+    macs: int
+    params: int
+    order: int  # position in the candidate list (the tie-break)
+    label: str
+    used: list  # the recipes, KEEP where one cannot apply
+
+
+def _assignments(recipes, n: int) -> list[_Assignment]:
+    """A stage's candidates: every recipe throughout; and every grouped recipe closed by one DW+PW block (its
+    dense pointwise completes the channel field in one step) or opened by one (a strided first conv must reach its
+    own 3DRF alone, see the module doc)."""
+    out = [_Assignment("S", (KEEP,) * n)]
     for r in recipes:
-        out.append((r.name, (r,) * n))
+        out.append(_Assignment(r.name, (r,) * n))
         if n >= 2 and r.groups > 1:
-            out.append((f"{r.name} + DW+PW", (r,) * (n - 1) + (CLOSE,)))
-            out.append((f"DW+PW + {r.name}", (CLOSE,) + (r,) * (n - 1)))
+            out.append(_Assignment(f"{r.name} + DW+PW", (r,) * (n - 1) + (CLOSE,)))
+            out.append(_Assignment(f"DW+PW + {r.name}", (CLOSE,) + (r,) * (n - 1)))
     return out
 
 
@@ -279,7 +344,7 @@ def _auto(gm, before, ends, sites, pattern, example_input, recipes, alpha):
             plan = {}
             for ss in by_stage.values():
                 plan.update({s.node: r for s, r in zip(ss, dict(_assignments(recipes, len(ss))).get(label, ()))})
-            skel = _skeleton(gm)
+            skel = copy_graph_module(gm, params="meta")
             applied = _apply(skel, sites, plan, pattern, transfer=False)
             finish(skel)
             checks = stage_quality(before, ends, analyze(skel, example_input, alpha=alpha), applied.renamed,
@@ -296,24 +361,18 @@ def _auto(gm, before, ends, sites, pattern, example_input, recipes, alpha):
             if label != "S" and all(u.keeps for u in used):
                 continue
             cs = [block_cost(u, c, s.in_shape, pattern) for u, c, s in zip(used, convs, ss)]
-            options.append((sum(c.macs for c in cs), sum(c.params for c in cs), order, label, used))
+            options.append(_Option(sum(c.macs for c in cs), sum(c.params for c in cs), order, label, used))
         log = []
-        for macs, params, _, label, used in sorted(options, key=lambda o: o[:3]):
+        for o in sorted(options, key=lambda o: (o.macs, o.params, o.order)):
             compact = all(measure(u, c, s.in_shape, pattern).compact
-                          for u, c, s in zip(used, convs, ss) if not u.keeps)
-            ok = None if not compact else True if label == "S" else quality(label)[stage]
-            log.append((label, macs, params, ok, compact))
+                          for u, c, s in zip(o.used, convs, ss) if not u.keeps)
+            ok = None if not compact else True if o.label == "S" else quality(o.label)[stage]
+            log.append(Trial(o.label, o.macs, o.params, ok, compact))
             if ok:
-                plan.update({s.node: u for s, u in zip(ss, used)})
+                plan.update({s.node: u for s, u in zip(ss, o.used)})
                 break
         tried[stage] = tuple(log)
     return plan, tried
-
-
-def _skeleton(gm: fx.GraphModule) -> fx.GraphModule:
-    """A deep copy whose parameters are empty meta tensors (buffers, which the analysis may read, stay real)."""
-    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad) for p in gm.parameters()}
-    return copy.deepcopy(gm, memo)
 
 
 # ---------------------------------------------------------------------------------------------------- verdicts
@@ -347,8 +406,8 @@ class StageCheck:
     moved: bool = False
 
 
-def rf_row(rf, c0: int) -> tuple:
-    return (tuple(rf.spatial), rf.channel, rf.channel_mean, c0) if rf is not None else None
+def rf_row(rf, c0: int) -> RFRow | None:
+    return RFRow(tuple(rf.spatial), rf.channel, rf.channel_mean, c0) if rf is not None else None
 
 
 def same_rf(a: tuple | None, b: tuple | None, at_least: bool = False) -> bool:
@@ -365,11 +424,12 @@ def same_rf(a: tuple | None, b: tuple | None, at_least: bool = False) -> bool:
 def _moved(applied: "_Applied", pattern) -> dict:
     """{stage: whether its strided blocks reach their convs' 3DRF alone} for the stages a strided block starts."""
     out: dict = {}
-    for site, recipe, conv, *_ in applied.done:
-        if site.starts_stage:
-            mb, mc = measure(recipe, conv, site.in_shape, pattern), measure(KEEP, conv, site.in_shape, pattern)
+    for d in applied.replaced:
+        if d.site.starts_stage:
+            shape = d.site.in_shape
+            mb, mc = measure(d.recipe, d.conv, shape, pattern), measure(KEEP, d.conv, shape, pattern)
             ok = mb.rf.spatial == mc.rf.spatial and mb.rf.channel == mc.rf.channel
-            out[site.stage] = out.get(site.stage, True) and ok
+            out[d.site.stage] = out.get(d.site.stage, True) and ok
     return out
 
 
@@ -395,8 +455,8 @@ def stage_quality(before: Analysis, ends: dict, after: Analysis, renamed: dict, 
     return out
 
 
-def _change(done, before, after, renamed, pattern) -> BlockChange:
-    site, recipe, conv, _, shift, error = done
+def _change(done: _Replaced, before, after, renamed, pattern) -> BlockChange:
+    site, recipe, conv, shift, error = done.site, done.recipe, done.conv, done.shift, done.error
     out = renamed[site.node]
     mc, mb = measure(KEEP, conv, site.in_shape, pattern), measure(recipe, conv, site.in_shape, pattern)
     layer = None

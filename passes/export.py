@@ -36,6 +36,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .util import fetch_attr
+
 __all__ = ["emit_source"]
 
 _MAX_LITERAL = 4096  # constant tensors up to this many elements are written inline
@@ -183,7 +185,7 @@ def _assign(parent: str, child: str, expr: str) -> str:
 
 def _tensor_line(gm, parent: str, child: str, target: str) -> str:
     owner = gm.get_submodule(parent) if parent else gm
-    t = getattr(owner, child)
+    t = fetch_attr(gm, target)
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"get_attr {target!r} is a {type(t).__name__}, not a tensor; cannot write it as source")
     empty = f"torch.empty({tuple(t.shape)}, dtype={t.dtype})"

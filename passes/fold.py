@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from fxrf.trace import trace
 
 from . import PassResult, finish, private_copy
+from .util import call_counts, chain, fetch_attr, module_of
 
 # ---- ops that act on each channel on its own (parameters, if any, indexed by channel along dim 0) -----------------
 
@@ -74,7 +75,7 @@ def fold_in_place(gm: fx.GraphModule, example_input, nodes=None) -> PassResult:
     """`fold_permutations` on a GraphModule the caller owns (a pass's private copy): edits and returns it."""
     trace(gm, example_input)  # fresh shapes on every node (a GraphModule may come with new nodes)
     modules = dict(gm.named_modules())
-    calls = _call_counts(gm)
+    calls = call_counts(gm)
     changes, remaining, seen = [], [], 0
     for node in list(gm.graph.nodes):
         if nodes is not None and node.name not in nodes:
@@ -95,27 +96,15 @@ def fold_in_place(gm: fx.GraphModule, example_input, nodes=None) -> PassResult:
                                     "remaining_nodes": remaining})
 
 
-def _call_counts(gm):
-    counts: dict = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            counts[n.target] = counts.get(n.target, 0) + 1
-    return counts
-
-
 def _target_of(node):
     return node.target if node.op in ("call_function", "call_method") else None
-
-
-def _module(node, modules):
-    return modules.get(node.target) if node.op == "call_module" else None
 
 
 def channel_permutation(gm: fx.GraphModule, node: fx.Node, modules: dict | None = None) -> torch.Tensor | None:
     """perm if `node` computes out[:, j] = in[:, perm[j]] on a 4-D map (probed on a tensor that numbers every
     element), else None."""
     modules = modules if modules is not None else dict(gm.named_modules())
-    mod = _module(node, modules)
+    mod = module_of(node, modules)
     if not (isinstance(mod, nn.ChannelShuffle) or (mod is None and _target_of(node) in _PERMUTATIONS)):
         return None
     if not node.args or not isinstance(node.args[0], fx.Node):
@@ -131,7 +120,7 @@ def channel_permutation(gm: fx.GraphModule, node: fx.Node, modules: dict | None 
             if a is node.args[0]:
                 return probe
             if a.op == "get_attr":
-                return _fetch(gm, a.target)
+                return fetch_attr(gm, a.target)
             raise LookupError
         return a
 
@@ -154,16 +143,9 @@ def channel_permutation(gm: fx.GraphModule, node: fx.Node, modules: dict | None 
     return perm
 
 
-def _fetch(gm, target):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _per_channel(node, modules, calls) -> bool:
     """Acts on each channel separately, on one tensor input, and its module (if any) is called only here."""
-    mod = _module(node, modules)
+    mod = module_of(node, modules)
     if mod is not None:
         stateful = any(True for _ in mod.parameters(recurse=False)) or any(True for _ in mod.buffers(recurse=False))
         if stateful and calls.get(node.target, 0) != 1:  # its parameters serve other calls too
@@ -191,34 +173,34 @@ def _block_preserving(perm: torch.Tensor, groups: int) -> bool:
 
 def _fold_back(gm, node, perm, modules, calls) -> FoldChange | None:
     """Into the output channels of the conv that produces the permuted tensor."""
-    chain, n = [], node.args[0]
-    while _per_channel(n, modules, calls) and len(n.users) == 1:
-        chain.append(n)
-        n = n.args[0]
-    prod = _module(n, modules)
+    through, n = chain(node, lambda m: _per_channel(m, modules, calls), forward=False)
+    if n is None:
+        return None
+    prod = module_of(n, modules)
     if not (isinstance(prod, nn.Conv2d) and len(n.users) == 1 and calls.get(n.target) == 1):
         return None
     if prod.groups > 1 and not _block_preserving(perm, prod.groups):
         return None
     c = len(perm)
-    for m in chain:  # conv(x)[perm] -> per-channel ops with parameters p[perm]
-        if _module(m, modules) is not None:
-            _reindex(_module(m, modules), perm, c)
+    for m in through:  # conv(x)[perm] -> per-channel ops with parameters p[perm]
+        if module_of(m, modules) is not None:
+            _reindex(module_of(m, modules), perm, c)
     _reindex(prod, perm, c)
     return FoldChange(node.name, _op(node, modules), n.target, "output channels of the producer",
-                      tuple(m.name for m in chain))
+                      tuple(m.name for m in through))
 
 
 def _fold_forward(gm, node, perm, modules, calls) -> FoldChange | None:
     """Into the input channels of the conv (or linear, after a 1x1 map is flattened) that consumes it."""
     if len(node.users) != 1:
         return None
-    chain, n = [], next(iter(node.users))
-    while len(n.users) == 1 and (_per_channel(n, modules, calls) or _flattens_1x1(n, modules, calls)):
-        chain.append(n)
-        n = next(iter(n.users))
-    cons = _module(n, modules)
-    if calls.get(getattr(n, "target", None)) != 1 or n.args[0] is not (chain[-1] if chain else node):
+    through, n = chain(node, lambda m: _per_channel(m, modules, calls) or _flattens_1x1(m, modules, calls))
+    if through and len(through[-1].users) != 1:  # its parameters (if any) and output serve more than this path:
+        n = through.pop()  # it can only be the consumer
+    if n is None:
+        return None
+    cons = module_of(n, modules)
+    if calls.get(getattr(n, "target", None)) != 1 or n.args[0] is not (through[-1] if through else node):
         return None
     c = len(perm)
     inverse = torch.argsort(perm)
@@ -239,11 +221,11 @@ def _fold_forward(gm, node, perm, modules, calls) -> FoldChange | None:
             cons.weight.copy_(cons.weight[:, inverse].clone())
     else:
         return None
-    for m in chain:  # per-channel ops now see unpermuted channels: p' = p[inverse]
-        if _module(m, modules) is not None:
-            _reindex(_module(m, modules), inverse, c)
+    for m in through:  # per-channel ops now see unpermuted channels: p' = p[inverse]
+        if module_of(m, modules) is not None:
+            _reindex(module_of(m, modules), inverse, c)
     return FoldChange(node.name, _op(node, modules), n.target, "input channels of the consumer",
-                      tuple(m.name for m in chain))
+                      tuple(m.name for m in through))
 
 
 def _flattens_1x1(node, modules, calls) -> bool:
@@ -251,7 +233,7 @@ def _flattens_1x1(node, modules, calls) -> bool:
     meta = node.args[0].meta.get("tensor_meta") if node.args and isinstance(node.args[0], fx.Node) else None
     if meta is None or len(meta.shape) != 4 or meta.shape[2] * meta.shape[3] != 1:
         return False
-    mod = _module(node, modules)
+    mod = module_of(node, modules)
     if isinstance(mod, nn.Flatten):
         return mod.start_dim == 1 and calls.get(node.target) == 1
     start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
@@ -259,7 +241,7 @@ def _flattens_1x1(node, modules, calls) -> bool:
 
 
 def _op(node, modules) -> str:
-    mod = _module(node, modules)
+    mod = module_of(node, modules)
     if mod is not None:
         return type(mod).__name__
     t = _target_of(node)

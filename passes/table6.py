@@ -65,7 +65,7 @@ def growth(recipe: str, channels: int = 64, layers: int = 10, size: int = 8) -> 
     shape = (1, 3, 2 * size, 2 * size)
     r = decompose(model, shape, recipe=recipe, transfer_weights=False)
     a = analyze(r.graph_module, shape)
-    return [a.record(c.output).rf.channel for c in r.changes if hasattr(c, "output")]
+    return [a.record(c.output).rf.channel for c in r.changes]  # BlockChanges (folds are in r.folds)
 
 
 def _chain(channels: int, layers: int):

@@ -4,6 +4,7 @@ channel algebra, recipe="auto" on the paper's and torchvision's models, and prop
 Every verdict the decomposer reports is checked against a fresh analysis of the graph it returns; outputs of
 rewritten models are compared with the originals where the transfer is exact."""
 import copy
+import json
 import math
 
 import pytest
@@ -17,9 +18,9 @@ from hypothesis import strategies as st
 import fxrf
 from fxrf.cli import main as cli_main
 from fxrf.models import ResNetCIFAR, resnet50_cifar, vgg16_cifar, vgg_cifar
-from fxrf.passes import blocks, transfer
-from fxrf.passes.decomposer import decompose
-from fxrf.passes.fold import fold_permutations
+from fxrf.passes import blocks, transfer, util
+from fxrf.passes.decomposer import BlockChange, decompose
+from fxrf.passes.fold import FoldChange, fold_permutations
 from random_cnn import random_cnns
 
 FAST = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -104,6 +105,60 @@ def test_declines_convs_whose_channels_do_not_split_into_groups():
     assert r.summary["replaced"] == 0 and r.stages[0].blocks == ("S", "S")
 
 
+# A toy block, registered for one test only: a catalog is a value, so nothing global changes. PW+DW is the
+# transpose of DW+PW: a pointwise C -> O conv (then the model's norm and activation), then a depthwise k x k conv on
+# the O outputs. Its weight transfer: W[o, c] ~ P[o, c] D[o], per output channel the best rank-1 fit of the
+# C x k*k matrix W[o] (first singular pair, Eckart-Young; exact when W[o] has rank 1).
+def _pw_dw(w, bias=None):
+    o, c, kh, kw = w.shape
+    u, s, vh = torch.linalg.svd(w.detach().reshape(o, c, kh * kw), full_matrices=False)
+    p, d = u[:, :, 0] * s[:, :1], vh[:, 0, :]  # [O, C], [O, k*k]
+    return transfer.Factors({"pw": (p.reshape(o, c, 1, 1), None), "dw": (d.reshape(o, 1, kh, kw), bias)},
+                            (p[:, :, None] * d[:, None, :]).reshape(o, c, kh, kw))
+
+
+TOY = blocks.Kind("PW+DW", (), (blocks.Step("conv", "pw", inner=True),
+                                blocks.Step("conv", "dw", window=True, groups="dw")),
+                  lambda w, b, r, s: _pw_dw(w, b), "C -pw 1x1-> O -dw kxk-> O", auto=((),))
+
+
+def test_a_block_registered_once_is_parsed_built_measured_and_applied():
+    catalog = blocks.CATALOG + (TOY,)
+    recipe = blocks.parse("pw+dw", catalog)
+    assert recipe.kind is TOY and recipe.name == "PW+DW" and not recipe.kind.rotates
+    assert blocks.auto_candidates(catalog) == blocks.AUTO_CANDIDATES + ("PW+DW",)
+    with pytest.raises(fxrf.InputError, match=r"unknown recipe 'X'; use auto, S, .*, PW\+DW\+PW-e6 or PW\+DW$"):
+        blocks.parse("X", catalog)  # the error lists the new row
+    with pytest.raises(fxrf.InputError, match=r"unknown recipe 'PW\+DW'"):
+        blocks.parse("PW+DW")  # the default catalog does not have it
+    with pytest.raises(fxrf.InputError, match="'PW\\+DW' is in the catalog twice"):
+        decompose(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)), (1, 3, 8, 8), catalog=catalog + (TOY,))
+
+    # measured on its own: 3x3 window, all 64 input channels through the dense pointwise conv; compact (without the
+    # pw a channel sees 1 channel, without the dw 1 pixel); main MACs per pixel: pw 64 * 32 + dw 32 * 9
+    m = blocks.measure(recipe, nn.Conv2d(64, 32, 3, padding=1), (1, 64, 16, 16))
+    assert (m.rf.spatial, m.rf.channel, m.compact) == ((3, 3), 64, True)
+    assert m.macs == 16 * 16 * (64 * 32 + 32 * 9)
+
+    # applied by decompose, weights transferred: a conv whose weight has rank 1 per output channel is exact
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(16, 8, 3, padding=1)).eval()
+    with torch.no_grad():
+        model[2].weight.copy_(torch.randn(8, 16)[:, :, None, None] * torch.randn(8, 1, 3, 3))
+    x = torch.rand(2, 3, 16, 16)
+    r = decompose(model, x, recipe="PW+DW", catalog=catalog)
+    assert [(c.conv, c.recipe, c.quality_layer, c.compact) for c in r.changes] == [("_2", "PW+DW", True, True)]
+    assert r.changes[0].transfer_error < 1e-5
+    block = r.graph_module.get_submodule("2")
+    assert (block.pw.in_channels, block.pw.out_channels, block.dw.groups, block.dw.kernel_size) == (16, 8, 8, (3, 3))
+    torch.testing.assert_close(r.graph_module(x), model(x), atol=1e-5, rtol=1e-5)
+
+    # auto tries it: per pixel PW+DW costs 16 * 8 + 8 * 9 = 200 MACs against DW+PW's 16 * 9 + 16 * 8 = 272, and the
+    # cheaper grouped blocks (GPW-g8 160, g4 176, GC+shuffle-g8 144) see a part of the 16 channels only
+    assert [s.blocks for s in decompose(model, x, transfer_weights=False, catalog=catalog).stages] == [(), ("PW+DW",)]
+    assert [s.blocks for s in decompose(model, x, transfer_weights=False).stages] == [(), ("DW+PW",)]
+
+
 # ---------------------------------------------------------------------------------------------- weight transfer
 
 
@@ -170,6 +225,12 @@ def test_rotations_fold_into_dense_neighbours_and_stay_between_grouped_convs():
     torch.testing.assert_close(folded.graph_module(x), unfolded(x), atol=1e-4, rtol=1e-4)
     r = decompose(res, x, recipe="DW+RPW-g8-o50", transfer_weights=False)
     assert (r.summary["permutations_inserted"], r.summary["permutations_remaining"]) == (2, 0)
+    # block changes and folds in their own fields, and in to_dict
+    assert len(r.folds) == 2 and all(isinstance(f, FoldChange) for f in r.folds)
+    assert all(isinstance(c, BlockChange) for c in r.changes) and r.summary["replaced"] == len(r.changes)
+    d = json.loads(json.dumps(r.to_dict()))
+    assert [f["node"] for f in d["folds"]] == [f.node for f in r.folds]
+    assert [c["conv"] for c in d["changes"]] == [c.conv for c in r.changes]
 
 
 def test_fold_permutations_handles_shuffles_forward_and_grouped_blocks():
@@ -200,6 +261,61 @@ def test_fold_permutations_handles_shuffles_forward_and_grouped_blocks():
     assert {c.side for c in r.changes} == {"input channels of the consumer", "output channels of the producer"}
     torch.testing.assert_close(r.graph_module(x), m(x), atol=1e-5, rtol=1e-5)
     _untouched(m, snap)
+
+
+# ---------------------------------------------------------------------------------------------- pass utilities
+
+
+@pytest.mark.parametrize("template, shape", [(nn.BatchNorm2d(8, eps=1e-3), (2, 8, 4, 4)),
+                                             (nn.BatchNorm1d(8, affine=False), (3, 8)),
+                                             (nn.BatchNorm3d(8, track_running_stats=False), (2, 8, 2, 3, 3))])
+def test_identity_norm_passes_its_input_through_in_eval(template, shape):
+    norm = util.identity_norm(template, 8).eval()
+    assert type(norm) is type(template) and (norm.eps, norm.affine) == (template.eps, template.affine)
+    x = torch.randn(shape)
+    torch.testing.assert_close(norm(x), x)
+    assert util.identity_norm(template, 8, device="meta").running_var.is_meta
+
+
+def test_single_user_chain_walks_forward_and_backward():
+    class M(nn.Module):
+        def forward(self, x):
+            t = torch.tanh(torch.sigmoid(torch.relu(x)))
+            return t, t * 2  # t has two users
+
+    gm = fxrf.trace(M(), (1, 2))
+    n = {x.name: x for x in gm.graph.nodes}
+    fn = lambda x: x.op == "call_function"  # noqa: E731
+    assert util.chain(n["x"], fn) == ([n["relu"], n["sigmoid"], n["tanh"]], None)  # ends where there are 2 users
+    assert util.chain(n["x"], lambda x: x.name != "tanh") == ([n["relu"], n["sigmoid"]], n["tanh"])
+    assert util.chain(n["tanh"], fn, forward=False) == ([n["sigmoid"], n["relu"]], n["x"])
+
+
+def test_conv_template_reads_modules_and_functional_activations():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.bn = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.b(F.relu6(self.a(x))))
+
+    gm = fxrf.trace(M(), (1, 3, 8, 8))
+    modules, n = dict(gm.named_modules()), {x.name: x for x in gm.graph.nodes}
+    a, b = util.conv_template(n["a"], modules), util.conv_template(n["b"], modules)
+    assert (a.norm, type(a.act)) == (None, nn.ReLU6)  # a fresh module for the functional form
+    assert (b.norm, b.act) == (gm.bn, None)
+
+
+def test_copy_graph_module_shares_what_it_says():
+    gm = fxrf.trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), (1, 3, 8, 8))
+    own, meta, shared = (util.copy_graph_module(gm, params=p) for p in ("copy", "meta", "shared"))
+    ids = {id(t) for t in gm.state_dict(keep_vars=True).values()}
+    assert not ids & {id(t) for t in own.state_dict(keep_vars=True).values()}
+    assert all(p.is_meta for p in meta.parameters()) and not any(b.is_meta for b in meta.buffers())
+    assert {id(t) for t in shared.state_dict(keep_vars=True).values()} == ids and shared.graph is not gm.graph
+    with pytest.raises(ValueError, match="params must be"):
+        util.copy_graph_module(gm, params="deep")
 
 
 # ------------------------------------------------------------------------------------------------ Table 6
