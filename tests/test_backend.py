@@ -1,6 +1,6 @@
 """The torch.compile backend: outputs equal eager, the report from inside torch.compile equals fxrf.analyze on the
 module (convs matched by order: dynamo and symbolic_trace name nodes differently), graph breaks give one analysed
-report per graph, options and passes, registration by name, fxrf.compile.
+report per graph, options and passes, registration by name, fxrf.compile (fxrf.compiler).
 
 inductor is exercised once, on a small model; elsewhere the inner backend is "eager" or "aot_eager" (the analysis
 and the passes run before the inner backend, whichever it is).
@@ -20,6 +20,7 @@ import torchvision
 
 import fxrf
 from fxrf import backend as B
+from fxrf import compiler as C
 from fxrf.models import vgg_from_cfg
 
 ATOL = 1e-4
@@ -263,7 +264,7 @@ def test_fake_tensor_metadata_gives_the_same_analysis_and_explain_names_the_brea
 def test_compile_model_runs_the_module_passes_then_the_backend():
     model = randomize_bn(vgg_from_cfg([16, "M", 32, 32, "M", 64, 64, "M", 64, "M", "M"])).eval()
     x = torch.randn(2, 3, 32, 32)
-    compiled = B.compile_model(model, x, kernels="DW+RPW-g4-o50", backend_options={"inner": "eager"}, warmup=True)
+    compiled = C.compile_model(model, x, kernels="DW+RPW-g4-o50", backend_options={"inner": "eager"}, warmup=True)
     kernels = compiled.fxrf.passes["kernels"]
     assert kernels.summary["replaced"] == 5
     (report,) = compiled.fxrf.reports
@@ -277,13 +278,13 @@ def test_compile_model_runs_the_module_passes_then_the_backend():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), kernels.graph_module(x), atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="backend_options"):
-        B.compile_model(model, x, backend="inductor")
+        C.compile_model(model, x, backend="inductor")
 
 
 def test_compile_model_with_stages_and_kernels():
     model = randomize_bn(vgg_from_cfg([16, "M", 32, "M", 64, "M", 64, "M", "M"])).eval()
     x = torch.randn(1, 3, 32, 32)
-    compiled = B.compile_model(model, x, stages={"macs_budget": 2.0}, kernels="DW+PW",
+    compiled = C.compile_model(model, x, stages={"macs_budget": 2.0}, kernels="DW+PW",
                                backend_options={"inner": "eager"}, warmup=True)
     stages, kernels = compiled.fxrf.passes["stages"], compiled.fxrf.passes["kernels"]
     assert stages.summary["convs_per_stage_after"] != stages.summary["convs_per_stage_before"]
@@ -321,3 +322,39 @@ def test_registered_by_name_on_import_and_through_the_entry_point():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["1", "3"]
+
+
+def test_the_split_modules_keep_the_old_names():
+    """fxrf.backend still exports what moved to fxrf.dynamo, fxrf.passes.graph_passes and fxrf.compiler."""
+    import fxrf.dynamo
+    import fxrf.passes.graph_passes as G
+    assert fxrf.compile is C.compile_model is B.compile_model
+    assert (B.CompileInfo, B.DEFAULT_GRAPH_PASSES) == (C.CompileInfo, C.DEFAULT_GRAPH_PASSES) == \
+        (C.CompileInfo, ("roll_as_cat",))
+    assert (B.explain, B.Explanation, B.analyze_dynamo_graph) == \
+        (fxrf.dynamo.explain, fxrf.dynamo.Explanation, fxrf.dynamo.analyze_dynamo_graph)
+    assert (B.roll_as_cat, B.register_pass, B.PASSES) == (G.roll_as_cat, G.register_pass, G.PASSES)
+    assert G.PASSES["roll_as_cat"] is G.roll_as_cat
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        B.nope
+
+
+def test_roll_as_cat_rewrites_a_copy_over_the_callers_parameters():
+    """What the backend compiles is the pass's output: it must read the model's own parameters (training updates
+    them), and the graph it was given stays as it was."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x):
+            return torch.roll(self.c(x), 3, 1)
+
+    gm = torch.fx.symbolic_trace(M())
+    x = torch.randn(1, 3, 6, 6)
+    out = B.roll_as_cat(gm, [x])
+    assert out is not gm and out.c is gm.c and out.meta["fxrf_roll_as_cat"] == 1
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [torch.roll]
+    assert torch.roll not in [n.target for n in out.graph.nodes]
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), gm(x), atol=0, rtol=0)
