@@ -15,8 +15,9 @@ Measured, on torchvision resnet50 (random weights, eval mode), at 224 px and at 
 Why: fxrf never runs the model. Every node's output shape and receptive field follow from closed-form rules over
 shapes (kernel, stride, padding, dilation, groups), so the cost of an analysis must depend on the number of nodes in
 the graph, not on the number of pixels (the one place resolution leaks in: a stage field's exact tap sets are
-boolean rows 2w-1 wide for a w-pixel stage map; the 1.3x target below bounds that). A forward (and so any hook-based tool) grows with the resolution -- about
-20x more pixels at 1024 px than at 224 px. The targets checked below encode that:
+boolean rows 2w-1 wide for a w-pixel stage map; the 1.3x target below bounds that). A forward (and so any
+hook-based tool) grows with the resolution -- about 20x more pixels at 1024 px than at 224 px. The targets checked
+below encode that:
 
 * from the GraphModule, the analysis takes at most 0.1x one 224 px forward;
 * from the nn.Module (tracing included), at most 0.5x one 224 px forward;
@@ -25,8 +26,9 @@ boolean rows 2w-1 wide for a w-pixel stage map; the 1.3x target below bounds tha
 Each measured callable is warmed up (``--warmup`` calls at least, more until two consecutive calls agree within
 25%: a CPU forward's first calls are many times slower than the rest), then timed ``--repeat`` times
 (``--repeat-slow`` times when the last warm-up call took longer than --slow-s seconds, e.g. the 1024 px forward and
-torchscan); the median is the figure, min and max show the spread. The garbage collector stays on (as in real use) and is run before each item. torch's thread count
-is left at its default and printed.
+torchscan); the median is the figure, min and max show the spread. The garbage collector stays on (as in real
+use) and is run before each item. torch's thread count is left at its default and printed. The warm-up and timing
+loop is benchmarks/timing.py's, shared with bench_models.py.
 
     python benchmarks/analysis_speed.py                    # the table, a minute or two on a laptop CPU
     python benchmarks/analysis_speed.py --json speed.json  # also write the figures
@@ -42,20 +44,26 @@ import gc
 import io
 import json
 import os
-import platform
 import statistics
 import sys
-import time
 from typing import Callable
 
 import torch
 
 import fxrf
+from report import fmt_ms
+from timing import load_average, machine, time_calls, warm_up
 
 SIZES = (224, 1024)
 REF = 224  # the forward every ratio is taken against
 TORCHSCAN_MISSING = "torchscan not installed (pip install torchscan)"
 EXTRA_WARMUP = 5  # further warm-up calls allowed while timings have not settled
+
+
+def _load() -> float | None:
+    load = load_average()
+    return None if load is None else load[0]
+
 
 # (key of the measured item, limit on its ratio, description); ratios are to the 224 px forward
 RATIO_TARGETS = [("fxrf_graph_224", 0.1, "analyze(GraphModule) @224 <= 0.1x forward@224"),
@@ -65,29 +73,6 @@ SCALE_TARGETS = [("fxrf_graph", 1.3, "analyze(GraphModule) @1024 <= 1.3x @224"),
                  ("fxrf_module", 1.3, "analyze(nn.Module)   @1024 <= 1.3x @224")]
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return ""
-
-
-def _load() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
-def machine() -> dict:
-    return {"processor": platform.processor() or platform.machine(), "cpu_model": _cpu_model(),
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
-            "fxrf": getattr(fxrf, "__version__", "?")}
-
-
 def measure(fn: Callable[[], object], repeat: int, repeat_slow: int, slow_s: float, warmup: int) -> dict:
     """Warm `fn` up, then time `repeat` calls (`repeat_slow` if the last warm-up call took longer than `slow_s`).
 
@@ -95,20 +80,9 @@ def measure(fn: Callable[[], object], repeat: int, repeat_slow: int, slow_s: flo
     within 25%: a CPU forward's first calls cost many times the steady state (oneDNN primitive creation, allocator
     growth), two calls are not always enough."""
     gc.collect()
-    last = []
-    for i in range(max(warmup, 1) + EXTRA_WARMUP):
-        t0 = time.perf_counter()
-        fn()
-        last.append(time.perf_counter() - t0)
-        if i + 1 >= max(warmup, 1) and len(last) >= 2 and max(last[-2:]) <= 1.25 * min(last[-2:]):
-            break
+    last = warm_up(fn, max(warmup, 1), EXTRA_WARMUP)
     n = repeat_slow if last[-1] > slow_s else repeat
-    times = []
-    gc.collect()
-    for _ in range(max(n, 1)):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+    times = time_calls(fn, max(n, 1))
     return {"n": len(times), "warmup_calls": len(last), "median_s": statistics.median(times), "min_s": min(times),
             "max_s": max(times), "times_s": times}
 
@@ -124,10 +98,6 @@ def torchscan_callable(model, size):
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             torchscan.summary(model, (3, size, size), receptive_field=True)
     return run
-
-
-def fmt_ms(s: float) -> str:
-    return f"{s * 1e3:10.1f}" if s >= 0.1 else f"{s * 1e3:10.2f}"
 
 
 def main(argv=None) -> int:
@@ -150,7 +120,7 @@ def main(argv=None) -> int:
 
     info = machine()
     load_start = _load()
-    print(f"machine: processor={info['processor']!r} cpu_count={info['cpu_count']} {info['cpu_model']} | "
+    print(f"machine: processor={info['processor']!r} cpu_count={info['cpu_count']} {info['cpu_model'] or ''} | "
           f"{info['platform']}")
     print(f"python {info['python']}, torch {info['torch']}, torchvision {torchvision.__version__}, "
           f"fxrf {info['fxrf']}; torch threads {info['torch_threads']} (interop {info['torch_interop_threads']}, "

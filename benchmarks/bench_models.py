@@ -17,7 +17,8 @@ saved is time saved). Targets (CPU, torch.compile, batch 32), printed as ok / MI
 * DW+PW on CIFAR VGG16(-opt) realizes at least half of its MACs reduction as speedup (realized >= 0.5);
 * DW+RPW-gG-o50 is within 5% of DW+GPW-gG's latency at the same G (the channel rotation costs next to nothing).
 
-Timing: model.eval() under torch.no_grad(); warm-up calls (the compiled model's first call, which compiles, is
+Timing (benchmarks/timing.py, shared with analysis_speed.py; the tables, Markdown and plot: benchmarks/report.py):
+model.eval() under torch.no_grad(); warm-up calls (the compiled model's first call, which compiles, is
 timed apart as compile_s), then timed calls until --iters calls or --budget seconds (at least --min-iters). CPU:
 time.perf_counter around each call; CUDA: CUDA events around each call, synchronised, after warm-up, with
 torch.backends.cudnn.benchmark = True. Each (model, batch) is measured eager then compiled, and each batch size
@@ -39,7 +40,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -50,9 +50,12 @@ import torch
 import torch.nn as nn
 
 import fxrf
-import fxrf.backend
+from fxrf.backend import make_backend
+from fxrf.compiler import DEFAULT_GRAPH_PASSES
 from fxrf.cost import total
 from fxrf.models import vgg16_cifar, vgg_cifar
+from report import markdown, plot, print_tables  # noqa: F401  (benchmarks/report.py: also this script's API)
+from timing import load_average, machine, time_calls, warm_up
 
 CIFAR = (3, 32, 32)
 IMAGENET = (3, 224, 224)
@@ -60,6 +63,7 @@ GROUPS = (2, 4, 8)
 RECIPES = ("DW+PW",) + tuple(f"DW+GPW-g{g}" for g in GROUPS) + tuple(f"DW+RPW-g{g}-o50" for g in GROUPS)
 QUICK = ("vgg16", "vgg16-opt", "vgg16-opt/DW+PW", "vgg16-opt/DW+GPW-g4", "vgg16-opt/DW+RPW-g4-o50")
 CHECK_DEVICE, CHECK_MODE, CHECK_BATCH = "cpu", "compile", 32  # where the targets are stated
+TARGET = (CHECK_DEVICE, CHECK_MODE, CHECK_BATCH)
 REALIZED_TARGET = 0.5  # DW+PW: realized speedup / MACs reduction
 RPW_TOLERANCE = 1.05  # latency(RPW) / latency(GPW) at the same G
 PAIRS = tuple((f"vgg16-opt/DW+RPW-g{g}-o50", f"vgg16-opt/DW+GPW-g{g}") for g in GROUPS)  # timed in alternation
@@ -116,79 +120,13 @@ SPECS: dict[str, Spec] = {s.name: s for s in [
 # ------------------------------------------------------------------------------------------------- measuring
 
 
-def machine(device: str) -> dict:
-    info = {"processor": platform.processor() or platform.machine(), "cpu_model": _cpu_model(),
-            "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cpu_capability": _cpu_capability(), "fxrf": getattr(fxrf, "__version__", "?")}
-    try:
-        import torchvision
-        info["torchvision"] = torchvision.__version__
-    except ImportError:
-        pass
-    if device == "cuda":
-        p = torch.cuda.get_device_properties(0)
-        info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version())
-    return info
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def _cpu_capability() -> str | None:
-    try:
-        return torch.backends.cpu.get_cpu_capability()
-    except Exception:
-        return None
-
-
-def _load() -> list | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def timed_calls(fn, x, device: str, warmup: int, iters: int, min_iters: int, budget_s: float) -> list:
     """Seconds per call of fn(x): `warmup` untimed calls at least (none if 0), more (up to EXTRA_WARMUP) until two
-    consecutive calls agree within 25% -- a CPU forward's first calls cost many times the steady state (oneDNN primitive
-    creation, allocator growth) --, then up to `iters` timed calls (stopping after `budget_s` seconds once
+    consecutive calls agree within 25%, then up to `iters` timed calls (stopping after `budget_s` seconds once
     `min_iters` are in)."""
-    last = []
-    for i in range(max(warmup, 2) + EXTRA_WARMUP if warmup else 0):
-        t0 = time.perf_counter()
-        fn(x)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        last.append(time.perf_counter() - t0)
-        if i + 1 >= max(warmup, 2) and max(last[-2:]) <= 1.25 * min(last[-2:]):
-            break
-    gc.collect()
-    times, t_start = [], time.perf_counter()
-    for i in range(iters):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(x)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - t0)
-        if i + 1 >= min_iters and time.perf_counter() - t_start > budget_s:
-            break
-    return times
+    if warmup:
+        warm_up(lambda: fn(x), max(warmup, 2), EXTRA_WARMUP, device)
+    return time_calls(lambda: fn(x), iters, device=device, min_n=min_iters, budget_s=budget_s)
 
 
 def stats(times: list, batch: int) -> dict:
@@ -209,7 +147,7 @@ def measure_model(spec: Spec, model: nn.Module, device: str, batch: int, args, p
         rows.append({"mode": "eager", **stats(t, batch)})
         if args.no_compile:
             return rows, None
-        backend = fxrf.backend.make_backend(log_table=False, inductor=dict(args.inductor), passes=args.passes)
+        backend = make_backend(log_table=False, inductor=dict(args.inductor), passes=args.passes)
         compiled = torch.compile(model, backend=backend, dynamic=False, mode=args.mode)
         progress(f"{spec.name} {device} b{batch} compile")
         t0 = time.perf_counter()
@@ -237,6 +175,11 @@ def paired(fa, fb, x, device: str, pairs: int) -> dict:
     ma, mb = statistics.median(ta), statistics.median(tb)
     return {"n": pairs, "a_ms": ma * 1e3, "b_ms": mb * 1e3, "ratio": ma / mb,
             "ratio_of_mins": min(ta) / min(tb)}
+
+
+def _load() -> list | None:
+    load = load_average()
+    return None if load is None else [round(x, 2) for x in load]
 
 
 # ------------------------------------------------------------------------------------------------ the analysis
@@ -291,198 +234,6 @@ def checks(results: list, device: str = CHECK_DEVICE, mode: str = CHECK_MODE, ba
     return out
 
 
-# ------------------------------------------------------------------------------------------------ reporting
-
-
-def _si(n) -> str:
-    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(n)
-
-
-def print_tables(doc: dict, out=sys.stdout) -> None:
-    results = [r for r in doc["results"] if "median_ms" in r]
-    for device in sorted({r["device"] for r in results}):
-        for batch in sorted({r["batch"] for r in results if r["device"] == device}):
-            print(f"\n## {device}, batch {batch}  (latency per call in ms: median [p10-p90]; throughput in images/s)",
-                  file=out)
-            print(f"{'model':<26}{'params':>9}{'MACs/img':>10}  {'eager ms':>22}{'img/s':>9}  "
-                  f"{'compiled ms':>22}{'img/s':>9}{'compile':>9}", file=out)
-            for name in doc["models"]:
-                e = _row(results, name, device, batch, "eager")
-                c = _row(results, name, device, batch, "compile")
-                if e is None and c is None:
-                    continue
-                any_ = e or c
-                print(f"{name:<26}{_si(any_['params']):>9}{_si(any_['macs']):>10}  {_lat(e):>22}{_thr(e):>9}  "
-                      f"{_lat(c):>22}{_thr(c):>9}{(str(c['compile_s']) + ' s') if c else '-':>9}", file=out)
-    rw = doc["rewrites"]
-    if rw:
-        print("\n## rewrites: ideal = MACs reduction, speedup = latency(base) / latency(rewrite), "
-              "realized = speedup / ideal", file=out)
-        print(f"{'rewrite':<26}{'base':<11}{'device':<7}{'batch':>6} {'mode':<8}{'ideal':>8}{'speedup':>9}"
-              f"{'realized':>10}", file=out)
-        for r in sorted(rw, key=lambda r: (r["device"], r["batch"], r["mode"], doc["models"].index(r["model"]))):
-            print(f"{r['model']:<26}{r['base']:<11}{r['device']:<7}{r['batch']:>6} {r['mode']:<8}"
-                  f"{r['macs_reduction']:>7.2f}x{r['speedup']:>8.2f}x{r['realized']:>10.2f}", file=out)
-    if doc["paired"]:
-        print("\n## timed in alternation (compiled): median latency of a / median latency of b", file=out)
-        for q in doc["paired"]:
-            print(f"{q['a']} / {q['b']} ({q['device']}, batch {q['batch']}, {q['n']} pairs): "
-                  f"{q['a_ms']:.2f} / {q['b_ms']:.2f} ms = {q['ratio']:.3f} (ratio of minima {q['ratio_of_mins']:.3f})",
-                  file=out)
-    if doc["pending"]:
-        print("\n## pending", file=out)
-        for p in doc["pending"]:
-            print(f"{p['model']}: pending ({p['why']})", file=out)
-    for f in doc["failed"]:
-        print(f"FAILED {f['model']}: {f['why']}", file=out)
-    print("\n## checks", file=out)
-    if not doc["checks"]:
-        print(f"(none: the targets are stated for {CHECK_DEVICE}, torch.compile, batch {CHECK_BATCH}, "
-              f"which this run did not measure)", file=out)
-    for c in doc["checks"]:
-        print(f"{'ok' if c['ok'] else 'MISSED':<7}{c['check']}: {c['value']} ({c['detail']})", file=out)
-
-
-def markdown(doc: dict) -> str:
-    """The run as Markdown: machine, command, one table per (device, batch), the rewrites, the pairs, the checks."""
-    m, c = doc["machine"], doc["config"]
-    lines = [f"Command: `{doc['command']}`", "",
-             f"Machine: {m.get('cpu_model')}, {m['cpu_count']} cores ({m.get('cpu_capability')}), "
-             f"{c.get('threads', m['torch_threads'])} torch thread(s)"
-             + (f"; GPU {m['gpu']} ({m['gpu_memory_gib']} GiB), CUDA {m['cuda']}, cuDNN {m['cudnn']}" if "gpu" in m
-                else "")
-             + f"; Python {m['python']}, torch {m['torch']}, torchvision {m.get('torchvision', '?')}; "
-               f"{m['platform']}. Load average at start {doc.get('load_average_start')}, "
-               f"at end {doc.get('load_average_end')}.", "",
-             f"Timing: {c['warmup']}+ warm-up calls, then up to {c['iters']} timed calls or {c['budget_s']} s "
-             f"(at least {c['min_iters']}); compile: torch.compile(backend=fxrf, inner inductor, mode "
-             f"{c['mode'] or 'default'}, dynamic=False), graph passes {c.get('backend_passes')}, inductor options "
-             f"{c['inductor'] or 'default'}, caches {'off (cold compiles)' if c.get('cold') else 'on'}.", ""]
-    results = [r for r in doc["results"] if "median_ms" in r]
-    for device in sorted({r["device"] for r in results}):
-        for batch in sorted({r["batch"] for r in results if r["device"] == device}):
-            lines += [f"#### {device}, batch {batch}", "",
-                      "| model | params | MACs/img | eager ms, median [p10-p90] | eager img/s "
-                      "| compiled ms, median [p10-p90] | compiled img/s | compile s |",
-                      "|---|---:|---:|---:|---:|---:|---:|---:|"]
-            for name in doc["models"]:
-                e = _row(results, name, device, batch, "eager")
-                cc = _row(results, name, device, batch, "compile")
-                if e is None and cc is None:
-                    continue
-                any_ = e or cc
-                lines.append(f"| {name} | {_si(any_['params'])} | {_si(any_['macs'])} | {_lat(e)} | {_thr(e)} "
-                             f"| {_lat(cc)} | {_thr(cc)} | {cc['compile_s'] if cc else '-'} |")
-            lines.append("")
-    if doc["rewrites"]:
-        lines += ["#### Rewrites: realized speedup against the MACs reduction", "",
-                  "ideal = MACs(base) / MACs(rewrite); speedup = median latency(base) / median latency(rewrite); "
-                  "realized = speedup / ideal.", "",
-                  "| rewrite | base | device | batch | mode | ideal | speedup | realized |",
-                  "|---|---|---|---:|---|---:|---:|---:|"]
-        for r in sorted(doc["rewrites"], key=lambda r: (r["device"], -r["batch"], r["mode"] != "compile",
-                                                         doc["models"].index(r["model"]))):
-            lines.append(f"| {r['model']} | {r['base']} | {r['device']} | {r['batch']} | {r['mode']} "
-                         f"| {r['macs_reduction']:.2f}x | {r['speedup']:.2f}x | {r['realized']:.2f} |")
-        lines.append("")
-    if doc.get("paired"):
-        lines += ["#### DW+RPW against DW+GPW, timed in alternation (compiled)", "",
-                  "| a | b | device | batch | pairs | a ms | b ms | a / b | ratio of minima |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-        for q in doc["paired"]:
-            lines.append(f"| {q['a']} | {q['b']} | {q['device']} | {q['batch']} | {q['n']} | {q['a_ms']:.2f} "
-                         f"| {q['b_ms']:.2f} | {q['ratio']:.3f} | {q['ratio_of_mins']:.3f} |")
-        lines.append("")
-    for p in doc["pending"]:
-        lines.append(f"- {p['model']}: pending ({p['why']})")
-    for f in doc["failed"]:
-        lines.append(f"- FAILED {f['model']}: {f['why']}")
-    if doc["checks"]:
-        lines += ["#### Checks", ""] + [f"- **{'ok' if q['ok'] else 'MISSED'}** {q['check']}: {q['value']} "
-                                        f"({q['detail']})" for q in doc["checks"]] + [""]
-    return "\n".join(lines)
-
-
-def _row(results, name, device, batch, mode):
-    return next((r for r in results if (r["model"], r["device"], r["batch"], r["mode"]) == (name, device, batch, mode)),
-                None)
-
-
-def _lat(r) -> str:
-    if r is None:
-        return "-"
-    return f"{r['median_ms']:.2f} [{r['p10_ms']:.2f}-{r['p90_ms']:.2f}]"
-
-
-def _thr(r) -> str:
-    return "-" if r is None else f"{r['throughput']:.0f}"
-
-
-def plot(doc: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rw = doc["rewrites"]
-    results = [r for r in doc["results"] if "median_ms" in r]
-    devices = sorted({r["device"] for r in results})
-    fig, axes = plt.subplots(len(devices), 2, figsize=(13, 5.2 * len(devices)), squeeze=False)
-    for row, device in zip(axes, devices):
-        ax = row[0]
-        pts = [r for r in rw if r["device"] == device]
-        top = max([r["macs_reduction"] for r in pts] + [r["speedup"] for r in pts] + [2.0]) * 1.3
-        lo = min([r["macs_reduction"] for r in pts] + [r["speedup"] for r in pts] + [1.0]) / 1.3
-        ax.plot([lo, top], [lo, top], color="0.5", lw=1, label="speedup = MACs reduction (ideal)")
-        ax.plot([lo, top], [lo / 2, top / 2], color="0.5", lw=1, ls="--", label="half the MACs reduction")
-        styles = {("eager", 1): ("o", "tab:blue"), ("eager", 32): ("o", "tab:orange"),
-                  ("compile", 1): ("s", "tab:green"), ("compile", 32): ("s", "tab:red")}
-        for (mode, batch) in sorted({(r["mode"], r["batch"]) for r in pts}):
-            sel = [r for r in pts if (r["mode"], r["batch"]) == (mode, batch)]
-            marker, color = styles.get((mode, batch), ("^", None))
-            ax.scatter([r["macs_reduction"] for r in sel], [r["speedup"] for r in sel], marker=marker, color=color,
-                       label=f"{'torch.compile' if mode == 'compile' else 'eager'}, batch {batch}", zorder=3)
-            if (mode, batch) == (CHECK_MODE, max(r["batch"] for r in pts)):
-                for r in sel:
-                    ax.annotate(r["model"].split("/")[-1], (r["macs_reduction"], r["speedup"]), fontsize=7,
-                                xytext=(4, -3), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlim(lo, top)
-        ax.set_ylim(lo / 2, top)
-        ax.set_xlabel("MACs reduction vs base (ideal speedup)")
-        ax.set_ylabel("realized speedup vs base (median latency)")
-        ax.set_title(f"{device}: what the rewrites buy")
-        ax.legend(fontsize=7, loc="upper left")
-        ax.grid(True, which="both", alpha=0.3)
-        ax = row[1]
-        batch = max(r["batch"] for r in results if r["device"] == device)
-        names = [n for n in doc["models"] if _row(results, n, device, batch, "eager") or
-                 _row(results, n, device, batch, "compile")]
-        ys = range(len(names))
-        for off, mode, color in ((-0.2, "eager", "tab:orange"), (0.2, "compile", "tab:red")):
-            vals = [(_row(results, n, device, batch, mode) or {}).get("median_ms", 0) for n in names]
-            ax.barh([y + off for y in ys], vals, height=0.4, color=color,
-                    label="torch.compile (fxrf -> inductor)" if mode == "compile" else "eager")
-            for y, v in zip(ys, vals):
-                if v:
-                    ax.text(v, y + off, f" {v:.1f}", va="center", fontsize=6)
-        allv = [r["median_ms"] for r in results if r["device"] == device and r["batch"] == batch]
-        ax.set_yticks(list(ys))
-        ax.set_yticklabels(names, fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xscale("log")
-        ax.set_xlim(min(allv) / 2, max(allv) * 3)
-        ax.set_xlabel(f"median latency per call, ms (batch {batch})")
-        ax.set_title(f"{device}, batch {batch}")
-        ax.legend(fontsize=7)
-        ax.grid(True, axis="x", which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------------------------------------------------- main
 
 
@@ -502,7 +253,7 @@ def main(argv=None) -> int:
                    help="alternating calls per model when timing DW+RPW against DW+GPW (default 30)")
     p.add_argument("--mode", default=None, help="torch.compile mode (default: none)")
     p.add_argument("--freezing", action="store_true", help="inductor freezing (constant weights, inference only)")
-    p.add_argument("--passes", default=",".join(fxrf.backend.DEFAULT_GRAPH_PASSES),
+    p.add_argument("--passes", default=",".join(DEFAULT_GRAPH_PASSES),
                    help="the fxrf backend's graph passes, comma-separated, or 'none' (default: %(default)s, "
                         "as fxrf.compile)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
@@ -610,9 +361,9 @@ def main(argv=None) -> int:
 
 
 def _report(doc: dict, args) -> None:
-    print_tables(doc)
+    print_tables(doc, TARGET)
     if args.plot and doc["rewrites"]:
-        plot(doc, args.plot)
+        plot(doc, args.plot, TARGET)
         print(f"plot written to {args.plot}", file=sys.stderr)
     if args.markdown:
         with open(args.markdown, "w") as f:
