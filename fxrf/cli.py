@@ -2,7 +2,8 @@
 
     fxrf analyze MODEL --input 1,3,224,224 [--alpha 3] [--json] [--out report.json] [--strict]
                        [--plot fig.png] [--graph out.dot|out.graphml]
-    fxrf optimize MODEL --input 1,3,32,32 [--stages] [--kernels RECIPE] --out optimized.pt [--emit-source f.py]
+    fxrf optimize MODEL --input 1,3,32,32 [--stages [--strategy greedy|paper]] [--kernels RECIPE]
+                        --out optimized.pt [--emit-source f.py]
     fxrf models
 
 MODEL is `torchvision:NAME` (random weights, no download), `fxrf:NAME` (the paper's models, see `fxrf models`),
@@ -135,9 +136,15 @@ def _cmd_optimize(args) -> int:
     try:
         if args.stages:
             from .passes.organizer import organize_stages
+            greedy_only = [f for f, v in (("--threshold", args.threshold), ("--remove-below", args.remove_below),
+                                          ("--keep-saturated", args.keep_saturated or None)) if v is not None]
+            if args.strategy == "paper" and greedy_only:
+                raise UsageError(f"{', '.join(greedy_only)} only apply to --strategy greedy (the paper strategy keeps "
+                                 f"the number of convs and compares gains with each other)")
             given = {k: v for k, v in (("threshold", args.threshold), ("macs_budget", args.macs_budget),
                                        ("remove_below", args.remove_below)) if v is not None}
-            r = organize_stages(current, shape, alpha=args.alpha, remove_saturated=not args.keep_saturated, **given)
+            r = organize_stages(current, shape, strategy=args.strategy, alpha=args.alpha,
+                                remove_saturated=not args.keep_saturated, **given)
             current, report["stages"] = r.graph_module, r.to_dict()
         if args.kernels:
             from .passes.decomposer import decompose
@@ -201,12 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("model", help="torchvision:NAME | fxrf:NAME | file.py:factory | package.module:factory")
     op.add_argument("--input", required=True, help="example input shape, e.g. 1,3,32,32")
     op.add_argument("--stages", action="store_true", help="run the stage-level organizer")
+    op.add_argument("--strategy", choices=("greedy", "paper"), default="greedy",
+                    help="greedy (default): insert while the gain exceeds --threshold, remove convs at or below it; "
+                         "paper: keep the number of convs, move them to where the gain is highest (the paper's "
+                         "Tables 3-5, uncapped spatial field; see docs/organizer.md)")
     op.add_argument("--alpha", type=float, default=3.0)
-    op.add_argument("--threshold", type=float, help="insert a conv where its gain exceeds this (default 0.3)")
-    op.add_argument("--remove-below", type=float, help="remove convs whose gain is at most this (default: the "
-                                                       "threshold; 0 removes only saturated convs)")
+    op.add_argument("--threshold", type=float, help="greedy: insert a conv where its gain exceeds this (default 0.3)")
+    op.add_argument("--remove-below", type=float, help="greedy: remove convs whose gain is at most this "
+                                                       "(default: the threshold; 0 removes only saturated convs)")
     op.add_argument("--macs-budget", type=float, help="max MACs ratio after/before (default 1.25)")
-    op.add_argument("--keep-saturated", action="store_true", help="do not remove convs whose gain is 0")
+    op.add_argument("--keep-saturated", action="store_true", help="greedy: do not remove convs whose gain is 0")
     op.add_argument("--kernels", metavar="RECIPE", help="run the kernel decomposer: auto, DW+PW, DW+GPW-g4, ...")
     op.add_argument("--out", required=True, help="where to torch.save the optimized GraphModule")
     op.add_argument("--emit-source", help="also write readable PyTorch code of the new architecture")

@@ -1,6 +1,6 @@
 """The paper's baseline CNNs as plain, randomly initialised ``nn.Module``s.
 
-Layouts follow ``NOTES.md`` ("Model layouts that reproduce the paper's baselines") and the
+Layouts follow ``docs/paper.md`` ("Model layouts that reproduce the baselines") and the
 poster's Tables 2-6.  Every factory takes ``num_classes`` and builds a model that
 ``torch.fx.symbolic_trace`` can trace (static ``nn.Sequential`` graphs, no data-dependent
 control flow).  Nothing is downloaded and nothing else from ``fxrf`` is imported.
@@ -86,7 +86,7 @@ def _vgg_features(cfg: Sequence[int | str], in_channels: int = 3) -> tuple[nn.Se
 
 
 def make_vgg_classifier(in_features: int, num_classes: int, classifier: str = "linear") -> nn.Module:
-    """VGG head (NOTES.md): "linear" = Linear(in, classes) (CIFAR-10); "mlp" = in-4096-4096-classes (CIFAR-100).
+    """VGG head (docs/paper.md): "linear" = Linear(in, classes) (CIFAR-10); "mlp" = in-4096-4096-classes (CIFAR-100).
 
     >>> make_vgg_classifier(512, 100, "mlp")[-1]
     Linear(in_features=4096, out_features=100, bias=True)
@@ -107,7 +107,7 @@ def make_vgg_classifier(in_features: int, num_classes: int, classifier: str = "l
 
 
 def vgg_from_cfg(cfg: Sequence[int | str], num_classes: int = 10, classifier: str = "linear") -> VGG:
-    """CIFAR VGG from a cfg list of widths and "M" (max pool 2), as in NOTES.md's CIFAR-10 VGG16/19 layout.
+    """CIFAR VGG from a cfg list of widths and "M" (max pool 2), as in docs/paper.md's CIFAR-10 VGG16/19 layout.
 
     >>> vgg_from_cfg([64, "M", 128, "M"], num_classes=10).classifier
     Linear(in_features=128, out_features=10, bias=True)
@@ -122,7 +122,7 @@ def vgg_cifar(
     num_classes: int = 10,
     classifier: str = "linear",
 ) -> VGG:
-    """CIFAR VGG from per-stage conv counts (NOTES.md "Table 3-6 notes": VGG16-opt layouts 4,3,2,3,1 and 5,4,2,1,1).
+    """CIFAR VGG from per-stage conv counts (docs/paper.md: VGG16-opt layouts 4,3,2,3,1 and 5,4,2,1,1).
 
     >>> round(sum(p.numel() for p in vgg_cifar((4, 3, 2, 3, 1)).parameters()) / 1e6, 2)
     9.64
@@ -133,7 +133,7 @@ def vgg_cifar(
 
 
 def vgg11_cifar(num_classes: int = 10, classifier: str = "linear") -> VGG:
-    """VGG-11 on CIFAR (Table 2 baseline; NOTES.md Table 2 stages 1,1,2,2,2 convs of 64..512).
+    """VGG-11 on CIFAR (Table 2 baseline; docs/paper.md: stages 1,1,2,2,2 convs of 64..512).
 
     >>> sum(isinstance(m, nn.Conv2d) for m in vgg11_cifar().modules())
     8
@@ -142,7 +142,7 @@ def vgg11_cifar(num_classes: int = 10, classifier: str = "linear") -> VGG:
 
 
 def vgg16_cifar(num_classes: int = 10, classifier: str = "linear") -> VGG:
-    """VGG16 on CIFAR-10 (Table 3; NOTES.md: 14,728,266 params, 313.2M MACs).
+    """VGG16 on CIFAR-10 (Table 3; docs/paper.md: 14,728,266 params, 313.2M MACs).
 
     >>> sum(p.numel() for p in vgg16_cifar().parameters())
     14728266
@@ -174,12 +174,12 @@ def vgg19_cifar100(num_classes: int = 100) -> VGG:
 
 
 def vgg16_opt_table6(num_classes: int = 10) -> VGG:
-    """VGG16-opt, stage convs 4,3,2,3,1 (Table 6 baseline: 9.64M params, 370M MACs; NOTES.md)."""
+    """VGG16-opt, stage convs 4,3,2,3,1 (Table 6 baseline: 9.64M params, 370M MACs; docs/paper.md)."""
     return vgg_cifar((4, 3, 2, 3, 1), num_classes=num_classes)
 
 
 def vgg16_opt_table3(num_classes: int = 10) -> VGG:
-    """VGG16-opt, stage convs 5,4,2,1,1 (Table 3: 5.10M params, 370M MACs; NOTES.md)."""
+    """VGG16-opt, stage convs 5,4,2,1,1 (Table 3: 5.10M params, 370M MACs; docs/paper.md)."""
     return vgg_cifar((5, 4, 2, 1, 1), num_classes=num_classes)
 
 
@@ -204,7 +204,7 @@ def _conv_bn_relu(c_in: int, c_out: int, kernel_size: int, stride: int = 1, grou
     ]
 
 
-# (pointwise out channels, depthwise stride) of MobileNet v1's 13 DW+PW blocks (NOTES.md).
+# (pointwise out channels, depthwise stride) of MobileNet v1's 13 DW+PW blocks (docs/paper.md).
 MOBILENET_V1_BLOCKS: tuple[tuple[int, int], ...] = (
     (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
     (512, 1), (512, 1), (512, 1), (512, 1), (512, 1),
@@ -234,7 +234,7 @@ class MobileNetV1(nn.Module):
 
 
 def mobilenet_v1(num_classes: int = 10, stem_stride: int = 1) -> MobileNetV1:
-    """MobileNet v1 with a given stem stride (NOTES.md: stride 1 on CIFAR, 2 on ImageNet)."""
+    """MobileNet v1 with a given stem stride (docs/paper.md: stride 1 on CIFAR, 2 on ImageNet)."""
     return MobileNetV1(num_classes=num_classes, stem_stride=stem_stride)
 
 

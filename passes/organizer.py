@@ -1,7 +1,20 @@
-"""The stage-level organizer: give each stage the number of convs its 3DRF gain asks for (issue 4).
+"""The stage-level organizer: give each stage the number of convs its 3DRF gain asks for.
 
 The paper's "Stage-level Organizer" decides how many convs each stage (a run of layers at one resolution) should
-hold. One number decides both directions, the `threshold` on the 3DRF gain:
+hold. Two strategies (docs/organizer.md):
+
+- `strategy="paper"`: the rule the paper's Tables 3-5 were computed with (docs/paper.md). The total number of convs
+  stays that of the input model and every stage keeps at least one; the convs go where the 3DRF gain is highest.
+  Gains are taken with the uncapped spatial extent (`spatial_cap=False`) by default, as in those tables. It swaps
+  the removable conv of lowest gain for the candidate conv of highest gain while that gain is higher; on stages of
+  identical convs (VGG) this fills the positions (the k-th conv of a stage) by descending gain.
+- `strategy="greedy"` (the default, described below): a threshold on the gain decides both directions, and the
+  conv count moves freely.
+
+Both report `summary["delta_3drf"]`: the sum of the gains of the convs added minus that of the convs removed, each
+gain taken where the conv sits in its stage (the paper's Delta-3DRF column), and `summary["stage_convs"]`.
+
+The greedy strategy. One number decides both directions, the `threshold` on the 3DRF gain:
 
 1. remove: every conv whose own gain is at most `remove_below` (default: `threshold`; a gain of exactly 0 means
    the stage's field is already the whole stage input, "saturated") is removed together with its norm and
@@ -19,12 +32,18 @@ removed), and the next conv of every stage would have gain <= threshold or break
 says which). docs/organizer.md walks through VGG-11 and VGG16.
 
     >>> import fxrf
-    >>> from fxrf.models import vgg11_cifar
+    >>> from fxrf.models import vgg11_cifar, vgg16_cifar
     >>> r = fxrf.organize_stages(vgg11_cifar(), (1, 3, 32, 32))
     >>> [(c.kind, c.stage, round(c.gain, 4)) for c in r.changes]
     [('remove', 4, 0.0), ('remove', 3, 0.1439), ('insert', 0, 1.7315), ('insert', 1, 1.5998)]
-    >>> r.summary["convs_per_stage_before"], r.summary["convs_per_stage_after"]
+    >>> r.summary["convs_per_stage_before"], r.summary["stage_convs"]
     ([1, 1, 2, 2, 2], [2, 2, 2, 1, 1])
+
+The paper strategy on CIFAR VGG16 (13 convs, Table 3's VGG16-opt: 5.10M params, Delta-3DRF 2.30):
+
+    >>> p = fxrf.organize_stages(vgg16_cifar(), (1, 3, 32, 32), strategy="paper")
+    >>> p.summary["stage_convs"], p.summary["params_after"], p.summary["delta_3drf"]
+    ([5, 4, 2, 1, 1], 5101194, 2.2942)
 """
 from __future__ import annotations
 
@@ -39,13 +58,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxrf.analysis import Analysis, Stage, analyze
-from fxrf.cost import COST_RULES, total
+from fxrf.cost import total
 from fxrf.errors import InputError
 from fxrf.metric import DEFAULT_ALPHA
+from fxrf.ops import default_table
 
 from . import PassResult, finish, private_copy
 
-__all__ = ["organize_stages", "Change", "Declined", "OrganizerResult", "DEFAULT_THRESHOLD", "DEFAULT_MACS_BUDGET"]
+__all__ = ["organize_stages", "Change", "Declined", "OrganizerResult", "DEFAULT_THRESHOLD", "DEFAULT_MACS_BUDGET",
+           "STRATEGIES"]
+
+STRATEGIES = ("greedy", "paper")
 
 # A conv must add more 3DRF gain than this to be worth having. Table 2: an extra conv with gain 0.29 (Variant-3)
 # bought +0.07% accuracy, within noise, while gains of 1.6-1.7 bought +0.8%. 0.3 sits just above that, and on
@@ -53,9 +76,6 @@ __all__ = ["organize_stages", "Change", "Declined", "OrganizerResult", "DEFAULT_
 DEFAULT_THRESHOLD = 0.3
 DEFAULT_MACS_BUDGET = 1.25  # at most +25% MACs over the input model (the paper's VGG16-opt: 310M -> 370M, +19%)
 
-# act(act(x)) == act(x): after an identity conv and a pass-through norm on an act output, the act changes nothing.
-_IDEMPOTENT_MODULES = (nn.ReLU, nn.Hardtanh)  # nn.ReLU6 is a Hardtanh
-_IDEMPOTENT_FUNCTIONS = {F.relu, F.relu6, F.hardtanh, torch.relu, F.relu_, torch.relu_, "relu", "relu_"}
 _WEIGHT_KINDS = ("conv", "linear")  # fxrf.cost kinds that hold a layer's weights (ends of a branch)
 
 
@@ -115,38 +135,63 @@ class _Site:
     training: bool  # the model's mode, for the new modules
 
 
-def organize_stages(model: nn.Module, example_input, *, alpha: float = DEFAULT_ALPHA,
+def organize_stages(model: nn.Module, example_input, *, strategy: str = "greedy", alpha: float = DEFAULT_ALPHA,
                     threshold: float | None = DEFAULT_THRESHOLD, macs_budget: float | None = DEFAULT_MACS_BUDGET,
                     params_budget: float | None = None, remove_saturated: bool = True,
                     remove_below: float | None = None, kernel_size: int | None = 3,
-                    max_insertions: int = 64) -> OrganizerResult:
-    """Remove saturated convs and insert identity-initialised ones where the 3DRF gain is highest.
+                    max_insertions: int = 64, spatial_cap: bool | None = None) -> OrganizerResult:
+    """Move convs to the stages where the 3DRF gain is highest; inserted convs start as the identity.
 
+    strategy: "greedy" (default): remove convs with gain <= `remove_below`, insert while the gain exceeds
+    `threshold`; "paper": keep the input model's number of convs (at least one per stage), swapping the lowest-gain
+    removable conv for the highest-gain candidate while the candidate's gain is higher (`threshold`,
+    `remove_below` and `remove_saturated` do not apply; see the module docstring).
     threshold: insert a conv only if its gain exceeds this (None: DEFAULT_THRESHOLD); remove_below: remove convs
     whose gain is at most this (None: `threshold`; 0.0: only saturated convs, gain exactly 0);
     macs_budget / params_budget: the most MACs / params of the result as a ratio to the input model (None: no
-    limit); kernel_size: of the inserted convs (None: the kernel of the stage's last standard conv).
-    `model` is not modified; the result's `graph_module` is a new GraphModule. See the module docstring.
+    limit); kernel_size: of the inserted convs (None: the kernel of the stage's last standard conv);
+    max_insertions: the most convs inserted (greedy) or swaps made (paper);
+    spatial_cap: passed to `fxrf.analyze` for every gain (None: True for "greedy", False for "paper").
+    `model` is not modified; the result's `graph_module` is a new GraphModule.
+
+    >>> import fxrf, torch.nn as nn
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+    >>> r = fxrf.organize_stages(net, (1, 3, 16, 16), macs_budget=None)
+    >>> r.summary["stage_convs"], r.summary["delta_3drf"]   # V_0 = 16*16*3; 5x5x3 -> 7x7x3 -> 9x9x3
+    ([4], 1.084)
+
+    The two convs added have gains (147-75)/75 e^(-3*75/768) = 0.7162 and (243-147)/147 e^(-3*147/768) = 0.3678;
+    a fifth would have (363-243)/243 e^(-3*243/768) = 0.1911 <= threshold 0.3.
     """
+    if strategy not in STRATEGIES:
+        raise InputError(f"strategy must be one of {', '.join(map(repr, STRATEGIES))}, got {strategy!r}")
+    paper = strategy == "paper"
+    cap = (not paper) if spatial_cap is None else bool(spatial_cap)
     threshold = DEFAULT_THRESHOLD if threshold is None else threshold
     cutoff = threshold if remove_below is None else remove_below
     _check_arguments(threshold, cutoff, macs_budget, params_budget, kernel_size, max_insertions)
     work = private_copy(model, example_input)
-    a = analyze(work, example_input, alpha=alpha)
+    a = analyze(work, example_input, alpha=alpha, spatial_cap=cap)
     before, convs_before = total(a.costs), _convs_per_stage(a)
     changes, declined = [], []
-    if remove_saturated:
-        a = _remove_saturated(work, example_input, alpha, cutoff, changes, declined)
     limits = (before.macs * macs_budget if macs_budget is not None else math.inf,
               before.params * params_budget if params_budget is not None else math.inf)
-    _insert_greedy(work, example_input, alpha, threshold, limits, before, kernel_size, max_insertions, a, changes,
-                   declined)
+    if paper:
+        _swap_paper(work, example_input, alpha, cap, limits, before, kernel_size, max_insertions, changes, declined)
+    else:
+        if remove_saturated:
+            a = _remove_saturated(work, example_input, alpha, cap, cutoff, changes, declined)
+        _insert_greedy(work, example_input, alpha, cap, threshold, limits, before, kernel_size, max_insertions, a,
+                       changes, declined)
     finish(work)
     work = _renamed(work, type(model).__name__)
-    a = analyze(work, example_input, alpha=alpha)
+    a = analyze(work, example_input, alpha=alpha, spatial_cap=cap)
     after = total(a.costs)
+    stage_convs = _convs_per_stage(a)
     summary = {
-        "alpha": alpha, "threshold": threshold, "remove_below": cutoff if remove_saturated else None,
+        "strategy": strategy, "alpha": alpha, "spatial_cap": cap,
+        "threshold": None if paper else threshold,
+        "remove_below": cutoff if remove_saturated and not paper else None,
         "macs_budget": macs_budget, "params_budget": params_budget, "kernel_size": kernel_size,
         "inserted": sum(c.kind == "insert" for c in changes), "removed": sum(c.kind == "remove" for c in changes),
         "declined": len(declined),
@@ -155,7 +200,11 @@ def organize_stages(model: nn.Module, example_input, *, alpha: float = DEFAULT_A
         "macs_before": before.macs, "macs_after": after.macs,
         "macs_ratio": round(after.macs / before.macs, 4) if before.macs else None,
         "inserted_gain": round(sum(c.gain for c in changes if c.kind == "insert"), 4),
-        "convs_per_stage_before": convs_before, "convs_per_stage_after": _convs_per_stage(a),
+        "removed_gain": round(sum(c.gain for c in changes if c.kind == "remove"), 4),
+        # the paper's Delta-3DRF: gains of the convs added minus gains of the convs removed, each at its position
+        "delta_3drf": round(sum(c.gain if c.kind == "insert" else -c.gain for c in changes), 4),
+        "convs_before": sum(convs_before), "convs_after": sum(stage_convs),
+        "convs_per_stage_before": convs_before, "convs_per_stage_after": stage_convs, "stage_convs": stage_convs,
         "stage_resolutions": [list(s.resolution) for s in a.stages],
         "function_preserved": not any(c.kind == "remove" for c in changes),
     }
@@ -186,14 +235,14 @@ def _check_arguments(threshold, cutoff, macs_budget, params_budget, kernel_size,
 # -- removal ---------------------------------------------------------------------------------------------------
 
 
-def _remove_saturated(gm, example_input, alpha, cutoff, changes, declined) -> Analysis:
+def _remove_saturated(gm, example_input, alpha, cap, cutoff, changes, declined) -> Analysis:
     """Remove convs with gain <= cutoff, last first, until a fresh analysis finds none left to remove.
 
     Within one analysis the convs are visited in reverse graph order: removing a conv changes the fields of the
     nodes after it only, so the gains of the convs still to visit stay exact.
     """
     while True:
-        a = analyze(gm, example_input, alpha=alpha)
+        a = analyze(gm, example_input, alpha=alpha, spatial_cap=cap)
         kept: dict = {}  # the convs this pass could not remove, with the reason
         costs = a.costs
         removed = False
@@ -204,20 +253,24 @@ def _remove_saturated(gm, example_input, alpha, cutoff, changes, declined) -> An
             if isinstance(plan, str):
                 kept[r.name] = Declined("remove", r.stage, r.name, r.gain, plan)
                 continue
-            unit, src = plan
-            names = tuple(n.name for n in unit)
-            unit[-1].replace_all_uses_with(src)
-            for n in reversed(unit):  # consumers before producers
-                gm.graph.erase_node(n)
             why = ("saturated: its input already sees the whole stage input (gain 0)" if r.gain == 0 else
                    f"gain {r.gain:.4f} <= {cutoff}")
-            changes.append(Change("remove", r.stage, r.name, r.gain, why + "; changes the function (retrain)",
-                                  names, src.name, -sum(costs[n].params for n in names if n in costs),
-                                  -sum(costs[n].macs for n in names if n in costs)))
+            changes.append(_remove(gm, plan, r, costs, why))
             removed = True
         if not removed:
             declined.extend(kept.values())
             return a
+
+
+def _remove(gm, plan, r, costs, why: str) -> Change:
+    """Erase the planned unit (conv, norm, activation); its consumers read the unit's input instead."""
+    unit, src = plan
+    names = tuple(n.name for n in unit)
+    unit[-1].replace_all_uses_with(src)
+    for n in reversed(unit):  # consumers before producers
+        gm.graph.erase_node(n)
+    return Change("remove", r.stage, r.name, r.gain, why + "; changes the function (retrain)", names, src.name,
+                  -sum(costs[n].params for n in names if n in costs), -sum(costs[n].macs for n in names if n in costs))
 
 
 def _removal_plan(gm, a: Analysis, name: str):
@@ -291,7 +344,7 @@ def _branch_merge(unit, src, kinds):
 # -- insertion -------------------------------------------------------------------------------------------------
 
 
-def _insert_greedy(work, example_input, alpha, threshold, limits, original, kernel_size, max_insertions, a,
+def _insert_greedy(work, example_input, alpha, cap, threshold, limits, original, kernel_size, max_insertions, a,
                    changes, declined):
     """Insert one conv at a time where the candidate graphs' analysis gives the highest gain (the cheaper place
     on a tie), while the gain exceeds the threshold and the budgets hold."""
@@ -299,7 +352,7 @@ def _insert_greedy(work, example_input, alpha, threshold, limits, original, kern
     used = [now.macs, now.params]
     closed: set = set()  # (stage, place) that will get nothing more: the graph there does not change any more
     while True:
-        a = analyze(work, example_input, alpha=alpha)
+        a = analyze(work, example_input, alpha=alpha, spatial_cap=cap)
         sites = {}
         for stage in a.stages:
             for place, site in _sites(a, stage, kernel_size).items():
@@ -314,7 +367,8 @@ def _insert_greedy(work, example_input, alpha, threshold, limits, original, kern
             return
         rows = []  # (gain, MACs, stage, place, params): one trial graph per place, every stage at once
         for place in _PLACES:
-            rows += _score(work, example_input, alpha, {s: x for (s, p), x in sites.items() if p == place}, place)
+            rows += _score(work, example_input, alpha, cap, {s: x for (s, p), x in sites.items() if p == place},
+                           place)
         for gain, macs, s, place, params in sorted(rows, key=lambda r: (-(r[0] if r[0] is not None else -1),) + r[1:4]):
             site, where, why = sites[s, place], _PLACES[place], None
             if gain is None or gain <= threshold:
@@ -348,7 +402,106 @@ def _insert_greedy(work, example_input, alpha, threshold, limits, original, kern
 _PLACES = {"end": "after the stage's last block", "branch": "inside the stage's last block, before its last conv"}
 
 
-def _score(work, example_input, alpha, sites, place) -> list:
+# -- the paper's rule: a fixed number of convs -------------------------------------------------------------------
+
+
+def _swap_paper(work, example_input, alpha, cap, limits, original, kernel_size, max_swaps, changes, declined):
+    """Swap the removable conv of lowest gain for the candidate conv of highest gain while the candidate's gain is
+    higher; one swap removes one conv and inserts one, so the number of convs never changes.
+
+    The candidates are scored in a copy of the graph with the conv already removed, so a candidate in the same
+    stage gets the gain it will have there. Ties: the later conv goes first (on a stage of identical convs, the
+    last position), the cheaper candidate comes first. Positions are counted over the convs that have a gain (a
+    conv that starts a stage, strided, has none): each stage keeps at least one of them, and a stage without one
+    gets none, since its first conv's gain would be measured against a 1x1x1 field (large by construction).
+    """
+    now = total(analyze(work, example_input, alpha=alpha, spatial_cap=cap).costs)
+    used = [now.macs, now.params]
+    swaps = 0
+    while True:
+        a = analyze(work, example_input, alpha=alpha, spatial_cap=cap)
+        counts = _convs_per_stage(a, with_gain=True)
+        order = {r.name: i for i, r in enumerate(a.records)}
+        low = sorted((r for r in a.convs() if r.gain is not None and r.stage is not None and counts[r.stage] > 1),
+                     key=lambda r: (r.gain, -order[r.name]))
+        kept, victim = [], None
+        for r in low:
+            trial = _graph_copy(work)
+            plan = _removal_plan(trial, a, r.name)
+            if isinstance(plan, str):
+                kept.append(Declined("remove", r.stage, r.name, r.gain, f"paper: kept, {plan}"))
+                continue
+            victim = r
+            break
+        if victim is None:
+            declined.extend(kept)
+            declined.append(Declined("insert", None, None, None, "paper: no conv can be removed (every stage keeps "
+                                                                  "one; the others would break the graph)"))
+            return
+        costs = a.costs
+        removal = _remove(trial, plan, victim, costs, "")
+        trial.recompile()
+        t = analyze(trial, example_input, alpha=alpha, spatial_cap=cap)
+        sites, reasons = {}, []
+        positions = _convs_per_stage(t, with_gain=True)
+        for stage in t.stages:
+            if not positions[stage.index]:
+                reasons.append(Declined("insert", stage.index, None, None, "paper: the stage has no conv with a gain "
+                                        "(no position 1 to add to)"))
+                continue
+            for place, site in _sites(t, stage, kernel_size).items():
+                if isinstance(site, str):
+                    reasons.append(Declined("insert", stage.index, None, None, f"paper: {site}"))
+                else:
+                    sites[stage.index, place] = site
+        rows = []
+        for place in _PLACES:
+            rows += _score(trial, example_input, alpha, cap, {s: x for (s, p), x in sites.items() if p == place},
+                           place)
+        rows = sorted((row for row in rows if row[0] is not None), key=lambda row: (-row[0],) + row[1:4])
+        base = (used[0] + removal.macs, used[1] + removal.params)
+        over = [row for row in rows if base[0] + row[1] > limits[0] or base[1] + row[4] > limits[1]]
+        best = next((row for row in rows if row not in over), None)
+        stop = None
+        if best is None or not best[0] > victim.gain:
+            stop = (f"paper: the best candidate's gain {_fmt(best[0] if best else None)} <= {victim.gain:.4f}, the "
+                    f"lowest gain of the removable convs ({victim.name}): nothing to swap")
+        elif swaps >= max_swaps:
+            stop = f"paper: max_insertions ({max_swaps}) swaps reached"
+        if stop is not None:
+            declined.extend(kept + reasons)
+            for g, macs, s, place, params in (x for x in over if best is None or x[0] > best[0]):
+                declined.append(Declined("insert", s, sites[s, place].point, g,
+                                         f"{_PLACES[place]}: paper: gain {g:.4f}, but the swap would exceed the "
+                                         f"MACs or params budget"))
+            declined.append(Declined("insert", best[2] if best else None, sites[best[2], best[3]].point if best
+                                     else None, best[0] if best else None, stop))
+            return
+        gain, macs, s, place, params = best
+        site = sites[s, place]
+        plan = _removal_plan(work, a, victim.name)  # the same plan on the working graph
+        changes.append(_remove(work, plan, victim, costs,
+                               f"paper: the lowest gain of the removable convs ({victim.gain:.4f}), swapped for a "
+                               f"conv in stage {s} with gain {gain:.4f}"))
+        nodes = _insert(work, site, _prefix(work, s), meta=False)
+        changes.append(Change("insert", s, nodes[0].name, gain,
+                              f"{_PLACES[place]}: paper: the highest gain of the candidates, {gain:.4f} > "
+                              f"{victim.gain:.4f} of {victim.name} (removed)" + (f"; {site.note}" if site.note else ""),
+                              tuple(n.name for n in nodes), site.point, params, macs, place))
+        used[0], used[1] = base[0] + macs, base[1] + params
+        swaps += 1
+
+
+def _graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with a copy of `gm`'s graph (same node names) sharing its modules: edit it to try a change."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}), type_expr=None)
+    out = fx.GraphModule(gm, graph)
+    out.train(gm.training)
+    return out
+
+
+def _score(work, example_input, alpha, cap, sites, place) -> list:
     """One candidate conv per stage, all in one copy of the graph (stages are independent: each stage's fields
     are referenced to its own input), analysed once: [(gain, MACs, stage, place, params)]."""
     if not sites:
@@ -357,7 +510,7 @@ def _score(work, example_input, alpha, sites, place) -> list:
     graph.output(graph.graph_copy(work.graph, {}), type_expr=None)
     trial = fx.GraphModule(work, graph)  # shares the modules; the candidates' modules live on the meta device
     units = {s: _insert(trial, site, _prefix(trial, s), meta=True) for s, site in sites.items()}
-    t = analyze(trial, example_input, alpha=alpha)
+    t = analyze(trial, example_input, alpha=alpha, spatial_cap=cap)
     costs = t.costs
     rows = []
     for s, nodes in units.items():
@@ -561,24 +714,24 @@ def _norm_template(convs, modules):
 
 def _activation(point, modules):
     """The activation to repeat after the new conv: `point`'s own, if idempotent (None: `point` is not an
-    activation; False: it is one, but applying it twice would change the function)."""
-    if point.op == "call_module":
-        m = modules[point.target]
-        if isinstance(m, _IDEMPOTENT_MODULES):
-            return m
-        rule = next((COST_RULES[t] for t in type(m).__mro__ if t in COST_RULES), None)
-        return False if rule is not None and rule.kind == "activation" else None
-    if point.op in ("call_function", "call_method"):
-        extra = point.args[1:]
-        if point.target in _IDEMPOTENT_FUNCTIONS and not any(isinstance(v, fx.Node) for v in
-                                                              (*extra, *point.kwargs.values())):
-            return (point.op, point.target, tuple(extra), dict(point.kwargs))
-        try:
-            rule = COST_RULES.get(point.target)
-        except TypeError:
-            rule = None
-        return False if rule is not None and rule.kind == "activation" else None
-    return None
+    activation; False: it is one, but applying it twice would change the function).
+
+    act(act(x)) == act(x) (the op table's "idempotent" trait: ReLU, ReLU6, Hardtanh): after an identity conv and
+    a pass-through norm on an act output, the act changes nothing."""
+    if point.op not in ("call_module", "call_function", "call_method"):
+        return None
+    m = modules[point.target] if point.op == "call_module" else None
+    op = default_table().lookup(point, m)
+    if op is None or "activation" not in op.traits:
+        return None
+    if "idempotent" not in op.traits:
+        return False
+    if m is not None:
+        return m
+    extra = point.args[1:]
+    if any(isinstance(v, fx.Node) for v in (*extra, *point.kwargs.values())):
+        return False  # a bound computed in the graph: not repeated
+    return (point.op, point.target, tuple(extra), dict(point.kwargs))
 
 
 def _device(gm) -> torch.device:
@@ -589,10 +742,11 @@ def _device(gm) -> torch.device:
 # -- reporting -------------------------------------------------------------------------------------------------
 
 
-def _convs_per_stage(a: Analysis) -> list:
+def _convs_per_stage(a: Analysis, with_gain: bool = False) -> list:
+    """Convs per stage, in stage order (with_gain: only those with a gain, i.e. not starting their stage)."""
     counts = [0] * len(a.stages)
     for r in a.convs():
-        if r.stage is not None:
+        if r.stage is not None and (r.gain is not None or not with_gain):
             counts[r.stage] += 1
     return counts
 

@@ -20,7 +20,7 @@ from random_cnn import random_cnns
 import tv_models
 
 CIFAR = (1, 3, 32, 32)
-# Table 2 at alpha = 3 (NOTES.md): the gain of one extra 3x3 conv before the i-th max pool of VGG-11
+# Table 2 at alpha = 3 (docs/paper.md): the gain of one extra 3x3 conv before the i-th max pool of VGG-11
 TABLE2 = [16 / 9 * math.exp(-27 / 1024), 16 / 9 * math.exp(-27 / 256), 24 / 25 * math.exp(-75 / 64), 0.0, 0.0]
 
 
@@ -118,7 +118,7 @@ def test_vgg11_insertion_only_never_touches_saturated_stages():
 
 
 def test_vgg16_reaches_the_paper_layout(vgg16):
-    """Table 3: VGG16 14.73M -> 5.10M params at 310 -> 370 MFLOPs; NOTES.md: stage convs 5,4,2,1,1."""
+    """Table 3: VGG16 14.73M -> 5.10M params at 310 -> 370 MFLOPs; docs/paper.md: stage convs 5,4,2,1,1."""
     model, r = vgg16
     s = r.summary
     assert s["convs_per_stage_before"] == [2, 2, 3, 3, 3]
@@ -130,6 +130,15 @@ def test_vgg16_reaches_the_paper_layout(vgg16):
     assert s["macs_after"] <= 1.25 * s["macs_before"]
     assert [c.kind for c in r.changes].count("insert") == 5
     assert [c.stage for c in _inserts(r)] == [0, 1, 0, 0, 1]
+    # Delta-3DRF with the greedy strategy's capped gains (docs/organizer.md): inserted, stage 0's 3rd-5th convs
+    # (fields 75 -> 147 -> 243 -> 363 of V_0 3,072) and stage 1's 3rd-4th (1,600 -> 3,136 -> 5,184 of 16,384);
+    # removed, features_27 (4x4 stage, 2,304 -> 4,096 capped: (7/9) e^(-27/16)), features_20 ((24/25) e^(-75/64))
+    # and three convs of gain 0
+    added = (24 / 25 * math.exp(-225 / 3072) + 32 / 49 * math.exp(-441 / 3072) + 40 / 81 * math.exp(-729 / 3072)
+             + 24 / 25 * math.exp(-4800 / 16384) + 32 / 49 * math.exp(-9408 / 16384))
+    removed = 7 / 9 * math.exp(-27 / 16) + 24 / 25 * math.exp(-75 / 64)
+    assert s["delta_3drf"] == pytest.approx(added - removed, abs=1e-4)  # 2.9314 - 0.4413
+    assert s["strategy"] == "greedy" and s["stage_convs"] == s["convs_per_stage_after"]
 
 
 def test_vgg19_default_and_paper_settings():
