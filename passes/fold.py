@@ -31,28 +31,15 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
+from fxrf.ops import default_table
 from fxrf.trace import trace
 
 from . import PassResult, finish, private_copy
 from .util import call_counts, chain, fetch_attr, module_of
 
-# ---- ops that act on each channel on its own (parameters, if any, indexed by channel along dim 0) -----------------
-
-_PER_CHANNEL_MODULES = (
-    nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Identity, nn.Dropout,
-    nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-)
-_PER_CHANNEL_FUNCTIONS = (
-    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish,
-    F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, F.sigmoid, F.tanh, torch.sigmoid, torch.tanh, F.dropout,
-    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.max_pool2d,
-    "relu", "relu_", "sigmoid", "tanh", "contiguous", "clone",
-)
-_PERMUTATIONS = (torch.roll, "roll", F.channel_shuffle, torch.channel_shuffle, F.native_channel_shuffle,
-                 torch.index_select, "index_select", nn.ChannelShuffle)
+# Ops that act on each channel on its own (parameters, if any, indexed by channel along dim 0) carry the op table's
+# "per_channel" trait; ops that only move channels (roll, channel shuffle, index_select) "channel_permutation".
 
 
 @dataclass(frozen=True)
@@ -105,7 +92,8 @@ def channel_permutation(gm: fx.GraphModule, node: fx.Node, modules: dict | None 
     element), else None."""
     modules = modules if modules is not None else dict(gm.named_modules())
     mod = module_of(node, modules)
-    if not (isinstance(mod, nn.ChannelShuffle) or (mod is None and _target_of(node) in _PERMUTATIONS)):
+    if node.op not in ("call_module", "call_function", "call_method") or \
+            not default_table().has("channel_permutation", node, mod):
         return None
     if not node.args or not isinstance(node.args[0], fx.Node):
         return None
@@ -152,8 +140,8 @@ def _per_channel(node, modules, calls) -> bool:
             return False
         if isinstance(mod, nn.Conv2d):
             return mod.groups == mod.in_channels == mod.out_channels  # depthwise, one filter per channel
-        return isinstance(mod, _PER_CHANNEL_MODULES)
-    if node.op not in ("call_function", "call_method") or _target_of(node) not in _PER_CHANNEL_FUNCTIONS:
+        return default_table().has("per_channel", node, mod)
+    if node.op not in ("call_function", "call_method") or not default_table().has("per_channel", node):
         return False
     return len(node.all_input_nodes) == 1
 

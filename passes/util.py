@@ -23,8 +23,8 @@ from typing import Callable
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
+from fxrf.ops import default_table
 from fxrf.shapes import fetch_attr
 
 __all__ = ["copy_graph_module", "fetch_attr", "module_of", "call_counts", "sole_user", "chain", "norm_of",
@@ -105,13 +105,6 @@ def chain(node: fx.Node, accept: Callable[[fx.Node], bool], *, forward: bool = T
 
 # -------------------------------------------------------------------------------- conv -> norm -> activation
 
-# The activations a template may hold: modules, and functional forms with the module that repeats them.
-# (To be derived from fxrf's op table; the content is the decomposer's list as it was.)
-_ACT_FUNCTIONS = {F.relu: nn.ReLU, torch.relu: nn.ReLU, F.relu6: nn.ReLU6, F.silu: nn.SiLU, F.gelu: nn.GELU,
-                  F.hardswish: nn.Hardswish, F.leaky_relu: nn.LeakyReLU, "relu": nn.ReLU}
-_ACTS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardtanh, nn.PReLU)
-
-
 def norm_of(node: fx.Node, modules: dict) -> nn.Module | None:
     """The batch or instance norm module the node calls, else None."""
     m = module_of(node, modules)
@@ -120,13 +113,14 @@ def norm_of(node: fx.Node, modules: dict) -> nn.Module | None:
 
 def activation_of(node: fx.Node, modules: dict) -> nn.Module | None:
     """The activation the node applies: its module, or a fresh module for a functional form (F.relu -> nn.ReLU());
-    None if the node is not one of the known activations."""
+    None if the op table does not list it as a per-element activation with a module form."""
     m = module_of(node, modules)
+    op = default_table().lookup(node, m)  # an op with the activation and per-element traits
+    if op is None or not {"activation", "per_element"} <= op.traits:
+        return None
     if m is not None:
-        return m if isinstance(m, _ACTS) else None
-    if node.op in ("call_function", "call_method") and node.target in _ACT_FUNCTIONS:
-        return _ACT_FUNCTIONS[node.target]()
-    return None
+        return m
+    return op.module_class() if op.module_class is not None else None
 
 
 @dataclass(frozen=True, eq=False)
