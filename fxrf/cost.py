@@ -36,8 +36,14 @@ parameter is counted once (by identity), so a module called twice or a tied
 weight does not double count, and ``total(model_cost(gm)).params ==
 sum(p.numel() for p in model.parameters())`` for a traced model.
 
-Ops without a rule get ``macs = extra_macs = 0`` and ``kind = "other"``
-(``params`` still counts what the node owns, e.g. an ``nn.Embedding``).
+Ops the op table does not know at all (an ``nn.MultiheadAttention`` leaf,
+``F.scaled_dot_product_attention``, a custom op) are run once on meta tensors
+under torch's :class:`~torch.utils.flop_counter.FlopCounterMode`, and get
+``macs = flops / 2``, ``kind = "other"``, ``source = "flop_counter"``; where it
+cannot run them or counts nothing, ``source = "none"`` and :func:`uncounted`
+lists them. Ops the table knows without a cost rule (views, casts, cat,
+dropout, ...) are free: ``macs = extra_macs = 0``, ``kind = "other"``.
+``params`` always counts what the node owns (e.g. an ``nn.Embedding``).
 The rules are the ``cost`` of each op in the op table (:mod:`fxrf.ops`, one
 registration per op kind with its shape and receptive-field rules); module
 classes are looked up along the MRO, so subclasses inherit a rule.
@@ -50,9 +56,9 @@ Example:
 >>> _ = ShapeProp(gm).propagate(torch.zeros(1, 3, 6, 6))
 >>> costs = model_cost(gm)
 >>> costs["_0"]          # 4*4*8 outputs * 3 * 9
-Cost(params=224, macs=3456, extra_macs=0, kind='conv')
+Cost(params=224, macs=3456, extra_macs=0, kind='conv', source='rule')
 >>> total(costs)         # + 1 per ReLU output element (128)
-Cost(params=224, macs=3456, extra_macs=128, kind='total')
+Cost(params=224, macs=3456, extra_macs=128, kind='total', source='rule')
 """
 
 from __future__ import annotations
@@ -68,7 +74,7 @@ import torch.nn as nn
 from .ops import KINDS, Call, Op, OpTable, TMeta, default_table
 from .shapes import fetch_attr
 
-__all__ = ["Cost", "KINDS", "node_cost", "model_cost", "total"]
+__all__ = ["Cost", "KINDS", "node_cost", "model_cost", "total", "uncounted"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,7 @@ class Cost:
     macs: int  # multiply-accumulates of the main op (conv, linear, matmul)
     extra_macs: int  # cheap ops: norm, activation, pooling, elementwise
     kind: str  # one of KINDS, or "total" for a sum
+    source: str = "rule"  # "rule" (the op table), "flop_counter" (FlopCounterMode fallback), "none" (uncounted)
 
 
 # ------------------------------------------------------------------ evaluation
@@ -176,12 +183,52 @@ def _params_by_node(gm: torch.fx.GraphModule, table: OpTable) -> dict[str, int]:
     return result
 
 
+def _meta_value(gm: torch.fx.GraphModule, value: Any) -> Any:
+    """A node argument as a meta tensor (or a tuple of them); a node without a tensor value raises."""
+    if isinstance(value, torch.fx.Node):
+        meta = value.meta.get("tensor_meta")
+        if meta is None and value.op == "get_attr":
+            return _meta_value(gm, fetch_attr(gm, value.target))
+        if meta is None:
+            raise ValueError(f"no tensor_meta on {value.name}")
+        one = lambda m: torch.empty(m.shape, dtype=m.dtype, device="meta") if hasattr(m, "shape") else m  # noqa: E731
+        return one(meta) if hasattr(meta, "shape") else tuple(one(m) for m in meta)
+    if isinstance(value, torch.Tensor):
+        return torch.empty_like(value, device="meta")
+    return value
+
+
+def _flop_counter_macs(gm: torch.fx.GraphModule, node: torch.fx.Node, module) -> int | None:
+    """MACs of one op that has no cost rule: torch's FlopCounterMode over one run on meta tensors, flops / 2
+    (None: the op could not run on meta tensors)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    try:
+        args = torch.fx.node.map_aggregate(node.args, lambda v: _meta_value(gm, v))
+        kwargs = torch.fx.node.map_aggregate(node.kwargs, lambda v: _meta_value(gm, v))
+        with FlopCounterMode(display=False) as counter:
+            if module is not None:
+                state = {k: torch.empty_like(v, device="meta") for k, v in
+                         list(module.named_parameters()) + list(module.named_buffers())}
+                torch.func.functional_call(module, state, tuple(args), dict(kwargs))
+            elif node.op == "call_method":
+                getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                node.target(*args, **kwargs)
+    except Exception:  # an op that needs real data (.item(), data-dependent shapes): not counted, listed
+        return None
+    return counter.get_total_flops() // 2
+
+
 def _cost(gm: torch.fx.GraphModule, node: torch.fx.Node, params: Mapping[str, int], table: OpTable) -> Cost | None:
     if not _is_costed(node):
         return None
     op, module = _rule_for(gm, node, table)
     if op is None:
-        return Cost(params.get(node.name, 0), 0, 0, "other")
+        if table.lookup(node, module) is not None:  # known and free (a view, a cast, cat, dropout, ...)
+            return Cost(params.get(node.name, 0), 0, 0, "other")
+        macs = _flop_counter_macs(gm, node, module)
+        return Cost(params.get(node.name, 0), macs or 0, 0, "other",
+                    "flop_counter" if macs else "none")
     macs, extra = op.cost(_call(gm, node, module))
     return Cost(params.get(node.name, 0), int(macs), int(extra), op.kind)
 
@@ -205,6 +252,11 @@ def model_cost(gm: torch.fx.GraphModule, table: OpTable | None = None) -> dict[s
     params = _params_by_node(gm, table)
     costs = {n.name: _cost(gm, n, params, table) for n in nodes}
     return {name: c for name, c in costs.items() if c is not None}
+
+
+def uncounted(costs: Mapping[str, Cost]) -> list[str]:
+    """Names of the nodes whose MACs neither a cost rule nor FlopCounterMode could count."""
+    return [name for name, c in costs.items() if c.source == "none"]
 
 
 def total(costs: Mapping[str, Cost] | Iterable[Cost]) -> Cost:

@@ -114,8 +114,8 @@ def annotate(gm: fx.GraphModule, env: dict) -> None:
     for node, v in env.items():
         if isinstance(v, TMeta):
             node.meta["tensor_meta"] = _tensor_metadata(v)
-        elif isinstance(v, tuple) and v and all(isinstance(x, TMeta) for x in v):
-            node.meta["tensor_meta"] = tuple(_tensor_metadata(x) for x in v)
+        elif isinstance(v, tuple) and any(isinstance(x, TMeta) for x in v):  # (out, None) as MHA returns
+            node.meta["tensor_meta"] = tuple(_tensor_metadata(x) if isinstance(x, TMeta) else None for x in v)
 
 
 def _tensor_metadata(v: TMeta) -> TensorMetadata:

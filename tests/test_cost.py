@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import operator
 
 import pytest
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
-from fxrf.cost import Cost, model_cost, node_cost, total
+from fxrf.cost import Cost, model_cost, node_cost, total, uncounted
 from fxrf.errors import DuplicateRuleError
 from fxrf.ops import DEFAULT, Op, define
 
@@ -333,3 +334,49 @@ def test_meta_device_torchvision_224(make, gmacs, params):
     costs = model_cost(traced(model, torch.empty(1, 3, 224, 224, device="meta")))
     assert main_macs(costs) == pytest.approx(gmacs * 1e9, rel=5e-3)
     assert total(costs).params == params
+
+
+class ConvAttention(nn.Module):
+    """A conv stem whose map becomes tokens for multi-head attention: ops with no cost rule of their own."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        t = self.attn(t, t, t, need_weights=False)[0]
+        q = t.unflatten(2, (4, 8)).transpose(1, 2)
+        t = F.scaled_dot_product_attention(q, q, q).transpose(1, 2).flatten(2)
+        return self.head(t.mean(1))
+
+
+def test_ops_without_a_cost_rule_are_counted_by_flop_counter():
+    model, x = ConvAttention().eval(), torch.randn(1, 3, 8, 8)
+    gm = torch.fx.symbolic_trace(model)
+    ShapeProp(gm).propagate(x)
+    costs = model_cost(gm)
+    assert costs["attn"].source == "flop_counter" and costs["scaled_dot_product_attention"].source == "flop_counter"
+    # By hand, 8x8 map = 64 tokens of width 32, 4 heads of 8: stem 64*32*27 = 55,296; attention module: in_proj
+    # 64*32*96 = 196,608, Q K^T and A V 2 * 4*64*64*8 = 262,144, out_proj 64*32*32 = 65,536; sdpa 262,144;
+    # head 32*10 = 320. Total 842,048.
+    assert total(costs).macs == 842_048
+    # torch's own count of the whole forward, run on meta tensors (on CPU tensors FlopCounterMode misses the
+    # fused attention kernels and reports 317,760, the conv and linear layers alone)
+    meta_model = copy.deepcopy(model).to("meta")
+    with FlopCounterMode(display=False) as counter:
+        meta_model(torch.empty(1, 3, 8, 8, device="meta"))
+    expected = counter.get_total_flops() // 2
+    assert abs(total(costs).macs - expected) <= 0.01 * expected, (total(costs).macs, expected)
+    assert uncounted(costs) == []
+    # the attention module returns (out, None): its parameters are still counted
+    assert total(costs).params == sum(p.numel() for p in model.parameters())
+
+
+def test_fxrf_trace_counts_params_of_tuple_returning_modules():
+    import fxrf
+    model = ConvAttention()
+    a = fxrf.analyze(model, (1, 3, 8, 8))
+    assert total(a.costs).params == sum(p.numel() for p in model.parameters())
