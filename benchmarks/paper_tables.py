@@ -266,7 +266,7 @@ def opt_rows() -> list:
            "  Delta-3DRF = sum of the gains of the convs added - sum of the gains of the convs removed, each at its",
            "  position. layout = convs per stage (stages without convs left out). checks: params = the paper's",
            f"  printed digits; MACs as for the baselines; Delta-3DRF within {DELTA_TOLERANCE} of the paper.", ""]
-    results, notes = {}, []
+    results = {}
     for dataset, table in (("CIFAR-10", "Table 3"), ("CIFAR-100", "Table 4"), ("ImageNet", "Table 5")):
         rows = []
         for (ds, net, spec, factory, kwargs, side, *_rest) in BASELINES:
@@ -299,7 +299,7 @@ def _contradictions(results) -> list:
     for key, (r, side) in results.items():
         s = r.summary
         paper = OPT[key]
-        _, p_ok, _, m_ok, _, d_ok = _checks(s["params_after"], s["macs_after"], s["delta_3drf"], paper)
+        _, p_ok, _, _, _, d_ok = _checks(s["params_after"], s["macs_after"], s["delta_3drf"], paper)
         if p_ok or not d_ok or key not in VGG_BUILDERS:
             continue
         before = [n for n in s["convs_per_stage_before"] if n]
@@ -331,7 +331,7 @@ def _no_cap(results) -> list:
         paper = OPT["CIFAR-10", net]
         for cap in (True, False):
             s = _organize(factory, {}, 32, spatial_cap=cap).summary
-            _, p_ok, macs_m, m_ok, delta, d_ok = _checks(s["params_after"], s["macs_after"], s["delta_3drf"], paper)
+            _, p_ok, _, _, delta, d_ok = _checks(s["params_after"], s["macs_after"], s["delta_3drf"], paper)
             rows.append([f"{net}-opt", "capped" if cap else "uncapped", _layout(s["stage_convs"]),
                          f"{s['params_after'] / 1e6:.2f}M", paper[1] + "M", "ok" if p_ok else "MISMATCH",
                          f"{delta:.3f}", paper[2], "ok" if d_ok else "MISMATCH"])

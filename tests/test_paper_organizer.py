@@ -105,7 +105,9 @@ def test_changes_agree_with_the_analyses(vgg16):
 
 def _two_stages():
     """Stage 0: 8x8, c_0 = 2, two 3x3 convs; stage 1 (after a 2x2 max pool): 4x4, c_0 = 4, four 3x3 convs."""
-    conv = lambda i, o: nn.Conv2d(i, o, 3, padding=1)  # noqa: E731
+    def conv(i, o):
+        return nn.Conv2d(i, o, 3, padding=1)
+
     return nn.Sequential(conv(2, 4), nn.ReLU(), conv(4, 4), nn.ReLU(), nn.MaxPool2d(2),
                          *[m for _ in range(4) for m in (conv(4, 4), nn.ReLU())])
 
@@ -119,8 +121,8 @@ def _two_stages():
 # 0.32886 (1, k=2), 0.297394 (0, k=3), 0.065680 (0, k=4), then 0.0088413 (1, k=3), 0.0000668 (1, k=4).
 # So stage 0 gets k=3 and k=4, stage 1 loses k=3 and k=4: layout 4,2 and
 # Delta-3DRF = 0.297394 + 0.065680 - 0.0088413 - 0.0000668 = 0.354166.
-HAND = dict(s0=[32 / 18 * E(-54 / 128), 48 / 50 * E(-150 / 128), 64 / 98 * E(-294 / 128)],
-            s1=[64 / 36 * E(-108 / 64), 96 / 100 * E(-300 / 64), 128 / 196 * E(-588 / 64)])
+HAND = {"s0": [32 / 18 * E(-54 / 128), 48 / 50 * E(-150 / 128), 64 / 98 * E(-294 / 128)],
+        "s1": [64 / 36 * E(-108 / 64), 96 / 100 * E(-300 / 64), 128 / 196 * E(-588 / 64)]}
 
 
 def test_delta_3drf_definition_by_hand():
