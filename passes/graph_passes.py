@@ -2,8 +2,9 @@
 
 A graph pass is `pass(gm, example_inputs) -> GraphModule` (or a PassResult): it works on the graph dynamo hands the
 backend, where parameters are graph inputs, so it must keep the placeholders as they are and compute the same
-function at inference. Unlike the module-level passes beside it (organizer, decomposer), it edits a copy of the
-graph that shares the caller's parameters: what it returns is compiled in place of the graph.
+function at inference. Unlike the module-level passes beside it (organizer, decomposer), which deep-copy the model,
+`roll_as_cat` edits a copy of the graph that shares the caller's parameters (`fxrf.passes.shared_copy`): what a
+graph pass returns is compiled in place of the graph, so it must keep reading the model's own weights.
 
     torch.compile(model, backend="fxrf", options={"passes": ["roll_as_cat", my_pass, "pkg.mod:fn"]})
 
