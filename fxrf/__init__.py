@@ -12,22 +12,13 @@ from .ops import DEFAULT as DEFAULT_OPS
 from . import rules as _rules  # noqa: F401  (registers the built-in ops in DEFAULT_OPS)
 from .trace import trace
 from .compiler import compile_model as compile  # noqa: A001  (importing it registers the "fxrf" torch.compile backend)
+# The passes import core modules, never the package root: importing them here gives the real signatures.
+from .passes.organizer import organize_stages  # noqa: E402
+from .passes.decomposer import decompose  # noqa: E402
+from .distill import distill  # noqa: E402  (fxrf.distill is the function; `from fxrf.distill import x` reads the module)
 
 
-
-def organize_stages(model, example_input, **kwargs):
-    """The stage-level organizer (fxrf.passes.organizer.organize_stages)."""
-    from .passes.organizer import organize_stages as run
-    return run(model, example_input, **kwargs)
-
-
-def decompose(model, example_input, **kwargs):
-    """The kernel-level decomposer (fxrf.passes.decomposer.decompose)."""
-    from .passes.decomposer import decompose as run
-    return run(model, example_input, **kwargs)
-
-
-__all__ = ["compile", "organize_stages", "decompose", "analyze", "trace", "rf_rule", "op", "Op", "OpTable",
+__all__ = ["compile", "organize_stages", "decompose", "distill", "analyze", "trace", "rf_rule", "op", "Op", "OpTable",
            "DEFAULT_OPS", "Decline", "DuplicateRuleError", "Analysis", "NodeRecord", "RF", "Stage", "META_KEY",
            "FxrfError", "TraceError", "InputError", "UnsupportedOpError", "AnalysisError"]
 __version__ = "0.1.0"

@@ -303,12 +303,11 @@ def _show(t) -> str:
     return f"{mod}.{getattr(t, '__qualname__', getattr(t, '__name__', repr(t)))}".lstrip(".")
 
 
-DEFAULT = OpTable()  # filled by fxrf.rules (importing fxrf.rules registers every built-in op)
+DEFAULT = OpTable()  # filled by fxrf.rules, which the package imports first
 
 
 def default_table() -> OpTable:
-    """DEFAULT with the built-in ops registered."""
-    from . import rules  # noqa: F401  (fills DEFAULT)
+    """The default table, read at call time (importing the fxrf package registers the built-in ops in it)."""
     return DEFAULT
 
 

@@ -97,8 +97,9 @@ def _imports(module: str) -> tuple[set, set]:
             if isinstance(child, (ast.Import, ast.ImportFrom)):
                 for t in _targets(module, child):
                     anywhere.add(t)
-                    if not in_function:
-                        top.update(_with_parents(t))
+                    if not in_function:  # parents run first, except a package this module is inside: it has
+                        top.add(t)       # started running already (only an explicit import of it can cycle)
+                        top.update(p for p in _with_parents(t)[1:] if not module.startswith(p + "."))
             if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
                 visit(child, True)  # never runs
             else:
@@ -131,15 +132,8 @@ def _cycle_through(module: str) -> list | None:
     return None
 
 
-# Violations in modules this test does not own, each expected to fail until it is fixed (strict: a fix makes the
-# xfail fail, so the entry is removed with it).
-_FILL = ("fxrf/rules/__init__.py imports its rule modules at its end to fill the op table, and each of them "
-         "imports fxrf.rules back (for Ctx, define, ...)")
-KNOWN: dict = {
-    **{("cycle", m): _FILL for m in ("fxrf.rules", "fxrf.rules.conv", "fxrf.rules.elementwise", "fxrf.rules.layout",
-                                     "fxrf.rules.misc", "fxrf.rules.pool")},
-    ("upward", "fxrf.ops"): "fxrf.ops (core) imports fxrf.rules (rules) inside a function, to fill DEFAULT",
-}
+# Violations expected to fail until fixed (strict: a fix makes the xfail fail, so the entry is removed with it).
+KNOWN: dict = {}
 
 
 def _params(check: str) -> list:

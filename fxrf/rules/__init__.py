@@ -17,40 +17,8 @@ or `@fxrf.rf_rule(MyOp)` for a receptive-field rule alone (docs/architecture.md,
 """
 from __future__ import annotations
 
-from ..ops import DEFAULT, Call, Decline, T, TMeta, define, op, rf_rule
-
-Ctx = Call  # the name rules were written against before the op table: one call object for every rule
-
-
-def default_sp(shape: tuple, dims: int) -> tuple:
-    """Where the spatial dims are in a tensor with no better information: the trailing `dims` axes of a map."""
-    n = len(shape)
-    return tuple(range(n - dims, n)) if n >= 2 + dims else (None,) * dims
-
-
-def tuple_of(v, n: int) -> tuple:
-    """An int-or-sequence hyper-parameter as an n-tuple."""
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
-
-
-def same_shape(call: Call):
-    """Shape rule of ops whose output has their first tensor argument's shape and dtype."""
-    return next(a for a in list(call.args) + list(call.kwargs.values()) if isinstance(a, TMeta))
-
-
-def per_output(call: Call) -> tuple[int, int]:
-    """Cost rule: one cheap op per output element (activations, elementwise arithmetic)."""
-    return 0, call.out_numel
-
-
-def spatial_dims(call: Call) -> int:
-    """d of an op named ...1d / ...2d / ...3d (MaxPool2d or a subclass of it, F.adaptive_avg_pool3d)."""
-    names = [c.__name__ for c in type(call.module).__mro__] if call.module is not None else [call.name]
-    for name in names:
-        if name[-1:] == "d" and name[-2:-1].isdigit():
-            return int(name[-2])
-    return 2
-
+from .base import (DEFAULT, Call, Ctx, Decline, T, TMeta, default_sp, define, op, per_output, rf_rule,
+                   same_shape, spatial_dims, tuple_of)
 
 __all__ = ["DEFAULT", "Call", "Ctx", "Decline", "T", "TMeta", "define", "op", "rf_rule", "default_sp", "tuple_of",
            "same_shape", "per_output", "spatial_dims"]

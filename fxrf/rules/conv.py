@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .. import field
 from ..errors import InputError
-from . import Ctx, Decline, TMeta, define, op, per_output, same_shape, tuple_of
+from .base import Ctx, Decline, TMeta, define, op, per_output, same_shape, tuple_of
 
 
 class ConvSpec(NamedTuple):

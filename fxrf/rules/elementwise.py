@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .. import field
 from ..ops import Op
-from . import DEFAULT, Ctx, Decline, T, TMeta, define, per_output, same_shape
+from .base import DEFAULT, Ctx, Decline, T, TMeta, define, per_output, same_shape
 
 
 # out[c, x] = f(in[c, x]): the output element sees exactly what its input element sees.

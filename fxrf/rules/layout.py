@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import field
-from . import Ctx, Decline, T, TMeta, define, op
+from .base import Ctx, Decline, T, TMeta, define, op
 from .elementwise import broadcast_merge
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Ctx, TMeta, define
+from .base import Ctx, TMeta, define
 
 
 def size_shape(ctx: Ctx):  # x.size() or x.size(dim): a plain value, not a tensor

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import field
-from . import Ctx, Decline, TMeta, define, op, spatial_dims, tuple_of
+from .base import Ctx, Decline, TMeta, define, op, spatial_dims, tuple_of
 from .conv import one_pixel, window_out
 
 
