@@ -80,6 +80,7 @@ class NodeRecord:
     supported: bool
     field: Field | None = dc_field(repr=False, compare=False, default=None)  # exact per-channel sets (stage)
     input_field: Field | None = dc_field(repr=False, compare=False, default=None)
+    path: str | None = None  # the module path the node belongs to (`layer1.0.conv1`), as state_dict keys spell it
 
 
 @dataclass
@@ -94,15 +95,34 @@ class Analysis:
     spatial_cap: bool = True  # False: spatial extents (and so volumes and gains) are not capped at w_0
 
     def record(self, name: str) -> NodeRecord:
-        """The record of the node called `name` (a dict lookup, built on first use)."""
-        r = self._by_name.get(name)
+        """The record of a node, by its fx node name (`layer1_0_conv1`) or by module path (`layer1.0.conv1`: the
+        module's output node). A dict lookup."""
+        r = self.get(name)
         if r is None:
-            raise KeyError(f"no node named {name!r}; nodes: {', '.join(r.name for r in self.records[:8])}, ...")
+            raise KeyError(f"no node or module named {name!r}; nodes: "
+                           f"{', '.join(r.name for r in self.records[:8])}, ...; modules: "
+                           f"{', '.join(p for p in list(self._by_path)[:8])}, ...")
         return r
+
+    def get(self, name: str) -> NodeRecord | None:
+        """`record(name)`, or None when there is no such node or module."""
+        r = self._by_name.get(name)
+        return r if r is not None else self._by_path.get(name)
 
     @functools.cached_property
     def _by_name(self) -> dict:
         return {r.name: r for r in self.records}
+
+    @functools.cached_property
+    def _by_path(self) -> dict:
+        out: dict = {}
+        for r in self.records:  # graph order: a module traced through maps to its last node, its output
+            if r.path is not None:
+                out[r.path] = r
+        for r in self.records:  # a leaf module is its call_module node
+            if r.op not in ("input", "constant") and r.target.split(" (")[0] == r.path:
+                out[r.path] = r
+        return out
 
     def convs(self) -> list:
         return [r for r in self.records if r.kernel is not None]
@@ -414,9 +434,22 @@ class _Walker:
                     g = gain_of(pv, rf.volume, stages[s].volume, self.alpha)
         return NodeRecord(node.name, _op_label(node, mod), _target_str(self.gm, node, mod), tuple(v.shape), s, kernel, rf,
                           g, input_rf, node not in self._declined, f if isinstance(f, Field) else None,
-                          fi if isinstance(fi, Field) else None)
+                          fi if isinstance(fi, Field) else None, module_path(node))
 
 
+
+
+def module_path(node: fx.Node) -> str | None:
+    """The module a node belongs to: a call_module's target, else the innermost entry of the `nn_module_stack`
+    that torch.fx and torch.export record (None: the model's own forward)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1]
+    path = path[0] if isinstance(path, tuple) else path
+    return str(path) or None
 
 
 def map_size(f: Field, shape) -> tuple:

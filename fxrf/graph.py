@@ -29,7 +29,6 @@ from .report import gain_text, rf_text, si, stage_summaries
 def to_networkx(a) -> nx.DiGraph:
     """The fx graph of `a` (an fxrf Analysis) as an nx.DiGraph whose nodes carry the analysis (see the module doc)."""
     gm = a.graph_module
-    records = {r.name: r for r in a.records}
     costs = a.costs
     g = nx.DiGraph()
     shape = "x".join(map(str, a.input_shape))
@@ -39,7 +38,7 @@ def to_networkx(a) -> nx.DiGraph:
                    macs=total_macs, stages=len(a.stages))
     for node in gm.graph.nodes:
         attrs = {"op": node.op, "target": _target(node)}
-        r = records.get(node.name)
+        r = a.get(node.name)
         c = costs.get(node.name)
         if r is not None:
             attrs.update(kind=r.op, shape="x".join(map(str, r.shape)), supported=bool(r.supported))

@@ -380,16 +380,14 @@ def _auto(gm, before, ends, sites, pattern, example_input, recipes, alpha):
 
 def stage_ends(a: Analysis) -> dict:
     """{stage: names of its end nodes}: maps at the stage's resolution that something outside the stage reads."""
-    recs = {r.name: r for r in a.records}
-
     def inside(name, s):
-        r = recs.get(name)
+        r = a.get(name)
         return (r is not None and r.stage == s and r.field is not None and r.field.is_map
                 and map_size(r.field, r.shape) == tuple(a.stages[s].resolution))
 
     ends = {s.index: [] for s in a.stages}
     for node in a.graph_module.graph.nodes:
-        r = recs.get(node.name)
+        r = a.get(node.name)
         if r is None or r.stage is None or not inside(node.name, r.stage):
             continue
         if any(not inside(u.name, r.stage) for u in node.users):
@@ -439,13 +437,12 @@ def stage_quality(before: Analysis, ends: dict, after: Analysis, renamed: dict, 
     its strided blocks reach their convs' 3DRF alone} for the stages that a strided block now starts."""
     moved = moved or {}
     out = {}
-    recs_after = {r.name: r for r in after.records}
     for s, names in ends.items():
         rows_b, rows_a, pairs = [], [], []
         for name in names:
             rb = before.record(name)
             new = renamed.get(name, name)
-            ra = recs_after.get(new)
+            ra = after.get(new)
             c0 = after.stages[ra.stage].channels if ra is not None and ra.stage is not None else None
             rows_b.append(rf_row(rb.rf, before.stages[s].channels))
             rows_a.append(rf_row(ra.rf, c0) if ra is not None and c0 is not None else None)

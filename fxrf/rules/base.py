@@ -34,3 +34,7 @@ def spatial_dims(call: Call) -> int:
         if name[-1:] == "d" and name[-2:-1].isdigit():
             return int(name[-2])
     return 2
+
+
+__all__ = ["DEFAULT", "Call", "Ctx", "Decline", "T", "TMeta", "define", "op", "rf_rule", "default_sp", "tuple_of",
+           "same_shape", "per_output", "spatial_dims"]
