@@ -210,8 +210,8 @@ def table2(net: str, mode: dict, log) -> dict:
             a = fxrf.analyze(model, input_shape(net))
             node = next(n for n in a.graph_module.graph.nodes if n.op == "call_module" and n.target == str(where))
             gain = a.record(node.name).gain
-        row = {"variant": "baseline" if v is None else f"stage {v[0]} +{v[1]}x" if NETS[net]["dims"] == 1 else
-               f"stage {v[0]} +{v[1]}x{v[1]}", "stage": None if v is None else v[0],
+        row = {"variant": "baseline" if v is None else f"stage {v[0]} + conv k{v[1]}" if NETS[net]["dims"] == 1
+               else f"stage {v[0]} + conv {v[1]}x{v[1]}", "stage": None if v is None else v[0],
                "kernel": None if v is None else v[1], "gain": gain, **costs(model, net), "runs": []}
         for seed in seeds:
             torch.manual_seed(seed)
@@ -243,7 +243,7 @@ def organizer_settings() -> list:
     from fxrf.passes.organizer import organize_stages
     out = list(ORGANIZER_SETTINGS)
     if "strategy" in inspect.signature(organize_stages).parameters:
-        out.append(("strategy=paper", {"strategy": "paper"}))
+        out = [(f"greedy, {label}", kw) for label, kw in out] + [("paper", {"strategy": "paper"})]
     return out
 
 
@@ -252,13 +252,13 @@ def table3(net: str, mode: dict, t2: dict, log, keep: dict) -> dict:
     base_runs = t2["rows"][0]["runs"]
     base, _ = vgg(net)
     base.eval()
-    rows = [{"setting": "baseline", "layout": list(NETS[net]["layout"]), **t2["baseline_cost"],
-             "runs": base_runs, "same_as": None}]
+    rows = [{"setting": "baseline", "layout": None, **t2["baseline_cost"], "runs": base_runs, "same_as": None}]
     trained: dict = {}
     for label, kw in organizer_settings():
         t0 = time.perf_counter()
         r = fxrf.organize_stages(base, input_shape(net), **kw)
         layout = r.summary["convs_per_stage_after"]
+        rows[0]["layout"] = rows[0]["layout"] or r.summary["convs_per_stage_before"]  # counted the same way
         row = {"setting": label, "layout": layout, **costs(r.graph_module, net), "organize_seconds":
                time.perf_counter() - t0, "changes": [f"{c.kind} stage {c.stage} (gain {c.gain:.3f})"
                                                       for c in r.changes], "same_as": None, "runs": []}
@@ -282,7 +282,7 @@ def table3(net: str, mode: dict, t2: dict, log, keep: dict) -> dict:
                                                     for a, b in zip(row["runs"], base_runs)])
     keep[net] = trained
     return {"net": net, "seeds": seeds, "epochs": epochs, "rows": rows,
-            "strategy_argument": any(s[0].startswith("strategy") for s in organizer_settings())}
+            "strategy_argument": any(kw.get("strategy") for _, kw in organizer_settings())}
 
 
 # ------------------------------------------------------------------------------------------------- Table 6
@@ -635,7 +635,8 @@ def render(doc: dict, img_dir: str, img_link: str) -> str:
             continue
         w(f"## Table 3 analogue ({net}): baseline vs `fxrf.organize_stages`\n")
         w("Every organized model is re-initialised and trained from scratch with the baseline's seeds and epochs"
-          + ("; the organizer has a `strategy` argument and `strategy=\"paper\"` is included." if
+          + ("; the organizer's two strategies are both run: `strategy=\"greedy\"` (its default: threshold 0.3, "
+             "MACs budget 1.25, and a budget of 1.5) and `strategy=\"paper\"`." if
              t3["strategy_argument"] else "; the organizer offered no `strategy` argument when this ran, so its "
              "settings are the defaults (threshold 0.3, MACs budget 1.25) and a MACs budget of 1.5.") + "\n")
         w("| setting | convs per stage | params | MACs | accuracy % (mean ± std) | Δ vs baseline (95% CI) | changes |")
@@ -689,6 +690,21 @@ def render(doc: dict, img_dir: str, img_link: str) -> str:
                   f"RPW rotates by {b['shifts']} channels per block.")
         if figs.get("t6"):
             w(f"\n![Table 6 analogue]({img_link}/{figs['t6']})\n")
+    if t6:
+        w("### Rewrite, transfer, distil, save: the recipe for your model\n")
+        w("```python\nimport torch, fxrf\nfrom fxrf.distill import distill\nfrom fxrf.passes.calibrate import "
+          "fit_blocks\nfrom fxrf.passes.fold import fold_permutations\n\nmodel.eval()                     # the "
+          "trained original: the teacher\nr = fxrf.decompose(model, example, recipe=\"DW+PW\", transfer_weights=True, "
+          "fold=False)\ncal = fit_blocks(model, r, calib_loader, batches=8)   # least squares per block + batch-norm "
+          "re-estimation\nout = distill(cal.graph_module, model, train_loader, epochs=5)   # T = 4: KL * T^2 and CE "
+          "when labelled\nsmall = fold_permutations(out.model, example).graph_module   # DW+RPW / shuffles: fold "
+          "what can be folded\ntorch.save(small, \"rewritten.pt\")   # load with torch.load(..., "
+          "weights_only=False); or fxrf.passes.export.emit_source\n```\n")
+        w("`distill` runs on CPU or CUDA (`device=`); launched as `torchrun --nproc_per_node N script.py` the same "
+          "call trains data-parallel (DDP, a DistributedSampler per process, gloo on CPU, nccl on CUDA) and every "
+          "process ends with the same weights. `fit_blocks` needs `fold=False` (a folded permutation reorders the "
+          "channels of a block's output); fold afterwards. `recalibrate_bn(model, loader, batches=...)` alone is "
+          "the cheap option.\n")
     px = secs.get("proxy")
     if px:
         w("## Proxy check (1d): does a 3DRF score rank random architectures?\n")
@@ -711,7 +727,82 @@ def render(doc: dict, img_dir: str, img_link: str) -> str:
             w(f"| {r['layout']} | {r['widths']} | {r['kernel']} | {r['kind']} | {fmt_int(r['params'])} | "
               f"{fmt_int(r['macs'])} | {r['coverage']:.3f} | {r['gain_sum']:.3f} | {pct(r['accuracy'])} |")
         w("\n</details>\n")
+    w("## Conclusions (computed from the figures above)\n")
+    for c in conclusions(doc):
+        w(f"- {c}")
     return "\n".join(L) + "\n"
+
+
+def paired(a_runs, b_runs) -> tuple:
+    """Mean and 95% half-width of a - b over the seeds both have."""
+    b = {x["seed"]: x["accuracy"] for x in b_runs}
+    d = [x["accuracy"] - b[x["seed"]] for x in a_runs if x["seed"] in b]
+    return t_interval(d) if d else (float("nan"), float("nan"))
+
+
+def conclusions(doc: dict) -> list:
+    secs, out = doc["sections"], []
+    for net in ("1d", "2d"):
+        t2 = secs.get(f"t2_{net}")
+        if t2:
+            sp = t2["spearman"]
+            top = max(t2["rows"][1:], key=lambda r: r["gain"])
+            sig = [r["variant"] for r in t2["rows"][1:] if r["delta"] - r["delta_ci"] > 0]
+            out.append(f"Table 2 ({net}): rank correlation between gain and Δ accuracy {sp['rho']:.2f} "
+                       f"[{sp['lo']:.2f}, {sp['hi']:.2f}]: {sp['verdict']}. The highest-gain variant "
+                       f"({top['variant']}, gain {top['gain']:.2f}) changed accuracy by {100 * top['delta']:+.2f} "
+                       f"± {100 * top['delta_ci']:.2f} points; variants whose Δ interval lies above 0: "
+                       f"{', '.join(sig) if sig else 'none'}.")
+        t3 = secs.get(f"t3_{net}")
+        if t3:
+            base = t3["rows"][0]
+            for r in t3["rows"][1:]:
+                if r.get("same_as") == "baseline":
+                    out.append(f"Table 3 ({net}), {r['setting']}: the organizer left the layout unchanged.")
+                    continue
+                if r.get("same_as"):
+                    out.append(f"Table 3 ({net}), {r['setting']}: the same layout as {r['same_as']}.")
+                    continue
+                lo, hi = r["delta"] - r["delta_ci"], r["delta"] + r["delta_ci"]
+                how = ("raised accuracy" if lo > 0 else "lowered accuracy" if hi < 0 else
+                       "kept accuracy within the seed noise (the interval includes 0)")
+                out.append(f"Table 3 ({net}), {r['setting']}: {', '.join(map(str, r['layout']))} with "
+                           f"{r['params'] / base['params']:.2f}x the params and {r['macs'] / base['macs']:.2f}x the "
+                           f"MACs {how}: {100 * r['delta']:+.2f} ± {100 * r['delta_ci']:.2f} points.")
+    t6 = secs.get("t6")
+    if t6:
+        rows = {r["recipe"]: r for r in t6["rows"]}
+        for g in (2, 4):
+            a, b = rows.get(f"DW+GPW-g{g}"), rows.get(f"DW+RPW-g{g}-o50")
+            if a and b:
+                ds, hs = paired(b["scratch"], a["scratch"])
+                dt, ht = paired(b.get("transfer", []), a.get("transfer", []))
+                out.append(f"Table 6, g{g}: RPW - GPW = {100 * ds:+.2f} ± {100 * hs:.2f} points from scratch and "
+                           f"{100 * dt:+.2f} ± {100 * ht:.2f} after transfer + distillation (paired seeds; same "
+                           f"params and MACs). The paper's claim (RPW keeps accuracy where GPW loses it): "
+                           f"{verdict(ds - hs, ds + hs) if math.isfinite(hs) else 'one seed: not measurable'} "
+                           f"from scratch.")
+        tr = [r for r in t6["rows"] if r.get("transfer")]
+        if tr:
+            svd = np.mean([r["acc_svd_mean"] for r in tr])
+            lsq = np.mean([r["acc_lsq_mean"] for r in tr])
+            bn = np.mean([r["acc_svd+bn_mean"] for r in tr])
+            fin = np.mean([r["transfer_mean"] for r in tr])
+            scr = np.mean([r["scratch_mean"] for r in tr])
+            out.append(f"Transfer: right after the rewrite, averaged over the recipes, SVD alone gives "
+                       f"{pct(svd)}%, + batch-norm re-estimation {pct(bn)}%, the least-squares block fit "
+                       f"{pct(lsq)}%; after {t6['distill_epochs']} epochs of distillation {pct(fin)}% against "
+                       f"{pct(scr)}% for {t6['epochs']} epochs from scratch.")
+    px = secs.get("proxy")
+    if px:
+        k = px["kendall"]
+        best = max(k, key=lambda n: k[n]["tau"])
+        out.append(f"Proxy: Kendall tau with accuracy: coverage {k['coverage']['tau']:.2f}, gain sum "
+                   f"{k['gain_sum']['tau']:.2f}, params {k['params']['tau']:.2f}, MACs {k['macs']['tau']:.2f}; the "
+                   f"best ranker here is {best} (interval [{k[best]['lo']:.2f}, {k[best]['hi']:.2f}]).")
+    if not doc.get("complete"):
+        out.append("The run did not finish: sections missing above were not measured.")
+    return out
 
 
 def main(argv=None) -> int:

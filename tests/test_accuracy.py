@@ -54,29 +54,25 @@ def trained(one_thread):
 # ---------------------------------------------------------------------------------------------------- loaders
 
 
-def test_mnist1d_shapes_balance_and_determinism():
-    a = mnist1d(n_train=200, n_test=100, pool=600, seed=3, cache=False)
-    b = mnist1d(n_train=200, n_test=100, pool=600, seed=3, cache=False)
-    c = mnist1d(n_train=200, n_test=100, pool=600, seed=4, cache=False)
+def test_mnist1d_shapes_balance_determinism_and_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    a = mnist1d(n_train=200, n_test=100, pool=300, seed=3)  # generated, then cached
+    assert (tmp_path / "fxrf" / "mnist1d-300-42.npz").exists()
+    b = mnist1d(n_train=200, n_test=100, pool=300, seed=3, cache=False)  # generated again
+    c = mnist1d(n_train=200, n_test=100, pool=300, seed=4)  # from the cache, another split
     x, y = a.train.tensors
     assert x.shape == (200, 1, 40) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert a.test.tensors[0].shape == (100, 1, 40)
     assert y.bincount(minlength=10).tolist() == [20] * 10  # stratified: exactly n_train / 10 per class
     assert a.test.tensors[1].bincount(minlength=10).tolist() == [10] * 10
-    assert torch.equal(a.train.tensors[0], b.train.tensors[0]) and torch.equal(y, b.train.tensors[1])
-    assert not torch.equal(a.train.tensors[0], c.train.tensors[0])  # another split seed, another split
-    # train and test never share a sample (rows of the same pool)
+    assert torch.equal(x, b.train.tensors[0]) and torch.equal(y, b.train.tensors[1])
+    assert torch.equal(a.test.tensors[0], b.test.tensors[0])
+    assert not torch.equal(x, c.train.tensors[0])  # another split seed, another split of the same pool
+    pool = {tuple(r.tolist()) for r in torch.cat([x, a.test.tensors[0]]).view(300, -1)}
+    assert pool == {tuple(r.tolist()) for r in torch.cat([c.train.tensors[0], c.test.tensors[0]]).view(300, -1)}
+    # train and test never share a sample
     tr = {tuple(r.tolist()) for r in x.view(200, -1)}
     assert not any(tuple(r.tolist()) in tr for r in a.test.tensors[0].view(100, -1))
-
-
-def test_mnist1d_cache_round_trip(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    fresh = mnist1d(n_train=100, n_test=100, pool=300, seed=0)
-    assert (tmp_path / "fxrf" / "mnist1d-300-42.npz").exists()
-    cached = mnist1d(n_train=100, n_test=100, pool=300, seed=0)
-    assert torch.equal(fresh.train.tensors[0], cached.train.tensors[0])
-    assert torch.equal(fresh.test.tensors[1], cached.test.tensors[1])
 
 
 def test_digits_shapes_balance_determinism_and_loaders():
