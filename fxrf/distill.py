@@ -23,16 +23,21 @@ statistics are broadcast from rank 0 at the end). `train` is the same loop witho
     >>> with torch.no_grad():
     ...     _ = teacher.weight.zero_(); teacher.weight[1, 0] = 4.0
     >>> loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
-    >>> r = distill(nn.Linear(8, 2), teacher, loader, epochs=20, lr=0.05, progress=False)
+    >>> r = distill(nn.Linear(8, 2), teacher, loader, epochs=10, lr=0.05, progress=False)
     >>> r.history[-1]["kl"] < r.history[0]["kl"], evaluate(r.model, loader) > 0.9
     (True, True)
+
+The module itself is callable: `fxrf.distill(student, teacher, loader, epochs=...)` is `distill(...)`, so the
+package can expose the function under the module's own name without the two shadowing each other.
 """
 from __future__ import annotations
 
 import copy
 import math
 import os
+import sys
 import time
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -333,3 +338,14 @@ def _sharded(loader, world: int, rank: int, seed):
                                  seed=0 if seed is None else seed)
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
                       collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last), sampler
+
+
+class _CallableModule(types.ModuleType):
+    """`import fxrf.distill` binds the attribute fxrf.distill to this module, which would shadow a function of the
+    same name exported by the package: making the module callable keeps `fxrf.distill(...)` working either way."""
+
+    def __call__(self, *args, **kwargs):
+        return distill(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
