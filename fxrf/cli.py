@@ -139,8 +139,9 @@ def _cmd_optimize(args) -> int:
             greedy_only = [f for f, v in (("--threshold", args.threshold), ("--remove-below", args.remove_below),
                                           ("--keep-saturated", args.keep_saturated or None)) if v is not None]
             if args.strategy == "paper" and greedy_only:
-                raise UsageError(f"{', '.join(greedy_only)} only apply to --strategy greedy (the paper strategy keeps "
-                                 f"the number of convs and compares gains with each other)")
+                raise UsageError(f"{', '.join(greedy_only)} only work{'' if len(greedy_only) > 1 else 's'} with "
+                                 f"--strategy greedy (the paper strategy keeps the number of convs and compares gains "
+                                 f"with each other)")
             given = {k: v for k, v in (("threshold", args.threshold), ("macs_budget", args.macs_budget),
                                        ("remove_below", args.remove_below)) if v is not None}
             r = organize_stages(current, shape, strategy=args.strategy, alpha=args.alpha,
