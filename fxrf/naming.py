@@ -1,6 +1,7 @@
 """How fxrf names a node or an op in messages and reports (`call_module 'layer1.0.conv1' (nn.Conv2d)`)."""
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 
@@ -18,6 +19,8 @@ def op_name(node: fx.Node) -> str:
     t = node.target
     if isinstance(t, str):
         return t
+    if isinstance(t, torch._ops.OpOverload):  # aten.conv2d.default -> aten.conv2d
+        return f"{t.namespace}.{t.overloadpacket.__name__}"
     mod = getattr(t, "__module__", None) or ""
     name = getattr(t, "__name__", repr(t))
     mod = {"_operator": "operator", "torch._C._nn": "F", "torch.nn.functional": "F", "torch._C._VariableFunctions":

@@ -95,6 +95,8 @@ class Call:
         if self.module is not None:
             return type(self.module).__name__
         t = self.node.target
+        if isinstance(t, torch._ops.OpOverload):  # aten.max_pool2d.default -> "max_pool2d"
+            return t.overloadpacket.__name__
         return t if isinstance(t, str) else getattr(t, "__name__", repr(t))
 
     @property
@@ -217,6 +219,20 @@ class OpTable:
             return fn
 
         return deco
+
+    def alias(self, existing, *targets) -> Op:
+        """Register `targets` as further spellings of the op that has `existing` (the ATen overloads a
+        torch.export graph calls, `aten.conv2d.default` for F.conv2d): the same Op, one registration."""
+        op = self.lookup_target(existing)
+        if op is None:
+            raise KeyError(f"no op for {_show(existing)} to alias")
+        for t in targets:
+            if self._ops.get(_key(t)) is not None:
+                raise DuplicateRuleError(f"duplicate rule: {_show(t)} already has the op {self._ops[_key(t)].name!r}")
+        for t in targets:
+            self._ops[_key(t)] = op
+            self._objs[_key(t)] = t
+        return op
 
     def rf_rule(self, *targets, spec: Callable | None = None, name: str | None = None) -> Callable:
         """Decorator registering a receptive-field rule alone (shape by meta execution, no cost). `spec`

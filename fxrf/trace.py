@@ -8,9 +8,9 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from .errors import InputError, TraceError
+from .errors import AnalysisError, InputError, TraceError
 from .naming import _type_name, describe, op_name  # noqa: F401  (describe and op_name: re-exported)
-from .shapes import TMeta, propagate
+from .shapes import TMeta, evaluate, fetch_attr, propagate
 
 InputSpec = Any  # a tensor, a shape (tuple of ints / torch.Size), or a tuple of those for several inputs
 
@@ -61,36 +61,124 @@ def _as_shapes(example_input: InputSpec) -> list[TMeta]:
     return [one(example_input)]
 
 
-def trace(model: nn.Module, example_input: InputSpec, *, concrete_args: dict | None = None,
-          leaf_modules: Sequence[type] = ()) -> fx.GraphModule:
-    """Trace `model` symbolically and annotate every node with `node.meta["tensor_meta"]`.
+CAPTURES = ("auto", "fx", "export")
+CAPTURE_KEY = "fxrf_capture"  # gm.meta[CAPTURE_KEY]: how the graph was captured, "fx" or "export"
 
-    No forward runs: shapes come from closed-form rules (meta execution for the rest), so models on the meta
-    device work. The returned GraphModule shares parameters with `model` (as `torch.fx.symbolic_trace` does);
-    `model` itself is not modified. A GraphModule is taken as it is and only gets shapes.
+
+def trace(model: nn.Module, example_input: InputSpec, *, capture: str = "auto", concrete_args: dict | None = None,
+          leaf_modules: Sequence[type] = ()) -> fx.GraphModule:
+    """Capture `model` as a GraphModule and annotate every node with `node.meta["tensor_meta"]`.
+
+    capture: "fx" is torch.fx.symbolic_trace (module-level graph, no forward runs: shapes come from closed-form
+    rules, so models on the meta device work); "export" is torch.export.export(strict=False) (an ATen-level graph
+    of whatever Python the forward runs: control flow on shapes, iteration over tensors; `export` runs the forward
+    on fake tensors); "auto" tries fx, then export, and records which it used in
+    `gm.meta["fxrf_capture"]`. The returned GraphModule shares parameters with `model`; `model` itself is not
+    modified. A GraphModule is taken as it is and only gets shapes.
 
     >>> import torch.nn as nn
     >>> gm = trace(nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU()), (1, 3, 32, 32))
-    >>> [tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes if n.op != "output"]
-    [(1, 3, 32, 32), (1, 8, 15, 15), (1, 8, 15, 15)]
+    >>> [tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes if n.op != "output"], gm.meta["fxrf_capture"]
+    ([(1, 3, 32, 32), (1, 8, 15, 15), (1, 8, 15, 15)], 'fx')
     """
-    return trace_with_values(model, example_input, concrete_args=concrete_args, leaf_modules=leaf_modules)[0]
+    return trace_with_values(model, example_input, capture=capture, concrete_args=concrete_args,
+                             leaf_modules=leaf_modules)[0]
 
 
-def trace_with_values(model, example_input, *, concrete_args=None, leaf_modules=(), rules=None):
+def trace_with_values(model, example_input, *, capture="auto", concrete_args=None, leaf_modules=(), rules=None):
     """`trace`, also returning the abstract value of every node and the module table (for the analysis)."""
     if not isinstance(model, nn.Module):
         raise InputError(f"fxrf works on torch.nn.Module objects, got {type(model).__name__}: pass the model "
                          f"instance (e.g. torchvision.models.resnet50()), not its class or output")
+    if capture not in CAPTURES:
+        raise InputError(f"capture={capture!r} is not one of {', '.join(CAPTURES)}")
     inputs = _as_shapes(example_input)
-    gm = model if isinstance(model, fx.GraphModule) else _symbolic_trace(model, concrete_args, leaf_modules)
+    if isinstance(model, fx.GraphModule):
+        return _with_values(model, inputs, rules, model.meta.get(CAPTURE_KEY, "fx"))
+    if capture == "export":
+        return _with_values(_export(model, example_input, inputs), inputs, rules, "export")
+    try:
+        return _with_values(_symbolic_trace(model, concrete_args, leaf_modules), inputs, rules, "fx")
+    except (TraceError, AnalysisError) as e:  # the fx graph could not be built or given shapes
+        if capture == "fx":
+            raise
+        try:
+            return _with_values(_export(model, example_input, inputs), inputs, rules, "export")
+        except TraceError as e2:
+            raise TraceError(f"{e} -- torch.export could not capture it either: {e2}") from e2
+
+
+def _with_values(gm: fx.GraphModule, inputs: list, rules, how: str):
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(inputs) > len(placeholders):
-        raise InputError(f"{type(model).__name__} takes {len(placeholders)} input(s), got {len(inputs)} example inputs")
+        raise InputError(f"{gm.__class__.__name__} takes {len(placeholders)} input(s), got {len(inputs)} example "
+                         f"inputs")
     modules = dict(gm.named_modules())
-    env = propagate(gm, inputs, modules, rules)
+    exported = how == "export" and all("val" in n.meta for n in gm.graph.nodes if n.op == "call_function")
+    env = _values_from_export(gm, inputs, modules, rules) if exported else propagate(gm, inputs, modules, rules)
     annotate(gm, env)
+    gm.meta[CAPTURE_KEY] = how
     return gm, env, modules
+
+
+def _export(model: nn.Module, example_input, inputs: list) -> fx.GraphModule:
+    """torch.export.export(strict=False) of `model`, as a plain GraphModule whose forward takes and returns
+    tensors as the model's does (ATen ops; module paths in each node's nn_module_stack)."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    given = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+    args = tuple(t if isinstance(t, torch.Tensor) else torch.zeros(m.shape, dtype=m.dtype, device=device)
+                 for t, m in zip(given if all(isinstance(t, torch.Tensor) for t in given) else inputs, inputs))
+    try:
+        ep = torch.export.export(model, args, strict=False)
+    except Exception as e:
+        raise TraceError(f"cannot capture {type(model).__name__} with torch.export (strict=False): "
+                         f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}. "
+                         f"To proceed: make the forward exportable (torch.export's docs list the fixes for this "
+                         f"error) or trace it with torch.fx and pass the GraphModule") from e
+    gm = ep.module()
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    in_spec, out_spec = ep.call_spec.in_spec, ep.call_spec.out_spec
+    flat_inputs = in_spec is None or in_spec.num_leaves == len(args)
+    if flat_inputs and out_spec is not None and out_spec.is_leaf():  # tensors in, one tensor out: plain code
+        gm.graph._codegen = fx.graph.CodeGen()
+        out.args = (out.args[0][0],)
+        gm = fx.GraphModule(gm, gm.graph, type(model).__name__)
+    for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
+        gm.graph.erase_node(node)  # export's check of the example's input shapes: fxrf's records assume them too,
+    gm.graph.eliminate_dead_code()  # and the check is a closure that cannot be saved or copied with the graph
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def _from_val(v):
+    """A node's `val` (a FakeTensor, a SymInt, a tuple of them) as the values shape propagation computes."""
+    if isinstance(v, torch.Tensor):
+        return TMeta(tuple(int(s) for s in v.shape), v.dtype)
+    if isinstance(v, torch.SymInt):
+        return int(v.node.hint) if v.node.hint is not None else v
+    if isinstance(v, (list, tuple)):
+        return type(v)(_from_val(x) for x in v)
+    return v
+
+
+def _values_from_export(gm: fx.GraphModule, inputs: list, modules: dict, rules) -> dict:
+    """{node: abstract value} of an exported graph, read off the `val` torch.export leaves on every node."""
+    env: dict = {}
+    it = iter(inputs)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = next(it, None) or _from_val(node.meta.get("val"))
+        elif node.op == "output":
+            env[node] = fx.node.map_arg(node.args[0], env.get)
+        elif node.op == "get_attr":
+            v = fetch_attr(gm, node.target)
+            env[node] = TMeta(tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v
+        elif "val" in node.meta:
+            env[node] = _from_val(node.meta["val"])
+        else:  # a node export left without a value (a submodule call): its shape the usual way
+            env[node] = evaluate(node, gm, env, modules, rules)
+    return env
 
 
 def _symbolic_trace(model: nn.Module, concrete_args, leaf_modules) -> fx.GraphModule:

@@ -29,7 +29,12 @@ def private_copy(model: nn.Module, example_input: Any, **trace_kwargs) -> fx.Gra
 
     from .util import copy_graph_module
     gm = model if isinstance(model, fx.GraphModule) else trace(model, example_input, **trace_kwargs)
-    return copy_graph_module(gm, params="copy")
+    if gm.meta.get("fxrf_capture") != "export":
+        return copy_graph_module(gm, params="copy")
+    from .lift import lift_modules  # an ATen graph: its convs, norms and linears become modules the passes edit
+    lifted = lift_modules(copy_graph_module(gm, params="copy"))
+    lifted.meta["fxrf_capture"] = "export"
+    return lifted
 
 
 def shared_copy(gm: fx.GraphModule, class_name: str | None = None) -> tuple[fx.GraphModule, dict]:

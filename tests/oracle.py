@@ -84,8 +84,8 @@ def measure(model: nn.Module, input_shape, analysis: fxrf.Analysis, names=None, 
     numbered in the order of analysis.stages[s].inputs); "input": w.r.t. the model input.
     """
     fm = faithful_copy(model)
-    gm = fxrf.trace(fm, input_shape)
     x = torch.rand(input_shape, dtype=torch.float64) + 0.5
+    gm = fxrf.trace(fm, x, capture=analysis.capture)  # the same capture, so the node names match
     starts = {n: s for s in analysis.stages for n in s.inputs} if reference == "stage" else {}
     run = _Run(gm, set(starts))
     if reference == "input":

@@ -24,3 +24,4 @@ __all__ = ["DEFAULT", "Call", "Ctx", "Decline", "T", "TMeta", "define", "op", "r
            "same_shape", "per_output", "spatial_dims"]
 
 from . import conv, elementwise, layout, misc, pool  # noqa: E402,F401  (fill the table)
+from . import aten  # noqa: E402,F401  (the ATen spellings of the ops above, for torch.export graphs)
