@@ -1,30 +1,41 @@
-"""The `fxrf` command line.
+"""The `fxrf` command line (docs/cli.md).
 
     fxrf analyze MODEL --input 1,3,224,224 [--alpha 3] [--json] [--out report.json] [--strict]
-                       [--plot fig.png] [--graph out.dot|out.graphml]
+                       [--plot fig.png] [--graph out.dot|out.graphml] [--depth N] [--width W] [--model-arg K=V]
     fxrf optimize MODEL --input 1,3,32,32 [--stages [--strategy greedy|paper]] [--kernels RECIPE]
-                        --out optimized.pt [--emit-source f.py]
+                        [--include GLOB] [--exclude GLOB] [--weights CKPT] [--seed N] [--model-arg K=V]
+                        (--out opt.pt | --out opt.pt2 | --dry-run) [--emit-source f.py] [--json]
     fxrf models
 
 MODEL is `torchvision:NAME` (random weights, no download), `fxrf:NAME` (the paper's models, see `fxrf models`),
-`path/to/file.py:factory`, or `package.module:factory`; a factory is any callable returning an nn.Module.
+`timm:NAME` (random weights; needs timm), `path/to/file.py:factory`, or `package.module:factory`; a factory is any
+callable returning an nn.Module. `--model-arg KEY=VALUE` passes a keyword argument to it (VALUE is read as a Python
+literal: 100, 0.5, True, None, (1, 2), 'text'; anything else is taken as a string).
 Exit status: 0 on success, 2 for bad usage / unknown model / bad --input (one line on stderr), 1 when the
 analysis itself fails.
+
+This module imports torch only inside the commands: `fxrf --help` and `fxrf --version` do not pay for it.
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import importlib
 import importlib.util
 import json
+import math
 import os
 import re
 import sys
+import threading
+import time
+from contextlib import contextmanager
 from typing import Callable
 
-import torch.nn as nn
-
 from .errors import FxrfError, InputError
+
+MODEL_HELP = "torchvision:NAME | fxrf:NAME | timm:NAME | file.py:factory | package.module:factory"
 
 
 class UsageError(Exception):
@@ -37,6 +48,9 @@ class _Parser(argparse.ArgumentParser):
                          else f"{message} (see `fxrf --help`)")
 
 
+# ------------------------------------------------------------------------------------------ argument values
+
+
 def parse_input(text: str) -> tuple:
     """'1,3,224,224' -> (1, 3, 224, 224)."""
     if not re.fullmatch(r"\s*\d+(\s*[,x]\s*\d+)+\s*", text):
@@ -47,36 +61,131 @@ def parse_input(text: str) -> tuple:
     return shape
 
 
-def load_model(spec: str) -> nn.Module:
-    """Build the model a MODEL argument names (see the module docstring)."""
-    factory = _factory(spec)
+def _alpha(text: str) -> float:
+    """--alpha: a finite number > 0 (the gain's exp(-alpha * V_{k-1} / V_0) needs it positive)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (the paper uses 3), got {text!r}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    if not re.fullmatch(r"\s*\d+\s*", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _int(text: str) -> int:
+    if not re.fullmatch(r"\s*-?\d+\s*", text):
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}")
+    return int(text)
+
+
+def parse_model_args(items) -> dict:
+    """['num_classes=100', 'aux_loss=False', 'norm=batch'] -> {'num_classes': 100, 'aux_loss': False,
+    'norm': 'batch'}: each VALUE is a Python literal where it parses as one, else a string.
+
+    >>> parse_model_args(["num_classes=100", "aux_loss=False", "norm=batch", "sizes=(1, 2)", "name='x=y'"])
+    {'num_classes': 100, 'aux_loss': False, 'norm': 'batch', 'sizes': (1, 2), 'name': 'x=y'}
+    """
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise UsageError(f"--model-arg must look like KEY=VALUE such as num_classes=100, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key] = value.strip()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- models
+
+
+def load_model(spec: str, kwargs: dict | None = None):
+    """Build the model a MODEL argument names (see the module docstring), with `kwargs` for its constructor."""
+    import torch.nn as nn
+    factory = _factory(spec, kwargs or {})
     try:
         model = factory()
+    except UsageError:
+        raise
     except Exception as e:
-        raise UsageError(f"building {spec!r} failed: {type(e).__name__}: {e}") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UsageError(f"building {spec!r} failed: {type(e).__name__}: {first}") from e
     if not isinstance(model, nn.Module):
         raise UsageError(f"{spec!r} returned a {type(model).__name__}, not an nn.Module")
     return model
 
 
-def _factory(spec: str) -> Callable[[], nn.Module]:
+def _suggest(name: str, pool, prefix: str) -> list:
+    """Names of `pool` that start with `name` or look like it (difflib), as `prefix:NAME`."""
+    pool = sorted(pool)
+    low = name.lower()
+    hits = [n for n in pool if n.lower().startswith(low)]
+    hits += [n for n in difflib.get_close_matches(name, pool, n=5, cutoff=0.6) if n not in hits]
+    return [f"{prefix}:{n}" for n in hits[:5]]
+
+
+def _torchvision_names() -> set:
+    import torchvision.models as tvm
+    return set(tvm.list_models())
+
+
+def _fxrf_names() -> set:
+    from .models import MODELS
+    return set(MODELS)
+
+
+def _unknown(source: str, name: str, pool, hint: str) -> UsageError:
+    """'unknown fxrf model ...; did you mean ...': the same name in another source first (torchvision:vgg16_cifar
+    -> fxrf:vgg16_cifar), then names of this source that start with it or look like it, then the other sources'."""
+    others = {k: f for k, f in (("torchvision", _torchvision_names), ("fxrf", _fxrf_names)) if k != source}
+    pools = {k: f() for k, f in others.items()}
+    close = [f"{k}:{name}" for k, names in pools.items() if name in names]
+    close += [c for c in _suggest(name, pool, source) if c not in close]
+    for k, names in pools.items():
+        close += [c for c in _suggest(name, names, k) if c not in close]
+    close = close[:5]
+    return UsageError(f"unknown {source} model {name!r}" + (f"; did you mean {', '.join(close)}?" if close
+                                                              else f"; {hint}"))
+
+
+def _factory(spec: str, kwargs: dict) -> Callable:
     source, sep, name = spec.rpartition(":")
     if not sep or not source or not name:
-        raise UsageError(f"MODEL must look like torchvision:resnet50, fxrf:vgg16_cifar, path/to/file.py:factory or "
-                         f"package.module:factory, got {spec!r}")
+        raise UsageError(f"MODEL must look like torchvision:resnet50, fxrf:vgg16_cifar, timm:resnet18, "
+                         f"path/to/file.py:factory or package.module:factory, got {spec!r}")
     if source == "torchvision":
+        import inspect
+
         import torchvision.models as tvm
-        names = set(tvm.list_models(module=tvm))
-        if name not in names:
-            close = sorted(n for n in names if n.startswith(name[:4]))[:5]
-            raise UsageError(f"unknown torchvision model {name!r}" + (f" (did you mean {', '.join(close)}?)"
-                                                                       if close else "; see torchvision.models.list_models()"))
-        return lambda: tvm.get_model(name, weights=None)
+        if name not in _torchvision_names():
+            raise _unknown("torchvision", name, _torchvision_names(), "see torchvision.models.list_models()")
+        builder = tvm.get_model_builder(name)
+        extra = {"weights": None}
+        if "weights_backbone" in inspect.signature(builder).parameters:  # nothing is downloaded unless asked
+            extra["weights_backbone"] = None
+        return lambda: builder(**{**extra, **kwargs})
     if source == "fxrf":
         from .models import MODELS
         if name not in MODELS:
-            raise UsageError(f"unknown fxrf model {name!r}; `fxrf models` lists them")
-        return MODELS[name]
+            raise _unknown("fxrf", name, MODELS, "`fxrf models` lists them")
+        return lambda: MODELS[name](**kwargs)
+    if source == "timm":
+        try:
+            import timm
+        except ImportError as e:
+            raise UsageError(f"timm:{name} needs timm: pip install timm (or fxrf's `timm` extra)") from e
+        names = set(timm.list_models())
+        if name not in names and name.split(".")[0] not in names:
+            raise _unknown("timm", name, names, "see timm.list_models()")
+        return lambda: timm.create_model(name, pretrained=False, **kwargs)
     if source.endswith(".py"):
         if not os.path.exists(source):
             raise UsageError(f"no such file: {source}")
@@ -94,15 +203,88 @@ def _factory(spec: str) -> Callable[[], nn.Module]:
     fn = getattr(module, name, None)
     if not callable(fn):
         raise UsageError(f"{source} has no callable {name!r}")
-    return fn
+    return lambda: fn(**kwargs)
+
+
+def load_weights(model, path: str) -> None:
+    """Load a state_dict checkpoint into `model` (default torch.load, tensors only); a DDP `module.` prefix and
+    a {"state_dict": ...} / {"model": ...} wrapper are accepted."""
+    import torch
+    if not os.path.isfile(path):
+        raise UsageError(f"--weights: no such file: {path}")
+    try:
+        sd = torch.load(path, map_location="cpu")
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--weights: {path} is not a state_dict torch.load reads with weights_only=True "
+                         f"(save model.state_dict(), not the model): {first}") from e
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UsageError(f"--weights: {path} does not hold a state_dict (a dict of tensors)")
+    if sd and all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        raise UsageError(f"--weights: {path} does not fit the model: {lines[0] if lines else str(e).splitlines()[0]}"
+                         + (f" (+{len(lines) - 1} more)" if len(lines) > 1 else "")) from e
+    if missing or unexpected:
+        parts = [f"{len(x)} {what} keys (e.g. {x[0]})" for what, x in (("missing", missing),
+                                                                        ("unexpected", unexpected)) if x]
+        raise UsageError(f"--weights: {path} does not fit the model: {', '.join(parts)}")
+
+
+# --------------------------------------------------------------------------------------------------- progress
+
+
+@contextmanager
+def progress(what: str, after: float = 2.0, stream=None):
+    """A line on stderr when `what` takes longer than `after` seconds, and its time when it ends."""
+    stream = stream or sys.stderr
+    start = time.perf_counter()
+    shown = threading.Event()
+
+    def say():
+        shown.set()
+        print(f"fxrf: {what} ...", file=stream, flush=True)
+
+    timer = threading.Timer(after, say)
+    timer.daemon = True
+    timer.start()
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        timer.cancel()
+        if shown.is_set() and ok:
+            print(f"fxrf: {what}: done in {time.perf_counter() - start:.1f} s", file=stream, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------- commands
+
+
+def _check_outputs(args) -> None:
+    """File names the analysis cannot use: refused before any work is done."""
+    if getattr(args, "graph", None) and os.path.splitext(args.graph)[1].lower() not in (".dot", ".gv", ".graphml"):
+        raise UsageError(f"--graph {args.graph}: use a .dot (Graphviz; `dot -Tsvg` makes an SVG of it) or .graphml "
+                         f"file name")
+    if getattr(args, "plot", None) and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install matplotlib (or fxrf's `plot` extra)")
 
 
 def _cmd_analyze(args) -> int:
-    from .analysis import analyze
+    _check_outputs(args)
     shape = parse_input(args.input)
-    model = load_model(args.model)
+    model = load_model(args.model, parse_model_args(args.model_arg))
+    from .analysis import analyze
     try:
-        a = analyze(model, shape, alpha=args.alpha, strict=args.strict)
+        with progress(f"analysing {args.model}"):
+            a = analyze(model, shape, alpha=args.alpha, strict=args.strict)
     except InputError as e:
         raise UsageError(str(e).splitlines()[0]) from e
     a.model = args.model
@@ -119,68 +301,199 @@ def _cmd_analyze(args) -> int:
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(doc, fh, indent=1)
-    print(json.dumps(doc, indent=1) if args.json else a.table())
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        from .report import table
+        print(table(a, width=args.width, depth=args.depth))
     for path in (args.out, args.plot, args.graph):
         if path and not args.json:
             print(f"wrote {path}")
     return 0
 
 
-def _cmd_optimize(args) -> int:
-    import torch
-    shape = parse_input(args.input)
-    model = load_model(args.model)
+def _optimize_checks(args):
+    """Everything about the arguments that can be refused before building the model: (recipe, outputs)."""
     if not args.stages and not args.kernels:
         raise UsageError("say what to optimize: --stages, --kernels RECIPE, or both")
-    current, report = model, {}
+    if args.stages:
+        greedy_only = [f for f, v in (("--threshold", args.threshold), ("--remove-below", args.remove_below),
+                                      ("--keep-saturated", args.keep_saturated or None)) if v is not None]
+        if args.strategy == "paper" and greedy_only:
+            raise UsageError(f"{', '.join(greedy_only)} only work{'' if len(greedy_only) > 1 else 's'} with "
+                             f"--strategy greedy (the paper strategy keeps the number of convs and compares gains "
+                             f"with each other)")
+    recipe = None
+    if args.kernels:
+        from .passes.blocks import parse
+        try:
+            recipe = "auto" if args.kernels.strip().lower() == "auto" else parse(args.kernels)
+        except InputError as e:
+            raise UsageError(f"--kernels: {str(e).splitlines()[0]}") from e
+    if args.objective == "latency" and recipe != "auto":
+        raise UsageError("--objective latency chooses among blocks: use it with --kernels auto")
+    outs = args.out or []
+    if not outs and not args.dry_run:
+        raise UsageError("say where to write the result: --out optimized.pt (source + state_dict) or --out "
+                         "optimized.pt2 (torch.export), or --dry-run to only see the plan")
+    from .passes.export import SAVE_FORMATS
+    for out in outs:
+        if os.path.splitext(out)[1].lower() not in SAVE_FORMATS:
+            raise UsageError(f"--out {out}: use a .pt (source + state_dict, loads with plain torch.load) or .pt2 "
+                             f"(torch.export program) file name")
+    if len([o for o in outs if not o.lower().endswith(".pt2")]) > 1 or \
+            len([o for o in outs if o.lower().endswith(".pt2")]) > 1:
+        raise UsageError("--out takes at most one .pt and one .pt2 file")
+    if args.emit_source and not args.emit_source.endswith(".py"):
+        raise UsageError(f"--emit-source {args.emit_source}: use a .py file name")
+    return recipe
+
+
+def _cmd_optimize(args) -> int:
+    recipe = _optimize_checks(args)
+    shape = parse_input(args.input)
+    import torch
+    torch.manual_seed(args.seed)  # the model's random init and anything a pass draws: the same every run
+    model = load_model(args.model, parse_model_args(args.model_arg))
+    if args.weights:
+        load_weights(model, args.weights)
+    from .analysis import analyze
+    current, report, cap = model, {}, True
+    select = {"include": args.include, "exclude": args.exclude}
     try:
         if args.stages:
             from .passes.organizer import organize_stages
-            greedy_only = [f for f, v in (("--threshold", args.threshold), ("--remove-below", args.remove_below),
-                                          ("--keep-saturated", args.keep_saturated or None)) if v is not None]
-            if args.strategy == "paper" and greedy_only:
-                raise UsageError(f"{', '.join(greedy_only)} only work{'' if len(greedy_only) > 1 else 's'} with "
-                                 f"--strategy greedy (the paper strategy keeps the number of convs and compares gains "
-                                 f"with each other)")
             given = {k: v for k, v in (("threshold", args.threshold), ("macs_budget", args.macs_budget),
                                        ("remove_below", args.remove_below)) if v is not None}
-            r = organize_stages(current, shape, strategy=args.strategy, alpha=args.alpha,
-                                remove_saturated=not args.keep_saturated, **given)
-            current, report["stages"] = r.graph_module, r.to_dict()
+            with progress(f"organizing the stages of {args.model} ({args.strategy})"):
+                r = organize_stages(current, shape, strategy=args.strategy, alpha=args.alpha,
+                                    remove_saturated=not args.keep_saturated, **given, **select)
+            current, report["stages"], cap = r.graph_module, r, r.summary.get("spatial_cap", True)
         if args.kernels:
             from .passes.decomposer import decompose
-            r = decompose(current, shape, recipe=args.kernels)
-            current, report["kernels"] = r.graph_module, r.to_dict()
+            with progress(f"decomposing the kernels of {args.model} ({args.kernels})"):
+                r = decompose(current, shape, recipe=recipe, alpha=args.alpha, **select, objective=args.objective,
+                              device=args.device, batch=args.batch)
+            current, report["kernels"] = r.graph_module, r
+        with progress("analysing the result"):
+            before = analyze(model, shape, alpha=args.alpha, spatial_cap=cap)
+            after = analyze(current, shape, alpha=args.alpha, spatial_cap=cap)
     except InputError as e:
         raise UsageError(str(e).splitlines()[0]) from e
-    torch.save(current, args.out)
-    if args.emit_source:
-        from .passes.export import emit_source
-        emit_source(current, args.emit_source)
-    print(json.dumps(report, indent=1, default=str) if args.json else _optimize_summary(report))
-    print(f"wrote {args.out}" + (f" and {args.emit_source}" if args.emit_source else ""))
+    written = []
+    if not args.dry_run:
+        from .passes.export import load_hint, save
+        name = _class_name(model)
+        try:
+            with progress("saving"):
+                for out in sorted(args.out, key=lambda o: o.lower().endswith(".pt2")):
+                    pt2 = out.lower().endswith(".pt2")
+                    source = args.emit_source if (args.emit_source and (pt2 == all(
+                        o.lower().endswith(".pt2") for o in args.out))) else None
+                    written += save(current, out, source=source, class_name=name, example_input=shape)
+        except ValueError as e:
+            raise FxrfError(f"cannot save the result: {str(e).splitlines()[0]}") from e
+    if args.json:
+        doc = {k: v.to_dict() for k, v in report.items()}
+        doc["before_after"] = before_after(before, after)
+        doc["written"] = written
+        print(json.dumps(doc, indent=1, default=str))
+    else:
+        print(optimize_summary(report, before, after, dry_run=args.dry_run))
+    if written:
+        print(f"wrote {', '.join(written)}")
+        pt = [p for p in written if not p.lower().endswith(".pt2")]
+        pt2 = [p for p in written if p.lower().endswith(".pt2")]
+        for group in (pt, pt2):
+            if group and (group is pt2 or len(group) > 1):  # a source alone (with a .pt2) has no state_dict
+                print(f"load it with: {load_hint(group, _class_name(model))}")
+    elif args.dry_run:
+        print("dry run: nothing written")
     return 0
 
 
-def _change_line(c) -> str:
-    if isinstance(c, dict) and "recipe" in c and "conv" in c:  # the decomposer's
-        return (f"{c['conv']} -> {c['recipe']} (stage {c.get('stage')}): 3DRF {c.get('rf_conv')} -> "
-                f"{c.get('rf_block')}")
-    if not isinstance(c, dict) or "kind" not in c:
-        return str(c)
-    where = ", ".join(f"{k} {c[k]:.4g}" if isinstance(c[k], float) else f"{k} {c[k]}"
-                      for k in ("stage", "gain") if c.get(k) is not None)
-    what = c.get("node") or c.get("block") or ""
-    return f"{c['kind']} {what} ({where})" + (f": {c['reason']}" if c.get("reason") else "")
+def _class_name(model) -> str:
+    name = re.sub(r"\W", "_", type(model).__name__)
+    return name if name.isidentifier() and name != "GraphModule" else "Optimized"
 
 
-def _optimize_summary(report: dict) -> str:
+# ---------------------------------------------------------------------------------------- optimize summary
+
+
+def before_after(before, after) -> dict:
+    """Params, MACs, per-stage conv counts and 3DRF of two analyses (the input model and the result)."""
+    from .report import rf_text, stage_summaries
+    t = [{k: sum(getattr(c, k) for c in a.costs.values()) for k in ("params", "macs")} for a in (before, after)]
+    sb, sa = stage_summaries(before), stage_summaries(after)
+    stages = []
+    for i in range(max(len(sb), len(sa))):
+        b, x = (sb[i] if i < len(sb) else None), (sa[i] if i < len(sa) else None)
+        s = (b or x).stage
+        stages.append({"index": i, "resolution": list(s.resolution), "v0": s.volume,
+                       "convs_before": len(b.convs) if b else 0, "convs_after": len(x.convs) if x else 0,
+                       "rf_before": rf_text(b.rf) if b else "-", "rf_after": rf_text(x.rf) if x else "-",
+                       "saturated_before": bool(b and b.saturated), "saturated_after": bool(x and x.saturated)})
+    return {"params_before": t[0]["params"], "params_after": t[1]["params"], "macs_before": t[0]["macs"],
+            "macs_after": t[1]["macs"], "stages": stages}
+
+
+def _pct(after: int, before: int) -> str:
+    return f"{(after - before) / before * 100:+.1f}%" if before else ""
+
+
+def before_after_table(d: dict) -> list:
+    """The before/after dict as aligned text lines."""
+    from .report import si
+    rows = [["", "before", "after", "change"],
+            ["params", si(d["params_before"]), si(d["params_after"]), _pct(d["params_after"], d["params_before"])],
+            ["MACs", si(d["macs_before"]), si(d["macs_after"]), _pct(d["macs_after"], d["macs_before"])]]
+    w = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows]
+    srows = [["stage", "w0", "convs", "3DRF before", "3DRF after"]]
+    for s in d["stages"]:
+        srows.append([str(s["index"]), "x".join(map(str, s["resolution"])),
+                      f"{s['convs_before']} -> {s['convs_after']}",
+                      s["rf_before"] + ("*" if s["saturated_before"] else ""),
+                      s["rf_after"] + ("*" if s["saturated_after"] else "")])
+    w = [max(len(r[i]) for r in srows) for i in range(5)]
+    lines += [""] + ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in srows]
+    if any(s["saturated_before"] or s["saturated_after"] for s in d["stages"]):
+        lines.append("*: saturated (the stage's 3DRF is its whole input)")
+    return lines
+
+
+def _change_line(c, before, after) -> str:
+    """One change of a pass, its convs named by module path (`before`: the pass's input, `after`: its output)."""
+    def name(n, a):
+        r = a.get(n) if n else None
+        return (r.path if r is not None and r.path and a.get(r.path) is r else n) or ""
+
+    if hasattr(c, "recipe"):  # the decomposer's BlockChange
+        return f"replace {c.target} by {c.recipe} (stage {c.stage}): 3DRF {c.rf_conv} -> {c.rf_block}"
+    gain = f", gain {c.gain:.4g}" if c.gain is not None else ""
+    if c.kind == "remove":
+        return f"remove {name(c.node, before)} (stage {c.stage}{gain}): {c.reason}"
+    return f"insert {name(c.node, after)} (stage {c.stage}{gain}): {c.reason}"
+
+
+def optimize_summary(report: dict, before, after, dry_run: bool = False) -> str:
+    """What the passes did, one line per change, then the before/after table."""
     lines = []
-    for name, r in report.items():
-        s = r.get("summary", {})
-        lines.append(f"{name}: " + ", ".join(f"{k} {v}" for k, v in s.items() if not isinstance(v, (dict, list))))
-        for c in r.get("changes", []):
-            lines.append("  " + _change_line(c))
+    for key, r in report.items():
+        s = r.summary
+        if key == "stages":
+            lines.append(f"stages ({s['strategy']}): {s['inserted']} conv(s) inserted, {s['removed']} removed"
+                         + ("" if s["function_preserved"] else "; removals change the function (fine-tune after)"))
+        else:
+            lines.append(f"kernels ({s['recipe']}): {s['replaced']} conv(s) replaced, {s['declined']} declined; "
+                         f"3DRF kept: {'yes' if s['quality'] else 'NO'}, compact: {'yes' if s['compact'] else 'NO'}")
+        mine = getattr(r, "analysis", None) or after  # the organizer's own analysis of its output
+        lines += ["  " + _change_line(c, before, mine) for c in r.changes]
+        sel = s.get("selection") or {}
+        if sel.get("include") or sel.get("exclude"):
+            lines.append(f"  only convs matching include {sel.get('include') or ['*']}, exclude {sel.get('exclude')}")
+    lines += ["", ("planned changes (dry run):" if dry_run else "before and after:")]
+    lines += before_after_table(before_after(before, after))
     return "\n".join(lines)
 
 
@@ -192,36 +505,82 @@ def _cmd_models(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------- parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def v(dist):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+    return f"fxrf {__version__} (torch {v('torch')}, torchvision {v('torchvision')}, Python {sys.version.split()[0]})"
+
+
+def _model_options(p) -> None:
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="a keyword argument for the model's constructor, repeatable, e.g. --model-arg num_classes=100;"
+                        " VALUE is read as a Python literal (100, 0.5, True, None, (1, 2)), else as a string")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="fxrf", description="3D receptive field analysis and CNN rewrites on torch.fx")
+    p = _Parser(prog="fxrf", description="3D receptive field analysis and CNN rewrites on torch.fx",
+                epilog="MODEL: " + MODEL_HELP + ". docs/cli.md has every option and docs/workflow.md a whole run.")
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     an = sub.add_parser("analyze", help="annotate every node with its 3DRF and print a table or JSON")
-    an.add_argument("model", help="torchvision:NAME | fxrf:NAME | file.py:factory | package.module:factory")
+    _model_options(an)
     an.add_argument("--input", required=True, help="example input shape, e.g. 1,3,224,224")
-    an.add_argument("--alpha", type=float, default=3.0, help="the gain's alpha (default 3, the paper's Table 2)")
+    an.add_argument("--alpha", type=_alpha, default=3.0, help="the gain's alpha, > 0 (default 3, the paper's)")
     an.add_argument("--json", action="store_true", help="print the JSON document instead of the table")
     an.add_argument("--out", help="also write the JSON document to this file")
     an.add_argument("--strict", action="store_true", help="fail on ops without an exact rule")
     an.add_argument("--plot", help="draw the spatial/channel 3DRF and gains per stage to this image (matplotlib)")
     an.add_argument("--graph", help="export the annotated graph (.dot or .graphml, via networkx)")
+    an.add_argument("--depth", type=_positive_int, metavar="N",
+                    help="group the table's rows by the first N parts of their module path (torchinfo's depth)")
+    an.add_argument("--width", type=_positive_int, metavar="COLUMNS",
+                    help="the table's width (default: the terminal's, 80 when not a terminal)")
     an.set_defaults(run=_cmd_analyze)
     op = sub.add_parser("optimize", help="rewrite the model: stage-level organizer and/or kernel decomposer")
-    op.add_argument("model", help="torchvision:NAME | fxrf:NAME | file.py:factory | package.module:factory")
+    _model_options(op)
     op.add_argument("--input", required=True, help="example input shape, e.g. 1,3,32,32")
     op.add_argument("--stages", action="store_true", help="run the stage-level organizer")
     op.add_argument("--strategy", choices=("greedy", "paper"), default="greedy",
                     help="greedy (default): insert while the gain exceeds --threshold, remove convs at or below it; "
                          "paper: keep the number of convs, move them to where the gain is highest (the paper's "
                          "Tables 3-5, uncapped spatial field; see docs/organizer.md)")
-    op.add_argument("--alpha", type=float, default=3.0)
+    op.add_argument("--alpha", type=_alpha, default=3.0, help="the gain's alpha, > 0 (default 3)")
     op.add_argument("--threshold", type=float, help="greedy: insert a conv where its gain exceeds this (default 0.3)")
     op.add_argument("--remove-below", type=float, help="greedy: remove convs whose gain is at most this "
                                                        "(default: the threshold; 0 removes only saturated convs)")
     op.add_argument("--macs-budget", type=float, help="max MACs ratio after/before (default 1.25)")
     op.add_argument("--keep-saturated", action="store_true", help="greedy: do not remove convs whose gain is 0")
     op.add_argument("--kernels", metavar="RECIPE", help="run the kernel decomposer: auto, DW+PW, DW+GPW-g4, ...")
-    op.add_argument("--out", required=True, help="where to torch.save the optimized GraphModule")
-    op.add_argument("--emit-source", help="also write readable PyTorch code of the new architecture")
+    op.add_argument("--objective", choices=("macs", "latency"), default="macs",
+                    help="--kernels auto picks the fewest MACs (default) or the least measured latency on --device "
+                         "at --batch (each block timed compiled once, cached in ~/.cache/fxrf)")
+    op.add_argument("--device", default="cpu", help="--objective latency: where to time the blocks, cpu or cuda "
+                                                    "(default cpu)")
+    op.add_argument("--batch", type=_positive_int, default=1, help="--objective latency: the batch size to time "
+                                                                   "at (default 1)")
+    op.add_argument("--include", action="append", metavar="GLOB",
+                    help="only convs whose module path matches this glob may change (repeatable; `layer4` covers "
+                         "everything under it; a stage gets a new conv only if all its convs are included)")
+    op.add_argument("--exclude", action="append", metavar="GLOB",
+                    help="convs whose module path matches this glob stay as they are (repeatable)")
+    op.add_argument("--weights", metavar="CKPT", help="a state_dict of MODEL to load before the passes (torch.load)")
+    op.add_argument("--seed", type=_int, default=0, help="seed for the model's random init (default 0)")
+    op.add_argument("--out", action="append", metavar="PATH",
+                    help="where to write the result: X.pt writes X.py (the class) and X.pt (its state_dict); "
+                         "X.pt2 a torch.export program; give both to get both")
+    op.add_argument("--emit-source", metavar="FILE.py", help="where the class goes (default: next to the .pt)")
+    op.add_argument("--dry-run", action="store_true", help="print the planned changes, write nothing")
     op.add_argument("--json", action="store_true", help="print what changed as JSON")
     op.set_defaults(run=_cmd_optimize)
     mo = sub.add_parser("models", help="list the paper's models bundled as fxrf:NAME")
@@ -234,13 +593,23 @@ def main(argv=None) -> int:
     try:
         args = parser.parse_args(argv)
         if not getattr(args, "run", None):
-            raise UsageError("a command is required: analyze or models (see `fxrf --help`)")
+            raise UsageError("a command is required: analyze, optimize or models (see `fxrf --help`)")
         return args.run(args)
     except UsageError as e:
         print(f"fxrf: error: {e}", file=sys.stderr)
         return 2
     except FxrfError as e:
-        print(f"fxrf: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"fxrf: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `fxrf analyze ... | head`
         return 0
+    except KeyboardInterrupt:
+        print("fxrf: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug in fxrf or in the model: one line; FXRF_TRACEBACK=1 shows where
+        if os.environ.get("FXRF_TRACEBACK"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"fxrf: internal error: {type(e).__name__}: {first} (FXRF_TRACEBACK=1 shows the traceback; please "
+              f"report it)", file=sys.stderr)
+        return 1

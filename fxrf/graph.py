@@ -1,7 +1,7 @@
 """The analysed graph as a networkx DiGraph, and its export to Graphviz DOT or GraphML.
 
 Every fx node becomes a networkx node (same name), every use an edge from the producer to the user. Nodes carry
-their stage, 3DRF, gain and cost as plain str/int/float/bool attributes (absent where they do not apply), a
+their module path (``path``), stage, 3DRF, gain and cost as plain str/int/float/bool attributes (absent where they do not apply), a
 multi-line ``label`` and a ``color`` per stage; convs whose gain is 0 (they add nothing to the 3DRF) are marked
 ``saturated`` and drawn with a thick red border. DOT is written as text here (no pydot or pygraphviz needed);
 GraphML by networkx.
@@ -12,8 +12,8 @@ GraphML by networkx.
 >>> g = to_networkx(a)
 >>> list(g.edges)
 [('input_1', '_0'), ('_0', '_1'), ('_1', 'output')]
->>> {k: g.nodes["_0"][k] for k in ("stage", "rf", "rf_volume", "params", "macs")}
-{'stage': 0, 'rf': '3x3x3', 'rf_volume': 27, 'params': 224, 'macs': 13824}
+>>> {k: g.nodes["_0"][k] for k in ("path", "stage", "rf", "rf_volume", "params", "macs")}
+{'path': '0', 'stage': 0, 'rf': '3x3x3', 'rf_volume': 27, 'params': 224, 'macs': 13824}
 """
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ def to_networkx(a) -> nx.DiGraph:
         c = costs.get(node.name)
         if r is not None:
             attrs.update(kind=r.op, shape="x".join(map(str, r.shape)), supported=bool(r.supported))
+            if r.path is not None:  # the module path (state_dict keys' spelling); absent for the model's own ops
+                attrs["path"] = r.path
             if r.stage is not None:
                 attrs["stage"] = int(r.stage)
             if r.kernel is not None:

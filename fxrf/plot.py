@@ -161,7 +161,7 @@ def _conv_axis(ax, convs, fs) -> None:
     """One tick per conv: its name and kernel type."""
     n = len(convs)
     ax.set_xticks(range(n))
-    ax.set_xticklabels([f"{r.name} ({_short_kernel(r.kernel)})" for r in convs], rotation=60, ha="right",
+    ax.set_xticklabels([f"{r.path or r.name} ({_short_kernel(r.kernel)})" for r in convs], rotation=60, ha="right",
                        rotation_mode="anchor", fontsize=fs)
     ax.set_xlim(-0.6, n - 0.4)
 

@@ -11,8 +11,11 @@ True
 """
 from __future__ import annotations
 
+import shutil
 import textwrap
 from dataclasses import dataclass
+
+from .cost import uncounted
 
 # --------------------------------------------------------------------------------------------- shared helpers
 
@@ -114,8 +117,12 @@ def _rf(rf, with_mean=True):
     return d
 
 
-COST_CONVENTION = ("macs: multiply-accumulates of conv, linear and matmul (FLOPs = 2 x MACs; fvcore's count); "
-                   "extra_macs: norms, activations, pooling and elementwise ops as ptflops counts them")
+SCHEMA_VERSION = 2  # docs/schema.md says what changed between versions
+
+COST_CONVENTION = ("macs: multiply-accumulates of conv, linear and matmul (what fvcore calls 'flops' and ptflops "
+                   "'MACs'; torch's FlopCounterMode reports FLOPs = 2 x MACs); extra_macs: norms, activations, pooling "
+                   "and elementwise ops as ptflops counts them; ops without a cost rule: FlopCounterMode on meta "
+                   "tensors, flops / 2 (cost_source 'flop_counter'), or not counted (listed in 'uncounted')")
 
 
 def _cost_sum(costs) -> dict:
@@ -137,13 +144,16 @@ def to_dict(a) -> dict:
     nodes = []
     for r in a.records:
         c = costs.get(r.name)
-        nodes.append({"name": r.name, "op": r.op, "target": r.target, "shape": list(r.shape), "stage": r.stage,
+        nodes.append({"name": r.name, "path": r.path, "op": r.op, "target": r.target, "shape": list(r.shape),
+                      "stage": r.stage,
                       "kernel": r.kernel, "rf": _rf(r.rf), "gain": None if r.gain is None else round(r.gain, 6),
                       "input_rf": _rf(r.input_rf, with_mean=False),
                       "params": c.params if c else 0, "macs": c.macs if c else 0,
-                      "extra_macs": c.extra_macs if c else 0})
+                      "extra_macs": c.extra_macs if c else 0, "cost_source": c.source if c else None})
     summaries = {s.stage.index: s for s in stage_summaries(a)}
+    by_name = {r.name: r for r in a.records}
     return {
+        "schema_version": SCHEMA_VERSION,
         "model": a.model,
         "input_shape": list(a.input_shape),
         "alpha": a.alpha,
@@ -153,15 +163,18 @@ def to_dict(a) -> dict:
                    for s in a.stages],
         "nodes": nodes,
         "cost": {"convention": COST_CONVENTION, "total": _cost_sum(costs.values())},
-        "unsupported": [{"name": n, "target": t, "reason": why} for n, t, why in a.unsupported],
+        "unsupported": [{"name": n, "path": by_name[n].path if n in by_name else None, "target": t, "reason": why}
+                        for n, t, why in a.unsupported],
+        "uncounted": [{"name": n, "path": by_name[n].path if n in by_name else None,
+                       "target": by_name[n].target if n in by_name else None} for n in uncounted(costs)],
     }
 
 
 # ----------------------------------------------------------------------------------------------- table
 
-_COLUMNS = ("node", "kernel", "c_out", "3DRF HxWxC", "volume", "gain", "params", "MACs")
+_COLUMNS = ("layer", "kernel", "output", "3DRF HxWxC", "volume", "gain", "params", "MACs")
 _RIGHT = (False, False, True, True, True, True, True, True)
-_DROP_ORDER = (2, 1, 4)  # c_out, kernel, volume: what a narrow terminal loses first
+_DROP_ORDER = (2, 1, 4)  # output, kernel, volume: what a narrow terminal loses first
 _MIN_NODE = 13  # "stage N total" still fits
 
 
@@ -170,7 +183,7 @@ class _Columns:
     """Where each column of the table goes: the columns kept, their widths and the space between them."""
 
     keep: tuple  # indices into _COLUMNS, in order
-    widths: tuple  # per column of _COLUMNS (the node column already clipped to the width)
+    widths: tuple  # per column of _COLUMNS (the layer column already clipped to the width)
     gap: int
 
     @property
@@ -187,7 +200,7 @@ class _Columns:
 
 def _layout(rows, width: int) -> _Columns:
     """Columns for `rows` (lists of cells, the header among them) within `width` characters: two spaces between
-    columns where they fit, else one; the least needed columns dropped when even that does not fit; node names
+    columns where they fit, else one; the least needed columns dropped when even that does not fit; layer names
     clipped to what is left (at least _MIN_NODE)."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
     gap = 2 if sum(widths) + 2 * (len(widths) - 1) <= width else 1  # air between columns where it fits
@@ -205,20 +218,69 @@ def _volume_cell(rf, saturated: bool) -> str:
     return f"{rf.volume:,}" + ("*" if saturated else " ")
 
 
+def label(a, r) -> str:
+    """What the table calls a record: its module path where that path names this record (`a.record(path) is r`),
+    else its fx node name; either is a key `Analysis.record` accepts."""
+    return r.path if r.path is not None and a.get(r.path) is r else r.name
+
+
+def shape_text(shape) -> str:
+    """An output shape without its batch dim, 'CxHxW' ('-' for a scalar)."""
+    return "x".join(map(str, shape[1:])) if len(shape) > 1 else "-"
+
+
+def _is_layer(r, c) -> bool:
+    return r.kernel is not None or (c is not None and c.kind == "linear")
+
+
 def _layer_rows(a) -> dict:
     """{stage index (None: outside any stage): the rows of its convs and linear layers, graph order}."""
     costs = a.costs
     rows: dict = {}
     for r in a.records:
         c = costs.get(r.name)
-        if r.kernel is None and (c is None or c.kind != "linear"):
+        if not _is_layer(r, c):
             continue
         sat = r.rf is not None and r.stage is not None and r.rf.volume >= a.stages[r.stage].volume
         rows.setdefault(r.stage, []).append(
-            [r.name, r.kernel or "linear", str(r.shape[1]) if len(r.shape) > 1 else "-",
+            [label(a, r), r.kernel or "linear", shape_text(r.shape),
              rf_text(r.rf) if r.kernel else "-",
              _volume_cell(r.rf, sat) if r.kernel and r.rf else "- ",
              gain_text(r.gain) if r.kernel else "", si(c.params) if c else "0", si(c.macs) if c else "0"])
+    return rows
+
+
+def _prefix(path, depth: int):
+    return ".".join(path.split(".")[:depth]) if path is not None else None
+
+
+def _tree_rows(a, depth: int) -> dict:
+    """Like _layer_rows, with the layers grouped by the first `depth` parts of their module path (torchinfo's
+    depth): one row per module at that depth and stage, first appearance order, summing the params and MACs of
+    every node under it in the stage; its output, 3DRF and volume are those of its last node in the stage (the
+    module's output, as the stage sees it). Gain is shown for a row of one conv only."""
+    costs = a.costs
+    groups: dict = {}  # (stage, key) -> [records]
+    for r in a.records:
+        key = _prefix(r.path, depth) or r.name
+        groups.setdefault((r.stage, key), []).append(r)
+    rows: dict = {}
+    for (stage, key), members in groups.items():
+        layers = [r for r in members if _is_layer(r, costs.get(r.name))]
+        if not layers:
+            continue
+        convs = [r for r in layers if r.kernel is not None]
+        last = next((r for r in reversed(members) if r.rf is not None), members[-1])
+        cs = [costs[r.name] for r in members if r.name in costs]
+        one = layers[0] if len(layers) == 1 else None
+        kind = (one.kernel or "linear") if one else f"{len(convs)} convs" if len(convs) == len(layers) \
+            else f"{len(layers)} layers"
+        sat = last.rf is not None and stage is not None and last.rf.volume >= a.stages[stage].volume
+        rows.setdefault(stage, []).append(
+            [label(a, one) if one and one.path == key else key, kind, shape_text(last.shape),
+             rf_text(last.rf) if convs else "-", _volume_cell(last.rf, sat) if convs and last.rf else "- ",
+             gain_text(one.gain) if one and one.kernel else "", si(sum(c.params for c in cs)),
+             si(sum(c.macs for c in cs))])
     return rows
 
 
@@ -228,25 +290,41 @@ def _stage_total_row(s) -> list:
             "", si(s.params), si(s.macs)]
 
 
-def _sum_row(label: str, cost: dict) -> list:
-    return [label, "", "", "", "", "", si(cost["params"]), si(cost["macs"])]
+def _sum_row(text: str, cost: dict) -> list:
+    return [text, "", "", "", "", "", si(cost["params"]), si(cost["macs"])]
 
 
-def _legend(a, width: int, prose: int) -> list:
+def _legend(a, summaries, width: int, prose: int) -> list:
+    """The title line, then one line per thing a reader may stumble on, only where the table shows it."""
     shape = "x".join(map(str, a.input_shape))
     lines = textwrap.wrap(f"{a.model}  input {shape}  alpha {a.alpha:g}", prose)
-    return lines + [_clip_right(t, width) for t in (
-        "3DRF: the field of a conv's output over its stage input, HxWxC",
-        "*: saturated, the 3DRF is the whole stage input (volume = V0)",
-        "gain 'start': the conv starts its stage (no field before it)")]
+    convs = [r for s in summaries for r in s.convs]
+    notes = ["3DRF: the field of a conv's output over its stage input, HxWxC"]
+    if any(s.saturated for s in summaries):
+        notes.append("*: saturated, the 3DRF is the whole stage input (volume = V0)")
+    if any(r.gain is None for r in convs):
+        notes.append("gain 'start': the conv starts its stage (strided or first): its output is the stage input, "
+                     "so its 3DRF is one element, 1x1x1, by definition")
+    if any(r.gain == 0 for r in convs):
+        notes.append("gain 0: the conv adds nothing to the 3DRF (its input already sees the whole stage input)")
+    return lines + [line for t in notes for line in _wrap_note(t, width, prose)]
 
 
-def _stage_lines(s, rows: list, cols: _Columns, line_w: int) -> list:
+def _wrap_note(text: str, width: int, prose: int) -> list:
+    """A legend note on one line where it fits the prose width, else wrapped with a hanging indent."""
+    if len(text) <= prose:
+        return [text]
+    return [_clip_right(t, width) for t in textwrap.wrap(text, prose, subsequent_indent="  ")]
+
+
+def _stage_lines(a, s, rows: list, cols: _Columns, line_w: int) -> list:
     """A stage's separator (w_0, c_0, V_0, its input), its rows and its total."""
     st = s.stage
     res = "x".join(map(str, st.resolution))
     more = f" (+{len(st.inputs) - 1})" if len(st.inputs) > 1 else ""
-    head = f"-- stage {st.index}: w0 {res}, c0 {st.channels}, V0 {st.volume:,}, input {st.inputs[0]}{more}"
+    first = a.get(st.inputs[0])
+    head = (f"-- stage {st.index}: w0 {res}, c0 {st.channels}, V0 {st.volume:,}, "
+            f"input {label(a, first) if first is not None else st.inputs[0]}{more}")
     lines = [(_clip_right(head, line_w - 3) + " ").ljust(line_w, "-")]
     lines += [cols.fmt(row) for row in rows] if rows else ["(no convs)"]
     if rows or s.params or s.macs:
@@ -262,29 +340,54 @@ def _exact_counts(grand: dict, width: int) -> list:
         f"      + {grand['extra_macs']:>{n},}  MACs in norm, activation, pooling, elementwise ops")]
 
 
-def table(a, width: int = 80) -> str:
-    """The analysis for a terminal, every line at most `width` characters (node names are clipped from the left).
+def _cost_notes(a, width: int, prose: int) -> list:
+    """Which nodes were counted by FlopCounterMode (no cost rule) and which could not be counted at all."""
+    costs = a.costs
+    by_name = {r.name: r for r in a.records}
+    lines = []
+    for source, text in (("flop_counter", "MACs counted by torch's FlopCounterMode (no cost rule)"),
+                         ("none", "MACs NOT counted (no cost rule, FlopCounterMode could not run them)")):
+        names = [n for n, c in costs.items() if c.source == source]
+        if names:
+            shown = ", ".join(label(a, by_name[n]) if n in by_name else n for n in names[:8])
+            lines += textwrap.wrap(f"{len(names)} node(s) with {text}: {shown}" + (", ..." if len(names) > 8 else ""),
+                                   prose)
+    return lines
+
+
+def terminal_width() -> int:
+    """The terminal's width in columns (the COLUMNS variable first; 80 when the output is not a terminal)."""
+    return shutil.get_terminal_size((80, 24)).columns
+
+
+def table(a, width: int | None = 80, depth: int | None = None) -> str:
+    """The analysis for a terminal, every line at most `width` characters (None: the terminal's width; layer names
+    are clipped from the left).
 
     One row per conv and linear layer in graph order, grouped by stage (a separator line with w_0, c_0 and V_0
-    opens each stage); each stage ends with a total row (its widest 3DRF, its params and MACs); the model total
-    and the exact counts close the table. '*' marks a 3DRF that covers the whole stage input (saturated).
+    opens each stage), named by module path (the fx node name where no module path names it) with its output
+    shape; each stage ends with a total row (its widest 3DRF, its params and MACs); the model total and the exact
+    counts close the table. '*' marks a 3DRF that covers the whole stage input (saturated). depth: group the rows
+    by the first `depth` parts of their module path, as torchinfo's depth does (`depth=1`: `layer1`, `layer2`...).
     """
+    width = terminal_width() if width is None else width
     summaries = stage_summaries(a)
-    rows_by_stage = _layer_rows(a)
+    rows_by_stage = _layer_rows(a) if depth is None else _tree_rows(a, depth)
     grand = _cost_sum(a.costs.values())
     every = [list(_COLUMNS), _sum_row("total", grand)] + [_stage_total_row(s) for s in summaries]
     cols = _layout(every + [row for rs in rows_by_stage.values() for row in rs], width)
     line_w = min(width, cols.line_w)
     prose = min(width, max(line_w, 60))  # text wraps to the table's width
-    lines = _legend(a, width, prose) + ["", cols.fmt(_COLUMNS)]
+    lines = _legend(a, summaries, width, prose) + ["", cols.fmt(_COLUMNS)]
     for s in summaries:
-        lines += _stage_lines(s, rows_by_stage.get(s.stage.index, []), cols, line_w)
+        lines += _stage_lines(a, s, rows_by_stage.get(s.stage.index, []), cols, line_w)
     outside = [c for r in a.records if r.stage is None and (c := a.costs.get(r.name)) is not None]
     if None in rows_by_stage or outside:
         lines.append(_clip_right("-- outside any stage ", line_w).ljust(line_w, "-"))
         lines += [cols.fmt(row) for row in rows_by_stage.get(None, [])]
         lines.append(cols.fmt(_sum_row("outside total", _cost_sum(outside))))
     lines += ["=" * line_w, cols.fmt(_sum_row("total", grand))] + _exact_counts(grand, width)
+    lines += _cost_notes(a, width, prose)
     if a.unsupported:
         lines.append("")
         lines += textwrap.wrap(f"{len(a.unsupported)} node(s) without an exact rule, analysed conservatively:",
@@ -294,7 +397,7 @@ def table(a, width: int = 80) -> str:
 
 
 def _clip(s: str, n: int) -> str:
-    """Keep the end of a node name (its most specific part)."""
+    """Keep the end of a layer name (its most specific part)."""
     return s if len(s) <= n else "…" + s[-(n - 1):]
 
 

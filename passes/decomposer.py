@@ -26,6 +26,8 @@ a neighbouring conv where one can take them (fold.py) and what remains is counte
     [(('DW+PW',), True, True)]
     >>> r.graph_module(torch.rand(2, 3, 8, 8)).shape
     torch.Size([2, 32, 8, 8])
+    >>> fxrf.decompose(m, (2, 3, 8, 8), recipe="DW+PW", exclude=["3"]).changes   # module path "3": left alone
+    []
 
 The result (`Decomposition`) keeps what happened in typed fields: `changes` (a BlockChange per replaced conv),
 `folds` (a fold.FoldChange per channel permutation folded into a conv), `declined` (a Declined per conv whose
@@ -44,15 +46,18 @@ import torch.nn.functional as F
 
 from fxrf.analysis import Analysis, analyze, map_size
 from fxrf.cost import total
+from fxrf.errors import InputError
 from fxrf.metric import DEFAULT_ALPHA
 
 from . import PassResult, finish, private_copy
 from .blocks import CATALOG, Recipe, auto_candidates, build, check_catalog, emit, load, measure, model_pattern, parse
 from .blocks import cost as block_cost
 from .fold import fold_in_place
+from .select import Selection
 from .util import call_counts, copy_graph_module, module_of
 
 KEEP, CLOSE = parse("S"), parse("DW+PW")
+OBJECTIVES = ("macs", "latency")
 
 # ------------------------------------------------------------------------------------------------------- records
 
@@ -116,6 +121,7 @@ class Trial(NamedTuple):
     params: int
     quality: bool | None  # None: not checked (not compact)
     compact: bool
+    time_ms: float | None = None  # objective="latency": the stage's measured time with it (latency.py)
 
 
 @dataclass(frozen=True)
@@ -160,7 +166,9 @@ class Decomposition(PassResult):
 
 def decompose(model: nn.Module, example_input, recipe: str | Recipe = "auto", *, transfer_weights: bool = True,
               skip_first: bool = True, fold: bool = True, candidates: Sequence[str | Recipe] | None = None,
-              alpha: float = DEFAULT_ALPHA, catalog: Sequence | None = None) -> Decomposition:
+              alpha: float = DEFAULT_ALPHA, catalog: Sequence | None = None,
+              include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None,
+              objective: str = "macs", device: str = "cpu", batch: int = 1, latency=None) -> Decomposition:
     """Replace standard convs of `model` by factorized blocks; the model itself is not modified.
 
     recipe: "auto", or a catalog recipe applied everywhere eligible ("DW+PW", "DW+GPW-g4", "DW+RPW-g4-o50",
@@ -168,24 +176,45 @@ def decompose(model: nn.Module, example_input, recipe: str | Recipe = "auto", *,
     skip_first: keep the model's first conv. fold: fold the inserted channel rotations/shuffles into neighbouring
     convs where possible. candidates: the recipes "auto" tries (None: those the catalog marks). alpha: the 3DRF
     metric's alpha. catalog: the block kinds recipe names are read from (None: blocks.CATALOG; a catalog with
-    more rows registers blocks for this call only, see docs/decomposer.md).
+    more rows registers blocks for this call only, see docs/decomposer.md). include / exclude: module-path globs
+    (passes/select.py): only convs whose path matches an `include` pattern (None: all) and no `exclude` pattern
+    are replaced; a pattern that matches no conv raises an InputError.
+    objective: what recipe="auto" minimises among the assignments that meet quality and compact: "macs" (MACs,
+    then params; deterministic and free) or "latency" (the stage's measured time on `device` at batch `batch`,
+    keeping a block only where it is faster than the conv it replaces; see docs/decomposer.md). latency: a
+    latency.LatencyModel to price with (None: LatencyModel(device, batch), compiled, cached on disk); given with
+    objective="macs", the chosen blocks are still priced, in summary["latency"].
     """
     catalog = check_catalog(CATALOG if catalog is None else catalog)
+    if objective not in OBJECTIVES:
+        raise InputError(f"objective {objective!r} is unknown; use {' or '.join(OBJECTIVES)}")
+    is_auto = isinstance(recipe, str) and recipe.strip().lower() == "auto"
+    if objective == "latency" and not is_auto:
+        raise InputError(f"objective='latency' chooses among candidates: use recipe='auto' (with candidates=[...] "
+                         f"to restrict them), not recipe={recipe!r}")
+    if objective == "latency" and latency is None:
+        from .latency import LatencyModel
+        latency = LatencyModel(device, batch)
     gm = private_copy(model, example_input)
     before = analyze(gm, example_input, alpha=alpha)
     ends = stage_ends(before)  # read these now: the edits below rewrite this graph in place
     cost_before, stage_cost_before = total(before.costs), _stage_costs(before)
     pattern = model_pattern(gm)
-    sites = eligible_sites(gm, before, skip_first)
+    selection = Selection(include, exclude)
+    selection.check(r.path for r in before.convs())
+    sites = [s for s in eligible_sites(gm, before, skip_first) if selection.allows(before.record(s.node).path)]
     tried: dict = {}
     if isinstance(recipe, str) and recipe.strip().lower() == "auto":
         recipes = [parse(c, catalog) for c in (auto_candidates(catalog) if candidates is None else candidates)]
-        plan, tried = _auto(gm, before, ends, sites, pattern, example_input, recipes, alpha)
+        search = _auto_latency if objective == "latency" else _auto
+        plan, tried = search(gm, before, ends, sites, pattern, example_input, recipes, alpha, *(
+            (latency,) if objective == "latency" else ()))
         name = "auto"
     else:
         r = parse(recipe, catalog)
         plan, name = {s.node: r for s in sites}, r.name
     applied = _apply(gm, sites, plan, pattern, transfer_weights)
+    priced = _priced(latency, applied, pattern) if latency is not None else None
     finish(gm)
     folds, fold_summary = [], {"permutations": 0, "folded": 0, "remaining": 0, "remaining_nodes": []}
     if fold and applied.permutations:
@@ -213,6 +242,7 @@ def decompose(model: nn.Module, example_input, recipe: str | Recipe = "auto", *,
         "permutations_inserted": len(applied.permutations), "permutations_folded": fold_summary["folded"],
         "permutations_remaining": fold_summary["remaining"], "remaining_permutations": fold_summary["remaining_nodes"],
         "stages": [asdict(s) for s in stages], "declined_convs": [asdict(d) for d in applied.declined],
+        "selection": selection.describe(), "objective": objective if is_auto else None, "latency": priced,
     }
     return Decomposition(gm, changes, summary, folds=list(folds), declined=list(applied.declined), stages=stages)
 
@@ -373,6 +403,84 @@ def _auto(gm, before, ends, sites, pattern, example_input, recipes, alpha):
                 break
         tried[stage] = tuple(log)
     return plan, tried
+
+
+def _auto_latency(gm, before, ends, sites, pattern, example_input, recipes, alpha, latency):
+    """Per stage, the fastest assignment (measured stage time, then MACs, then catalog order) whose blocks are
+    compact and whose stage meets quality. Each assignment of `_assignments` is first pruned: a block stays only
+    where the latency model times it faster than the conv it replaces (with the DW+RPW rotation as `_apply` would
+    emit it: none for the first rotated block of a stage), S elsewhere. Pruning changes the assignment, so each
+    pruned assignment's quality is checked on its own (one analysis of the model with only that stage rewritten,
+    on a meta copy)."""
+    by_stage: dict = {}
+    for s in sites:
+        by_stage.setdefault(s.stage, []).append(s)
+    verdicts: dict = {}
+
+    def quality(stage, ss, used) -> bool:
+        key = (stage, tuple(u.name for u in used))
+        if key not in verdicts:
+            skel = copy_graph_module(gm, params="meta")
+            applied = _apply(skel, ss, {s.node: u for s, u in zip(ss, used)}, pattern, transfer=False)
+            finish(skel)
+            checks = stage_quality(before, ends, analyze(skel, example_input, alpha=alpha), applied.renamed,
+                                   _moved(applied, pattern))
+            verdicts[key] = checks[stage].ok
+        return verdicts[key]
+
+    plan, tried = {}, {}
+    for stage, ss in by_stage.items():
+        convs = [gm.get_submodule(s.target) for s in ss]
+        conv_s = [latency.time(KEEP, c, s.in_shape, pattern) for c, s in zip(convs, ss)]
+        options, seen = [], set()
+        for order, (label, assignment) in enumerate(_assignments(recipes, len(ss))):
+            used = [r if not r.inapplicable(c) else KEEP for r, c in zip(assignment, convs)]
+            if any(not u.keeps and not measure(u, c, s.in_shape, pattern).compact
+                   for u, c, s in zip(used, convs, ss)):
+                continue  # not compact: no pruning can make it so, and timing it would be wasted
+            pruned, times, rotated = [], [], False
+            for u, c, s, t_conv in zip(used, convs, ss, conv_s):
+                t = t_conv
+                if not u.keeps:
+                    shift = u.shift(c) if rotated else 0
+                    t_block = latency.time(u, c, s.in_shape, pattern, shift)
+                    if t_block < t_conv:
+                        t = t_block
+                        rotated = rotated or u.kind.rotates
+                    else:
+                        u = KEEP
+                pruned.append(u)
+                times.append(t)
+            key = tuple(u.name for u in pruned)
+            if key in seen:
+                continue
+            seen.add(key)
+            slower = [s.node for s, a, b in zip(ss, used, pruned) if not a.keeps and b.keeps]
+            name = f"{label} (S where slower: {', '.join(slower)})" if slower else label
+            cs = [block_cost(u, c, s.in_shape, pattern) for u, c, s in zip(pruned, convs, ss)]
+            options.append((sum(times), sum(c.macs for c in cs), order, name, pruned, sum(c.params for c in cs)))
+        log = []
+        for t, macs, _, name, pruned, params in sorted(options, key=lambda o: o[:3]):
+            ok = all(u.keeps for u in pruned) or quality(stage, ss, pruned)
+            log.append(Trial(name, macs, params, ok, True, round(t * 1e3, 4)))
+            if ok:
+                plan.update({s.node: u for s, u in zip(ss, pruned)})
+                break
+        tried[stage] = tuple(log)
+    return plan, tried
+
+
+def _priced(latency, applied: "_Applied", pattern) -> dict:
+    """What the latency model says of the blocks placed: per replaced conv its time and the block's, and totals."""
+    rows = []
+    for d in applied.replaced:
+        t_conv = latency.time(KEEP, d.conv, d.site.in_shape, pattern)
+        t_block = latency.time(d.recipe, d.conv, d.site.in_shape, pattern, d.shift)
+        rows.append({"conv": d.site.node, "recipe": d.recipe.name, "shift": d.shift, "conv_ms": t_conv * 1e3,
+                     "block_ms": t_block * 1e3})
+    return {"model": repr(latency), "device": latency.key, "batch": latency.batch, "mode": latency.mode,
+            "sites": rows, "conv_ms": sum(r["conv_ms"] for r in rows), "block_ms": sum(r["block_ms"] for r in rows),
+            "saved_ms": sum(r["conv_ms"] - r["block_ms"] for r in rows)}
 
 
 # ---------------------------------------------------------------------------------------------------- verdicts

@@ -21,6 +21,21 @@ the graph's code as forward.
 The weights are not written: load them with `model.load_state_dict(graph_module.state_dict())`. Constant tensors
 that are not in the state dict (rare; fx makes them from tensors created in forward) are written as literals when
 small. A submodule that cannot be rebuilt from its constructor arguments raises a ValueError naming it.
+
+`save` writes what current torch loads without `weights_only=False` (what `fxrf optimize --out` writes): for a
+`.pt` path the source next to it (`opt.py`) plus the state_dict (`opt.pt`, plain tensors); for a `.pt2` path a
+`torch.export` program. `load_hint` is the one line of Python that loads them back:
+
+    >>> d = tempfile.mkdtemp()
+    >>> save(gm, os.path.join(d, "net.pt"), class_name="Net") == [os.path.join(d, "net.py"), os.path.join(d, "net.pt")]
+    True
+    >>> import sys; sys.path.insert(0, d)
+    >>> from net import Net
+    >>> m = Net(); m.load_state_dict(torch.load(os.path.join(d, "net.pt")))    # weights_only=True, the default
+    <All keys matched successfully>
+    >>> torch.equal(m(x), gm(x))
+    True
+    >>> sys.path.remove(d)
 """
 from __future__ import annotations
 
@@ -28,6 +43,7 @@ import importlib
 import inspect
 import keyword
 import math
+import os
 import re
 import types
 from pathlib import Path
@@ -38,7 +54,9 @@ import torch.nn as nn
 
 from .util import fetch_attr
 
-__all__ = ["emit_source"]
+__all__ = ["emit_source", "save", "load_hint", "SAVE_FORMATS"]
+
+SAVE_FORMATS = (".pt", ".pth", ".pt2")  # state_dict + source; state_dict + source; torch.export program
 
 _MAX_LITERAL = 4096  # constant tensors up to this many elements are written inline
 
@@ -75,6 +93,58 @@ def emit_source(gm: fx.GraphModule, path, *, class_name: str | None = None) -> s
     compile(src, str(path), "exec")  # fail here, naming the file, rather than at import time
     Path(path).write_text(src)
     return src
+
+
+def save(gm: fx.GraphModule, path, *, source=None, class_name: str | None = None, example_input=None) -> list:
+    """Write `gm` so that default `torch.load` / `torch.export.load` read it back; return the paths written.
+
+    path ending in .pt or .pth: the source (`emit_source`, to `source` or next to `path` with the .py suffix) and
+    `gm.state_dict()` with torch.save (tensors only: `torch.load(path)` works with weights_only=True, the default).
+    path ending in .pt2: a `torch.export` program traced with `example_input` (a tensor, or a shape for a random
+    one), written with torch.export.save; `source`, if given, is written as well.
+    """
+    path = str(path)
+    ext = Path(path).suffix.lower()
+    if ext not in SAVE_FORMATS:
+        raise ValueError(f"cannot save to {path!r}: use a .pt (state_dict + source) or .pt2 (torch.export) file name")
+    written = []
+    for p in (path, source):
+        if p and Path(p).parent != Path("."):
+            Path(p).parent.mkdir(parents=True, exist_ok=True)
+    if ext == ".pt2":
+        if example_input is None:
+            raise ValueError("saving a torch.export program (.pt2) needs an example input")
+        x = example_input if isinstance(example_input, torch.Tensor) else torch.randn(*example_input)
+        program = torch.export.export(gm, (x,))
+        if source:
+            emit_source(gm, source, class_name=class_name)
+            written.append(str(source))
+        torch.export.save(program, path)
+        return written + [path]
+    source = str(source) if source else str(Path(path).with_suffix(".py"))
+    emit_source(gm, source, class_name=class_name)
+    torch.save({k: v.detach().clone() for k, v in gm.state_dict().items()}, path)
+    return [source, path]
+
+
+def load_hint(paths, class_name: str) -> str:
+    """One line of Python that loads what `save` wrote (the first .pt2, else the source and the state_dict)."""
+    paths = [str(p) for p in paths]
+    program = next((p for p in paths if p.lower().endswith(".pt2")), None)
+    if program is not None:
+        return f'import torch; model = torch.export.load("{program}").module()'
+    source = next(p for p in paths if p.endswith(".py"))
+    weights = next(p for p in paths if not p.endswith(".py"))
+    folder, stem = os.path.split(os.path.splitext(source)[0])
+    name = _identifier(class_name)
+    if stem.isidentifier() and not keyword.iskeyword(stem):
+        where = f'import sys; sys.path.insert(0, "{folder}"); ' if folder else ""
+        get = f"from {stem} import {name}; "
+    else:  # not importable by name: load the file by path
+        where = ""
+        get = (f'import importlib.util as u; s = u.spec_from_file_location("m", "{source}"); '
+               f'mod = u.module_from_spec(s); s.loader.exec_module(mod); {name} = mod.{name}; ')
+    return f'import torch; {where}{get}model = {name}(); model.load_state_dict(torch.load("{weights}"))'
 
 
 def _identifier(name: str) -> str:

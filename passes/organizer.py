@@ -64,6 +64,7 @@ from fxrf.metric import DEFAULT_ALPHA
 from fxrf.ops import default_table
 
 from . import PassResult, finish, private_copy
+from .select import Selection
 
 __all__ = ["organize_stages", "Change", "Declined", "OrganizerResult", "DEFAULT_THRESHOLD", "DEFAULT_MACS_BUDGET",
            "STRATEGIES"]
@@ -139,7 +140,8 @@ def organize_stages(model: nn.Module, example_input, *, strategy: str = "greedy"
                     threshold: float | None = DEFAULT_THRESHOLD, macs_budget: float | None = DEFAULT_MACS_BUDGET,
                     params_budget: float | None = None, remove_saturated: bool = True,
                     remove_below: float | None = None, kernel_size: int | None = 3,
-                    max_insertions: int = 64, spatial_cap: bool | None = None) -> OrganizerResult:
+                    max_insertions: int = 64, spatial_cap: bool | None = None, include=None,
+                    exclude=None) -> OrganizerResult:
     """Move convs to the stages where the 3DRF gain is highest; inserted convs start as the identity.
 
     strategy: "greedy" (default): remove convs with gain <= `remove_below`, insert while the gain exceeds
@@ -152,6 +154,9 @@ def organize_stages(model: nn.Module, example_input, *, strategy: str = "greedy"
     limit); kernel_size: of the inserted convs (None: the kernel of the stage's last standard conv);
     max_insertions: the most convs inserted (greedy) or swaps made (paper);
     spatial_cap: passed to `fxrf.analyze` for every gain (None: True for "greedy", False for "paper").
+    include / exclude: module-path globs (passes/select.py) of the convs the pass may remove; a stage gets a new
+    conv only if every conv in it is selected (convs this call inserted always are). A pattern that matches no
+    conv raises an InputError.
     `model` is not modified; the result's `graph_module` is a new GraphModule.
 
     >>> import fxrf, torch.nn as nn
@@ -172,17 +177,20 @@ def organize_stages(model: nn.Module, example_input, *, strategy: str = "greedy"
     _check_arguments(threshold, cutoff, macs_budget, params_budget, kernel_size, max_insertions)
     work = private_copy(model, example_input)
     a = analyze(work, example_input, alpha=alpha, spatial_cap=cap)
+    touch = _Touch(Selection(include, exclude), set())
+    touch.selection.check(r.path for r in a.convs())
     before, convs_before = total(a.costs), _convs_per_stage(a)
     changes, declined = [], []
     limits = (before.macs * macs_budget if macs_budget is not None else math.inf,
               before.params * params_budget if params_budget is not None else math.inf)
     if paper:
-        _swap_paper(work, example_input, alpha, cap, limits, before, kernel_size, max_insertions, changes, declined)
+        _swap_paper(work, example_input, alpha, cap, limits, before, kernel_size, max_insertions, changes, declined,
+                    touch)
     else:
         if remove_saturated:
-            a = _remove_saturated(work, example_input, alpha, cap, cutoff, changes, declined)
+            a = _remove_saturated(work, example_input, alpha, cap, cutoff, changes, declined, touch)
         _insert_greedy(work, example_input, alpha, cap, threshold, limits, before, kernel_size, max_insertions, a,
-                       changes, declined)
+                       changes, declined, touch)
     finish(work)
     work = _renamed(work, type(model).__name__)
     a = analyze(work, example_input, alpha=alpha, spatial_cap=cap)
@@ -207,8 +215,27 @@ def organize_stages(model: nn.Module, example_input, *, strategy: str = "greedy"
         "convs_per_stage_before": convs_before, "convs_per_stage_after": stage_convs, "stage_convs": stage_convs,
         "stage_resolutions": [list(s.resolution) for s in a.stages],
         "function_preserved": not any(c.kind == "remove" for c in changes),
+        "selection": touch.selection.describe(),
     }
     return OrganizerResult(work, changes, summary, declined, a)
+
+
+@dataclass(frozen=True)
+class _Touch:
+    """What include/exclude let the pass change: a selected conv, or one this call inserted (`own`: their paths)."""
+
+    selection: Selection
+    own: set
+
+    def conv(self, path) -> bool:
+        return path in self.own or self.selection.allows(path)
+
+    def stage(self, a: Analysis, index: int) -> bool:
+        """Whether the stage may get a new conv: every conv in it is selected."""
+        return all(self.conv(r.path) for r in a.convs() if r.stage == index)
+
+
+_NOT_SELECTED = "left alone: include/exclude do not select it"
 
 
 def _renamed(gm: fx.GraphModule, class_name: str) -> fx.GraphModule:
@@ -235,7 +262,7 @@ def _check_arguments(threshold, cutoff, macs_budget, params_budget, kernel_size,
 # -- removal ---------------------------------------------------------------------------------------------------
 
 
-def _remove_saturated(gm, example_input, alpha, cap, cutoff, changes, declined) -> Analysis:
+def _remove_saturated(gm, example_input, alpha, cap, cutoff, changes, declined, touch) -> Analysis:
     """Remove convs with gain <= cutoff, last first, until a fresh analysis finds none left to remove.
 
     Within one analysis the convs are visited in reverse graph order: removing a conv changes the fields of the
@@ -248,6 +275,9 @@ def _remove_saturated(gm, example_input, alpha, cap, cutoff, changes, declined) 
         removed = False
         for r in reversed(a.convs()):
             if r.gain is None or r.gain > cutoff:
+                continue
+            if not touch.conv(r.path):
+                kept[r.name] = Declined("remove", r.stage, r.name, r.gain, _NOT_SELECTED)
                 continue
             plan = _removal_plan(gm, a, r.name)
             if isinstance(plan, str):
@@ -345,7 +375,7 @@ def _branch_merge(unit, src, kinds):
 
 
 def _insert_greedy(work, example_input, alpha, cap, threshold, limits, original, kernel_size, max_insertions, a,
-                   changes, declined):
+                   changes, declined, touch):
     """Insert one conv at a time where the candidate graphs' analysis gives the highest gain (the cheaper place
     on a tie), while the gain exceeds the threshold and the budgets hold."""
     now = total(a.costs)
@@ -355,6 +385,12 @@ def _insert_greedy(work, example_input, alpha, cap, threshold, limits, original,
         a = analyze(work, example_input, alpha=alpha, spatial_cap=cap)
         sites = {}
         for stage in a.stages:
+            if not touch.stage(a, stage.index):
+                if (stage.index, "end") not in closed:
+                    declined.append(Declined("insert", stage.index, None, None, "include/exclude do not select "
+                                                                               "every conv of the stage"))
+                closed.update({(stage.index, "end"), (stage.index, "branch")})
+                continue
             for place, site in _sites(a, stage, kernel_size).items():
                 if (stage.index, place) in closed:
                     continue
@@ -386,6 +422,7 @@ def _insert_greedy(work, example_input, alpha, cap, threshold, limits, original,
                 closed.add((s, place))
                 continue
             nodes = _insert(work, site, _prefix(work, s), meta=False)
+            touch.own.add(nodes[0].target)
             if place == "end":  # a conv inside the block now would come before this one and change its gain
                 closed.add((s, "branch"))
             used[0] += macs
@@ -405,7 +442,8 @@ _PLACES = {"end": "after the stage's last block", "branch": "inside the stage's 
 # -- the paper's rule: a fixed number of convs -------------------------------------------------------------------
 
 
-def _swap_paper(work, example_input, alpha, cap, limits, original, kernel_size, max_swaps, changes, declined):
+def _swap_paper(work, example_input, alpha, cap, limits, original, kernel_size, max_swaps, changes, declined,
+                touch):
     """Swap the removable conv of lowest gain for the candidate conv of highest gain while the candidate's gain is
     higher; one swap removes one conv and inserts one, so the number of convs never changes.
 
@@ -422,8 +460,8 @@ def _swap_paper(work, example_input, alpha, cap, limits, original, kernel_size, 
         a = analyze(work, example_input, alpha=alpha, spatial_cap=cap)
         counts = _convs_per_stage(a, with_gain=True)
         order = {r.name: i for i, r in enumerate(a.records)}
-        low = sorted((r for r in a.convs() if r.gain is not None and r.stage is not None and counts[r.stage] > 1),
-                     key=lambda r: (r.gain, -order[r.name]))
+        low = sorted((r for r in a.convs() if r.gain is not None and r.stage is not None and counts[r.stage] > 1
+                      and touch.conv(r.path)), key=lambda r: (r.gain, -order[r.name]))
         kept, victim = [], None
         for r in low:
             trial = _graph_copy(work)
@@ -445,6 +483,10 @@ def _swap_paper(work, example_input, alpha, cap, limits, original, kernel_size, 
         sites, reasons = {}, []
         positions = _convs_per_stage(t, with_gain=True)
         for stage in t.stages:
+            if not touch.stage(t, stage.index):
+                reasons.append(Declined("insert", stage.index, None, None, "paper: include/exclude do not select "
+                                                                           "every conv of the stage"))
+                continue
             if not positions[stage.index]:
                 reasons.append(Declined("insert", stage.index, None, None, "paper: the stage has no conv with a gain "
                                         "(no position 1 to add to)"))
@@ -484,6 +526,7 @@ def _swap_paper(work, example_input, alpha, cap, limits, original, kernel_size, 
                                f"paper: the lowest gain of the removable convs ({victim.gain:.4f}), swapped for a "
                                f"conv in stage {s} with gain {gain:.4f}"))
         nodes = _insert(work, site, _prefix(work, s), meta=False)
+        touch.own.add(nodes[0].target)
         changes.append(Change("insert", s, nodes[0].name, gain,
                               f"{_PLACES[place]}: paper: the highest gain of the candidates, {gain:.4f} > "
                               f"{victim.gain:.4f} of {victim.name} (removed)" + (f"; {site.note}" if site.note else ""),

@@ -52,7 +52,7 @@ def test_table_fits_80_columns_for_resnet50(resnet50, render):
 
 def test_table_has_stage_separators_rows_and_totals(resnet50):
     a = resnet50
-    lines = table(a).splitlines()
+    lines = table(a, width=160).splitlines()  # wide enough that no layer name is clipped
     separators = [line for line in lines if line.startswith("-- stage ")]
     assert len(separators) == len(a.stages)
     for s, line in zip(a.stages, separators):  # each names w0, c0 and V0 of its stage, in order
@@ -60,8 +60,9 @@ def test_table_has_stage_separators_rows_and_totals(resnet50):
                                f"V0 {s.volume:,}")
     # one row per conv (and the linear head), each with its 3DRF
     for r in a.convs():
-        row = next(line for line in lines if line.split()[:1] == [r.name])
+        row = next(line for line in lines if line.split()[:1] == [r.path])  # convs are named by module path
         assert rf_text(r.rf) in row.split()
+        assert "x".join(map(str, r.shape[1:])) in row.split()  # and show their output shape
     assert any(line.split()[:2] == ["fc", "linear"] for line in lines)
     # per-stage totals and the model total, labelled MACs
     for s in stage_summaries(a):
@@ -73,7 +74,7 @@ def test_table_has_stage_separators_rows_and_totals(resnet50):
     assert re.search(rf"^params +{t.params:,}$", "\n".join(lines), re.M)
     assert re.search(rf"^MACs +{t.macs:,}  in conv, linear, matmul", "\n".join(lines), re.M)
     assert re.search(rf"^ +\+ +{t.extra_macs:,}  MACs in norm", "\n".join(lines), re.M)
-    assert next(line for line in lines if line.startswith("node")).split()[-1] == "MACs"
+    assert next(line for line in lines if line.startswith("layer ")).split()[-1] == "MACs"
     text = " ".join(lines)
     assert all(m.group(0) == "FLOPs = 2 x MACs" for m in re.finditer(r"FLOPs( = 2 x MACs)?", text))
 
@@ -104,38 +105,35 @@ class ConvPlusBias(torch.nn.Module):
         return self.c(x) + self.fc(self.p).view(1, 8, 1, 1)
 
 
-# The table as it was before table() was split into a column layout and sections (commit a7dc895), every part
-# of it at 80 columns and at 45 (columns dropped, names and prose clipped). The figures check by hand:
-# c: 8 x 3 x 3 x 3 + 8 = 224 params, 8 x 8 x 8 outputs x 27 taps = 13,824 MACs, 3DRF 3x3x3 = 27, gain from the
-#    input pixel's field of volume 1: (27 - 1) / 1 x exp(-3 x 1 / 192) = 25.597, V0 = 8 x 8 x 3 = 192;
-# fc: 4 x 8 + 8 = 40 params + p's 4 = 44, 32 MACs; total 268 params, 13,856 MACs; the add: 8 x 8 x 8 = 512
-# extra MACs.
+# The table at 80 columns and at 45 (columns dropped, names and prose clipped). The figures check by hand:
+# c: 8 x 3 x 3 x 3 + 8 = 224 params, output 8 channels x 8 x 8 (padding 1), 8 x 8 x 8 outputs x 27 taps = 13,824
+#    MACs, 3DRF 3x3x3 = 27, gain from the input pixel's field of volume 1: (27 - 1) / 1 x exp(-3 x 1 / 192) =
+#    25.597, V0 = 8 x 8 x 3 = 192;
+# fc: 4 x 8 + 8 = 40 params + p's 4 = 44, output 8, 32 MACs; total 268 params, 13,856 MACs; the add: 8 x 8 x 8 =
+# 512 extra MACs. No conv starts its stage, none is saturated or has gain 0: the legend has only the 3DRF line.
 TABLE_80 = """\
 ConvPlusBias  input 1x3x8x8  alpha 3
 3DRF: the field of a conv's output over its stage input, HxWxC
-*: saturated, the 3DRF is the whole stage input (volume = V0)
-gain 'start': the conv starts its stage (no field before it)
 
-node           kernel    c_out  3DRF HxWxC  volume   gain  params   MACs
--- stage 0: w0 8x8, c0 3, V0 192, input x ------------------------------
-c              standard      8       3x3x3     27   25.60     224  13.8K
-stage 0 total                        3x3x3     27             224  13.8K
--- outside any stage ---------------------------------------------------
-fc             linear        8           -      -              44     32
-outside total                                                  44     32
-========================================================================
-total                                                         268  13.9K
+layer          kernel    output  3DRF HxWxC  volume   gain  params   MACs
+-- stage 0: w0 8x8, c0 3, V0 192, input x -------------------------------
+c              standard   8x8x8       3x3x3     27   25.60     224  13.8K
+stage 0 total                         3x3x3     27             224  13.8K
+-- outside any stage ----------------------------------------------------
+fc             linear         8           -      -              44     32
+outside total                                                   44     32
+=========================================================================
+total                                                          268  13.9K
 params     268
 MACs    13,856  in conv, linear, matmul (FLOPs = 2 x MACs)
       +    512  MACs in norm, activation, pooling, elementwise ops"""
 
 TABLE_45 = """\
 ConvPlusBias  input 1x3x8x8  alpha 3
-3DRF: the field of a conv's output over its …
-*: saturated, the 3DRF is the whole stage in…
-gain 'start': the conv starts its stage (no …
+3DRF: the field of a conv's output over its
+  stage input, HxWxC
 
-node          3DRF HxWxC  gain params  MACs
+layer         3DRF HxWxC  gain params  MACs
 -- stage 0: w0 8x8, c0 3, V0 192, input… --
 c                  3x3x3 25.60    224 13.8K
 stage 0 total      3x3x3          224 13.8K
