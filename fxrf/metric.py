@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-DEFAULT_ALPHA = 3.0  # reproduces the paper's Table 2 (NOTES.md)
+DEFAULT_ALPHA = 3.0  # reproduces the paper's Table 2 (docs/paper.md)
 
 
 def volume(spatial: Sequence[int], channel: int) -> int:

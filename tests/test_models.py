@@ -1,9 +1,9 @@
 """Tests for fxrf.models: the paper's baselines, checked against independent figures.
 
-Expected numbers come from the poster (/work/shared/paper/3drf-poster.txt, Tables 2-6) and the worked
-notes (/work/shared/paper/NOTES.md); each is cited next to it.  The paper's "MFLOPs" are millions of
-multiply-accumulates (MACs) rounded to 10M (NOTES.md), so MACs are compared at that precision, and
-more tightly where NOTES.md gives a finer figure.
+Expected numbers come from the poster (Tables 2-6) and the worked
+notes, both carried in docs/paper.md; each is cited next to it.  The paper's "MFLOPs" are millions of
+multiply-accumulates (MACs) rounded to 10M (docs/paper.md), so MACs are compared at that precision, and
+more tightly where docs/paper.md gives a finer figure.
 """
 
 from __future__ import annotations
@@ -54,33 +54,33 @@ def m10(n: int) -> int:
 # --------------------------------------------------------------------------- parameters
 
 def test_vgg16_cifar10_exact_params():
-    assert n_params(vgg16_cifar) == 14_728_266  # NOTES.md "CIFAR-10 VGG16/19": 14,728,266 params
+    assert n_params(vgg16_cifar) == 14_728_266  # docs/paper.md "CIFAR-10 VGG16/19": 14,728,266 params
 
 
 _PARAMS = [
-    # CIFAR-10, poster Table 3 (and NOTES.md layouts)
+    # CIFAR-10, poster Table 3 (and docs/paper.md layouts)
     (vgg16_cifar, {}, 14.73),  # Table 3 VGG16 14.73M
     (vgg19_cifar, {}, 20.04),  # Table 3 VGG19 20.04M
-    (mobilenet_v1_cifar, {}, 3.22),  # Table 3 MobileNet 3.22M; NOTES.md 3.22M
-    (resnet50_cifar, {}, 23.52),  # Table 3 ResNet50 23.52M; NOTES.md 23.52M
-    (vgg_cifar, {"stage_convs": (5, 4, 2, 1, 1)}, 5.10),  # Table 3 VGG16-opt 5.10M; NOTES.md 5,4,2,1,1
-    (vgg_cifar, {"stage_convs": (4, 3, 2, 3, 1)}, 9.64),  # Table 6 Baseline 9.64M; NOTES.md 4,3,2,3,1
+    (mobilenet_v1_cifar, {}, 3.22),  # Table 3 MobileNet 3.22M; docs/paper.md 3.22M
+    (resnet50_cifar, {}, 23.52),  # Table 3 ResNet50 23.52M; docs/paper.md 23.52M
+    (vgg_cifar, {"stage_convs": (5, 4, 2, 1, 1)}, 5.10),  # Table 3 VGG16-opt 5.10M; docs/paper.md 5,4,2,1,1
+    (vgg_cifar, {"stage_convs": (4, 3, 2, 3, 1)}, 9.64),  # Table 6 Baseline 9.64M; docs/paper.md 4,3,2,3,1
     # CIFAR-100, poster Table 4
-    (vgg16_cifar100, {}, 34.02),  # Table 4 VGG16 34.02M; NOTES.md 512-4096-4096-100 head
-    (vgg19_cifar100, {}, 39.33),  # Table 4 VGG19 39.33M; NOTES.md
+    (vgg16_cifar100, {}, 34.02),  # Table 4 VGG16 34.02M; docs/paper.md 512-4096-4096-100 head
+    (vgg19_cifar100, {}, 39.33),  # Table 4 VGG19 39.33M; docs/paper.md
     (vgg16_cifar, {"num_classes": 100, "classifier": "mlp"}, 34.02),  # same model, spelled out (Table 4)
     (resnet50_cifar, {"num_classes": 100}, 23.71),  # Table 4 ResNet50 23.71M
     pytest.param(
         mobilenet_v1_cifar, {"num_classes": 100}, 3.32,  # Table 4 MobileNet 3.32M
         marks=pytest.mark.xfail(
             strict=True,
-            reason="Table 4's 3.32M is not reproducible with NOTES.md's 3.22M CIFAR layout: swapping the "
+            reason="Table 4's 3.32M is not reproducible with docs/paper.md's 3.22M CIFAR layout: swapping the "
             "head to Linear(1024, 100) gives 3,309,476 = 3.31M (see test_mobilenet_cifar100_params)",
         ),
         id="mobilenet_v1_cifar-100-table4",
     ),
     # ImageNet, poster Table 5
-    (mobilenet_v1_imagenet, {}, 4.23),  # Table 5 MobileNet 4.23M; NOTES.md stride-2 stem, Linear(1024, 1000)
+    (mobilenet_v1_imagenet, {}, 4.23),  # Table 5 MobileNet 4.23M; docs/paper.md stride-2 stem, Linear(1024, 1000)
 ]
 
 
@@ -90,7 +90,7 @@ def test_param_counts_match_paper(factory, kw, expected_m):
 
 
 def test_mobilenet_cifar100_params():
-    # NOTES.md's CIFAR MobileNet with the classifier widened from 10 to 100 classes: only
+    # docs/paper.md's CIFAR MobileNet with the classifier widened from 10 to 100 classes: only
     # Linear(1024, classes) changes, by 90 * (1024 + 1) parameters.
     assert n_params(mobilenet_v1_cifar, num_classes=100) - n_params(mobilenet_v1_cifar) == 90 * 1025
     assert n_params(mobilenet_v1_cifar, num_classes=100) == 3_309_476  # 3.31M (Table 4 prints 3.32M)
@@ -100,14 +100,14 @@ def test_mobilenet_cifar100_params():
 
 def test_vgg16_cifar_macs():
     m = macs(vgg16_cifar())
-    assert abs(m - 313.2e6) <= 0.01 * 313.2e6  # NOTES.md: VGG16 313.2M MACs (conv + linear only)
+    assert abs(m - 313.2e6) <= 0.01 * 313.2e6  # docs/paper.md: VGG16 313.2M MACs (conv + linear only)
     assert m10(m) == 310  # Table 3 VGG16 310 MFLOPs
 
 
 @pytest.mark.parametrize("stage_convs", [(4, 3, 2, 3, 1), (5, 4, 2, 1, 1)])
 def test_vgg16_opt_macs(stage_convs):
     m = macs(vgg_cifar(stage_convs))
-    assert abs(m - 370e6) <= 0.01 * 370e6  # NOTES.md: both layouts 370M MACs; Table 3 / Table 6 370
+    assert abs(m - 370e6) <= 0.01 * 370e6  # docs/paper.md: both layouts 370M MACs; Table 3 / Table 6 370
 
 
 @pytest.mark.parametrize(
@@ -115,7 +115,7 @@ def test_vgg16_opt_macs(stage_convs):
     [
         (vgg19_cifar, {}, 400),  # Table 3 VGG19 400
         (mobilenet_v1_cifar, {}, 50),  # Table 3 MobileNet 50
-        (resnet50_cifar, {}, 1300),  # Table 3 ResNet50 1,300; NOTES.md "about 1.30G MACs"
+        (resnet50_cifar, {}, 1300),  # Table 3 ResNet50 1,300; docs/paper.md "about 1.30G MACs"
         (vgg16_cifar100, {}, 330),  # Table 4 VGG16 330
         (vgg19_cifar100, {}, 420),  # Table 4 VGG19 420
         (mobilenet_v1_cifar, {"num_classes": 100}, 50),  # Table 4 MobileNet 50
@@ -127,7 +127,7 @@ def test_macs_match_paper_rounded(factory, kw, expected_10m):
 
 def test_resnet50_cifar_macs():
     m = macs(resnet50_cifar())
-    assert abs(m - 1.30e9) <= 0.01 * 1.30e9  # NOTES.md: CIFAR ResNet50 about 1.30G MACs
+    assert abs(m - 1.30e9) <= 0.01 * 1.30e9  # docs/paper.md: CIFAR ResNet50 about 1.30G MACs
 
 
 def test_mobilenet_imagenet_macs():
@@ -177,7 +177,7 @@ def test_registry_names():
         "resnet50_cifar", *(f"vgg11_variant{i}" for i in range(1, 6)),
     }
     assert expected <= set(MODELS)
-    # NOTES.md "Table 3-6 notes": Table 6 baseline 4,3,2,3,1 (9.64M), Table 3 VGG16-opt 5,4,2,1,1 (5.10M)
+    # docs/paper.md "Table 3-6 notes": Table 6 baseline 4,3,2,3,1 (9.64M), Table 3 VGG16-opt 5,4,2,1,1 (5.10M)
     assert n_params(MODELS["vgg16_opt_table6"]) == n_params(vgg_cifar, stage_convs=(4, 3, 2, 3, 1))
     assert n_params(MODELS["vgg16_opt_table3"]) == n_params(vgg_cifar, stage_convs=(5, 4, 2, 1, 1))
 
@@ -202,7 +202,7 @@ def _convs_per_stage(model: nn.Module) -> list[list[nn.Conv2d]]:
 
 
 def test_vgg11_layout():
-    # NOTES.md Table 2: stages at 32, 16, 8, 4, 2 px with 1, 1, 2, 2, 2 convs of 64, 128, 256, 512, 512
+    # docs/paper.md Table 2: stages at 32, 16, 8, 4, 2 px with 1, 1, 2, 2, 2 convs of 64, 128, 256, 512, 512
     stages = _convs_per_stage(vgg11_cifar())
     assert [len(s) for s in stages] == [1, 1, 2, 2, 2]
     assert [s[-1].out_channels for s in stages] == [64, 128, 256, 512, 512]
@@ -231,8 +231,8 @@ def test_vgg11_variant_rejects_bad_index():
 
 
 def test_vgg_classifiers():
-    assert isinstance(vgg16_cifar().classifier, nn.Linear)  # NOTES.md: one Linear(512, 10)
-    head = vgg16_cifar100().classifier  # NOTES.md: 512-4096-4096-100
+    assert isinstance(vgg16_cifar().classifier, nn.Linear)  # docs/paper.md: one Linear(512, 10)
+    head = vgg16_cifar100().classifier  # docs/paper.md: 512-4096-4096-100
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(512, 4096), (4096, 4096), (4096, 100)]
     with pytest.raises(ValueError):
@@ -240,7 +240,7 @@ def test_vgg_classifiers():
 
 
 def test_mobilenet_layout():
-    # NOTES.md CIFAR MobileNet: stem 3->32 stride 1, 13 DW3x3 + PW1x1 blocks, no conv bias
+    # docs/paper.md CIFAR MobileNet: stem 3->32 stride 1, 13 DW3x3 + PW1x1 blocks, no conv bias
     with torch.device("meta"):
         convs = [m for m in mobilenet_v1_cifar().modules() if isinstance(m, nn.Conv2d)]
         stem2 = next(m for m in mobilenet_v1_imagenet().modules() if isinstance(m, nn.Conv2d))
@@ -256,7 +256,7 @@ def test_mobilenet_layout():
 
 
 def test_resnet50_cifar_layout():
-    # NOTES.md CIFAR ResNet50: 3x3 stem 3->64, no max pool, [3,4,6,3] bottlenecks, Linear(2048, classes)
+    # docs/paper.md CIFAR ResNet50: 3x3 stem 3->64, no max pool, [3,4,6,3] bottlenecks, Linear(2048, classes)
     with torch.device("meta"):
         model = resnet50_cifar()
     assert (model.conv1.kernel_size, model.conv1.stride) == ((3, 3), (1, 1))

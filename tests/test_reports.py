@@ -82,7 +82,7 @@ def test_table_has_stage_separators_rows_and_totals(resnet50):
 def test_table_marks_saturated_stages(vgg16):
     lines = table(vgg16).splitlines()
     stage_totals = [line for line in lines if re.match(r"stage \d total", line)]
-    # VGG16 on 32x32: the 4x4 and 2x2 stages are saturated (3DRF = V0), the others are not (NOTES.md Table 2)
+    # VGG16 on 32x32: the 4x4 and 2x2 stages are saturated (3DRF = V0), the others are not (docs/paper.md Table 2)
     assert ["*" in line for line in stage_totals] == [False, False, False, True, True]
 
 
