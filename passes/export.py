@@ -100,8 +100,8 @@ def save(gm: fx.GraphModule, path, *, source=None, class_name: str | None = None
 
     path ending in .pt or .pth: the source (`emit_source`, to `source` or next to `path` with the .py suffix) and
     `gm.state_dict()` with torch.save (tensors only: `torch.load(path)` works with weights_only=True, the default).
-    path ending in .pt2: a `torch.export` program traced with `example_input` (a tensor, or a shape for a random
-    one), written with torch.export.save; `source`, if given, is written as well.
+    path ending in .pt2: a `torch.export` program of `gm` in eval mode traced with `example_input` (a tensor, or a
+    shape for a random one), written with torch.export.save; `source`, if given, is written as well.
     """
     path = str(path)
     ext = Path(path).suffix.lower()
@@ -115,7 +115,12 @@ def save(gm: fx.GraphModule, path, *, source=None, class_name: str | None = None
         if example_input is None:
             raise ValueError("saving a torch.export program (.pt2) needs an example input")
         x = example_input if isinstance(example_input, torch.Tensor) else torch.randn(*example_input)
-        program = torch.export.export(gm, (x,))
+        was = gm.training
+        gm.eval()  # a deployable program: batch norms use their running statistics, dropout is off
+        try:
+            program = torch.export.export(gm, (x,))
+        finally:
+            gm.train(was)
         if source:
             emit_source(gm, source, class_name=class_name)
             written.append(str(source))
