@@ -142,16 +142,23 @@ def to_dict(a) -> dict:
         if r.name in costs:
             per_stage.setdefault(r.stage, []).append(costs[r.name])
     nodes = []
-    for r in a.records:
-        c = costs.get(r.name)
+    by_name = {r.name: r for r in a.records}
+    for node in a.graph_module.graph.nodes:
+        r, c = by_name.get(node.name), costs.get(node.name)
+        if r is None and c is None:
+            continue
+        cost = {"params": c.params if c else 0, "macs": c.macs if c else 0, "extra_macs": c.extra_macs if c else 0,
+                "cost_source": c.source if c else None}
+        if r is None:  # an op with a cost and no record (its output is a tuple: nn.MultiheadAttention)
+            nodes.append({"name": node.name, "path": _module_path(node), "op": _op(node), "target": _target(node),
+                          "shape": None, "stage": None, "kernel": None, "rf": None, "gain": None, "input_rf": None,
+                          **cost})
+            continue
         nodes.append({"name": r.name, "path": r.path, "op": r.op, "target": r.target, "shape": list(r.shape),
                       "stage": r.stage,
                       "kernel": r.kernel, "rf": _rf(r.rf), "gain": None if r.gain is None else round(r.gain, 6),
-                      "input_rf": _rf(r.input_rf, with_mean=False),
-                      "params": c.params if c else 0, "macs": c.macs if c else 0,
-                      "extra_macs": c.extra_macs if c else 0, "cost_source": c.source if c else None})
+                      "input_rf": _rf(r.input_rf, with_mean=False), **cost})
     summaries = {s.stage.index: s for s in stage_summaries(a)}
-    by_name = {r.name: r for r in a.records}
     return {
         "schema_version": SCHEMA_VERSION,
         "model": a.model,
@@ -168,6 +175,29 @@ def to_dict(a) -> dict:
         "uncounted": [{"name": n, "path": by_name[n].path if n in by_name else None,
                        "target": by_name[n].target if n in by_name else None} for n in uncounted(costs)],
     }
+
+
+def _module_path(node):
+    from .analysis import module_path
+    return module_path(node)
+
+
+def _op(node) -> str:
+    if node.op == "call_module":
+        return type(node.graph.owning_module.get_submodule(node.target)).__name__.lower()
+    return str(getattr(node.target, "__name__", node.target))
+
+
+def _target(node) -> str:
+    if node.op == "call_module":
+        return f"{node.target} ({type(node.graph.owning_module.get_submodule(node.target)).__name__})"
+    return str(getattr(node.target, "__name__", node.target))
+
+
+def _unrecorded(a) -> list:
+    """Costs of nodes the analysis keeps no record of (tuple outputs): they belong to no stage."""
+    names = {r.name for r in a.records}
+    return [c for n, c in a.costs.items() if n not in names]
 
 
 # ----------------------------------------------------------------------------------------------- table
@@ -381,7 +411,7 @@ def table(a, width: int | None = 80, depth: int | None = None) -> str:
     lines = _legend(a, summaries, width, prose) + ["", cols.fmt(_COLUMNS)]
     for s in summaries:
         lines += _stage_lines(a, s, rows_by_stage.get(s.stage.index, []), cols, line_w)
-    outside = [c for r in a.records if r.stage is None and (c := a.costs.get(r.name)) is not None]
+    outside = [c for r in a.records if r.stage is None and (c := a.costs.get(r.name)) is not None] + _unrecorded(a)
     if None in rows_by_stage or outside:
         lines.append(_clip_right("-- outside any stage ", line_w).ljust(line_w, "-"))
         lines += [cols.fmt(row) for row in rows_by_stage.get(None, [])]

@@ -181,6 +181,35 @@ def test_to_dict_stage_fields(vgg16):
                                                                               (4, 256), (2, 512)]
 
 
+def test_to_dict_is_versioned_and_names_module_paths(resnet50):
+    doc = resnet50.to_dict()
+    assert doc["schema_version"] == 2  # docs/schema.md: what version 2 added
+    by_name = {r.name: r for r in resnet50.records}
+    assert all(n["path"] == by_name[n["name"]].path for n in doc["nodes"])
+    conv = next(n for n in doc["nodes"] if n["name"] == "layer1_0_conv1")
+    assert conv["path"] == "layer1.0.conv1" and conv["cost_source"] == "rule"
+    assert doc["uncounted"] == []
+
+
+def test_ops_counted_by_flop_counter_are_marked_in_json_and_table():
+    from test_cost import ConvAttention
+    a = fxrf.analyze(ConvAttention().eval(), (1, 3, 8, 8))
+    doc = json.loads(json.dumps(a.to_dict()))
+    sources = {n["name"]: n["cost_source"] for n in doc["nodes"]}
+    assert sources["attn"] == sources["scaled_dot_product_attention"] == "flop_counter"
+    assert sources["stem"] == sources["head"] == "rule"
+    # the hand count of tests/test_cost.py: 842,048 MACs, FlopCounterMode's within 1%
+    assert doc["cost"]["total"]["macs"] == 842_048
+    # attn returns a tuple: no record of its own, but its cost is in the document and in the table's totals
+    attn = next(n for n in doc["nodes"] if n["name"] == "attn")
+    assert attn["path"] == "attn" and attn["stage"] is None and attn["params"] == 4 * 32 * 32 + 4 * 32
+    assert sum(n["macs"] for n in doc["nodes"]) == 842_048
+    text = table(a, width=100)
+    assert re.search(r"^outside total +4\.22K +524K$", text, re.M)  # attn: 4,224 params; 196,608 + 262,144 + 65,536
+    assert "2 node(s) with MACs counted by torch's FlopCounterMode (no cost rule): attn, " \
+           "scaled_dot_product_attention" in " ".join(text.split())  # wrapped to the table's width
+
+
 # ------------------------------------------------------------------------------------------------ plot
 
 
