@@ -457,6 +457,7 @@ def before_after_table(d: dict) -> list:
                       s["rf_after"] + ("*" if s["saturated_after"] else "")])
     w = [max(len(r[i]) for r in srows) for i in range(5)]
     lines += [""] + ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in srows]
+    lines.append("convs: conv layers in the stage (a decomposed block counts each of its convs)")
     if any(s["saturated_before"] or s["saturated_after"] for s in d["stages"]):
         lines.append("*: saturated (the stage's 3DRF is its whole input)")
     return lines

@@ -7,8 +7,10 @@ on the ``meta`` device are fine.
 
 Conventions
 -----------
-``macs`` (main ops; ``FLOPs = 2 * macs``, which is what
-:class:`torch.utils.flop_counter.FlopCounterMode` reports for them):
+``macs`` (main ops): multiply-accumulates. fvcore's ``FlopCountAnalysis``
+counts one multiply-accumulate as one "flop" and ptflops prints "MACs", so
+both report ``macs`` as they are;
+:class:`torch.utils.flop_counter.FlopCounterMode` counts ``FLOPs = 2 * macs``:
 
 * conv:       ``out_elements * (C_in / groups) * prod(kernel)``.  The bias add is
   *not* counted (same as FlopCounterMode, fvcore and torchvision's ``_ops``).

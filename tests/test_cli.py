@@ -169,7 +169,8 @@ def test_depth_groups_rows_by_module_path(capsys):
     import torchvision
     a = fxrf.analyze(torchvision.models.resnet18(), (1, 3, 64, 64))
     layer1 = sum(p.numel() for p in torchvision.models.resnet18().layer1.parameters())  # convs and norms
-    assert rows["layer1"][-2] == fxrf.report.si(layer1)
+    from fxrf.report import si
+    assert rows["layer1"][-2] == si(layer1)
     assert len([r for r in a.convs() if r.path.startswith("layer1.")]) == 4
 
 

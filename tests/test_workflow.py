@@ -189,7 +189,8 @@ def test_dry_run_writes_nothing_and_shows_the_plan(tmp_path, capsys, monkeypatch
     assert counts == [[str(b), "->", str(a)] for b, a in zip(r.summary["convs_per_stage_before"],
                                                                r.summary["stage_convs"])]
     params = next(line for line in out.splitlines() if line.startswith("params")).split()
-    assert params[1:3] == [fxrf.report.si(r.summary["params_before"]), fxrf.report.si(r.summary["params_after"])]
+    from fxrf.report import si
+    assert params[1:3] == [si(r.summary["params_before"]), si(r.summary["params_after"])]
     assert "remove features.25 (stage 4, gain 0)" in out  # changes named by module path
 
 
