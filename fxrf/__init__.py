@@ -11,11 +11,17 @@ from .ops import Decline, Op, OpTable, op, rf_rule
 from .ops import DEFAULT as DEFAULT_OPS
 from . import rules as _rules  # noqa: F401  (registers the built-in ops in DEFAULT_OPS)
 from .trace import trace
-from .compiler import compile_model as compile  # noqa: A001  (importing it registers the "fxrf" torch.compile backend)
 # The passes import core modules, never the package root: importing them here gives the real signatures.
 from .passes.organizer import organize_stages  # noqa: E402
 from .passes.decomposer import decompose  # noqa: E402
 from .distill import distill  # noqa: E402  (fxrf.distill is the function; `from fxrf.distill import x` reads the module)
+
+
+def __getattr__(name):  # fxrf.compile loads torch._dynamo (seconds): only when asked for
+    if name == "compile":
+        from .compiler import compile_model
+        return compile_model
+    raise AttributeError(f"module 'fxrf' has no attribute {name!r}")
 
 
 __all__ = ["compile", "organize_stages", "decompose", "distill", "analyze", "trace", "rf_rule", "op", "Op", "OpTable",
