@@ -243,7 +243,11 @@ def load_weights(model, path: str) -> None:
 
 @contextmanager
 def progress(what: str, after: float = 2.0, stream=None):
-    """A line on stderr when `what` takes longer than `after` seconds, and its time when it ends."""
+    """A line on stderr when `what` takes longer than `after` seconds, and its time when it ends; only on a
+    terminal (as tqdm bars), so that logs and captured errors stay one line (a `stream` given is always used)."""
+    if stream is None and not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        yield
+        return
     stream = stream or sys.stderr
     start = time.perf_counter()
     shown = threading.Event()
