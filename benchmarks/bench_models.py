@@ -57,6 +57,8 @@ from fxrf.models import vgg16_cifar, vgg_cifar
 from report import markdown, plot, print_tables  # noqa: F401  (benchmarks/report.py: also this script's API)
 from timing import load_average, machine, time_calls, warm_up
 
+from fxrf.passes.latency import peaks
+
 CIFAR = (3, 32, 32)
 IMAGENET = (3, 224, 224)
 GROUPS = (2, 4, 8)
@@ -73,10 +75,11 @@ EXTRA_WARMUP = 8  # warm-up calls allowed beyond --warmup while timings have not
 @dataclass(frozen=True)
 class Spec:
     name: str
-    build: Callable[[], nn.Module]
+    build: Callable[..., nn.Module]  # per_batch: build(batch, device, latency_cache) -> (model, decomposition summary)
     sample: tuple  # one input image (C, H, W)
     base: str | None = None  # the model this one rewrites
     rewrite: str | None = None  # what the rewrite is ("stages", or a decomposition recipe)
+    per_batch: bool = False  # recipe="auto" priced by the latency model at each batch size: built per batch
 
 
 def _torchvision(name: str) -> Callable[[], nn.Module]:
@@ -99,6 +102,23 @@ def _decomposed(base: Callable[[], nn.Module], recipe: str) -> Callable[[], nn.M
     return build
 
 
+def _auto(base: Callable[[], nn.Module], sample: tuple, objective: str) -> Callable:
+    """decompose(recipe="auto", objective=...) of the base model; both objectives are priced by the latency model
+    of the run's device and batch (compiled), so the predicted latency can be set against the measured one."""
+    def build(batch: int, device: str, cache):
+        from fxrf.passes.latency import LatencyModel
+        lm = LatencyModel(device, batch, "compile", cache=cache or "default")
+        t0 = time.perf_counter()
+        result = fxrf.decompose(base().eval(), (1,) + sample, recipe="auto", objective=objective, latency=lm)
+        s = result.summary
+        info = {"objective": objective, "decompose_s": round(time.perf_counter() - t0, 1), "timings_made": lm.calls,
+                "assignment": [list(st.blocks) for st in result.stages if st.blocks], "quality": s["quality"],
+                "compact": s["compact"], "latency_model": {k: v for k, v in s["latency"].items() if k != "sites"},
+                "latency_sites": s["latency"]["sites"]}
+        return result.graph_module, info
+    return build
+
+
 class Pending(Exception):
     """A model that cannot be built yet (its pass is not written): reported as pending, not as a failure."""
 
@@ -114,7 +134,20 @@ SPECS: dict[str, Spec] = {s.name: s for s in [
     *[Spec(f"vgg16-opt/{r}", _decomposed(_vgg16_opt, r), CIFAR, base="vgg16-opt", rewrite=r) for r in RECIPES],
     Spec("resnet50", _torchvision("resnet50"), IMAGENET),
     Spec("mobilenet_v2", _torchvision("mobilenet_v2"), IMAGENET),
+    *[Spec(f"{base}/auto-{obj}", _auto(build, sample, obj), sample, base=base, rewrite=f"auto, objective {obj}",
+           per_batch=True)
+      for base, build, sample in (("vgg16", vgg16_cifar, CIFAR), ("vgg16-opt", _vgg16_opt, CIFAR),
+                                  ("resnet50", _torchvision("resnet50"), IMAGENET),
+                                  ("mobilenet_v2", _torchvision("mobilenet_v2"), IMAGENET))
+      for obj in ("macs", "latency")],
 ]}
+AUTO_BASES = ("vgg16", "vgg16-opt", "resnet50", "mobilenet_v2")
+AUTO = tuple(f"{b}/auto-{o}" for b in AUTO_BASES for o in ("macs", "latency"))
+# latency-aware against MACs-aware and against the model itself, timed in alternation at every batch size
+OBJECTIVE_PAIRS = tuple(p for b in AUTO_BASES for p in ((f"{b}/auto-latency", f"{b}/auto-macs"),
+                                                         (f"{b}/auto-latency", b)))
+NOT_SLOWER = 1.03  # latency-aware "not slower": median ratio at most this (the alternating timings' noise here)
+PREDICTION_TARGET = 0.15  # |predicted / measured - 1| for the latency model's whole-model prediction
 
 
 # ------------------------------------------------------------------------------------------------- measuring
@@ -142,9 +175,10 @@ def measure_model(spec: Spec, model: nn.Module, device: str, batch: int, args, p
     rows = []
     budget = args.budget
     with torch.no_grad():
-        progress(f"{spec.name} {device} b{batch} eager")
-        t = timed_calls(model, x, device, args.warmup, args.iters, args.min_iters, budget)
-        rows.append({"mode": "eager", **stats(t, batch)})
+        if not args.compiled_only:
+            progress(f"{spec.name} {device} b{batch} eager")
+            t = timed_calls(model, x, device, args.warmup, args.iters, args.min_iters, budget)
+            rows.append({"mode": "eager", **stats(t, batch)})
         if args.no_compile:
             return rows, None
         backend = make_backend(log_table=False, inductor=dict(args.inductor), passes=args.passes)
@@ -180,6 +214,196 @@ def paired(fa, fb, x, device: str, pairs: int) -> dict:
 def _load() -> list | None:
     load = load_average()
     return None if load is None else [round(x, 2) for x in load]
+
+
+def _build(spec: Spec, batch, args, doc, progress):
+    """(model on the device, its Cost per image, the decomposition's info or None), or None if it cannot be built."""
+    try:
+        torch.manual_seed(0)
+        info = None
+        if spec.per_batch:
+            progress(f"  {spec.name}: decompose for batch {batch}")
+            model, info = spec.build(batch, args.device, args.latency_cache)
+            progress(f"  {info['assignment']} ({info['timings_made']} block timings made, {info['decompose_s']} s)")
+        else:
+            model = spec.build()
+        model = model.eval()
+        cost = total(fxrf.analyze(model, (1,) + spec.sample).costs)
+        return model.to(args.device), cost, info
+    except Pending as e:
+        print(f"{spec.name}: pending ({e})", file=sys.stderr)
+        doc["pending"].append({"model": spec.name, "why": str(e)})
+    except Exception as e:
+        progress(f"{spec.name}: FAILED to build: {type(e).__name__}: {e}")
+        doc["failed"].append({"model": spec.name, "batch": batch, "why": f"build: {type(e).__name__}: {e}"})
+    return None
+
+
+def _pairs(name, batch, compiled, spec, kept, done, doc, args, progress) -> None:
+    """Time in alternation every pair whose two members are now compiled at this batch (RPW against GPW at the
+    check batch; latency-aware against MACs-aware and against the model at every batch)."""
+    pairs = [p for p in OBJECTIVE_PAIRS if name in p] + ([p for p in PAIRS if name in p] if batch == CHECK_BATCH
+                                                         else [])
+    if not pairs:
+        return
+    kept[(name, batch)] = compiled
+    for a, b in pairs:
+        if (a, b, batch) in done or (a, batch) not in kept or (b, batch) not in kept:
+            continue
+        progress(f"{a} vs {b} b{batch}: {args.pairs} alternating pairs")
+        x = torch.randn((batch,) + spec.sample, device=args.device)
+        q = paired(kept[(a, batch)], kept[(b, batch)], x, args.device, args.pairs)
+        doc["paired"].append({"a": a, "b": b, "device": args.device, "batch": batch, "mode": "compile", **q})
+        done.add((a, b, batch))
+        progress(f"  ratio {q['ratio']:.3f} ({q['a_ms']:.2f} vs {q['b_ms']:.2f} ms)")
+    relevant = OBJECTIVE_PAIRS + (PAIRS if batch == CHECK_BATCH else ())
+    for key in [k for k in kept if k[1] == batch]:  # drop what no pair of this run still needs
+        if not [p for p in relevant if key[0] in p and (p[0], p[1], batch) not in done
+                and all(m in args.names for m in p)]:
+            kept.pop(key)
+
+
+def predictions(results: list) -> list:
+    """The latency model's whole-model prediction against the measured latency, per auto rewrite (compiled):
+    predicted = measured latency of the base model - the sum over the replaced convs of (conv time - block time),
+    each timed alone at its site (passes/latency.py). error = predicted / measured - 1."""
+    by = {(r["model"], r["device"], r["batch"], r["mode"]): r for r in results if "median_ms" in r}
+    out = []
+    for (name, device, batch, mode), r in by.items():
+        lm = r.get("latency_model")
+        spec = SPECS.get(name)
+        base = by.get((spec.base, device, batch, mode)) if spec and spec.base else None
+        if not lm or base is None or mode != lm.get("mode"):
+            continue
+        pred = base["median_ms"] - lm["saved_ms"]
+        out.append({"model": name, "device": device, "batch": batch, "mode": mode, "base_ms": base["median_ms"],
+                    "convs_ms": lm["conv_ms"], "blocks_ms": lm["block_ms"], "predicted_ms": pred,
+                    "measured_ms": r["median_ms"], "error": pred / r["median_ms"] - 1,
+                    "sites_share_of_base": lm["conv_ms"] / base["median_ms"]})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- roofline, RPW
+
+
+ROOFLINE_RECIPES = ("S", "DW+PW") + tuple(f"DW+GPW-g{g}" for g in GROUPS) + tuple(f"DW+RPW-g{g}-o50" for g in GROUPS)
+
+
+def roofline_rows(name: str, device: str, batches: list, cache, progress) -> list:
+    """Per distinct site of `name` (a conv shape) and recipe: MACs, bytes, arithmetic intensity, the bound they
+    imply on this device (`peaks`) and the measured time (the latency model, compiled, the same cache)."""
+    from fxrf.passes.blocks import model_pattern, parse
+    from fxrf.passes.decomposer import eligible_sites
+    from fxrf.passes.latency import LatencyModel, roofline
+    from fxrf.trace import trace
+
+    spec = SPECS[name]
+    model = spec.build().eval()
+    gm = trace(model, (1,) + spec.sample)
+    a = fxrf.analyze(gm, (1,) + spec.sample)
+    pattern = model_pattern(gm)
+    sites, seen = [], set()
+    for site in eligible_sites(gm, a):
+        conv = gm.get_submodule(site.target)
+        key = (conv.in_channels, conv.out_channels, site.in_shape)
+        if key not in seen:
+            seen.add(key)
+            sites.append((site, conv))
+    pk = peaks(device)
+    rows = []
+    for batch in batches:
+        lm = LatencyModel(device, batch, "compile", cache=cache or "default")
+        for site, conv in sites:
+            for recipe in ROOFLINE_RECIPES:
+                r = parse(recipe)
+                if r.inapplicable(conv):
+                    continue
+                shift = r.shift(conv)
+                rl = roofline(r, conv, (batch,) + tuple(site.in_shape[1:]), pk["flops_per_s"], pk["bytes_per_s"],
+                              pattern, shift)
+                t = lm.time(r, conv, site.in_shape, pattern, shift)
+                rows.append({"model": name, "batch": batch, "site": site.node,
+                             "conv": f"{conv.in_channels}->{conv.out_channels} @{site.in_shape[2]}px",
+                             "recipe": recipe, "macs": rl.macs, "bytes": rl.bytes, "intensity": rl.intensity,
+                             "compute_ms": rl.compute_s * 1e3, "memory_ms": rl.memory_s * 1e3, "bound": rl.bound,
+                             "bound_ms": rl.bound_s * 1e3, "measured_ms": t * 1e3,
+                             "measured_over_bound": t / rl.bound_s})
+        progress(f"  roofline b{batch}: {len(rows)} rows ({lm.calls} timings made)")
+    return rows
+
+
+class _Chain(nn.Module):
+    """A producer (grouped pointwise conv + BN + ReLU, the previous block's end) then one DW + GPW block, with the
+    block's channel rotation done one of several ways (`how`), or none."""
+
+    def __init__(self, c: int, groups: int, shift: int, how: str):
+        super().__init__()
+        self.how, self.shift = how, shift
+        self.p = nn.Sequential(nn.Conv2d(c, c, 1, groups=groups), nn.BatchNorm2d(c), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.pw = nn.Sequential(nn.Conv2d(c, c, 1, groups=groups), nn.BatchNorm2d(c), nn.ReLU())
+        self.register_buffer("index", torch.roll(torch.arange(c), -shift))
+
+    def rotate(self, x):
+        if self.how.endswith("roll"):
+            return torch.roll(x, -self.shift, 1)
+        if self.how.endswith("cat"):
+            return torch.cat([x[:, self.shift:], x[:, :self.shift]], 1)
+        if self.how.endswith("gather"):
+            return x.index_select(1, self.index)
+        return x
+
+    def forward(self, x):
+        x = self.p(x)
+        if self.how.startswith("producer-"):  # rotate the producer's output; dw and its BN rotate their channels
+            x = self.rotate(x)
+        x = self.dw(x)
+        if not self.how.startswith("producer-"):
+            x = self.rotate(x)
+        return self.pw(x)
+
+
+RPW_WAYS = ("none", "roll", "cat", "gather", "producer-cat", "producer-gather")
+
+
+def rpw_variants(device: str, batches: list, progress, pk: dict, groups=(2, 8), rounds: int = 15) -> list:
+    """The ways to do the DW+RPW rotation, each compiled (inductor, no graph pass), at the VGG16-opt stage shapes
+    (channels, pixels): a producer + one block, against the same without a rotation ("none", i.e. DW+GPW). The
+    ways of one shape are timed in alternation (`rounds` rounds of one call each, after warm-up), so all see the
+    same machine state; the ratio of minima is what is compared. With them, the roofline floor of an unfused
+    rotation: one read and one write of the activation at the measured copy bandwidth, as a fraction of "none"."""
+    rows = []
+    for batch in batches:
+        for c, px in ((64, 32), (128, 16), (256, 8), (512, 4)):
+            x = torch.randn(batch, c, px, px, device=device)
+            for g in groups:
+                m = c // g
+                shift = max(1, round(0.5 * m))
+                fns = {}
+                for how in RPW_WAYS:
+                    torch.manual_seed(0)
+                    mod = _Chain(c, g, shift, how).eval().to(device)
+                    fn = torch.compile(mod, backend="inductor", dynamic=False)
+                    with torch.no_grad():
+                        ok = torch.allclose(fn(x), mod(x), atol=1e-4, rtol=1e-4)
+                        warm_up(lambda: fn(x), 2, 4, device)
+                    fns[how] = (fn, ok)
+                times = {how: [] for how in RPW_WAYS}
+                with torch.no_grad():
+                    for _ in range(rounds):
+                        for how, (fn, _) in fns.items():
+                            times[how] += time_calls(lambda: fn(x), 1, device=device)
+                best = {how: min(t) for how, t in times.items()}
+                copy_ms = 2 * x.numel() * 4 / pk["bytes_per_s"] * 1e3
+                for how in RPW_WAYS:
+                    rows.append({"batch": batch, "channels": c, "px": px, "groups": g, "shift": shift, "way": how,
+                                 "ms": best[how] * 1e3, "median_ms": statistics.median(times[how]) * 1e3,
+                                 "vs_none": best[how] / best["none"], "matches_eager": fns[how][1],
+                                 "copy_floor_ms": copy_ms,
+                                 "unfused_floor_ratio": (best["none"] * 1e3 + copy_ms) / (best["none"] * 1e3)})
+                progress(f"  rpw b{batch} C{c} {px}px g{g}: " + ", ".join(
+                    f"{r['way']} {r['vs_none']:.2f}" for r in rows[-len(RPW_WAYS):]))
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------ the analysis
@@ -234,6 +458,22 @@ def checks(results: list, device: str = CHECK_DEVICE, mode: str = CHECK_MODE, ba
     return out
 
 
+def objective_checks(results: list, pairs: list) -> list:
+    """Latency-aware auto must be no slower than the model it rewrites and than MACs-aware auto, at every batch
+    size (compiled): the median ratio of alternating timings, at most NOT_SLOWER."""
+    out = []
+    assign = {(r["model"], r["batch"]): r.get("assignment") for r in results if r.get("assignment")}
+    for q in pairs:
+        if (q["a"], q["b"]) not in OBJECTIVE_PAIRS:
+            continue
+        same = assign.get((q["a"], q["batch"])) == assign.get((q["b"], q["batch"])) and (q["b"], q["batch"]) in assign
+        out.append({"check": f"{q['a']} no slower than {q['b']} ({q['device']}, torch.compile, batch {q['batch']})",
+                    "value": round(q["ratio"], 3),
+                    "detail": f"{q['a_ms']:.2f} ms vs {q['b_ms']:.2f} ms, {q['n']} alternating pairs"
+                              + ("; the same assignment" if same else ""), "ok": q["ratio"] <= NOT_SLOWER})
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------- main
 
 
@@ -249,6 +489,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, help="seconds of timed calls per measurement (default 10, --quick 4)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (default 3)")
     p.add_argument("--no-compile", action="store_true", help="eager only")
+    p.add_argument("--compiled-only", action="store_true", help="compiled only (no eager timings)")
     p.add_argument("--pairs", type=int, default=30,
                    help="alternating calls per model when timing DW+RPW against DW+GPW (default 30)")
     p.add_argument("--mode", default=None, help="torch.compile mode (default: none)")
@@ -263,6 +504,12 @@ def main(argv=None) -> int:
     p.add_argument("--plot", metavar="PATH", help="write a plot (PNG) of speedup vs MACs reduction and latencies")
     p.add_argument("--markdown", metavar="PATH", help="also write the tables as Markdown (docs/benchmarks.md)")
     p.add_argument("--from-json", metavar="PATH", help="measure nothing: print (and --markdown/--plot) a saved run")
+    p.add_argument("--roofline", metavar="MODEL", help="per distinct site of MODEL (e.g. vgg16-opt) and recipe: "
+                   "MACs, bytes, arithmetic intensity, the bound on this device and the measured time")
+    p.add_argument("--rpw-variants", action="store_true",
+                   help="time the ways to do the DW+RPW channel rotation against none (compiled)")
+    p.add_argument("--latency-cache", metavar="PATH", help="the latency model's cache file (default: "
+                   "$FXRF_CACHE_DIR, $XDG_CACHE_HOME/fxrf or ~/.cache/fxrf, latency-v1.json)")
     p.add_argument("--list", action="store_true", help="print the model names and exit")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when a target is missed")
     args = p.parse_args(argv)
@@ -287,6 +534,7 @@ def main(argv=None) -> int:
     args.inductor = {"freezing": True} if args.freezing else {}
     args.passes = [] if args.passes.strip().lower() == "none" else [x.strip() for x in args.passes.split(",") if x]
     names = _names(args)
+    args.names = names
     batches = [int(b) for b in args.batch.split(",") if b.strip()]
     if args.device == "cuda":
         if not torch.cuda.is_available():
@@ -306,53 +554,45 @@ def main(argv=None) -> int:
     m = doc["machine"]
     progress(f"{m.get('cpu_model')} x{m['cpu_count']} ({m['torch_threads']} torch threads), torch {m['torch']}"
              + (f", {m['gpu']}" if "gpu" in m else "") + f"; {len(names)} models x batch {batches}")
-    kept: dict = {}  # compiled pair members waiting for their partner
+    kept: dict = {}  # (name, batch) -> compiled model, while a pair it belongs to is still to be timed
+    done_pairs: set = set()
     torch._dynamo.reset()
     for i, name in enumerate(names):
         spec = SPECS[name]
         progress(f"({i + 1}/{len(names)}) building {name}")
-        try:
-            torch.manual_seed(0)
-            model = spec.build().eval()
-            a = fxrf.analyze(model, (1,) + spec.sample)
-            cost = total(a.costs)
-            model = model.to(args.device)
-        except Pending as e:
-            print(f"{name}: pending ({e})", file=sys.stderr)
-            doc["pending"].append({"model": name, "why": str(e)})
-            continue
-        except Exception as e:
-            progress(f"{name}: FAILED to build: {type(e).__name__}: {e}")
-            doc["failed"].append({"model": name, "why": f"build: {type(e).__name__}: {e}"})
-            continue
-        for batch in batches:
-            try:
-                rows, compiled = measure_model(spec, model, args.device, batch, args, progress)
-            except Exception as e:
-                progress(f"{name} b{batch}: FAILED: {type(e).__name__}: {e}")
-                doc["failed"].append({"model": name, "batch": batch, "why": f"{type(e).__name__}: {e}"})
+        for batch in (batches if spec.per_batch else [None]):
+            built = _build(spec, batch, args, doc, progress)
+            if built is None:
                 continue
-            if compiled is not None and batch == CHECK_BATCH and any(name in q for q in PAIRS):
-                kept[name] = compiled
-                for a, b in PAIRS:
-                    if a in kept and b in kept:
-                        progress(f"{a} vs {b} b{batch}: {args.pairs} alternating pairs")
-                        x = torch.randn((batch,) + spec.sample, device=args.device)
-                        q = paired(kept.pop(a), kept.pop(b), x, args.device, args.pairs)
-                        doc["paired"].append({"a": a, "b": b, "device": args.device, "batch": batch,
-                                              "mode": "compile", **q})
-                        progress(f"  ratio {q['ratio']:.3f} ({q['a_ms']:.2f} vs {q['b_ms']:.2f} ms)")
-            for r in rows:
-                doc["results"].append({"model": name, "device": args.device, "batch": batch, "params": cost.params,
-                                       "macs": cost.macs, **r})
-                progress(f"  {name} b{batch} {r['mode']}: {r['median_ms']:.2f} ms "
-                         f"[{r['p10_ms']:.2f}-{r['p90_ms']:.2f}], {r['throughput']:.0f} img/s"
-                         + (f", compiled in {r['compile_s']} s" if "compile_s" in r else ""))
-            _finish(doc, args)
-        del model
-        gc.collect()
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
+            model, cost, info = built
+            for b in ([batch] if spec.per_batch else batches):
+                try:
+                    rows, compiled = measure_model(spec, model, args.device, b, args, progress)
+                except Exception as e:
+                    progress(f"{name} b{b}: FAILED: {type(e).__name__}: {e}")
+                    doc["failed"].append({"model": name, "batch": b, "why": f"{type(e).__name__}: {e}"})
+                    continue
+                for r in rows:
+                    doc["results"].append({"model": name, "device": args.device, "batch": b, "params": cost.params,
+                                           "macs": cost.macs, **r, **(info or {})})
+                    progress(f"  {name} b{b} {r['mode']}: {r['median_ms']:.2f} ms "
+                             f"[{r['p10_ms']:.2f}-{r['p90_ms']:.2f}], {r['throughput']:.0f} img/s"
+                             + (f", compiled in {r['compile_s']} s" if "compile_s" in r else ""))
+                if compiled is not None:
+                    _pairs(name, b, compiled, spec, kept, done_pairs, doc, args, progress)
+                _finish(doc, args)
+            del model
+            gc.collect()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    if args.roofline:
+        progress(f"roofline of {args.roofline}'s sites")
+        doc["peaks"] = peaks(args.device)
+        doc["roofline"] = roofline_rows(args.roofline, args.device, batches, args.latency_cache, progress)
+        _finish(doc, args)
+    if args.rpw_variants:
+        doc["rpw_variants"] = rpw_variants(args.device, batches, progress, doc.get("peaks") or peaks(args.device))
+        _finish(doc, args)
     doc["load_average_end"] = _load()
     _finish(doc, args)
     _report(doc, args)
@@ -374,7 +614,8 @@ def _report(doc: dict, args) -> None:
 def _finish(doc: dict, args) -> None:
     doc["rewrites"] = rewrites(doc["results"])
     doc["checks"] = checks(doc["results"], device=CHECK_DEVICE if args.device == "cpu" else args.device,
-                           pairs=doc["paired"])
+                           pairs=doc["paired"]) + objective_checks(doc["results"], doc["paired"])
+    doc["predictions"] = predictions(doc["results"])
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

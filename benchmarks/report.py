@@ -53,6 +53,8 @@ def print_tables(doc: dict, target: tuple, out=sys.stdout) -> None:
             print(f"{q['a']} / {q['b']} ({q['device']}, batch {q['batch']}, {q['n']} pairs): "
                   f"{q['a_ms']:.2f} / {q['b_ms']:.2f} ms = {q['ratio']:.3f} (ratio of minima {q['ratio_of_mins']:.3f})",
                   file=out)
+    for line in extra_text(doc):
+        print(line, file=out)
     if doc["pending"]:
         print("\n## pending", file=out)
         for p in doc["pending"]:
@@ -110,13 +112,15 @@ def markdown(doc: dict) -> str:
                          f"| {r['macs_reduction']:.2f}x | {r['speedup']:.2f}x | {r['realized']:.2f} |")
         lines.append("")
     if doc.get("paired"):
-        lines += ["#### DW+RPW against DW+GPW, timed in alternation (compiled)", "",
+        lines += ["#### Timed in alternation (compiled): DW+RPW against DW+GPW, latency-aware auto against the others",
+                  "",
                   "| a | b | device | batch | pairs | a ms | b ms | a / b | ratio of minima |",
                   "|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for q in doc["paired"]:
             lines.append(f"| {q['a']} | {q['b']} | {q['device']} | {q['batch']} | {q['n']} | {q['a_ms']:.2f} "
                          f"| {q['b_ms']:.2f} | {q['ratio']:.3f} | {q['ratio_of_mins']:.3f} |")
         lines.append("")
+    lines += extra_markdown(doc)
     for p in doc["pending"]:
         lines.append(f"- {p['model']}: pending ({p['why']})")
     for f in doc["failed"]:
@@ -204,3 +208,79 @@ def plot(doc: dict, path: str, target: tuple) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------- auto objectives, predictions, roofline, RPW
+
+
+def _auto_rows(doc) -> list:
+    seen, out = set(), []
+    for r in doc["results"]:
+        if r.get("assignment") is not None and (r["model"], r["batch"]) not in seen:
+            seen.add((r["model"], r["batch"]))
+            out.append(r)
+    return out
+
+
+def _tables(doc) -> list:
+    """(title, header, rows) of the objective, prediction, roofline and RPW sections present in the run."""
+    out = []
+    auto = _auto_rows(doc)
+    if auto:
+        out.append(("recipe=\"auto\": what each objective chose (stage by stage; S: kept), priced by the latency "
+                    "model (compiled, this device and batch)",
+                    ["model", "batch", "MACs/img", "assignment (stages separated by /)", "sum conv ms", "sum block ms", "timings made",
+                     "quality"],
+                    [[r["model"], r["batch"], _si(r["macs"]), " / ".join(" ".join(b) for b in r["assignment"]),
+                      f"{r['latency_model']['conv_ms']:.2f}", f"{r['latency_model']['block_ms']:.2f}",
+                      r["timings_made"], r["quality"]] for r in auto]))
+    if doc.get("predictions"):
+        out.append(("latency model against the measured model: predicted = measured(base) - sum over the replaced "
+                    "convs of (conv time - block time), each timed alone at its site; error = predicted / measured "
+                    "- 1",
+                    ["model", "batch", "mode", "base ms", "convs ms", "blocks ms", "predicted ms", "measured ms",
+                     "error", "sites / base"],
+                    [[q["model"], q["batch"], q["mode"], f"{q['base_ms']:.2f}", f"{q['convs_ms']:.2f}",
+                      f"{q['blocks_ms']:.2f}", f"{q['predicted_ms']:.2f}", f"{q['measured_ms']:.2f}",
+                      f"{q['error']:+.1%}", f"{q['sites_share_of_base']:.2f}"] for q in doc["predictions"]]))
+    if doc.get("roofline"):
+        pk = doc.get("peaks") or {}
+        out.append((f"roofline per site and block (compiled; peaks measured here: "
+                    f"{pk.get('flops_per_s', 0) / 1e9:.1f} GFLOP/s fp32 matmul {pk.get('matmul_n')}, "
+                    f"{pk.get('bytes_per_s', 0) / 1e9:.1f} GB/s copy of {pk.get('copy_mib')} MiB; bytes: every conv "
+                    f"and copy reads its input and weights and writes its output once, norms/activations fused)",
+                    ["batch", "site", "block", "MACs", "MB", "FLOP/B", "compute ms", "memory ms", "bound",
+                     "measured ms", "measured / bound"],
+                    [[q["batch"], q["conv"], q["recipe"], _si(q["macs"]), f"{q['bytes'] / 1e6:.2f}",
+                      f"{q['intensity']:.1f}", f"{q['compute_ms']:.3f}", f"{q['memory_ms']:.3f}", q["bound"],
+                      f"{q['measured_ms']:.3f}", f"{q['measured_over_bound']:.1f}"] for q in doc["roofline"]]))
+    if doc.get("rpw_variants"):
+        out.append(("DW+RPW rotation, each way compiled alone: a producer (grouped 1x1 + BN + ReLU) and one DW + "
+                    "grouped-PW block, the ways of one shape timed in alternation; ms = minimum; vs none = ms / ms "
+                    "without rotation (DW+GPW); unfused floor = (none + one read and one write of the activation at "
+                    "the copy bandwidth) / none",
+                    ["batch", "channels", "px", "G", "shift", "way", "ms", "median ms", "vs none", "unfused floor",
+                     "= eager"],
+                    [[q["batch"], q["channels"], q["px"], q["groups"], q["shift"], q["way"], f"{q['ms']:.3f}",
+                      f"{q.get('median_ms', q['ms']):.3f}",
+                      f"{q['vs_none']:.3f}", f"{q['unfused_floor_ratio']:.3f}", q["matches_eager"]]
+                     for q in doc["rpw_variants"]]))
+    return out
+
+
+def extra_text(doc) -> list:
+    lines = []
+    for title, header, rows in _tables(doc):
+        cells = [[str(c) for c in r] for r in [header] + rows]
+        w = [max(len(r[i]) for r in cells) for i in range(len(header))]
+        lines += ["", f"## {title}"] + ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in cells]
+    return lines
+
+
+def extra_markdown(doc) -> list:
+    lines = []
+    for title, header, rows in _tables(doc):
+        lines += [f"#### {title[0].upper() + title[1:]}", "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows] + [""]
+    return lines

@@ -1,0 +1,359 @@
+"""A latency model for the decomposer: each candidate block timed at the exact shapes of each site, on the target
+device, cached on disk.
+
+MACs are the wrong proxy for latency wherever memory traffic or kernel launches dominate (depthwise and grouped
+convs, small maps, GPUs), and what a rewrite buys changes from one machine to the next. So, as FBNet's and
+ProxylessNAS's latency tables do, each candidate is priced by running it: a site is one standard conv of the model
+followed by the model's own norm and activation (which stay after the block that replaces the conv, and which
+inductor fuses into the conv's epilogue); the candidate is the same with the conv replaced by a catalog block
+(`blocks.build`, its intermediate norms and activations included, the DW+RPW rotation as the decomposer emits it).
+Both run alone on a random input of shape (batch, C, H, W), eager or under `torch.compile` (inductor, after the
+backend's `roll_as_cat` graph pass, as `fxrf.compile` deploys), on the CPU (the threads torch uses) or CUDA.
+
+Figures are cached in one JSON file (`cache_path()`: $FXRF_CACHE_DIR, else $XDG_CACHE_HOME/fxrf, else
+~/.cache/fxrf), keyed by the device (CPU model, ISA level and torch threads, or the CUDA device's name and
+capability), the torch version, the mode, the batch, the block (recipe and rotation), the conv's signature, the
+input shape and the model's norm/activation kinds: a second run with the same keys times nothing.
+
+The timer is injectable: `timer(module, x, probe) -> seconds`, `probe` a `Probe` naming what is timed (tests pass a
+fake one; the default runs the module: warm-up, then the median of timed calls).
+
+    >>> import torch.nn as nn
+    >>> fake = lambda module, x, probe: 1e-3 if probe.recipe == "S" else 4e-4
+    >>> lm = LatencyModel("cpu", batch=8, cache=None, timer=fake)
+    >>> conv = nn.Conv2d(64, 64, 3, padding=1)
+    >>> lm.time("S", conv, (1, 64, 16, 16)), lm.time("DW+PW", conv, (1, 64, 16, 16)), lm.calls
+    (0.001, 0.0004, 2)
+    >>> lm.time("DW+PW", conv, (1, 64, 16, 16)), lm.calls        # the same key: no second timing
+    (0.0004, 2)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fxrf.errors import InputError
+
+from .blocks import Pattern, Recipe, build, emit, parse, signature
+
+MODES = ("eager", "compile")
+CACHE_FILE = "latency-v1.json"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What one timing measures: a block (recipe "S": the conv itself) at one site, on one device and mode."""
+
+    recipe: str
+    shift: int  # DW+RPW: the channel rotation inside the block (0: none)
+    conv: tuple  # blocks.signature of the conv it replaces
+    in_shape: tuple  # the input, batch included
+    pattern: tuple  # the model's norm/activation kinds (blocks.Pattern.signature)
+    mode: str  # "eager" | "compile"
+    device: str  # device key (see device_key)
+
+    def key(self, torch_version: str = torch.__version__) -> str:
+        return json.dumps([self.device, torch_version, self.mode, self.recipe, self.shift, list(self.conv),
+                           list(self.in_shape), list(self.pattern)], default=str)
+
+
+Timer = Callable[[Callable, torch.Tensor, Probe], float]
+
+
+def cache_dir() -> Path:
+    """Where latency figures are kept: $FXRF_CACHE_DIR, else $XDG_CACHE_HOME/fxrf, else ~/.cache/fxrf."""
+    if os.environ.get("FXRF_CACHE_DIR"):
+        return Path(os.environ["FXRF_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fxrf"
+
+
+def cache_path() -> Path:
+    return cache_dir() / CACHE_FILE
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def device_key(device: str = "cpu", threads: int | None = None) -> str:
+    """The device a figure is valid for: 'cpu:<model>:<ISA level>:t<threads>' or 'cuda:<name>:sm<major><minor>'."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        p = torch.cuda.get_device_properties(dev)
+        return f"cuda:{p.name}:sm{p.major}{p.minor}"
+    if dev.type != "cpu":
+        raise InputError(f"latency: device {device!r} is not supported; use 'cpu' or 'cuda'")
+    try:
+        isa = torch.backends.cpu.get_cpu_capability()
+    except Exception:
+        isa = "?"
+    return f"cpu:{_cpu_model()}:{isa}:t{threads or torch.get_num_threads()}"
+
+
+# ------------------------------------------------------------------------------------------------- the module
+
+
+def site_module(recipe: Recipe | str, conv: nn.Conv2d, pattern: Pattern = Pattern(), shift: int = 0,
+                device: str = "cpu") -> fx.GraphModule:
+    """The block replacing `conv` (recipe "S": the conv), then the model's norm and activation, as one eval-mode
+    GraphModule with fresh weights on `device` (timing does not depend on the values)."""
+    recipe = parse(recipe)
+    real = nn.Conv2d(*_conv_args(signature(conv)), device=device)
+    root = nn.Module()
+    block, program = build(recipe, real, pattern, shift)
+    root.add_module("block", block)
+    graph = fx.Graph()
+    x = emit(graph, "block", program, graph.placeholder("x"))[-1]
+    for name, layer in (("norm", pattern.make_norm(real.out_channels, real.weight)),
+                        ("act", pattern.make_act(real.out_channels))):
+        if layer is not None:
+            root.add_module(name, layer.to(device))
+            x = graph.create_node("call_module", name, (x,), {}, name=name)
+    graph.output(x)
+    return fx.GraphModule(root, graph).eval()
+
+
+def _conv_args(sig) -> tuple:
+    cin, cout, k, s, p, d, bias, mode = sig
+    return cin, cout, k, s, p, d, 1, bias, mode
+
+
+def compiled(gm: fx.GraphModule, x: torch.Tensor) -> Callable:
+    """`gm` as fxrf.compile deploys it: the backend's roll_as_cat graph pass, then inductor (dynamic=False); built
+    on the first call, so a timer that never calls it (a fake one) costs no compile."""
+    fn = None
+
+    def call(inp):
+        nonlocal fn
+        if fn is None:
+            from .graph_passes import roll_as_cat
+            fn = torch.compile(roll_as_cat(gm, [x]), backend="inductor", dynamic=False)
+        return fn(inp)
+    return call
+
+
+def default_timer(iters: int = 20, warmup: int = 2, budget_s: float = 0.5, stat: str = "min") -> Timer:
+    """A timer running the module: `warmup` calls (more, up to 4, until two agree within 25%), then up to `iters`
+    timed calls or `budget_s` seconds (3 at least); their minimum (stat="min") or median, in seconds. CUDA:
+    events, synchronised. The minimum by default: on a shared machine other processes only ever add time to a
+    call, so the least disturbed call is the best estimate of the block's own cost (and needs few calls)."""
+    pick = {"min": min, "median": statistics.median}[stat]
+
+    def timer(fn: Callable, x: torch.Tensor, probe: Probe) -> float:
+        cuda = x.is_cuda
+        with torch.no_grad():
+            last: list = []
+            for i in range(warmup + 4):
+                t0 = time.perf_counter()
+                fn(x)
+                if cuda:
+                    torch.cuda.synchronize()
+                last.append(time.perf_counter() - t0)
+                if i + 1 >= warmup and max(last[-2:]) <= 1.25 * min(last[-2:]):
+                    break
+            times, start = [], time.perf_counter()
+            for i in range(iters):
+                if cuda:
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    fn(x)
+                    b.record()
+                    b.synchronize()
+                    times.append(a.elapsed_time(b) / 1e3)
+                else:
+                    t0 = time.perf_counter()
+                    fn(x)
+                    times.append(time.perf_counter() - t0)
+                if i + 1 >= 3 and time.perf_counter() - start > budget_s:
+                    break
+        return pick(times)
+    return timer
+
+
+# ------------------------------------------------------------------------------------------------- the model
+
+
+class LatencyModel:
+    """Seconds per call of each block at each site, on one device, at one batch size, eager or compiled; cached.
+
+    device: "cpu" or "cuda[:n]". batch: the batch size the figures are for. mode: "compile" (torch.compile with
+    inductor, how fxrf.compile deploys) or "eager". threads: the CPU threads (None: torch's current setting; set
+    it with torch.set_num_threads before timing). cache: a JSON file path, "default" (cache_path()), or None (in
+    memory only). timer: timer(module, x, probe) -> seconds (default: default_timer()). `calls` counts the timings
+    actually made (cache misses).
+    """
+
+    def __init__(self, device: str = "cpu", batch: int = 1, mode: str = "compile", *, threads: int | None = None,
+                 cache: str | os.PathLike | None = "default", timer: Timer | None = None):
+        if mode not in MODES:
+            raise InputError(f"latency: mode {mode!r} is unknown; use {' or '.join(MODES)}")
+        if int(batch) < 1:
+            raise InputError(f"latency: batch {batch!r} must be >= 1")
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"latency: device {device!r} requested but no CUDA device is visible; use --device cpu")
+        self.device, self.batch, self.mode = str(device), int(batch), mode
+        self.key = device_key(device, threads)
+        self.path = None if cache is None else Path(cache_path() if cache == "default" else cache)
+        self.timer = timer or default_timer()
+        self.calls = 0
+        self._figures: dict | None = None
+
+    def __repr__(self) -> str:
+        return f"LatencyModel({self.key!r}, batch={self.batch}, mode={self.mode!r})"
+
+    def probe(self, recipe: Recipe | str, conv: nn.Conv2d, in_shape: tuple, pattern: Pattern = Pattern(),
+              shift: int = 0) -> Probe:
+        recipe = parse(recipe)
+        return Probe(recipe.name, int(shift) if recipe.kind.rotates else 0, signature(conv),
+                     (self.batch,) + tuple(in_shape[1:]), pattern.signature, self.mode, self.key)
+
+    def time(self, recipe: Recipe | str, conv: nn.Conv2d, in_shape: tuple, pattern: Pattern = Pattern(),
+             shift: int = 0) -> float:
+        """Seconds per call of `recipe` replacing `conv` (followed by the model's norm and activation) on an input
+        of `in_shape` (its batch replaced by this model's batch); measured once per key, then read back."""
+        probe = self.probe(recipe, conv, in_shape, pattern, shift)
+        key = probe.key()
+        figures = self._load()
+        if key not in figures:
+            figures[key] = float(self._measure(parse(recipe), conv, pattern, probe))
+            self.calls += 1
+            self._save(key, figures[key])
+        return figures[key]
+
+    def _measure(self, recipe: Recipe, conv: nn.Conv2d, pattern: Pattern, probe: Probe) -> float:
+        gm = site_module(recipe, conv, pattern, probe.shift, self.device)
+        x = torch.randn(probe.in_shape, device=self.device)
+        fn = compiled(gm, x) if self.mode == "compile" else gm
+        t = self.timer(fn, x, probe)
+        if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
+            raise InputError(f"latency: the timer returned {t!r} for {probe.recipe} at {probe.in_shape}; "
+                             f"it must return seconds (a finite number >= 0)")
+        return t
+
+    # ------------------------------------------------------------------------------------------------- the cache
+
+    def _load(self) -> dict:
+        if self._figures is None:
+            self._figures = _read(self.path) if self.path is not None else {}
+        return self._figures
+
+    def _save(self, key: str, value: float) -> None:
+        if self.path is None:
+            return
+        on_disk = _read(self.path)  # another process may have added figures since we read the file
+        on_disk[key] = value
+        self._figures.update(on_disk)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".latency-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(on_disk, f, indent=0, sort_keys=True)
+        os.replace(tmp, self.path)  # atomic: a reader sees the old file or the new one
+
+
+def _read(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # no cache yet, or a damaged one: measure again
+
+
+# ------------------------------------------------------------------------------------------------- roofline
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """A block's arithmetic against its memory traffic, and the time either one alone implies on a device."""
+
+    recipe: str
+    macs: int  # multiply-accumulates per call (batch included)
+    bytes: int  # bytes moved per call if every fusable op is fused: each conv and each copy reads its input and
+    #             weights and writes its output once; norms and activations ride in the conv's epilogue
+    intensity: float  # FLOPs (2 per MAC) per byte
+    compute_s: float  # 2 * macs / peak FLOP/s
+    memory_s: float  # bytes / bandwidth
+    bound: str  # "compute" or "memory": the larger of the two
+
+    @property
+    def bound_s(self) -> float:
+        return max(self.compute_s, self.memory_s)
+
+
+def roofline(recipe: Recipe | str, conv: nn.Conv2d, in_shape: tuple, flops_per_s: float, bytes_per_s: float,
+             pattern: Pattern = Pattern(), shift: int = 0) -> Roofline:
+    """MACs and bytes of the site module (`site_module`) at `in_shape` (batch included), read from its traced
+    graph (shapes from fxrf.trace, MACs from fxrf.cost), against a device's peak FLOP/s and bandwidth (`peaks`)."""
+    from fxrf.cost import model_cost, total
+    from fxrf.trace import trace
+
+    recipe = parse(recipe)
+    gm = site_module(recipe, _meta_like(conv), pattern, shift, "meta")
+    trace(gm, tuple(in_shape))
+    macs = total(model_cost(gm)).macs
+    modules = dict(gm.named_modules())
+    moved = 0
+    for node in gm.graph.nodes:
+        mod = modules.get(node.target) if node.op == "call_module" else None
+        copies = node.op == "call_function" or isinstance(mod, nn.ChannelShuffle)
+        if not (isinstance(mod, nn.Conv2d) or copies):
+            continue
+        src, out = node.args[0].meta["tensor_meta"], node.meta["tensor_meta"]
+        nbytes = (math.prod(src.shape) + math.prod(out.shape)) * 4
+        if isinstance(mod, nn.Conv2d):
+            nbytes += sum(p.numel() * 4 for p in mod.parameters())
+        moved += nbytes
+    intensity = 2 * macs / moved if moved else math.inf
+    cs, ms = 2 * macs / flops_per_s, moved / bytes_per_s
+    return Roofline(recipe.name, macs, moved, intensity, cs, ms, "compute" if cs >= ms else "memory")
+
+
+def _meta_like(conv: nn.Conv2d) -> nn.Conv2d:
+    return nn.Conv2d(*_conv_args(signature(conv)), device="meta")
+
+
+def peaks(device: str = "cpu", size_mib: int = 64, n: int = 1024, repeats: int = 5) -> dict:
+    """Measured peaks of the device as torch reaches them: bandwidth of a large copy (bytes read + written per
+    second) and FLOP/s of an n x n fp32 matmul; the best of `repeats`. Not cached (a second or two)."""
+    numel = size_mib * 2**20 // 4
+    a = torch.empty(numel, device=device).uniform_()
+    b = torch.empty_like(a)
+    m1, m2 = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+
+    def best(fn) -> float:
+        fn()
+        out = math.inf
+        for _ in range(repeats):
+            if a.is_cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if a.is_cuda:
+                torch.cuda.synchronize()
+            out = min(out, time.perf_counter() - t0)
+        return out
+
+    copy_s = best(lambda: b.copy_(a))
+    mm_s = best(lambda: torch.mm(m1, m2))
+    return {"bytes_per_s": 2 * numel * 4 / copy_s, "flops_per_s": 2 * n ** 3 / mm_s, "copy_mib": size_mib,
+            "matmul_n": n}
