@@ -9,16 +9,20 @@ Three steps, each linear in the number of nodes and independent of the input res
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import operator
 import math
+import numbers
 from dataclasses import dataclass, field as dc_field
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from . import field as F_
-from .errors import AnalysisError, FxrfError, UnsupportedOpError
+from .errors import AnalysisError, FxrfError, InputError, UnsupportedOpError
 from .field import Field
 from .metric import DEFAULT_ALPHA, gain as gain_of, volume as volume_of
 from .naming import describe, op_name
@@ -81,6 +85,10 @@ class NodeRecord:
     field: Field | None = dc_field(repr=False, compare=False, default=None)  # exact per-channel sets (stage)
     input_field: Field | None = dc_field(repr=False, compare=False, default=None)
     path: str | None = None  # the module path the node belongs to (`layer1.0.conv1`), as state_dict keys spell it
+    # The 3DRF through the local path: squeeze-excite gates and other global context (1x1 maps and vectors
+    # computed from the whole stage) see nothing. Equal to `rf` where no gate is upstream (docs/concepts.md).
+    local_rf: RF | None = None
+    local_gain: float | None = None  # the gain computed from local_rf
 
 
 @dataclass
@@ -93,6 +101,7 @@ class Analysis:
     records: list  # NodeRecord in graph order, tensor-valued nodes only
     unsupported: list  # (node name, target, reason)
     spatial_cap: bool = True  # False: spatial extents (and so volumes and gains) are not capped at w_0
+    warnings: list = dc_field(default_factory=list)  # one line each, e.g. a gain 0 that rests on a gate
 
     def record(self, name: str) -> NodeRecord:
         """The record of a node, by its fx node name (`layer1_0_conv1`) or by module path (`layer1.0.conv1`: the
@@ -103,6 +112,11 @@ class Analysis:
                            f"{', '.join(r.name for r in self.records[:8])}, ...; modules: "
                            f"{', '.join(p for p in list(self._by_path)[:8])}, ...")
         return r
+
+    @property
+    def capture(self) -> str:
+        """How the graph was captured: "fx" (torch.fx.symbolic_trace) or "export" (torch.export)."""
+        return self.graph_module.meta.get("fxrf_capture", "fx")
 
     def get(self, name: str) -> NodeRecord | None:
         """`record(name)`, or None when there is no such node or module."""
@@ -144,8 +158,12 @@ class Analysis:
 
 def analyze(model: nn.Module, example_input: InputSpec, *, alpha: float = DEFAULT_ALPHA, strict: bool = False,
             concrete_args: dict | None = None, leaf_modules=(), spatial_cap: bool = True,
-            rules: OpTable | None = None) -> Analysis:
+            rules: OpTable | None = None, capture: str = "auto") -> Analysis:
     """Trace `model` (unless it is a GraphModule already) and annotate every node with its 3DRF.
+
+    capture: how to get the graph, "auto" (torch.fx, then torch.export if fx cannot), "fx" or "export" (see
+    `fxrf.trace`); `Analysis.capture` says which was used. rules: an op table to use instead of the default
+    (`fxrf.DEFAULT_OPS + mine` to override some ops for this call only).
 
     spatial_cap: True (default) reports the poster's 3DRF^w_k = min(3DRF^w_{k-1} + w_k - 1, w_0), measured
     exactly at the centre neuron (what autograd checks); False reports the uncapped extent of the stack
@@ -163,8 +181,9 @@ def analyze(model: nn.Module, example_input: InputSpec, *, alpha: float = DEFAUL
     >>> [r.rf.height for r in a.convs()]   # 3, 5, 7 on a 4x4 map (capped: 3, 4, 4)
     [3, 5, 7]
     """
+    check_number("alpha", alpha)
     gm, shapes, modules = trace_with_values(model, example_input, concrete_args=concrete_args,
-                                            leaf_modules=leaf_modules, rules=rules)
+                                            leaf_modules=leaf_modules, rules=rules, capture=capture)
     inputs = _as_shapes(example_input)
     walker = _Walker(gm, shapes, inputs, modules, alpha, strict, rules)
     walker.spatial_cap = spatial_cap
@@ -179,6 +198,7 @@ def analyze_graph(gm: fx.GraphModule, example_inputs, *, constant_inputs=(), alp
     Placeholders at the positions in `constant_inputs` hold parameters or buffers (as torch.compile lifts them
     into graph inputs) and are treated like `get_attr` constants: they see nothing of the model input.
     """
+    check_number("alpha", alpha)
     constant_inputs = set(constant_inputs)
     metas = [TMeta(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor)
              else t if isinstance(t, (int, float, torch.SymInt)) else _as_shapes(t)[0]  # sizes pass as values
@@ -200,6 +220,21 @@ def analyze_graph(gm: fx.GraphModule, example_inputs, *, constant_inputs=(), alp
     return walker.run(name or type(gm).__name__)
 
 
+def check_number(name: str, value, *, minimum: float | None = 0.0) -> float:
+    """A finite real number (not a bool or a string), at least `minimum` (None: any sign): InputError otherwise.
+
+    >>> check_number("alpha", 3)
+    3.0
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputError(f"{name} must be a number, got {type(value).__name__} {value!r}: pass e.g. {name}=3.0")
+    value = float(value)
+    if not math.isfinite(value) or (minimum is not None and value < minimum):
+        raise InputError(f"{name} must be a finite number" + ("" if minimum is None else f" >= {minimum:g}")
+                         + f", got {value!r}")
+    return value
+
+
 class _Walker:
     def __init__(self, gm, shapes, inputs, modules, alpha, strict, rules: OpTable | None = None):
         self.gm, self.shapes, self.alpha, self.strict = gm, shapes, alpha, strict
@@ -214,6 +249,8 @@ class _Walker:
         self.spatial_cap = True  # False: extents are not capped at the reference size (analyze's spatial_cap)
         self.unsupported: list = []
         self._declined: dict = {}
+        self._subs: dict = {}  # node -> {input node: the in-place node whose result it reads instead}
+        self.warnings: list = []
 
     # -- step 1 and 3: the rules ------------------------------------------------------------------------------
 
@@ -227,8 +264,12 @@ class _Walker:
     def _apply(self, node, mod, op, env, stage_of=None, stage=None):
         """Fields of `node`'s output from its inputs' fields in `env` (inputs of other stages see nothing)."""
 
+        subs = self._subs.get(node)
+
         def wrap(n):
             v = self.shapes[n]
+            if subs is not None:  # an input mutated in place earlier: read its latest version
+                n = subs.get(n, n)
             f = env.get(n)
             if stage_of is not None and stage_of.get(n) != stage:
                 f = _nothing(f)
@@ -245,6 +286,9 @@ class _Walker:
                 return tuple(T(x.shape, y) if isinstance(x, TMeta) else x for x, y in zip(v, fs))
             return v
 
+        back = self._round_trip(node, op)
+        if back is not None:  # a flatten/view undone by the next view: the field of what was flattened, exactly
+            return wrap(back).field
         args = fx.node.map_arg(node.args, wrap)
         kwargs = fx.node.map_arg(node.kwargs, wrap)
         ctx = Call(node, mod, args, kwargs, self.shapes[node], self.dims)
@@ -256,9 +300,25 @@ class _Walker:
             return self._conservative(ctx, str(e))
         except FxrfError:
             raise
-        except Exception as e:
-            raise AnalysisError(f"the receptive-field rule of op {op.name!r} failed on {describe(self.gm, node)}: "
-                                f"{type(e).__name__}: {e}") from e
+        except Exception as e:  # a rule that cannot handle this call: conservative here, an error under strict
+            if self.strict:
+                raise AnalysisError(f"the receptive-field rule of op {op.name!r} failed on "
+                                    f"{describe(self.gm, node)}: {type(e).__name__}: {e}") from e
+            return self._conservative(ctx, f"the {op.name!r} rule failed: {type(e).__name__}: {e}")
+
+    def _round_trip(self, node, op):
+        """The node x when `node` reshapes a reshape of x back to x's shape (flatten then view back)."""
+        if op is None or op.name not in _RESHAPES or not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        mid = node.args[0]
+        if mid.op not in ("call_module", "call_function", "call_method") or not mid.args or len(mid.users) != 1:
+            return None
+        mop = self._ctx_and_rule(mid)[1]
+        src = mid.args[0]
+        if mop is None or mop.name not in _RESHAPES or not isinstance(src, fx.Node):
+            return None
+        a, b = self.shapes.get(src), self.shapes.get(node)
+        return src if isinstance(a, TMeta) and isinstance(b, TMeta) and tuple(a.shape) == tuple(b.shape) else None
 
     def _conservative(self, ctx: Call, reason: str):
         node = ctx.node
@@ -290,24 +350,28 @@ class _Walker:
     def run(self, model_name: str) -> Analysis:
         gm = self.gm
         nodes = [n for n in gm.graph.nodes if n.op not in ("output",)]
+        self._subs = inplace_versions(nodes, self.shapes, self.modules)
         inp_env: dict = {}
         offset = 0
-        placeholders = [self.shapes[n] for n in nodes if n.op == "placeholder" and isinstance(self.shapes[n], TMeta)
-                        and n.name not in self.constant_names]
-        words = F_.words_for(sum(math.prod(_channel_shape(v.shape, default_sp(v.shape, self.dims)))
-                                 for v in placeholders))
+        refs = [n for n in nodes if n.op == "placeholder" and isinstance(self.shapes[n], TMeta)
+                and n.name not in self.constant_names]
+        layouts = {n: _input_sp(n, self.shapes[n].shape, self.dims) for n in refs}
+        words = F_.words_for(sum(math.prod(_channel_shape(self.shapes[n].shape, layouts[n])) for n in refs))
+        self._input_caps = []  # (first channel, end channel, map size) of each model input, for input_rf's cap
         for node in nodes:  # step 1: fields referenced to the model input
             v = self.shapes[node]
-            if node.op == "placeholder":
-                if isinstance(v, TMeta) and node.name not in self.constant_names:
-                    f = _reference(v.shape, self.dims, offset, words=words)  # hull: the classic RF (Araujo 2019)
+            with self._naming(node):
+                if node in layouts:
+                    f = _reference(v.shape, self.dims, offset, words=words, sp=layouts[node])  # hull: classic RF
+                    self._input_caps.append((offset, offset + f.channels, map_size(f, v.shape)))
                     offset += f.channels
                     inp_env[node] = f
-            elif node.op in ("call_module", "call_function", "call_method") and _is_tensorish(v):
-                mod, rule = self._ctx_and_rule(node)
-                inp_env[node] = self._apply(node, mod, rule, inp_env)
-        stage_of, stages, starts = self._stages(nodes, inp_env)
+                elif node.op in ("call_module", "call_function", "call_method") and _is_tensorish(v):
+                    mod, rule = self._ctx_and_rule(node)
+                    inp_env[node] = self._apply(node, mod, rule, inp_env)
+        stage_of, stages, starts, context = self._stages(nodes, inp_env)
         st_env: dict = {}
+        loc_env: dict = {}  # the same, with gates and global context seeing nothing (NodeRecord.local_rf)
         offsets = {}
         for s in stages:  # each starting node's channels get their own bits of the stage input
             o = 0
@@ -319,26 +383,59 @@ class _Walker:
             v = self.shapes[node]
             if not _is_tensorish(v):
                 continue
-            if node in starts:
-                stage = stages[stage_of[node]]
-                st_env[node] = _reference(v.shape, self.dims, offsets[node.name], inp_env.get(node),
-                                          F_.words_for(stage.channels), stage.resolution)
-            elif node.op in ("call_module", "call_function", "call_method"):
-                mod, rule = self._ctx_and_rule(node)
-                st_env[node] = self._apply(node, mod, rule, st_env, stage_of, stage_of.get(node))
-            if isinstance(v, TMeta) and node.name not in self.constant_names:
-                records.append(self._record(node, v, stage_of, stages, st_env, inp_env, starts))
+            with self._naming(node):
+                if node in starts:
+                    stage = stages[stage_of[node]]
+                    st_env[node] = loc_env[node] = _reference(v.shape, self.dims, offsets[node.name],
+                                                              inp_env.get(node), F_.words_for(stage.channels),
+                                                              stage.resolution)
+                elif node.op in ("call_module", "call_function", "call_method"):
+                    mod, rule = self._ctx_and_rule(node)
+                    st_env[node] = self._apply(node, mod, rule, st_env, stage_of, stage_of.get(node))
+                    if any(loc_env.get(m) is not st_env.get(m) for m in self._inputs(node)):
+                        loc_env[node] = self._apply(node, mod, rule, loc_env, stage_of, stage_of.get(node))
+                    else:  # nothing upstream is a gate: the local field is the field
+                        loc_env[node] = st_env[node]
+                if node in context:
+                    loc_env[node] = _nothing(st_env.get(node))
+                if isinstance(v, TMeta) and node.name not in self.constant_names:
+                    records.append(self._record(node, v, stage_of, stages, st_env, inp_env, starts, loc_env))
         for node, reason in self._declined.items():
             self.unsupported.append((node.name, _target_str(gm, node), reason))
         for r in records:
             gm_node = self._by_name[r.name]
             gm_node.meta[META_KEY] = r
+            if r.gain is not None and r.gain <= 0 and r.local_gain is not None and r.local_gain > 0:
+                self.warnings.append(
+                    f"{r.name}: gain 0 rests on gate-induced saturation (a squeeze-excite gate or global context "
+                    f"earlier in stage {r.stage} already sees the whole stage input); through the local path its "
+                    f"gain is {r.local_gain:.3g} (NodeRecord.local_gain)")
         return Analysis(gm, model_name, tuple(self.input_shape), self.alpha, stages, records, self.unsupported,
-                        self.spatial_cap)
+                        self.spatial_cap, self.warnings)
+
+    @contextlib.contextmanager
+    def _naming(self, node):
+        """Any failure that is not an FxrfError becomes an AnalysisError that names the node."""
+        try:
+            yield
+        except FxrfError:
+            raise
+        except Exception as e:
+            raise AnalysisError(f"fxrf failed on {describe(self.gm, node)}: {type(e).__name__}: {e}. This is a bug "
+                                f"in fxrf; as a workaround, mark the module as a leaf (leaf_modules=[...]) or "
+                                f"register a rule for this op (docs/architecture.md)") from e
+
+    def _inputs(self, node) -> list:
+        """The nodes `node` reads, each in its latest in-place version."""
+        subs = self._subs.get(node)
+        return [subs.get(m, m) for m in node.all_input_nodes] if subs else node.all_input_nodes
 
     # -- step 2: stages -----------------------------------------------------------------------------------------
 
     def _stages(self, nodes, inp_env):
+        """A stage starts where the map is resampled (its field's jump differs from every input map's: stride,
+        pooling, interpolation), not where padding or cropping changes its size. A 1x1 map computed from a stage
+        (global pooling and the gate it feeds, even through vectors and linear layers) belongs to that stage."""
         self._by_name = {n.name: n for n in nodes}
         parent: dict = {}
 
@@ -348,32 +445,44 @@ class _Walker:
                 n = parent[n]
             return n
 
-        sizes: dict = {}
+        maps: dict = {}
 
-        def size_of(n):
-            if n not in sizes:
-                sizes[n] = _size_of(n)
-            return sizes[n]
+        def map_of(n):  # (size, jump) of a node's map; None for vectors, tuples and constants
+            if n not in maps:
+                f, v = inp_env.get(n), self.shapes.get(n)
+                maps[n] = None
+                if isinstance(f, Field) and isinstance(v, TMeta) and f.is_map:
+                    maps[n] = (tuple(v.shape[a] for a in f.sp), tuple(round(float(j), 9) for j in f.jump))
+            return maps[n]
 
-        def _size_of(n):  # spatial size of a map (of the first map, for an op with several outputs)
-            f, v = inp_env.get(n), self.shapes.get(n)
-            if isinstance(f, tuple):
-                f, v = next(((x, y) for x, y in zip(f, v) if isinstance(x, Field) and x.is_map), (None, None))
-            if not isinstance(f, Field) or not isinstance(v, TMeta) or not f.is_map:
-                return None
-            return tuple(v.shape[a] for a in f.sp)
+        def constant(n):
+            return n.op == "get_attr" or n.name in self.constant_names
+
+        def map_inputs(n):  # the maps a node reads, looking through tuple-valued nodes (split, chunk, ...)
+            out = []
+            for m in self._inputs(n):
+                if constant(m):
+                    continue
+                if map_of(m) is not None:
+                    out.append(m)
+                elif not isinstance(self.shapes.get(m), TMeta) and _is_tensorish(self.shapes.get(m)):
+                    out.extend(map_inputs(m))
+            return out
 
         starts, attached = [], []
         for n in nodes:
-            size = size_of(n)
-            if size is None:
-                if isinstance(self.shapes.get(n), TMeta) and n.op != "get_attr" and n.name not in self.constant_names:
+            mp = map_of(n)
+            if mp is None:
+                if _is_tensorish(self.shapes.get(n)) and not constant(n):
                     attached.append(n)
                 continue
-            ins = [m for m in n.all_input_nodes if m.op != "get_attr" and size_of(m) is not None]
-            same = [m for m in ins if size_of(m) == size and m in parent]
-            if all(s == 1 for s in size) and ins and not same:  # global pooling and what follows it at 1x1
-                attached.append(n)
+            size, jump = mp
+            back = self._round_trip(n, self._plan.get(n, (None, None))[1])  # a flatten undone: back on its map
+            same = [m for m in map_inputs(n) + ([back] if back is not None else [])
+                    if m in parent and map_of(m)[1] == jump]
+            fed = any(not constant(m) and _is_tensorish(self.shapes.get(m)) for m in self._inputs(n))
+            if n.op != "placeholder" and fed and not same and all(s == 1 for s in size):
+                attached.append(n)  # global pooling and the 1x1 maps computed from it (gates)
                 continue
             parent[n] = n
             if n.op == "placeholder" or not same:
@@ -389,15 +498,18 @@ class _Walker:
             stages[roots[r]].append(n)
         for n in parent:
             stage_of[n] = roots[find(n)]
-        for n in attached:  # vectors and global maps: the stage of their inputs, if they agree on one
-            got = {stage_of.get(m) for m in n.all_input_nodes if m.op != "get_attr"} - {None} or {None}
+        context = set()
+        for n in attached:  # vectors, tuples and global maps: the stage of their inputs, if they agree on one
+            got = {stage_of.get(m) for m in self._inputs(n) if not constant(m)} - {None} or {None}
             stage_of[n] = got.pop() if len(got) == 1 else None
+            if stage_of[n] is not None and isinstance(self.shapes.get(n), TMeta):
+                context.add(n)  # computed from the whole map: a gate or global context for the local field
         result = []
         for i, members in enumerate(stages):
-            res = size_of(members[0])
+            res = map_of(members[0])[0]
             c0 = sum(inp_env[m].channels for m in members)
             result.append(Stage(i, res, c0, tuple(m.name for m in members)))
-        return stage_of, result, set(starts)
+        return stage_of, result, set(starts), context
 
     # -- records ------------------------------------------------------------------------------------------------
 
@@ -409,33 +521,49 @@ class _Walker:
             rf = self._summaries[key] = RF(spatial, cmin, cmean)
         return rf
 
-    def _record(self, node, v, stage_of, stages, st_env, inp_env, starts) -> NodeRecord:
+    def _record(self, node, v, stage_of, stages, st_env, inp_env, starts, loc_env) -> NodeRecord:
         s = stage_of.get(node)
-        f = st_env.get(node)
-        rf = None
+        f, lf = st_env.get(node), loc_env.get(node)
+        rf = local_rf = None
         if s is not None and isinstance(f, Field):
             rf = self._summary(f, stages[s].resolution, map_size(f, v.shape))
+        if s is not None and isinstance(lf, Field):
+            local_rf = self._summary(lf, stages[s].resolution, map_size(lf, v.shape))
         fi = inp_env.get(node)
         input_rf = None
         if isinstance(fi, Field) and self.dims:
-            input_rf = self._summary(fi, self.input_shape[2:], map_size(fi, v.shape))
+            input_rf = self._summary(fi, self._cap_of(fi), map_size(fi, v.shape))
         mod, op = self._plan.get(node, (None, None))
-        kernel, g = None, None
+        kernel, g, lg = None, None, None
         if op is not None and op.conv_like:  # a kernel type and a gain (any op registered with a ConvSpec)
             ctx = Call(node, mod, fx.node.map_arg(node.args, lambda n: T(self.shapes[n].shape, None)
                                                   if isinstance(self.shapes[n], TMeta) else self.shapes[n]),
                        node.kwargs, v, self.dims)
             kernel = op.spec(ctx).kind
             src = node.args[0]
-            prev = st_env.get(src) if stage_of.get(src) == s else None
-            if rf is not None and node not in starts and isinstance(prev, Field):
-                pv = self._summary(prev, stages[s].resolution, map_size(prev, self.shapes[src].shape)).volume
-                if pv > 0:
-                    g = gain_of(pv, rf.volume, stages[s].volume, self.alpha)
+            src = self._subs.get(node, {}).get(src, src)
+            if node not in starts and stage_of.get(src) == s:
+                g = self._gain(st_env.get(src), rf, stages[s], src)
+                lg = self._gain(loc_env.get(src), local_rf, stages[s], src)
         return NodeRecord(node.name, _op_label(node, mod), _target_str(self.gm, node, mod), tuple(v.shape), s, kernel, rf,
                           g, input_rf, node not in self._declined, f if isinstance(f, Field) else None,
-                          fi if isinstance(fi, Field) else None, module_path(node))
+                          fi if isinstance(fi, Field) else None, module_path(node), local_rf, lg)
 
+    def _gain(self, prev, rf, stage, src):
+        if rf is None or not isinstance(prev, Field):
+            return None
+        pv = self._summary(prev, stage.resolution, map_size(prev, self.shapes[src].shape)).volume
+        return gain_of(pv, rf.volume, stage.volume, self.alpha) if pv > 0 else None
+
+    def _cap_of(self, f: Field) -> tuple:
+        """input_rf's cap: per dim, the largest map among the model inputs whose channels the field sees."""
+        caps = self._input_caps
+        if len(caps) > 1:
+            seen = np.unpackbits(np.bitwise_or.reduce(f.bits, axis=0).view(np.uint8), bitorder="little")
+            got = [size for a, b, size in caps if seen[a:b].any() and len(size) == f.dims]
+            if got:
+                return tuple(max(x) for x in zip(*got))
+        return caps[0][2] if caps and len(caps[0][2]) == f.dims else tuple(self.input_shape[2:])
 
 
 
@@ -457,9 +585,9 @@ def map_size(f: Field, shape) -> tuple:
     return tuple(shape[a] if a is not None else 1 for a in f.sp)
 
 
-def _reference(shape, dims, offset, like: Field | None = None, words: int = 1, size=None) -> Field:
+def _reference(shape, dims, offset, like: Field | None = None, words: int = 1, size=None, sp=None) -> Field:
     """The field of a reference tensor (model input or stage input) in its own coordinates."""
-    sp = like.sp if like is not None else default_sp(shape, dims)
+    sp = like.sp if like is not None else sp if sp is not None else default_sp(shape, dims)
     return F_.identity(_channel_shape(shape, sp), dims, offset, sp, words, size)
 
 
@@ -502,3 +630,70 @@ def _rule_key(node, mod) -> str:
     if isinstance(node.target, str):
         return repr(node.target)
     return op_name(node)
+
+
+_RESHAPES = frozenset({"reshape", "flatten", "squeeze"})  # op names whose rule is a row-major reshape
+_INPLACE_FUNCTIONS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+                      operator.irshift, operator.setitem)
+
+
+def mutates(node: fx.Node, module: nn.Module | None = None) -> bool:
+    """Whether a node writes into its first argument: a tensor method `x.add_(y)`, `torch.relu_`, `operator.iadd`
+    and `operator.setitem`, a function called with inplace=True, a module with `inplace = True`."""
+    if node.op == "call_method":
+        t = str(node.target)
+        return t.endswith("_") and not t.startswith("_")
+    if node.op == "call_function":
+        if node.target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True:
+            return True
+        name = getattr(node.target, "__name__", "")
+        return name.endswith("_") and not name.startswith("_") and getattr(node.target, "__module__", "") in (
+            "torch", "torch._C._nn", "torch.nn.functional", "torch._C._VariableFunctions", None)
+    if node.op == "call_module":
+        if module is None and node.graph.owning_module is not None:
+            try:
+                module = node.graph.owning_module.get_submodule(node.target)
+            except AttributeError:
+                return False
+        return getattr(module, "inplace", False) is True
+    return False
+
+
+def inplace_versions(nodes, shapes: dict, modules: dict) -> dict:
+    """{node: {input: version}}: after `z.add_(y)` (node n), later readers of z (or of anything aliasing it)
+    read n's value. Only tensor-valued first arguments count (operator.iadd also adds Python ints)."""
+    root, latest, subs = {}, {}, {}
+    for n in nodes:
+        got = {}
+        for m in n.all_input_nodes:
+            v = latest.get(root.get(m, m))
+            if v is not None and v is not m:
+                got[m] = v
+        if got:
+            subs[n] = got
+        mod = modules.get(n.target) if n.op == "call_module" else None
+        first = n.args[0] if n.args else None
+        if isinstance(first, fx.Node) and isinstance(shapes.get(first), TMeta) and mutates(n, mod):
+            r = root.get(first, first)
+            root[n] = r
+            latest[r] = n
+    return subs
+
+
+def _input_sp(node: fx.Node, shape: tuple, dims: int) -> tuple:
+    """Where a model input's spatial axes are: trailing (NCHW), unless every use of it is a permute that moves
+    its last axis to position 1 (a channels-last input, N H W C, permuted before its first conv)."""
+    n = len(shape)
+    if dims and n == dims + 2 and node.users:
+        want = [0, n - 1, *range(1, n - 1)]
+        for u in node.users:
+            if u.op not in ("call_method", "call_function") or "permute" not in str(getattr(u.target, "__name__", u.target)):
+                break
+            perm = u.args[1:] if u.op == "call_method" else u.args[1:2]
+            perm = list(perm[0]) if len(perm) == 1 and isinstance(perm[0], (tuple, list)) else list(perm)
+            if [p % n if isinstance(p, int) else p for p in perm] != want:
+                break
+        else:
+            return tuple(range(1, n - 1))
+    return default_sp(shape, dims)

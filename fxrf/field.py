@@ -294,6 +294,25 @@ def spread(f: Field | None, sizes: Sequence[int]) -> Field | None:
     return out
 
 
+def wrap(f: Field | None, periods: Sequence) -> Field | None:
+    """Circular padding: along reference dim k, offsets `periods[k]` reference pixels apart reach the same pixel
+    (0: no wrap along that dim). Stage fields close their tap sets under that shift; intervals are left alone."""
+    if f is None or f.size is None or not any(periods):
+        return f
+    if not all(float(p).is_integer() for p in periods):
+        return f  # a fractional pixel grid: intervals only
+    taps = f.taps if f.taps is not None else _dense_taps(f)
+    out = []
+    for t, period in zip(taps, periods):
+        period, n = int(period), t.shape[1]
+        closed = t.copy()
+        for shift in range(period, n, period) if period > 0 else ():
+            closed[:, shift:] |= t[:, :n - shift]
+            closed[:, :n - shift] |= t[:, shift:]
+        out.append(_frozen(closed))
+    return f.replace(taps=tuple(out))
+
+
 def rescale(f: Field | None, factor: Sequence) -> Field | None:
     """Resolution changed by `factor` (output pixels per input pixel) without mixing: upsampling."""
     if f is None:

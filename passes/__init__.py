@@ -47,8 +47,11 @@ def shared_copy(gm: fx.GraphModule, class_name: str | None = None) -> tuple[fx.G
 
 
 def finish(gm: fx.GraphModule) -> fx.GraphModule:
-    """Lint, drop dead code and regenerate the Python code of an edited GraphModule."""
-    gm.graph.eliminate_dead_code()
+    """Lint, drop dead code and regenerate the Python code of an edited GraphModule. A statement that writes into
+    a tensor in place (`z.add_(y)`, `relu_`, `operator.iadd`, a module with inplace=True) is kept even when its
+    result is unused: later readers of z see what it wrote."""
+    from fxrf.analysis import mutates
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or mutates(n))
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()

@@ -113,7 +113,13 @@ def conv(ctx: Ctx):
     if f is None:
         return None
     f = field.mix(f, spec.out_channels, spec.groups, axis=f.idx_axis(-len(spec.kernel) - 1))
-    return _slide(f, x.shape, spec.kernel, spec.stride, spec.padding, spec.dilation, ctx.out_shape)
+    out = _slide(f, x.shape, spec.kernel, spec.stride, spec.padding, spec.dilation, ctx.out_shape)
+    if getattr(ctx.module, "padding_mode", "zeros") == "circular":  # the padding wraps around the map
+        rank, d = len(x.shape), len(spec.kernel)
+        pads = dict(zip(range(rank - d, rank), spec.padding))
+        out = field.wrap(out, [x.shape[a] * j if a is not None and pads.get(a) else 0 for a, j in zip(f.sp, f.jump)])
+    # reflect / replicate padding read pixels inside the window the centre neuron already covers: as zeros
+    return out
 
 
 def one_pixel(size, k, s, p, dl):

@@ -54,11 +54,23 @@ for _name, _module, _idempotent, _extra in _ACTIVATIONS:
 
 
 # Dropout (an identity at inference), identity, copies and casts: per element, free.
-def _cast_shape(ctx: Ctx):
-    x = same_shape(ctx)
-    if ctx.node.op == "call_method" and ctx.node.target in ("float", "half"):
-        return TMeta(x.shape, torch.float32 if ctx.node.target == "float" else torch.float16)
-    return x
+_CASTS = {"float": torch.float32, "half": torch.float16, "double": torch.float64, "bfloat16": torch.bfloat16,
+          "bool": torch.bool, "int": torch.int32, "long": torch.int64}
+
+
+def _cast_shape(ctx: Ctx):  # the dtype it casts to: the method's, a dtype argument, or type_as's other tensor
+    x = ctx.args[0]
+    target = ctx.node.target
+    if target in _CASTS:
+        return TMeta(x.shape, _CASTS[target])
+    if target == "type_as":
+        return TMeta(x.shape, ctx.args[1].dtype)
+    for a in list(ctx.args[1:]) + list(ctx.kwargs.values()):
+        if isinstance(a, torch.dtype):
+            return TMeta(x.shape, a)
+        if isinstance(a, TMeta):  # x.to(other): other's dtype
+            return TMeta(x.shape, a.dtype)
+    return TMeta(x.shape, x.dtype)
 
 
 define("identity", nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, F.dropout,
@@ -67,7 +79,7 @@ define("identity", nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropo
        # once torchvision is imported, so importing fxrf does not import it
        "torchvision.ops.stochastic_depth:stochastic_depth", "torchvision.ops.stochastic_depth:StochasticDepth",
        shape=same_shape, rf=per_element, traits={"per_element", "per_channel"})
-define("cast", "float", "half", "to", "type_as", shape=_cast_shape, rf=per_element, traits={"per_element"})
+define("cast", *_CASTS, "to", "type_as", shape=_cast_shape, rf=per_element, traits={"per_element"})
 define("unary_math", torch.abs, torch.exp, torch.neg, torch.sqrt, torch.rsqrt, "abs", "exp", "neg", "sqrt", "rsqrt",
        shape=same_shape, rf=per_element, traits={"per_element"})
 
@@ -88,6 +100,18 @@ define("binary", operator.add, operator.iadd, operator.sub, operator.isub, opera
        *(getattr(torch, n) for n in _ARITH), *(m for n in _ARITH for m in (n, n + "_")),
        "__add__", "__mul__", "__radd__", "__rmul__",
        shape=broadcast_shape, rf=binary, cost=per_output, kind="elementwise")
+
+
+def compare_shape(ctx: Ctx):
+    return TMeta(broadcast_shape(ctx).shape, torch.bool)
+
+
+# Comparisons and boolean masks (attention masks): a bool tensor that sees what its operands see.
+define("compare", operator.gt, operator.lt, operator.ge, operator.le, operator.eq, operator.ne, torch.gt, torch.lt,
+       torch.ge, torch.le, torch.eq, torch.ne, "gt", "lt", "ge", "le", "eq", "ne", "__gt__", "__lt__",
+       shape=compare_shape, rf=binary)
+define("logical_not", operator.invert, torch.bitwise_not, torch.logical_not, "bitwise_not", "logical_not",
+       "__invert__", shape=same_shape, rf=per_element, traits={"per_element"})
 
 
 def broadcast_merge(ts: list[T], out_shape: tuple):

@@ -61,6 +61,8 @@ def reshape_field(x: T, out_shape: tuple, dims: int):
     f = x.field
     if f is None:
         return None
+    if not out_shape or not x.shape or out_shape[0] != x.shape[0]:
+        raise Decline("a reshape that folds other axes into the batch axis (heads or windows as batch)")
     rank = len(x.shape)
     present = [a for a in f.sp if a is not None]
     map_sizes = [x.shape[a] for a in present]
@@ -240,7 +242,13 @@ def roll(ctx: Ctx):
     dims = dims if isinstance(dims, (tuple, list)) else (dims,)
     for s, d in zip(shifts, dims):
         d %= len(x.shape)
-        if d in f.sp:
+        if d in f.sp and f.size is not None and x.shape[d] > 1:
+            # output x reads input (x - s) mod n: a shift, then offsets n reference pixels apart are one pixel
+            k = f.sp.index(d)
+            shift = [int(s) % x.shape[d] if i == k else 0 for i in range(len(f.sp))]
+            f = field.window(f, [1] * len(f.sp), [1] * len(f.sp), shift, [1] * len(f.sp))
+            f = field.wrap(f, [x.shape[d] * j if i == k else 0 for i, j in enumerate(f.jump)])
+        elif d in f.sp:  # the hull (input_rf): any pixel of the row, an upper bound
             sizes = [x.shape[a] if a == d else 1 for a in f.sp]
             f = field.spread(f, sizes)
         else:

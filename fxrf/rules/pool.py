@@ -35,7 +35,15 @@ def pool_shape(ctx: Ctx):
     d = spatial_dims(ctx)
     k, s, p, dl, ceil = pool_params(ctx, d)
     sp = tuple(window_out(n, kk, ss, pp, dd, ceil) for n, kk, ss, pp, dd in zip(x.shape[-d:], k, s, p, dl))
-    return TMeta(x.shape[:-d] + sp, x.dtype)
+    out = TMeta(x.shape[:-d] + sp, x.dtype)
+    return (out, TMeta(out.shape, torch.int64)) if _with_indices(ctx) else out
+
+
+def _with_indices(ctx: Ctx) -> bool:
+    """max pooling that also returns the argmax indices (a tuple-valued node)."""
+    if ctx.module is not None:
+        return bool(getattr(ctx.module, "return_indices", False))
+    return "with_indices" in ctx.name or bool(ctx.kwargs.get("return_indices", False))
 
 
 def pool_cost(ctx: Ctx):  # 1 op per input element
@@ -46,11 +54,13 @@ def pool_cost(ctx: Ctx):  # 1 op per input element
 @op(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     torch.max_pool1d, torch.max_pool2d, torch.max_pool3d, torch.avg_pool1d,
+    F.max_pool1d_with_indices, F.max_pool2d_with_indices, F.max_pool3d_with_indices,
     shape=pool_shape, cost=pool_cost, kind="pool", traits={"per_channel"})
 def pool(ctx: Ctx):
     x = ctx.args[0]
     k, s, p, dl, _ = pool_params(ctx, spatial_dims(ctx))
-    return _window_last(x, k, s, p, dl)
+    f = _window_last(x, k, s, p, dl)
+    return (f, f) if _with_indices(ctx) else f  # the indices point at the same window
 
 
 def _window_last(x, kernel, stride, padding, dilation):
@@ -136,21 +146,52 @@ def field_tuple(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v,)
 
 
-# Upsampling: output pixel x reads input x / scale (nearest) or its two neighbours (linear modes).
-@op(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.interpolate)
+# Upsampling (any resize): output pixel x reads input pixels around x * n / o. Per mode, the pixels read by every
+# output x are enumerated along each dim (PyTorch's index formulas, clamped to the map) and their offsets from
+# x * n / o bounded, so the hull is exact per neuron and an upper bound once composed (input_rf).
+@op(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.interpolate, F.upsample)
 def upsample(ctx: Ctx):
     x = ctx.args[0]
     f = x.field
     if f is None:
         return None
     mode = ctx.param("mode", 3, "mode", "nearest")
+    align = ctx.param("align_corners", 4, "align_corners", None)
+    if ctx.module is not None and isinstance(ctx.module, nn.UpsamplingBilinear2d):
+        align = True
     rank = len(x.shape)
     if any(a is None for a in f.sp) or tuple(f.sp) != tuple(range(rank - len(f.sp), rank)):
         raise Decline("resampling a tensor whose spatial axes are not the trailing ones")
-    factor = [o / i for o, i in zip(ctx.out_shape[-len(f.sp):], x.shape[-len(f.sp):])]
-    taps = 1 if mode == "nearest" else 2
-    f = field.window(f, [taps] * len(f.sp), [1] * len(f.sp), [0] * len(f.sp), [1] * len(f.sp))
-    return field.rescale(f, factor)
+    lo, hi, jump = [], [], []
+    for j, n, o in zip(f.jump, x.shape[-len(f.sp):], ctx.out_shape[-len(f.sp):]):
+        first, last = _resize_reads(mode, bool(align), n, o)
+        centre = np.arange(o) * (n / o)
+        lo.append(float((first - centre).min()) * j)
+        hi.append(float((last - centre).max()) * j)
+        jump.append(j * n / o)
+    spans = f.spans.copy()
+    spans[:, 0::2] += lo
+    spans[:, 1::2] += hi
+    return f.replace(spans=spans, jump=tuple(jump), taps=None)
+
+
+def _resize_reads(mode: str, align: bool, n: int, o: int):
+    """(first, last) input pixel that each of the o outputs of a resize from n pixels reads."""
+    x = np.arange(o, dtype=np.float64)
+    r = n / o
+    if mode == "area":  # adaptive average pooling
+        return np.floor(x * r), np.ceil((x + 1) * r) - 1
+    if mode in ("nearest", "nearest-exact"):
+        src = np.floor((x + 0.5) * r) if mode == "nearest-exact" else np.floor(x * r)
+        src = np.minimum(src, n - 1)
+        return src, src
+    if align:
+        src = x * ((n - 1) / (o - 1)) if o > 1 else np.zeros_like(x)
+    else:
+        src = np.maximum((x + 0.5) * r - 0.5, 0 if mode != "bicubic" else -np.inf)
+    base = np.floor(src)
+    before, after = (1, 2) if mode == "bicubic" else (0, 1)
+    return np.clip(base - before, 0, n - 1), np.clip(base + after, 0, n - 1)
 
 
 # pixel_shuffle(r): out channel c at (y, x) reads in channel c*r*r + (y%r)*r + x%r at (y//r, x//r).
@@ -183,3 +224,64 @@ def pixel_unshuffle(ctx: Ctx):
 
 # LP pooling: counted (1 op per input element); no receptive-field rule yet (conservative).
 define("lp_pool", nn.LPPool1d, nn.LPPool2d, F.lp_pool1d, F.lp_pool2d, cost=pool_cost, kind="pool")
+
+
+# ---- padding ----------------------------------------------------------------------------------------------------
+# F.pad and the nn.*Pad modules: pad (or, with negative amounts, crop) the trailing axes. Output x along a padded
+# axis reads input x - left: a one-tap window with padding `left`. The map changes size but is not resampled, so
+# it stays in its stage. Zero/constant padding adds pixels that see nothing; reflect and replicate padding read
+# pixels that the centre neuron's window already covers (docs/concepts.md); circular padding wraps around.
+
+
+def pad_params(ctx: Ctx):
+    """([(left, right) per padded axis, last axis first], mode)."""
+    m = ctx.module
+    if m is not None:
+        amounts = tuple(m.padding)
+        name = type(m).__name__
+        mode = ("reflect" if "Reflection" in name else "replicate" if "Replication" in name
+                else "circular" if "Circular" in name else "constant")
+    else:
+        amounts = tuple(ctx.arg(1, "pad"))
+        mode = ctx.arg(2, "mode", "constant") or "constant"
+    return [(int(amounts[i]), int(amounts[i + 1])) for i in range(0, len(amounts), 2)], mode
+
+
+def pad_shape(ctx: Ctx):
+    x = ctx.args[0]
+    pads, _ = pad_params(ctx)
+    shape = list(x.shape)
+    for k, (lo, hi) in enumerate(pads):
+        shape[len(shape) - 1 - k] += lo + hi
+    return TMeta(tuple(shape), x.dtype)
+
+
+@op(F.pad, torch.constant_pad_nd, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
+    nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
+    nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d, shape=pad_shape)
+def pad(ctx: Ctx):
+    x = ctx.args[0]
+    f = x.field
+    if f is None:
+        return None
+    pads, mode = pad_params(ctx)
+    rank = len(x.shape)
+    left = {rank - 1 - k: lo for k, (lo, hi) in enumerate(pads)}
+    for a, (lo, hi) in ((rank - 1 - k, p) for k, p in enumerate(pads)):
+        if a in f.sp or (lo == 0 and hi == 0):
+            continue
+        if a == 0 or mode != "constant":
+            raise Decline(f"{mode} padding of a channel-like or the batch axis")
+        ax = f.idx_axis(a)  # constant channels added around the real ones (or real ones cropped away)
+        n = x.shape[a]
+        f = field.remap(f, lambda idx, ax=ax, lo=lo, hi=hi, n=n:
+                        np.moveaxis(np.moveaxis(idx, ax, 0)[max(-lo, 0): n + min(hi, 0)], 0, ax))
+        if lo > 0 or hi > 0:
+            f = field.cat([None, f, None], ax, [max(lo, 0), f.idx.shape[ax], max(hi, 0)])
+    k = len(f.sp)
+    p = [left.get(a, 0) if a is not None else 0 for a in f.sp]
+    out = field.window(f, [1] * k, [1] * k, p, [1] * k)
+    if mode == "circular":
+        out = field.wrap(out, [x.shape[a] * j if a is not None and left.get(a) else 0
+                               for a, j in zip(f.sp, f.jump)])
+    return out
