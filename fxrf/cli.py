@@ -516,7 +516,8 @@ def _cmd_models(args) -> int:
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    # the package is imported already (this module is in it): read its version without importing the root
+    __version__ = getattr(sys.modules.get(__package__), "__version__", "unknown")
 
     def v(dist):
         try:
