@@ -166,6 +166,12 @@ def test_organize_include_exclude_restrict_the_changes():
     closed = {d.stage for d in r.declined if d.kind == "insert" and "include/exclude" in d.reason}
     assert closed == {0, 1, 2, 4}
     assert r.summary["selection"] == {"include": ["features.15", "features.18"], "exclude": []}
+    # include stage 0's only conv: that stage is open (and its inserted conv counts as the pass's own), the
+    # others are closed; the free run's stage-1 insertion and both removals do not happen
+    r = fxrf.organize_stages(model, SHAPE, include=["features.0"])
+    assert [(c.kind, c.stage) for c in r.changes] == [("insert", 0)]
+    assert r.changes[0].gain == free.changes[2].gain
+    assert {d.stage for d in r.declined if d.kind == "insert" and "include/exclude" in d.reason} == {1, 2, 3, 4}
 
 
 def test_organize_paper_strategy_honours_exclude():
