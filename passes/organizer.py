@@ -64,6 +64,7 @@ from fxrf.metric import DEFAULT_ALPHA
 from fxrf.ops import default_table
 
 from . import PassResult, finish, private_copy
+from .util import copy_graph_module, identity_norm
 from .select import Selection
 
 __all__ = ["organize_stages", "Change", "Declined", "OrganizerResult", "DEFAULT_THRESHOLD", "DEFAULT_MACS_BUDGET",
@@ -240,11 +241,7 @@ _NOT_SELECTED = "left alone: include/exclude do not select it"
 
 def _renamed(gm: fx.GraphModule, class_name: str) -> fx.GraphModule:
     """`gm` under the input model's class name (deep copies of a GraphModule are all called "GraphModule")."""
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}), type_expr=None)
-    out = fx.GraphModule(gm, graph, class_name=class_name)
-    out.train(gm.training)
-    return out
+    return copy_graph_module(gm, params="shared", class_name=class_name)
 
 
 def _check_arguments(threshold, cutoff, macs_budget, params_budget, kernel_size, max_insertions):
@@ -537,11 +534,7 @@ def _swap_paper(work, example_input, alpha, cap, limits, original, kernel_size, 
 
 def _graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
     """A GraphModule with a copy of `gm`'s graph (same node names) sharing its modules: edit it to try a change."""
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}), type_expr=None)
-    out = fx.GraphModule(gm, graph)
-    out.train(gm.training)
-    return out
+    return copy_graph_module(gm, params="shared")
 
 
 def _score(work, example_input, alpha, cap, sites, place) -> list:
@@ -597,20 +590,8 @@ def _unit_modules(site: _Site, meta: bool) -> list:
         if conv.bias is not None:
             conv.bias.zero_()
     out = [("conv", conv)]
-    if site.norm is not None:
-        t = site.norm
-        try:
-            norm = type(t)(site.width, eps=t.eps, momentum=t.momentum, affine=t.affine, track_running_stats=True, **kw)
-        except TypeError:
-            norm = getattr(nn, f"BatchNorm{site.dims}d")(site.width, eps=t.eps, momentum=t.momentum,
-                                                         affine=t.affine, **kw)
-        with torch.no_grad():  # eval: (x - 0) / sqrt((1 - eps) + eps) * 1 + 0 == x
-            norm.running_mean.zero_()
-            norm.running_var.fill_(1.0 - t.eps)
-            if norm.affine:
-                norm.weight.fill_(1.0)
-                norm.bias.zero_()
-        out.append(("norm", norm))
+    if site.norm is not None:  # eval: (x - 0) / sqrt((1 - eps) + eps) * 1 + 0 == x
+        out.append(("norm", identity_norm(site.norm, site.width, dims=site.dims, **kw)))
     if isinstance(site.act, nn.Module):
         out.append(("act", copy.deepcopy(site.act)))
     for _, m in out:

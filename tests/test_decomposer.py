@@ -4,6 +4,7 @@ channel algebra, recipe="auto" on the paper's and torchvision's models, and prop
 Every verdict the decomposer reports is checked against a fresh analysis of the graph it returns; outputs of
 rewritten models are compared with the originals where the transfer is exact."""
 import copy
+import importlib.util
 import json
 import math
 
@@ -419,12 +420,18 @@ def test_auto_picks_the_cheapest_assignment_that_meets_both_conditions_per_stage
 
 
 def test_cli_optimize_kernels(tmp_path, capsys):
+    # --out d.pt writes d.py (the class) and d.pt (its state_dict, read by the default torch.load)
     out = tmp_path / "d.pt"
     assert cli_main(["optimize", "fxrf:vgg16_opt_table6", "--input", "1,3,32,32", "--kernels", "DW+PW",
-                     "--out", str(out)]) == 0
-    assert "params_after 1115082" in capsys.readouterr().out
-    gm = torch.load(out, weights_only=False).eval()
-    assert gm(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+                     "--out", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out.split("\nwrote ")[0])
+    assert doc["kernels"]["summary"]["params_after"] == 1115082
+    spec = importlib.util.spec_from_file_location("cli_d", tmp_path / "d.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    net = mod.VGG()
+    net.load_state_dict(torch.load(out))
+    assert net.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 
 # ------------------------------------------------------------------------------------------------ properties
