@@ -7,7 +7,17 @@ CPU or CUDA. Models:
 * vgg16 (CIFAR, 313M MACs), vgg16-opt (stage conv counts 4,3,2,3,1: the paper's Table 6 baseline, 370M MACs),
 * vgg16-opt/RECIPE for each decomposition recipe applied to VGG16-opt by fxrf.decompose (every conv but the first):
   DW+PW, DW+GPW-g2/4/8, DW+RPW-g2/4/8-o50 ("pending" if fxrf.decompose is not available), and vgg16/DW+PW,
-* torchvision resnet50 and mobilenet_v2 at 224 px (random weights).
+* torchvision resnet50 and mobilenet_v2 at 224 px (random weights),
+* MODEL/auto-macs and MODEL/auto-latency for each of those four: fxrf.decompose(recipe="auto") with objective "macs"
+  and "latency", built per batch size, both priced by the latency model (passes/latency.py: each block timed
+  compiled at its site on this device and batch, cached on disk; --latency-cache or $FXRF_CACHE_DIR picks the
+  file). Latency-aware is timed in alternation against MACs-aware and against the model at every batch size
+  (checked: no slower, NOT_SLOWER), and the latency model's whole-model prediction is set against the measurement.
+
+--roofline MODEL: per distinct site of MODEL and block, MACs, bytes, arithmetic intensity, the compute and memory
+bounds at this machine's measured peaks (latency.peaks) and the measured time. --rpw-variants: the ways to do the
+DW+RPW channel rotation (torch.roll, slices + cat, an index map, on the producer's output) timed in alternation
+against no rotation, with the roofline floor of an unfused rotation.
 
 Per rewrite (a model with a base: vgg16-opt's base is vgg16, a recipe's base is the model it was applied to), at
 each batch size and mode: the ideal speedup is the MACs reduction, MACs(base) / MACs(rewrite); the realized speedup
@@ -31,6 +41,8 @@ after every measurement, so an interrupted run keeps what it measured.
     python benchmarks/bench_models.py --json out/bench.json --plot out/bench.png
     python benchmarks/bench_models.py --device cuda --batch 1,32,128 --models vgg16,vgg16-opt/DW+PW
     python benchmarks/bench_models.py --list                           # the model names
+    python benchmarks/bench_models.py --compiled-only --roofline vgg16-opt \
+        --models vgg16-opt,vgg16-opt/auto-macs,vgg16-opt/auto-latency  # latency-aware auto and the roofline
 
 Exit status 0 unless --strict is given and a target is missed.
 """
@@ -366,7 +378,11 @@ class _Chain(nn.Module):
 RPW_WAYS = ("none", "roll", "cat", "gather", "producer-cat", "producer-gather")
 
 
-def rpw_variants(device: str, batches: list, progress, pk: dict, groups=(2, 8), rounds: int = 15) -> list:
+RPW_SHAPES = ((64, 32), (128, 16), (256, 8), (512, 4))  # VGG16-opt's stages: (channels, pixels)
+
+
+def rpw_variants(device: str, batches: list, progress, pk: dict, groups=(2, 8), rounds: int = 15,
+                 shapes=RPW_SHAPES) -> list:
     """The ways to do the DW+RPW rotation, each compiled (inductor, no graph pass), at the VGG16-opt stage shapes
     (channels, pixels): a producer + one block, against the same without a rotation ("none", i.e. DW+GPW). The
     ways of one shape are timed in alternation (`rounds` rounds of one call each, after warm-up), so all see the
@@ -374,7 +390,7 @@ def rpw_variants(device: str, batches: list, progress, pk: dict, groups=(2, 8), 
     rotation: one read and one write of the activation at the measured copy bandwidth, as a fraction of "none"."""
     rows = []
     for batch in batches:
-        for c, px in ((64, 32), (128, 16), (256, 8), (512, 4)):
+        for c, px in shapes:
             x = torch.randn(batch, c, px, px, device=device)
             for g in groups:
                 m = c // g
