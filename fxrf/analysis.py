@@ -469,6 +469,17 @@ class _Walker:
                     out.extend(map_inputs(m))
             return out
 
+        above: dict = {}
+
+        def maps_above(n):  # for a map computed from vectors (heads folded away and back): the maps they came from
+            if n not in above:
+                above[n] = []
+                for m in self._inputs(n):
+                    if constant(m) or not _is_tensorish(self.shapes.get(m)):
+                        continue
+                    above[n].extend([m] if map_of(m) is not None else maps_above(m))
+            return above[n]
+
         starts, attached = [], []
         for n in nodes:
             mp = map_of(n)
@@ -478,8 +489,10 @@ class _Walker:
                 continue
             size, jump = mp
             back = self._round_trip(n, self._plan.get(n, (None, None))[1])  # a flatten undone: back on its map
-            same = [m for m in map_inputs(n) + ([back] if back is not None else [])
-                    if m in parent and map_of(m)[1] == jump]
+            ins = map_inputs(n) + ([back] if back is not None else [])
+            if not ins and not all(s == 1 for s in size):
+                ins = maps_above(n)
+            same = [m for m in ins if m in parent and map_of(m)[1] == jump]
             fed = any(not constant(m) and _is_tensorish(self.shapes.get(m)) for m in self._inputs(n))
             if n.op != "placeholder" and fed and not same and all(s == 1 for s in size):
                 attached.append(n)  # global pooling and the 1x1 maps computed from it (gates)

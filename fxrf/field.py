@@ -215,7 +215,11 @@ def _shift_or(t: np.ndarray, offsets) -> np.ndarray:
 
 
 def _hull(spans: np.ndarray) -> np.ndarray:
-    """The smallest bounds containing every row: min of the lo columns, max of the hi columns."""
+    """The smallest bounds containing every row: min of the lo columns, max of the hi columns (rows that see no
+    pixel left out, unless all are such)."""
+    empty = _empty_rows(spans)
+    if empty.any() and not empty.all():
+        spans = spans[~empty]
     out = spans.max(axis=0)
     out[0::2] = spans[:, 0::2].min(axis=0)
     return out
@@ -246,12 +250,29 @@ def identity(channel_shape: tuple, dims: int, offset: int = 0, sp: tuple | None 
 # ---- spatial transfer -------------------------------------------------------------------------------------------
 
 
+def _empty_rows(spans: np.ndarray) -> np.ndarray:
+    """Reaches that see no pixel (lo > hi: a constant channel, from cat or padding)."""
+    return (spans[:, 0::2] > spans[:, 1::2]).any(axis=1)
+
+
 def _shifted(f: Field, lo_add: Sequence, hi_add: Sequence, jump: tuple | None = None) -> Field:
     if not any(lo_add) and not any(hi_add):
         return f if jump is None else f.replace(jump=jump)
     add = np.empty(2 * len(lo_add))
     add[0::2], add[1::2] = lo_add, hi_add
-    return f.replace(spans=_frozen(f.spans + add), jump=f.jump if jump is None else jump)
+    spans = f.spans + add
+    empty = _empty_rows(f.spans)
+    if empty.any():  # a window over a constant channel is still a constant: no pixel
+        spans[empty] = f.spans[empty]
+    return f.replace(spans=_frozen(spans), jump=f.jump if jump is None else jump)
+
+
+def _union_spans(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise hull of two span arrays; a row that sees no pixel does not widen the other."""
+    out = np.maximum(a, b)
+    out[:, 0::2] = np.minimum(a[:, 0::2], b[:, 0::2])
+    ea, eb = _empty_rows(a)[:, None], _empty_rows(b)[:, None]
+    return np.where(ea, b, np.where(eb, a, out))
 
 
 def window(f: Field | None, kernel: Sequence, stride: Sequence, padding: Sequence, dilation: Sequence):
@@ -370,11 +391,15 @@ def channel_window(f: Field | None, axis: int, kernel: int, stride: int, padding
     taps = np.where(valid, idx.reshape(-1, n)[:, np.clip(pos, 0, n - 1)], -1)  # (rows, out, k): reach per tap
     taps = np.sort(taps.reshape(-1, kernel), axis=1)
     keys, inv = np.unique(taps, axis=0, return_inverse=True)
-    groups = [[int(r) for r in row if r >= 0] or [0] for row in keys.tolist()]  # all padding: conservatively reach 0
-    bits = _frozen(np.stack([_or(f.bits[g]) for g in groups]))
-    spans = _frozen(np.stack([_hull(f.spans[g]) for g in groups]))
+    groups = [[int(r) for r in row if r >= 0] for row in keys.tolist()]  # [] : every tap on padding
+    nothing = np.tile([0.0, -1.0], f.dims)  # an output made of padding alone sees nothing
+    bits = _frozen(np.stack([_or(f.bits[g]) if g else np.zeros(f.bits.shape[1], dtype=np.uint64) for g in groups]))
+    spans = _frozen(np.stack([_hull(f.spans[g]) if g else nothing for g in groups]))
+    taps = None if f.taps is None else tuple(
+        _frozen(np.stack([t[g].any(axis=0) if g else np.zeros(t.shape[1], dtype=bool) for g in groups]))
+        for t in f.taps)
     out = np.moveaxis(inv.reshape(lead + (out_size,)), -1, axis)
-    return Field(bits, spans, _frozen(np.ascontiguousarray(out)), f.jump, f.sp, _union_taps(f.taps, groups), f.size)
+    return Field(bits, spans, _frozen(np.ascontiguousarray(out)), f.jump, f.sp, taps, f.size)
 
 
 def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | None:
@@ -401,18 +426,14 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
                 ((f.bits, f.spans, f.taps), (bits, spans, taps), idx)
             bits = many[0] | one[0]
             taps = None if taps is None else tuple(_frozen(m | o) for m, o in zip(many[2], one[2]))
-            lo_hi = np.maximum(many[1], one[1])
-            lo_hi[:, 0::2] = np.minimum(many[1][:, 0::2], one[1][:, 0::2])
-            spans = _frozen(lo_hi)
+            spans = _frozen(_union_spans(many[1], np.broadcast_to(one[1], many[1].shape)))
             continue
         codes = idx.astype(np.int64) * len(f.bits) + b
         uniq, inv = np.unique(codes.ravel(), return_inverse=True)
         ia, ib = uniq // len(f.bits), uniq % len(f.bits)
         bits = bits[ia] | f.bits[ib]
         taps = None if taps is None else tuple(_frozen(a[ia] | c[ib]) for a, c in zip(taps, f.taps))
-        lo_hi = np.maximum(spans[ia], f.spans[ib])
-        lo_hi[:, 0::2] = np.minimum(spans[ia][:, 0::2], f.spans[ib][:, 0::2])
-        spans, idx = _frozen(lo_hi), inv.reshape(shape)
+        spans, idx = _frozen(_union_spans(spans[ia], f.spans[ib])), inv.reshape(shape)
     return Field(_frozen(bits) if bits.flags.writeable else bits, spans, _frozen(np.ascontiguousarray(idx)), jump, sp,
                  taps, acc.size)
 

@@ -33,8 +33,11 @@ class Factors(NamedTuple):
     weights: dict  # child name -> (weight, bias or None)
     effective: torch.Tensor  # [O, C, kh, kw]: the linear map of the block's convs
 
-    def error(self, w: torch.Tensor) -> float:
-        """Relative Frobenius error of the block's linear map against the original weight."""
+    def error(self, w: torch.Tensor) -> float | None:
+        """Relative Frobenius error of the block's linear map against the original weight (None for weights on
+        the meta device: there are no values to compare)."""
+        if w.is_meta or self.effective.is_meta:
+            return None
         norm = float(w.norm())
         return float((w - self.effective.to(w)).norm()) / norm if norm > 0 else 0.0
 

@@ -60,7 +60,7 @@ def test_untraceable_model():
 
 def test_leaf_that_cannot_run_on_meta_says_so():
     with pytest.raises(fxrf.AnalysisError, match=r"output shape of call_module 'gate'.*meta.*@fxrf.op\(\.\.\., shape=\.\.\.\)"):
-        fxrf.analyze(DataDependent(), (1, 3, 8, 8), leaf_modules=[Gate])
+        fxrf.analyze(DataDependent(), (1, 3, 8, 8), leaf_modules=[Gate], capture="fx")  # auto: export tried too
 
 
 class Scale(nn.Module):
@@ -102,3 +102,71 @@ def test_registering_a_rule_twice_raises():
     from fxrf.rules import rf_rule
     with pytest.raises(fxrf.DuplicateRuleError, match=r"nn\.modules\.conv\.Conv2d already has the op 'conv'"):
         rf_rule(nn.Conv2d)(lambda ctx: None)
+
+
+# ---- issue 10: bad inputs get one clear FxrfError line -----------------------------------------------------------
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x, y):
+        return self.c(x) + self.c(y)
+
+
+@pytest.mark.parametrize("alpha,says", [(float("nan"), "finite"), (float("inf"), "finite"), (-1.0, ">= 0"),
+                                        ("3", "must be a number")])
+def test_bad_alpha(alpha, says):
+    m = nn.Sequential(nn.Conv2d(3, 4, 3))
+    for call in (lambda: fxrf.analyze(m, (1, 3, 8, 8), alpha=alpha),
+                 lambda: fxrf.organize_stages(m, (1, 3, 8, 8), alpha=alpha),
+                 lambda: fxrf.decompose(m, (1, 3, 8, 8), alpha=alpha)):
+        with pytest.raises(fxrf.InputError, match=f"alpha.*{says}"):
+            call()
+
+
+def test_two_input_model_given_one_input():
+    with pytest.raises(fxrf.InputError, match=r"takes 2 inputs \(x, y\) but 1 example input"):
+        fxrf.analyze(TwoInputs(), (1, 3, 8, 8))
+
+
+def test_numpy_int_sizes_are_sizes_and_float_sizes_are_refused():
+    import numpy as np
+    m = nn.Sequential(nn.Conv2d(3, 4, 3))
+    a = fxrf.analyze(m, (np.int64(1), np.int32(3), 8, 8))
+    assert a.input_shape == (1, 3, 8, 8)
+    with pytest.raises(fxrf.InputError, match=r"not non-negative integers \(8\.0\)"):
+        fxrf.analyze(m, (1, 3, 8.0, 8))
+
+
+@pytest.mark.parametrize("wrap,says", [(torch.jit.script, "the original nn.Module"),
+                                       (torch.compile, r"model\._orig_mod"),
+                                       (nn.DataParallel, r"model\.module")])
+def test_wrapped_models_say_what_to_pass(wrap, says):
+    with pytest.raises(fxrf.InputError, match=says):
+        fxrf.analyze(wrap(nn.Sequential(nn.Conv2d(3, 4, 3))), (1, 3, 8, 8))
+
+
+def test_half_model_given_a_shape_takes_its_dtype():
+    # the shape walk runs ops without a rule on meta tensors in the model's dtype (before: float32 input, a
+    # half weight, and a dtype mismatch)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.PReLU(), nn.Upsample(scale_factor=2)).half()
+    gm = fxrf.trace(m, (1, 3, 8, 8))
+    assert {n.meta["tensor_meta"].dtype for n in gm.graph.nodes if "tensor_meta" in n.meta} == {torch.float16}
+
+
+def test_a_failing_rule_is_conservative_or_an_error_under_strict():
+    table = fxrf.OpTable()
+
+    @table.rf_rule(nn.Hardshrink)
+    def broken(call):
+        raise ZeroDivisionError("boom")
+
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Hardshrink(), nn.Conv2d(4, 4, 3, padding=1))
+    a = fxrf.analyze(m, (1, 3, 8, 8), rules=fxrf.DEFAULT_OPS + table)
+    assert a.unsupported == [("_1", "1 (Hardshrink)", "the 'broken' rule failed: ZeroDivisionError: boom")]
+    assert a.record("_1").rf.spatial == (8, 8)  # conservative: the whole map
+    with pytest.raises(fxrf.AnalysisError, match=r"rule of op 'broken' failed on call_module '1'.*boom"):
+        fxrf.analyze(m, (1, 3, 8, 8), rules=fxrf.DEFAULT_OPS + table, strict=True)
