@@ -37,11 +37,12 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import re
 import sys
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 S = 64  # the default input side
@@ -80,7 +81,7 @@ TV_DETECTION = ["ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_
 # run only with --all or --models: each spends the whole time limit in torch.export (data-dependent post-processing)
 SLOW = {"tv:retinanet_resnet50_fpn", "tv:fcos_resnet50_fpn", "tv:maskrcnn_resnet50_fpn", "tv:keypointrcnn_resnet50_fpn"}
 TV_VIDEO = {"r3d_18": (1, 3, 8, S, S), "mc3_18": (1, 3, 8, S, S), "r2plus1d_18": (1, 3, 8, S, S),
-            "s3d": (1, 3, 16, S, S), "swin3d_t": (1, 3, 8, S, S), "mvit_v2_s": (1, 3, 16, 224, 224)}
+            "s3d": (1, 3, 16, 224, 224), "swin3d_t": (1, 3, 8, S, S), "mvit_v2_s": (1, 3, 16, 224, 224)}
 
 TIMM = [
     "resnet18", "resnet26d", "resnext26ts", "seresnext26d_32x4d", "ecaresnet26t", "skresnet18", "resnest14d",
@@ -96,7 +97,7 @@ TIMM = [
     "tiny_vit_5m_224", "coatnet_nano_rw_224",
 ]
 TIMM_SIZE = {"inception_v3": 96, "efficientformer_l1": 224}
-TIMM_IMG_SIZE_KW = {"levit_128s", "coatnet_nano_rw_224", "botnet26t_256", "mobilevit_xxs"}  # built for S x S
+TIMM_IMG_SIZE_KW = {"levit_128s", "coatnet_nano_rw_224", "botnet26t_256", "bat_resnext26ts", "mobilevit_xxs"}  # built for S x S
 
 
 def _raft():
@@ -210,9 +211,8 @@ def specs() -> list:
     return out
 
 
-QUICK = ["tv:resnet18", "tv:mobilenet_v3_small", "tv:swin_t", "tv:lraspp_mobilenet_v3_large",
-         "tv:ssdlite320_mobilenet_v3_large", "tv:r3d_18", "timm:resnet18", "timm:mobilevit_xxs", "timm:ghostnet_050",
-         "hf:ResNet", "hf:MobileNetV2", "hf:ConvNext"]
+QUICK = ["tv:vgg11_bn", "tv:googlenet", "tv:lraspp_mobilenet_v3_large", "tv:mc3_18", "timm:resnest14d",
+         "timm:mobilevit_xxs", "hf:RegNet", "hf:ResNetBackbone"]  # ~4 min on a busy core
 
 
 # --------------------------------------------------------------------------------------------------- one model
@@ -583,14 +583,18 @@ def fx_missing(rows) -> list:
 def failures(rows) -> list:
     out = []
     for r in sorted(rows, key=lambda r: (r["family"], r["model"])):
+        auto = r["steps"].get("auto") or {}
         for step in STEPS:
             s = r["steps"].get(step)
-            if s is not None and not s["ok"]:
-                if step == "fx" and ok(r, "auto") is True:
-                    continue  # the expected case export now covers; the fx reasons are listed apart
-                bug = "" if s.get("fxrf_error") or step in ("build", "eager") else " **(not an FxrfError: an fxrf bug)**"
-                where = f" [{s['where']}]" if s.get("where") and not s.get("fxrf_error") else ""
-                out.append(f"- `{r['model']}` {step}: {s['reason'].replace('|', '/')}{bug}{where}")
+            if s is None or s["ok"] or (step == "fx" and "auto" in r["steps"]):
+                continue  # an fx failure: listed apart (and in auto's line when export failed too)
+            if step in ("organizer", "decomposer") and auto.get("ok") is False and _short(s["reason"]) == \
+                    _short(auto["reason"]):
+                continue  # the passes analyse first: the same failure as auto's
+            bug = "" if s.get("fxrf_error") or step in ("build", "eager") else " **(not an FxrfError: an fxrf bug)**"
+            where = f" [{s['where']}]" if s.get("where") and not s.get("fxrf_error") else ""
+            what = "auto (fx, then export)" if step == "auto" else step
+            out.append(f"- `{r['model']}` {what}: {_short(s['reason'], 240, types=True).replace('|', '/')}{bug}{where}")
         if r.get("timeout"):
             out.append(f"- `{r['model']}` timeout: still in step {_running(r)} after {r['seconds']} s")
         if r.get("crashed"):
@@ -611,7 +615,7 @@ def render(result: dict) -> str:
     for r in rows:
         s = r["steps"].get("fx")
         if s is not None and not s["ok"]:
-            fx_reasons[s["reason"].split(":")[0] + ": " + _short(s["reason"])] += 1
+            fx_reasons[_short(s["reason"])] += 1
     aten, failed = missing_ops(rows)
     out = [
         "# Coverage: the models users bring",
@@ -670,14 +674,19 @@ def render(result: dict) -> str:
     return "\n".join(out)
 
 
-def _short(reason: str) -> str:
-    """An fx failure's reason without the model-specific part (to group them)."""
-    text = reason.split(": ", 1)[1] if ": " in reason else reason
-    for cut in (" -- ", ". To proceed"):
-        text = text.split(cut)[0]
-    if "in submodule" in text:  # "cannot trace X in submodule 'a.b' (T): E: message"
-        text = text.split("): ", 1)[-1]
-    return text[:140]
+def _short(reason: str, n: int = 140, types: bool = False) -> str:
+    """A failure's reason without the model-specific prefix and after its first sentence (to group them);
+    types: keep the exception types (the outer one and the one fxrf wrapped)."""
+    outer = reason.split(": ", 1)[0] if types else ""
+    text = re.sub(r"^(\w+Error: )+", "", reason)
+    inner = re.match(r"^cannot (trace|capture) \S+( in submodule '[^']*' \([^)]*\))?( with torch.export "
+                     r"\(strict=False\))?: (\w+: )?", text)
+    if inner:
+        text = text[inner.end():]
+        outer += f": {inner.group(4)[:-2]}" if types and inner.group(4) else ""
+    text = f"{outer}: {text}" if outer else text
+    text = re.split(r"(?<=[a-z0-9)'])\. ", text)[0]
+    return text[:n]
 
 
 def main(argv=None) -> int:
