@@ -1,6 +1,8 @@
 """Model -> torch.fx GraphModule with a shape on every node, without running the model."""
 from __future__ import annotations
 
+import inspect
+import numbers
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -46,19 +48,61 @@ class _Tracer(fx.Tracer):
             self.path.pop()
 
 
+def _is_size(s) -> bool:
+    """An integer size: int or numpy integer (not bool)."""
+    return isinstance(s, numbers.Integral) and not isinstance(s, bool)
+
+
 def _as_shapes(example_input: InputSpec) -> list[TMeta]:
     def one(x):
         if isinstance(x, torch.Tensor):
             return TMeta(tuple(x.shape), x.dtype)
-        if isinstance(x, (tuple, list, torch.Size)) and all(isinstance(s, int) for s in x):
+        if isinstance(x, (tuple, list, torch.Size)) and x and all(isinstance(s, numbers.Real) for s in x):
+            bad = [s for s in x if not _is_size(s) or int(s) < 0]
+            if bad:
+                raise InputError(f"example input shape {tuple(x)} has sizes that are not non-negative integers "
+                                 f"({bad[0]!r}): pass whole numbers, e.g. (1, 3, 224, 224)")
             return TMeta(tuple(int(s) for s in x), torch.float32)
         raise InputError(
             f"example input must be a tensor or a shape such as (1, 3, 224, 224), got {type(x).__name__}")
 
     if isinstance(example_input, (tuple, list)) and example_input and not all(
-            isinstance(s, int) for s in example_input):
+            isinstance(s, numbers.Real) for s in example_input):
         return [one(x) for x in example_input]
     return [one(example_input)]
+
+
+def _check_model(model, inputs: list, example_input) -> list:
+    """Wrapped models get one line saying what to pass; too few example inputs are named; a shape given for a
+    half/bfloat16 model takes the model's dtype."""
+    wrapped = {"ScriptModule": "the original nn.Module (before torch.jit.script/trace)",
+               "RecursiveScriptModule": "the original nn.Module (before torch.jit.script/trace)",
+               "OptimizedModule": "model._orig_mod (the module torch.compile wrapped)",
+               "DataParallel": "model.module (the module DataParallel wraps)",
+               "DistributedDataParallel": "model.module (the module DistributedDataParallel wraps)"}
+    for cls in type(model).__mro__:
+        if cls.__name__ in wrapped:
+            raise InputError(f"{type(model).__name__} is a wrapper fxrf cannot trace through: pass "
+                             f"{wrapped[cls.__name__]} instead")
+    if isinstance(model, fx.GraphModule):
+        required = [n.name for n in model.graph.nodes if n.op == "placeholder" and not n.args]
+    else:
+        try:
+            params = inspect.signature(model.forward).parameters.values()
+        except (TypeError, ValueError):
+            params = []
+        required = [p.name for p in params if p.default is inspect.Parameter.empty
+                    and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(inputs) < len(required):
+        raise InputError(f"{type(model).__name__}.forward takes {len(required)} inputs "
+                         f"({', '.join(required)}) but {len(inputs)} example input(s) were given: pass a tuple "
+                         f"with one tensor or shape per input")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    shapes_only = not isinstance(example_input, torch.Tensor) and not (
+        isinstance(example_input, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in example_input))
+    if shapes_only and dtype is not None and dtype != torch.float32:
+        inputs = [TMeta(m.shape, dtype) if m.dtype == torch.float32 else m for m in inputs]
+    return inputs
 
 
 CAPTURES = ("auto", "fx", "export")
@@ -92,7 +136,7 @@ def trace_with_values(model, example_input, *, capture="auto", concrete_args=Non
                          f"instance (e.g. torchvision.models.resnet50()), not its class or output")
     if capture not in CAPTURES:
         raise InputError(f"capture={capture!r} is not one of {', '.join(CAPTURES)}")
-    inputs = _as_shapes(example_input)
+    inputs = _check_model(model, _as_shapes(example_input), example_input)
     if isinstance(model, fx.GraphModule):
         return _with_values(model, inputs, rules, model.meta.get(CAPTURE_KEY, "fx"))
     if capture == "export":

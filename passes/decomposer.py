@@ -195,7 +195,7 @@ def decompose(model: nn.Module, example_input, recipe: str | Recipe = "auto", *,
     if objective == "latency" and latency is None:
         from .latency import LatencyModel
         latency = LatencyModel(device, batch)
-    gm = private_copy(model, example_input)
+    gm = finish(private_copy(model, example_input))  # dead branches dropped first: they are no sites
     before = analyze(gm, example_input, alpha=alpha)
     ends = stage_ends(before)  # read these now: the edits below rewrite this graph in place
     cost_before, stage_cost_before = total(before.costs), _stage_costs(before)

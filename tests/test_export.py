@@ -79,3 +79,22 @@ def test_both_passes_run_on_export_captured_models():
 def test_capture_is_validated():
     with pytest.raises(fxrf.InputError, match="capture='jit' is not one of auto, fx, export"):
         fxrf.trace(nn.Conv2d(3, 3, 1), (1, 3, 4, 4), capture="jit")
+
+
+def test_padding_reads_the_same_through_export():
+    """F.pad is aten.pad in an exported graph: one op, so both captures give the same fields (and autograd's)."""
+    class Padded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3)
+            self.b = nn.Conv2d(4, 4, 3)
+
+        def forward(self, x):
+            return self.b(F.pad(self.a(F.pad(x, (1, 1, 1, 1), mode="reflect")), (1, 1, 1, 1)))
+
+    model, shape = Padded().eval(), (1, 3, 12, 12)
+    fx_, ex = fxrf.analyze(model, shape, capture="fx"), fxrf.analyze(model, shape, capture="export")
+    assert not ex.unsupported and _by_path(ex) == _by_path(fx_)
+    assert ex.record("b").rf.spatial == (5, 5)  # two 3x3 convs in one stage: padding does not start a stage
+    problems, _ = compare(model, shape, ex)
+    assert not problems, problems

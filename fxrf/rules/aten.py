@@ -47,12 +47,15 @@ for _name in ("relu", "relu6", "hardtanh", "leaky_relu", "prelu", "elu", "selu",
     _base = {"relu6": F.relu6, "clamp_min": torch.clamp, "clamp_max": torch.clamp}.get(_name) or \
         getattr(torch, _name, None) or getattr(F, _name)
     _alias(_base, _name, f"{_name}_", (_name, "Tensor"), (f"{_name}_", "Tensor"))
-_alias(torch.clone, "clone", "alias", "detach", "contiguous", "dropout", "feature_dropout", "lift_fresh_copy")
+_alias(torch.clone, "clone", "alias", "detach", "contiguous", "dropout", "dropout_", "feature_dropout",
+       "lift_fresh_copy")
 _alias("to", "_to_copy", ("to", "dtype"), ("to", "dtype_layout"), ("to", "device"), "type_as")
 _alias(torch.abs, "abs", "exp", "neg", "sqrt", "rsqrt")
 _alias(operator.add, ("add", "Tensor"), ("add_", "Tensor"), ("sub", "Tensor"), ("sub_", "Tensor"),
        ("mul", "Tensor"), ("mul_", "Tensor"), ("div", "Tensor"), ("div_", "Tensor"), "maximum", "minimum")
-_alias("view", "view", "reshape", "_unsafe_view")
+_alias("view", "view", "reshape", "_unsafe_view", "reshape_as")  # reshape_as: the rule reads the output's shape
+_alias(F.pad, "pad", "constant_pad_nd")
+_alias("swapaxes", "swapaxes", ("swapaxes", "default"))
 _alias(torch.flatten, ("flatten", "using_ints"))
 _alias("squeeze", "squeeze", ("squeeze", "dim"), ("squeeze", "dims"), "unsqueeze", ("unflatten", "int"))
 _alias("permute", "permute", ("transpose", "int"))
