@@ -57,7 +57,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxrf.analysis import Analysis, Stage, analyze
+from fxrf.analysis import Analysis, Stage, analyze, check_number
 from fxrf.cost import total
 from fxrf.errors import InputError
 from fxrf.metric import DEFAULT_ALPHA
@@ -192,6 +192,10 @@ def organize_stages(model: nn.Module, example_input, *, strategy: str = "greedy"
             a = _remove_saturated(work, example_input, alpha, cap, cutoff, changes, declined, touch)
         _insert_greedy(work, example_input, alpha, cap, threshold, limits, before, kernel_size, max_insertions, a,
                        changes, declined, touch)
+    if any(c.kind == "remove" for c in changes):  # a removal can leave act_(Identity(act_(x))): two in-place
+        for m in work.modules():  # writes to one tensor that backward needs; out of place computes the same
+            if getattr(m, "inplace", None) is True:
+                m.inplace = False
     finish(work)
     work = _renamed(work, type(model).__name__)
     a = analyze(work, example_input, alpha=alpha, spatial_cap=cap)
@@ -245,8 +249,8 @@ def _renamed(gm: fx.GraphModule, class_name: str) -> fx.GraphModule:
 
 
 def _check_arguments(threshold, cutoff, macs_budget, params_budget, kernel_size, max_insertions):
-    if threshold < 0 or cutoff < 0:
-        raise InputError(f"threshold and remove_below are 3DRF gains and must be >= 0, got {threshold}, {cutoff}")
+    check_number("threshold", threshold)  # a finite gain >= 0: NaN would compare False everywhere
+    check_number("remove_below", cutoff)
     for name, v in (("macs_budget", macs_budget), ("params_budget", params_budget)):
         if v is not None and not v > 0:
             raise InputError(f"{name} is a ratio after/before such as 1.25 (or None for no limit), got {v}")

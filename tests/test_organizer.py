@@ -451,7 +451,9 @@ def test_compiles(backend):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(threshold=-1), "must be >= 0"),
+    (dict(threshold=-1), "threshold must be a finite number >= 0"),
+    (dict(threshold=float("nan")), "threshold must be a finite number"),
+    (dict(remove_below=float("inf")), "remove_below must be a finite number"),
     (dict(macs_budget=0), "ratio after/before"),
     (dict(kernel_size=2), "kernel_size must be odd"),
 ])
@@ -493,3 +495,17 @@ def test_cli_optimize(tmp_path, capsys):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(net.eval()(x), gm.eval()(x))
+
+
+def test_removal_leaves_a_model_that_trains():
+    """After a removal the result still trains (backward runs) and the user's model keeps its in-place ReLUs. The
+    organizer turns in-place activations out of place after any removal (a removed unit between two in-place ReLUs
+    can leave two in-place writes to a tensor backward needs); this small case only checks the contract."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+    r = fxrf.organize_stages(model, (2, 3, 2, 2), macs_budget=None, threshold=1e9)  # 2x2 maps: the 2nd conv saturates
+    assert [c.kind for c in r.changes] == ["remove"]
+    x = torch.randn(2, 3, 2, 2, requires_grad=True)
+    r.graph_module.train()(x).sum().backward()
+    assert x.grad is not None and model[2].inplace  # the user's model keeps its in-place ReLUs
