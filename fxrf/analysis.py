@@ -151,9 +151,9 @@ class Analysis:
         from .report import to_dict
         return to_dict(self)
 
-    def table(self, width: int = 80) -> str:
+    def table(self, width: int | None = 80, depth: int | None = None) -> str:
         from .report import table
-        return table(self, width)
+        return table(self, width, depth)
 
 
 def analyze(model: nn.Module, example_input: InputSpec, *, alpha: float = DEFAULT_ALPHA, strict: bool = False,

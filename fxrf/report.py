@@ -151,12 +151,14 @@ def to_dict(a) -> dict:
                 "cost_source": c.source if c else None}
         if r is None:  # an op with a cost and no record (its output is a tuple: nn.MultiheadAttention)
             nodes.append({"name": node.name, "path": _module_path(node), "op": _op(node), "target": _target(node),
-                          "shape": None, "stage": None, "kernel": None, "rf": None, "gain": None, "input_rf": None,
-                          **cost})
+                          "shape": None, "stage": None, "kernel": None, "rf": None, "gain": None, "local_rf": None,
+                          "local_gain": None, "input_rf": None, **cost})
             continue
         nodes.append({"name": r.name, "path": r.path, "op": r.op, "target": r.target, "shape": list(r.shape),
                       "stage": r.stage,
                       "kernel": r.kernel, "rf": _rf(r.rf), "gain": None if r.gain is None else round(r.gain, 6),
+                      "local_rf": _rf(getattr(r, "local_rf", None)),
+                      "local_gain": None if getattr(r, "local_gain", None) is None else round(r.local_gain, 6),
                       "input_rf": _rf(r.input_rf, with_mean=False), **cost})
     summaries = {s.stage.index: s for s in stage_summaries(a)}
     return {
@@ -174,6 +176,9 @@ def to_dict(a) -> dict:
                         for n, t, why in a.unsupported],
         "uncounted": [{"name": n, "path": by_name[n].path if n in by_name else None,
                        "target": by_name[n].target if n in by_name else None} for n in uncounted(costs)],
+        "spatial_cap": a.spatial_cap,
+        "capture": a.capture,
+        "warnings": list(getattr(a, "warnings", [])),
     }
 
 
@@ -423,6 +428,8 @@ def table(a, width: int | None = 80, depth: int | None = None) -> str:
         lines += textwrap.wrap(f"{len(a.unsupported)} node(s) without an exact rule, analysed conservatively:",
                                prose)
         lines += [_clip_right(f"  {n}: {t} ({why})", width) for n, t, why in a.unsupported]
+    for w in getattr(a, "warnings", []):  # e.g. a gain 0 that rests on a gate's global context (local_gain says more)
+        lines += [""] + textwrap.wrap(f"warning: {w}", prose)
     return "\n".join(lines)
 
 

@@ -361,3 +361,16 @@ def test_cli_plot_and_graph(tmp_path, capsys, graph_ext):
     else:
         nodes = nx.read_graphml(str(graph)).nodes
     assert len(nodes) == len(fxrf.analyze(vgg11_cifar(), (1, 3, 32, 32)).graph_module.graph.nodes)
+
+
+def test_gate_warnings_and_local_fields_reach_the_report():
+    """A squeeze-excite net: gains that are 0 only because a gate sees the whole stage are warned about, and the
+    JSON carries the local field (gates excluded) next to the exact one."""
+    import torchvision
+    a = fxrf.analyze(torchvision.models.efficientnet_b0(), (1, 3, 64, 64))
+    assert a.warnings
+    d = a.to_dict()
+    assert d["warnings"] == a.warnings and d["capture"] == "fx" and d["spatial_cap"] is True
+    convs = [n for n in d["nodes"] if n["kernel"] is not None]
+    assert any(n["gain"] == 0 and n["local_gain"] for n in convs)  # saturated by the gate, not locally
+    assert "warning: " + a.warnings[0][:30] in a.table(width=200).replace("\n", " ")
