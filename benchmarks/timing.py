@@ -65,14 +65,8 @@ def time_calls(call: Callable[[], object], n: int, *, device: str = "cpu", min_n
 
 
 def cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
+    from fxrf.passes.latency import cpu_model as model  # one reader of /proc/cpuinfo; the cache keys use it too
+    return model()
 
 
 def cpu_capability() -> str | None:

@@ -83,7 +83,8 @@ def cache_path() -> Path:
     return cache_dir() / CACHE_FILE
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -107,7 +108,7 @@ def device_key(device: str = "cpu", threads: int | None = None) -> str:
         isa = torch.backends.cpu.get_cpu_capability()
     except Exception:
         isa = "?"
-    return f"cpu:{_cpu_model()}:{isa}:t{threads or torch.get_num_threads()}"
+    return f"cpu:{cpu_model()}:{isa}:t{threads or torch.get_num_threads()}"
 
 
 # ------------------------------------------------------------------------------------------------- the module
