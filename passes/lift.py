@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxrf.analysis import module_path
+from fxrf.rules.base import tuple_of
 from fxrf.shapes import fetch_attr
 
 aten = torch.ops.aten
@@ -80,7 +81,7 @@ def _module_for(gm, node):
         groups = _arg(node, 6, "groups", 1)
         pad = _arg(node, 4, "padding", 0)
         conv = _CONVS[t](w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride=_arg(node, 3, "stride", 1),
-                         padding=pad if isinstance(pad, str) else _tuple(pad, d),
+                         padding=pad if isinstance(pad, str) else tuple_of(pad, d),
                          dilation=_arg(node, 5, "dilation", 1), groups=groups, bias=b is not None,
                          device="meta", dtype=w.dtype)
         _adopt(conv, weight=w, bias=b)
@@ -148,7 +149,3 @@ def _free_path(gm, path: str, module: nn.Module) -> str:
         except AttributeError:
             return candidate
         i += 1
-
-
-def _tuple(v, n):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n

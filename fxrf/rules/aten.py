@@ -7,13 +7,14 @@ as its own op, ops that return (output, indices)) get a small op of their own he
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
 import torch.nn.functional as F
 
 from .base import DEFAULT, Call, Ctx, Decline, define, same_shape
-from .conv import batch_norm, conv, norm_cost
+from .conv import batch_norm, conv, conv_spec, norm_cost
 from .layout import getitem
 from .pool import adaptive_pool, pool, upsample
 
@@ -105,20 +106,12 @@ def _convolution_call(ctx: Ctx) -> Call:
 
 
 def _convolution_spec(ctx: Ctx):
-    from .conv import conv_spec
     return conv_spec(_convolution_call(ctx))
 
 
 define("aten_convolution", *_overloads("convolution"), rf=lambda ctx: conv(_convolution_call(ctx)),
        spec=_convolution_spec, kind="conv",
-       cost=lambda ctx: (ctx.out_numel * ctx.arg(1, "weight").shape[1] * _prod(ctx.arg(1, "weight").shape[2:]), 0))
-
-
-def _prod(xs) -> int:
-    out = 1
-    for x in xs:
-        out *= x
-    return out
+       cost=lambda ctx: (ctx.out_numel * math.prod(ctx.arg(1, "weight").shape[1:]), 0))
 
 
 # max_pool with indices: (out, indices), both the window's field.
