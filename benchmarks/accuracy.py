@@ -513,6 +513,12 @@ def plots(doc: dict, img_dir: str) -> dict:
     import matplotlib.pyplot as plt
     os.makedirs(img_dir, exist_ok=True)
     out = {}
+
+    def save(fig, key, name):
+        fig.tight_layout()
+        out[key] = name
+        fig.savefig(os.path.join(img_dir, name), dpi=110)
+        plt.close(fig)
     secs = doc["sections"]
     nets = [n for n in ("1d", "2d") if f"t2_{n}" in secs]
     if nets:
@@ -534,10 +540,7 @@ def plots(doc: dict, img_dir: str) -> dict:
             ax.set_xlabel("3DRF gain of the inserted conv")
             ax.set_ylabel("Δ accuracy vs baseline (points, 95% CI)")
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        out["t2"] = "accuracy_table2.png"
-        fig.savefig(os.path.join(img_dir, out["t2"]), dpi=110)
-        plt.close(fig)
+        save(fig, "t2", "accuracy_table2.png")
     if "t6" in secs:
         fig, ax = plt.subplots(figsize=(6, 4))
         for row in secs["t6"]["rows"]:
@@ -553,10 +556,7 @@ def plots(doc: dict, img_dir: str) -> dict:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title("Table 6 analogue (digits 16x16)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        out["t6"] = "accuracy_table6.png"
-        fig.savefig(os.path.join(img_dir, out["t6"]), dpi=110)
-        plt.close(fig)
+        save(fig, "t6", "accuracy_table6.png")
     if "proxy" in secs:
         rows = secs["proxy"]["rows"]
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -572,10 +572,7 @@ def plots(doc: dict, img_dir: str) -> dict:
                 ax.set_xscale("log")
         axes[0].set_ylabel("test accuracy (%)")
         axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        out["proxy"] = "accuracy_proxy.png"
-        fig.savefig(os.path.join(img_dir, out["proxy"]), dpi=110)
-        plt.close(fig)
+        save(fig, "proxy", "accuracy_proxy.png")
     return out
 
 
