@@ -72,6 +72,17 @@ def _alpha(text: str) -> float:
     return v
 
 
+def _budget(text: str) -> float:
+    """--latency-budget: a ratio after/before, a finite number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a ratio after/before, a finite number > 0 such as 1.0, got {text!r}")
+    return v
+
+
 def _positive_int(text: str) -> int:
     if not re.fullmatch(r"\s*\d+\s*", text) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
@@ -327,6 +338,8 @@ def _optimize_checks(args):
             raise UsageError(f"{', '.join(greedy_only)} only work{'' if len(greedy_only) > 1 else 's'} with "
                              f"--strategy greedy (the paper strategy keeps the number of convs and compares gains "
                              f"with each other)")
+    elif args.latency_budget is not None:
+        raise UsageError("--latency-budget limits the stage organizer: use it with --stages")
     recipe = None
     if args.kernels:
         from .passes.blocks import parse
@@ -368,10 +381,12 @@ def _cmd_optimize(args) -> int:
         if args.stages:
             from .passes.organizer import organize_stages
             given = {k: v for k, v in (("threshold", args.threshold), ("macs_budget", args.macs_budget),
-                                       ("remove_below", args.remove_below)) if v is not None}
+                                       ("remove_below", args.remove_below),
+                                       ("latency_budget", args.latency_budget)) if v is not None}
             with progress(f"organizing the stages of {args.model} ({args.strategy})"):
                 r = organize_stages(current, shape, strategy=args.strategy, alpha=args.alpha,
-                                    remove_saturated=not args.keep_saturated, **given, **select)
+                                    remove_saturated=not args.keep_saturated, **given, **select,
+                                    device=args.device, batch=args.batch)
             current, report["stages"], cap = r.graph_module, r, r.summary.get("spatial_cap", True)
         if args.kernels:
             from .passes.decomposer import decompose
@@ -489,6 +504,10 @@ def optimize_summary(report: dict, before, after, dry_run: bool = False) -> str:
         if key == "stages":
             lines.append(f"stages ({s['strategy']}): {s['inserted']} conv(s) inserted, {s['removed']} removed"
                          + ("" if s["function_preserved"] else "; removals change the function (fine-tune after)"))
+            if s.get("latency"):
+                t = s["latency"]
+                lines.append(f"  predicted latency on {t['device']} at batch {t['batch']}: {t['original_ms']:.3f} -> "
+                             f"{t['predicted_ms']:.3f} ms (budget {s['latency_budget']:g}x; each conv timed alone)")
         else:
             lines.append(f"kernels ({s['recipe']}): {s['replaced']} conv(s) replaced, {s['declined']} declined; "
                          f"3DRF kept: {'yes' if s['quality'] else 'NO'}, compact: {'yes' if s['compact'] else 'NO'}")
@@ -566,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--remove-below", type=float, help="greedy: remove convs whose gain is at most this "
                                                        "(default: the threshold; 0 removes only saturated convs)")
     op.add_argument("--macs-budget", type=float, help="max MACs ratio after/before (default 1.25)")
+    op.add_argument("--latency-budget", type=_budget, metavar="RATIO",
+                    help="--stages: max predicted latency ratio after/before on --device at --batch (the model and "
+                         "each conv timed compiled once, cached in ~/.cache/fxrf; default: no limit)")
     op.add_argument("--keep-saturated", action="store_true", help="greedy: do not remove convs whose gain is 0")
     op.add_argument("--kernels", metavar="RECIPE", help="run the kernel decomposer: auto, DW+PW, DW+GPW-g4, ...")
     op.add_argument("--objective", choices=("macs", "latency"), default="macs",

@@ -13,6 +13,8 @@ hold. Two strategies (docs/organizer.md):
 
 Both report `summary["delta_3drf"]`: the sum of the gains of the convs added minus that of the convs removed, each
 gain taken where the conv sits in its stage (the paper's Delta-3DRF column), and `summary["stage_convs"]`.
+Both take a `latency_budget`: a limit on the predicted latency (passes/latency.py times the input model and each
+conv added or removed), which declines changes without changing their order (docs/organizer.md).
 
 The greedy strategy. One number decides both directions, the `threshold` on the 3DRF gain:
 
@@ -49,6 +51,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -95,6 +98,7 @@ class Change:
     params: int  # parameters added (> 0) or removed (< 0)
     macs: int  # conv MACs added (> 0) or removed (< 0)
     place: str = ""  # insert: "end" (after the stage's last block) or "branch" (inside it, before its last conv)
+    time_ms: float | None = None  # latency_budget: the conv's time alone (+ norm, act), ms; None: not timed
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,7 @@ class _Site:
     device: torch.device
     note: str  # what of the stage's pattern was left out to stay exact, if anything
     training: bool  # the model's mode, for the new modules
+    shape: tuple = ()  # the new conv's input: `point`'s output shape
 
 
 def organize_stages(model: nn.Module, example_input, *, strategy: str = "greedy", alpha: float = DEFAULT_ALPHA,
@@ -142,7 +147,8 @@ def organize_stages(model: nn.Module, example_input, *, strategy: str = "greedy"
                     params_budget: float | None = None, remove_saturated: bool = True,
                     remove_below: float | None = None, kernel_size: int | None = 3,
                     max_insertions: int = 64, spatial_cap: bool | None = None, include=None,
-                    exclude=None) -> OrganizerResult:
+                    exclude=None, latency_budget: float | None = None, device: str = "cpu", batch: int = 1,
+                    latency=None) -> OrganizerResult:
     """Move convs to the stages where the 3DRF gain is highest; inserted convs start as the identity.
 
     strategy: "greedy" (default): remove convs with gain <= `remove_below`, insert while the gain exceeds
@@ -158,6 +164,12 @@ def organize_stages(model: nn.Module, example_input, *, strategy: str = "greedy"
     include / exclude: module-path globs (passes/select.py) of the convs the pass may remove; a stage gets a new
     conv only if every conv in it is selected (convs this call inserted always are). A pattern that matches no
     conv raises an InputError.
+    latency_budget: the most predicted latency of the result as a ratio to the input model's (None: no limit,
+    nothing is timed). The input model is timed whole once, each conv considered for insertion or removal alone
+    (passes/latency.py: compiled, cached on disk); a change that would take the prediction (original + added -
+    removed) over original * latency_budget is declined. The ranking by gain stays; the budget only limits
+    (docs/organizer.md, "Latency budget"). latency: the latency.LatencyModel to time with (None:
+    LatencyModel(device, batch)).
     `model` is not modified; the result's `graph_module` is a new GraphModule.
 
     >>> import fxrf, torch.nn as nn
@@ -175,23 +187,24 @@ def organize_stages(model: nn.Module, example_input, *, strategy: str = "greedy"
     cap = (not paper) if spatial_cap is None else bool(spatial_cap)
     threshold = DEFAULT_THRESHOLD if threshold is None else threshold
     cutoff = threshold if remove_below is None else remove_below
-    _check_arguments(threshold, cutoff, macs_budget, params_budget, kernel_size, max_insertions)
+    _check_arguments(threshold, cutoff, macs_budget, params_budget, kernel_size, max_insertions, latency_budget)
     work = private_copy(model, example_input)
     a = analyze(work, example_input, alpha=alpha, spatial_cap=cap)
     touch = _Touch(Selection(include, exclude), set())
     touch.selection.check(r.path for r in a.convs())
+    clock = None if latency_budget is None else _start_clock(work, a, latency, device, batch, latency_budget)
     before, convs_before = total(a.costs), _convs_per_stage(a)
     changes, declined = [], []
     limits = (before.macs * macs_budget if macs_budget is not None else math.inf,
               before.params * params_budget if params_budget is not None else math.inf)
     if paper:
         _swap_paper(work, example_input, alpha, cap, limits, before, kernel_size, max_insertions, changes, declined,
-                    touch)
+                    touch, clock)
     else:
         if remove_saturated:
-            a = _remove_saturated(work, example_input, alpha, cap, cutoff, changes, declined, touch)
+            a = _remove_saturated(work, example_input, alpha, cap, cutoff, changes, declined, touch, clock)
         _insert_greedy(work, example_input, alpha, cap, threshold, limits, before, kernel_size, max_insertions, a,
-                       changes, declined, touch)
+                       changes, declined, touch, clock)
     if any(c.kind == "remove" for c in changes):  # a removal can leave act_(Identity(act_(x))): two in-place
         for m in work.modules():  # writes to one tensor that backward needs; out of place computes the same
             if getattr(m, "inplace", None) is True:
@@ -221,7 +234,10 @@ def organize_stages(model: nn.Module, example_input, *, strategy: str = "greedy"
         "stage_resolutions": [list(s.resolution) for s in a.stages],
         "function_preserved": not any(c.kind == "remove" for c in changes),
         "selection": touch.selection.describe(),
+        "latency_budget": latency_budget,
     }
+    if clock is not None:
+        summary["latency"] = clock.summary()
     return OrganizerResult(work, changes, summary, declined, a)
 
 
@@ -248,22 +264,110 @@ def _renamed(gm: fx.GraphModule, class_name: str) -> fx.GraphModule:
     return copy_graph_module(gm, params="shared", class_name=class_name)
 
 
-def _check_arguments(threshold, cutoff, macs_budget, params_budget, kernel_size, max_insertions):
+def _check_arguments(threshold, cutoff, macs_budget, params_budget, kernel_size, max_insertions, latency_budget):
     check_number("threshold", threshold)  # a finite gain >= 0: NaN would compare False everywhere
     check_number("remove_below", cutoff)
     for name, v in (("macs_budget", macs_budget), ("params_budget", params_budget)):
         if v is not None and not v > 0:
             raise InputError(f"{name} is a ratio after/before such as 1.25 (or None for no limit), got {v}")
+    v = latency_budget
+    if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)
+                          or not v > 0):
+        raise InputError(f"latency_budget is a ratio of predicted latency after/before, a finite number > 0 such "
+                         f"as 1.0 (or None for no limit), got {v!r}")
     if kernel_size is not None and (kernel_size < 1 or kernel_size % 2 == 0):
         raise InputError(f"kernel_size must be odd (an identity conv needs a centre tap), got {kernel_size}")
     if max_insertions < 0:
         raise InputError(f"max_insertions must be >= 0, got {max_insertions}")
 
 
+# -- the latency budget ----------------------------------------------------------------------------------------
+
+
+class _Clock:
+    """The latency budget's running prediction: the input model timed whole, plus each conv inserted, minus each
+    conv removed, those timed alone (`LatencyModel.time("S", ...)`: the conv, then the model's norm and activation).
+    `now` is the one figure both the check and the update use: an accepted change never leaves it over `limit`
+    (beyond float rounding)."""
+
+    def __init__(self, lm, pattern, original: float, budget: float):
+        self.lm, self.pattern, self.original, self.budget = lm, pattern, original, budget
+        self.limit = original * budget
+        self.now, self.added, self.removed = original, 0.0, 0.0
+        self.untimed: list = []  # removed convs the latency model cannot time (grouped, functional): no saving
+
+    def site(self, site: _Site) -> float:
+        """Seconds of the conv `site` would insert."""
+        return self.lm.time("S", _site_conv(site, torch.device("meta")), site.shape, self.pattern)
+
+    def conv(self, gm, node: fx.Node, in_shape) -> float | None:
+        """Seconds of a conv of the graph, or None where the latency model cannot time it: it times a standard
+        nn.Conv2d (its signature has no groups, so a grouped conv would be priced as a dense one)."""
+        m = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(m, nn.Conv2d) or m.groups != 1:
+            return None
+        return self.lm.time("S", m, tuple(in_shape), self.pattern)
+
+    def over(self, t: float, base: float | None = None) -> str | None:
+        """Why `base` (default: the prediction now) + `t` seconds breaks the budget, naming the figures; or None.
+        A relative 1e-9 is rounding (a swap of two equal times, 0.01 - 0.001 + 0.001 > 0.01), not a breach."""
+        new = (self.now if base is None else base) + t
+        if new <= self.limit * (1 + 1e-9):
+            return None
+        return (f"predicted {_ms(new)} > {_ms(self.limit)}, {self.budget:.2f}x the input model's "
+                f"{_ms(self.original)}")
+
+    def add(self, t: float) -> None:
+        self.now += t
+        self.added += t
+
+    def remove(self, t: float | None, name: str) -> None:
+        if t is None:
+            self.untimed.append(name)
+            return
+        self.now -= t
+        self.removed += t
+
+    def summary(self) -> dict:
+        lm = self.lm
+        return {"model": repr(lm), "device": lm.key, "batch": lm.batch, "mode": lm.mode,
+                "original_ms": _round_ms(self.original), "added_ms": _round_ms(self.added),
+                "removed_ms": _round_ms(self.removed), "predicted_ms": _round_ms(self.now),
+                "limit_ms": _round_ms(self.limit), "untimed_removed": list(self.untimed)}
+
+
+def _start_clock(work: fx.GraphModule, a: Analysis, lm, device: str, batch: int, budget: float) -> _Clock:
+    """The input model timed whole (an eval-mode copy, compiled; cached by its structure) and the model's norm
+    and activation, which every conv is timed with."""
+    from .blocks import model_pattern
+    from .latency import LatencyModel
+
+    flat = [s.index for s in a.stages if len(s.resolution) != 2]
+    if flat:
+        raise InputError(f"latency_budget: the latency model times 2-d convs only, and stage {flat[0]} is "
+                         f"{len(a.stages[flat[0]].resolution)}-d: pass latency_budget=None")
+    shapes = [tuple(n.meta["tensor_meta"].shape) for n in work.graph.nodes
+              if n.op == "placeholder" and "tensor_meta" in n.meta]
+    if len(shapes) != 1:
+        raise InputError(f"latency_budget times the whole model on one input tensor; this model takes "
+                         f"{len(shapes)}: pass latency_budget=None")
+    lm = LatencyModel(device, batch) if lm is None else lm
+    whole = copy_graph_module(work, params="copy").eval()  # inference latency; `work`'s modules keep their mode
+    return _Clock(lm, model_pattern(work), lm.time_model(whole, shapes[0], "original"), budget)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms"
+
+
+def _round_ms(seconds: float) -> float:
+    return round(seconds * 1e3, 6)
+
+
 # -- removal ---------------------------------------------------------------------------------------------------
 
 
-def _remove_saturated(gm, example_input, alpha, cap, cutoff, changes, declined, touch) -> Analysis:
+def _remove_saturated(gm, example_input, alpha, cap, cutoff, changes, declined, touch, clock) -> Analysis:
     """Remove convs with gain <= cutoff, last first, until a fresh analysis finds none left to remove.
 
     Within one analysis the convs are visited in reverse graph order: removing a conv changes the fields of the
@@ -286,14 +390,15 @@ def _remove_saturated(gm, example_input, alpha, cap, cutoff, changes, declined, 
                 continue
             why = ("saturated: its input already sees the whole stage input (gain 0)" if r.gain == 0 else
                    f"gain {r.gain:.4f} <= {cutoff}")
-            changes.append(_remove(gm, plan, r, costs, why))
+            t = _removed_time(clock, gm, a, plan, r)
+            changes.append(_remove(gm, plan, r, costs, why, t))
             removed = True
         if not removed:
             declined.extend(kept.values())
             return a
 
 
-def _remove(gm, plan, r, costs, why: str) -> Change:
+def _remove(gm, plan, r, costs, why: str, time_s: float | None = None) -> Change:
     """Erase the planned unit (conv, norm, activation); its consumers read the unit's input instead."""
     unit, src = plan
     names = tuple(n.name for n in unit)
@@ -301,7 +406,18 @@ def _remove(gm, plan, r, costs, why: str) -> Change:
     for n in reversed(unit):  # consumers before producers
         gm.graph.erase_node(n)
     return Change("remove", r.stage, r.name, r.gain, why + "; changes the function (retrain)", names, src.name,
-                  -sum(costs[n].params for n in names if n in costs), -sum(costs[n].macs for n in names if n in costs))
+                  -sum(costs[n].params for n in names if n in costs), -sum(costs[n].macs for n in names if n in costs),
+                  time_ms=None if time_s is None else _round_ms(time_s))
+
+
+def _removed_time(clock, gm, a: Analysis, plan, r) -> float | None:
+    """latency_budget: the time the planned removal saves (counted in `clock`); None: not timed."""
+    if clock is None:
+        return None
+    unit, src = plan
+    t = clock.conv(gm, unit[0], a.record(src.name).shape)
+    clock.remove(t, r.name)
+    return t
 
 
 def _removal_plan(gm, a: Analysis, name: str):
@@ -376,7 +492,7 @@ def _branch_merge(unit, src, kinds):
 
 
 def _insert_greedy(work, example_input, alpha, cap, threshold, limits, original, kernel_size, max_insertions, a,
-                   changes, declined, touch):
+                   changes, declined, touch, clock):
     """Insert one conv at a time where the candidate graphs' analysis gives the highest gain (the cheaper place
     on a tie), while the gain exceeds the threshold and the budgets hold."""
     now = total(a.costs)
@@ -416,6 +532,8 @@ def _insert_greedy(work, example_input, alpha, cap, threshold, limits, original,
             elif used[1] + params > limits[1]:
                 why = (f"the next conv (gain {gain:.4f}) would exceed the params budget "
                        f"({_ratio(used[1] + params, original.params, limits[1], 'params')})")
+            elif clock is not None and (late := clock.over(t := clock.site(site))) is not None:
+                why = f"the next conv (gain {gain:.4f}, {_ms(t)}) would exceed the latency budget ({late})"
             elif sum(c.kind == "insert" for c in changes) >= max_insertions:
                 why = f"max_insertions ({max_insertions}) reached"
             if why is not None:
@@ -428,10 +546,13 @@ def _insert_greedy(work, example_input, alpha, cap, threshold, limits, original,
                 closed.add((s, "branch"))
             used[0] += macs
             used[1] += params
+            if clock is not None:
+                clock.add(t)
             changes.append(Change("insert", s, nodes[0].name, gain,
                                   f"{where}: the highest gain of the next convs, {gain:.4f} > threshold {threshold}"
                                   + (f"; {site.note}" if site.note else ""),
-                                  tuple(n.name for n in nodes), site.point, params, macs, place))
+                                  tuple(n.name for n in nodes), site.point, params, macs, place,
+                                  None if clock is None else _round_ms(t)))
             break  # the graph changed: analyse again
         else:
             return
@@ -444,7 +565,7 @@ _PLACES = {"end": "after the stage's last block", "branch": "inside the stage's 
 
 
 def _swap_paper(work, example_input, alpha, cap, limits, original, kernel_size, max_swaps, changes, declined,
-                touch):
+                touch, clock):
     """Swap the removable conv of lowest gain for the candidate conv of highest gain while the candidate's gain is
     higher; one swap removes one conv and inserts one, so the number of convs never changes.
 
@@ -453,6 +574,7 @@ def _swap_paper(work, example_input, alpha, cap, limits, original, kernel_size, 
     last position), the cheaper candidate comes first. Positions are counted over the convs that have a gain (a
     conv that starts a stage, strided, has none): each stage keeps at least one of them, and a stage without one
     gets none, since its first conv's gain would be measured against a 1x1x1 field (large by construction).
+    The budgets only skip candidates: the best candidate that fits them is the one compared with the conv removed.
     """
     now = total(analyze(work, example_input, alpha=alpha, spatial_cap=cap).costs)
     used = [now.macs, now.params]
@@ -478,6 +600,7 @@ def _swap_paper(work, example_input, alpha, cap, limits, original, kernel_size, 
                                                                   "one; the others would break the graph)"))
             return
         costs = a.costs
+        t_victim = None if clock is None else clock.conv(trial, plan[0][0], a.record(plan[1].name).shape)
         removal = _remove(trial, plan, victim, costs, "")
         trial.recompile()
         t = analyze(trial, example_input, alpha=alpha, spatial_cap=cap)
@@ -503,8 +626,22 @@ def _swap_paper(work, example_input, alpha, cap, limits, original, kernel_size, 
                            place)
         rows = sorted((row for row in rows if row[0] is not None), key=lambda row: (-row[0],) + row[1:4])
         base = (used[0] + removal.macs, used[1] + removal.params)
-        over = [row for row in rows if base[0] + row[1] > limits[0] or base[1] + row[4] > limits[1]]
-        best = next((row for row in rows if row not in over), None)
+        lat_base = None if clock is None else clock.now - (t_victim or 0.0)
+        over, best, t_best = [], None, None  # the candidates of higher gain than `best` that break a budget, and why
+        for row in rows:
+            why = None
+            if base[0] + row[1] > limits[0] or base[1] + row[4] > limits[1]:
+                why = "the swap would exceed the MACs or params budget"
+            elif clock is not None:
+                t_best = clock.site(sites[row[2], row[3]])
+                late = clock.over(t_best, lat_base)
+                if late is not None:
+                    why = (f"the swap ({_ms(t_best)} in, {_ms(t_victim) if t_victim is not None else 'untimed'} "
+                           f"out) would exceed the latency budget ({late})")
+            if why is None:
+                best = row
+                break
+            over.append((row, why))
         stop = None
         if best is None or not best[0] > victim.gain:
             stop = (f"paper: the best candidate's gain {_fmt(best[0] if best else None)} <= {victim.gain:.4f}, the "
@@ -513,10 +650,9 @@ def _swap_paper(work, example_input, alpha, cap, limits, original, kernel_size, 
             stop = f"paper: max_insertions ({max_swaps}) swaps reached"
         if stop is not None:
             declined.extend(kept + reasons)
-            for g, macs, s, place, params in (x for x in over if best is None or x[0] > best[0]):
+            for (g, macs, s, place, params), why in (x for x in over if best is None or x[0][0] > best[0]):
                 declined.append(Declined("insert", s, sites[s, place].point, g,
-                                         f"{_PLACES[place]}: paper: gain {g:.4f}, but the swap would exceed the "
-                                         f"MACs or params budget"))
+                                         f"{_PLACES[place]}: paper: gain {g:.4f}, but {why}"))
             declined.append(Declined("insert", best[2] if best else None, sites[best[2], best[3]].point if best
                                      else None, best[0] if best else None, stop))
             return
@@ -525,13 +661,17 @@ def _swap_paper(work, example_input, alpha, cap, limits, original, kernel_size, 
         plan = _removal_plan(work, a, victim.name)  # the same plan on the working graph
         changes.append(_remove(work, plan, victim, costs,
                                f"paper: the lowest gain of the removable convs ({victim.gain:.4f}), swapped for a "
-                               f"conv in stage {s} with gain {gain:.4f}"))
+                               f"conv in stage {s} with gain {gain:.4f}", t_victim))
         nodes = _insert(work, site, _prefix(work, s), meta=False)
         touch.own.add(nodes[0].target)
+        if clock is not None:  # removal first, as checked: now = (now - t_victim) + t_best
+            clock.remove(t_victim, victim.name)
+            clock.add(t_best)
         changes.append(Change("insert", s, nodes[0].name, gain,
                               f"{_PLACES[place]}: paper: the highest gain of the candidates, {gain:.4f} > "
                               f"{victim.gain:.4f} of {victim.name} (removed)" + (f"; {site.note}" if site.note else ""),
-                              tuple(n.name for n in nodes), site.point, params, macs, place))
+                              tuple(n.name for n in nodes), site.point, params, macs, place,
+                              None if clock is None else _round_ms(t_best)))
         used[0], used[1] = base[0] + macs, base[1] + params
         swaps += 1
 
@@ -587,8 +727,7 @@ def _unit_modules(site: _Site, meta: bool) -> list:
     """The new modules: a Dirac (identity) conv, a pass-through batch norm, a copy of the activation."""
     device = torch.device("meta") if meta else site.device
     kw = dict(device=device, dtype=site.dtype)
-    conv = getattr(nn, f"Conv{site.dims}d")(site.width, site.width, site.kernel, padding=site.kernel // 2,
-                                            bias=site.bias, **kw)
+    conv = _site_conv(site, device)
     with torch.no_grad():
         nn.init.dirac_(conv.weight)
         if conv.bias is not None:
@@ -601,6 +740,12 @@ def _unit_modules(site: _Site, meta: bool) -> list:
     for _, m in out:
         m.train(site.training)
     return out
+
+
+def _site_conv(site: _Site, device: torch.device) -> nn.Module:
+    """The conv `site` inserts (width to width, same size), uninitialised."""
+    return getattr(nn, f"Conv{site.dims}d")(site.width, site.width, site.kernel, padding=site.kernel // 2,
+                                            bias=site.bias, device=device, dtype=site.dtype)
 
 
 def _prefix(gm, stage: int) -> str:
@@ -677,7 +822,7 @@ def _site(a: Analysis, stage: Stage, point, convs, modules, kernel_size: int | N
                  getattr(tmod, "bias", None) is not None, norm, act,
                  weight.dtype if weight is not None else getattr(tm, "dtype", torch.float32),
                  weight.device if weight is not None else _device(a.graph_module), "; ".join(notes),
-                 a.graph_module.training)
+                 a.graph_module.training, tuple(rec[point.name].shape))
 
 
 def _is_map(r, stage: Stage) -> bool:
