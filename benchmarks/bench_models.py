@@ -126,7 +126,7 @@ def _auto(base: Callable[[], nn.Module], sample: tuple, objective: str) -> Calla
         info = {"objective": objective, "decompose_s": round(time.perf_counter() - t0, 1), "timings_made": lm.calls,
                 "assignment": [list(st.blocks) for st in result.stages if st.blocks], "quality": s["quality"],
                 "compact": s["compact"], "latency_model": {k: v for k, v in s["latency"].items() if k != "sites"},
-                "latency_sites": s["latency"]["sites"]}
+                "latency_sites": s["latency"]["sites"], "verified": s.get("verified")}
         return result.graph_module, info
     return build
 
@@ -276,9 +276,10 @@ def _pairs(name, batch, compiled, spec, kept, done, doc, args, progress) -> None
 
 
 def predictions(results: list) -> list:
-    """The latency model's whole-model prediction against the measured latency, per auto rewrite (compiled):
-    predicted = measured latency of the base model - the sum over the replaced convs of (conv time - block time),
-    each timed alone at its site (passes/latency.py). error = predicted / measured - 1."""
+    """The latency model's whole-model prediction against the measured latency, per auto rewrite (compiled), from
+    the measured base model and the blocks' and convs' times alone at their sites (passes/latency.py): additive =
+    base - the sum over the replaced convs of (conv time - block time); scaled = base * (1 - that saving / the sum
+    of every eligible conv's time). error = predicted / measured - 1."""
     by = {(r["model"], r["device"], r["batch"], r["mode"]): r for r in results if "median_ms" in r}
     out = []
     for (name, device, batch, mode), r in by.items():
@@ -288,10 +289,13 @@ def predictions(results: list) -> list:
         if not lm or base is None or mode != lm.get("mode"):
             continue
         pred = base["median_ms"] - lm["saved_ms"]
+        sites = lm.get("sites_ms") or 0.0
+        scaled = base["median_ms"] * (1 - lm["saved_ms"] / sites) if sites > 0 else base["median_ms"]
         out.append({"model": name, "device": device, "batch": batch, "mode": mode, "base_ms": base["median_ms"],
-                    "convs_ms": lm["conv_ms"], "blocks_ms": lm["block_ms"], "predicted_ms": pred,
-                    "measured_ms": r["median_ms"], "error": pred / r["median_ms"] - 1,
-                    "sites_share_of_base": lm["conv_ms"] / base["median_ms"]})
+                    "convs_ms": lm["conv_ms"], "blocks_ms": lm["block_ms"], "all_convs_ms": sites,
+                    "predicted_ms": pred, "scaled_ms": scaled, "measured_ms": r["median_ms"],
+                    "error": pred / r["median_ms"] - 1, "scaled_error": scaled / r["median_ms"] - 1,
+                    "sites_share_of_base": sites / base["median_ms"]})
     return out
 
 
@@ -525,7 +529,7 @@ def main(argv=None) -> int:
     p.add_argument("--rpw-variants", action="store_true",
                    help="time the ways to do the DW+RPW channel rotation against none (compiled)")
     p.add_argument("--latency-cache", metavar="PATH", help="the latency model's cache file (default: "
-                   "$FXRF_CACHE_DIR, $XDG_CACHE_HOME/fxrf or ~/.cache/fxrf, latency-v1.json)")
+                   "$FXRF_CACHE_DIR, $XDG_CACHE_HOME/fxrf or ~/.cache/fxrf, latency-v2.json)")
     p.add_argument("--list", action="store_true", help="print the model names and exit")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when a target is missed")
     args = p.parse_args(argv)

@@ -222,6 +222,12 @@ def _auto_rows(doc) -> list:
     return out
 
 
+def _verified(v) -> str:
+    if not v:
+        return "-"
+    return v["chosen"] + " (" + ", ".join(f"{k} {m['ms']:.2f}" for k, m in v["models"].items()) + ")"
+
+
 def _tables(doc) -> list:
     """(title, header, rows) of the objective, prediction, roofline and RPW sections present in the run."""
     out = []
@@ -230,19 +236,21 @@ def _tables(doc) -> list:
         out.append(("recipe=\"auto\": what each objective chose (stage by stage; S: kept), priced by the latency "
                     "model (compiled, this device and batch)",
                     ["model", "batch", "MACs/img", "assignment (stages separated by /)", "sum conv ms", "sum block ms", "timings made",
-                     "quality"],
+                     "quality", "whole-model check: kept (ms of each, compiled, in alternation)"],
                     [[r["model"], r["batch"], _si(r["macs"]), " / ".join(" ".join(b) for b in r["assignment"]),
                       f"{r['latency_model']['conv_ms']:.2f}", f"{r['latency_model']['block_ms']:.2f}",
-                      r["timings_made"], r["quality"]] for r in auto]))
+                      r["timings_made"], r["quality"], _verified(r.get("verified"))] for r in auto]))
     if doc.get("predictions"):
-        out.append(("latency model against the measured model: predicted = measured(base) - sum over the replaced "
-                    "convs of (conv time - block time), each timed alone at its site; error = predicted / measured "
-                    "- 1",
-                    ["model", "batch", "mode", "base ms", "convs ms", "blocks ms", "predicted ms", "measured ms",
-                     "error", "sites / base"],
-                    [[q["model"], q["batch"], q["mode"], f"{q['base_ms']:.2f}", f"{q['convs_ms']:.2f}",
-                      f"{q['blocks_ms']:.2f}", f"{q['predicted_ms']:.2f}", f"{q['measured_ms']:.2f}",
-                      f"{q['error']:+.1%}", f"{q['sites_share_of_base']:.2f}"] for q in doc["predictions"]]))
+        out.append(("latency model against the measured model, from the measured base and the convs' and blocks' "
+                    "times alone at their sites: additive = base - sum over the replaced convs of (conv time - block "
+                    "time); scaled = base * (1 - that saving / sum of every eligible conv's time); error = "
+                    "predicted / measured - 1",
+                    ["model", "batch", "mode", "base ms", "all convs ms", "replaced convs ms", "blocks ms",
+                     "additive ms", "error", "scaled ms", "error", "measured ms", "all convs / base"],
+                    [[q["model"], q["batch"], q["mode"], f"{q['base_ms']:.2f}", f"{q.get('all_convs_ms', 0):.2f}",
+                      f"{q['convs_ms']:.2f}", f"{q['blocks_ms']:.2f}", f"{q['predicted_ms']:.2f}",
+                      f"{q['error']:+.1%}", f"{q.get('scaled_ms', 0):.2f}", f"{q.get('scaled_error', 0):+.1%}",
+                      f"{q['measured_ms']:.2f}", f"{q['sites_share_of_base']:.2f}"] for q in doc["predictions"]]))
     if doc.get("roofline"):
         pk = doc.get("peaks") or {}
         out.append((f"roofline per site and block (compiled; peaks measured here: "

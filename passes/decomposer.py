@@ -168,7 +168,8 @@ def decompose(model: nn.Module, example_input, recipe: str | Recipe = "auto", *,
               skip_first: bool = True, fold: bool = True, candidates: Sequence[str | Recipe] | None = None,
               alpha: float = DEFAULT_ALPHA, catalog: Sequence | None = None,
               include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None,
-              objective: str = "macs", device: str = "cpu", batch: int = 1, latency=None) -> Decomposition:
+              objective: str = "macs", device: str = "cpu", batch: int = 1, latency=None,
+              verify: int = 3) -> Decomposition:
     """Replace standard convs of `model` by factorized blocks; the model itself is not modified.
 
     recipe: "auto", or a catalog recipe applied everywhere eligible ("DW+PW", "DW+GPW-g4", "DW+RPW-g4-o50",
@@ -184,6 +185,11 @@ def decompose(model: nn.Module, example_input, recipe: str | Recipe = "auto", *,
     keeping a block only where it is faster than the conv it replaces; see docs/decomposer.md). latency: a
     latency.LatencyModel to price with (None: LatencyModel(device, batch), compiled, cached on disk); given with
     objective="macs", the chosen blocks are still priced, in summary["latency"].
+    verify (objective="latency"): blocks timed alone mispredict their time inside the compiled model (inductor
+    fuses neighbours; the machine's load moves between timings), so the whole model the latency objective chose is
+    timed against the one the MACs objective chooses and the unchanged model, compiled, in alternation for
+    `verify` rounds, and the fastest is returned (summary["verified"]: the times, the choice, the prediction
+    error). 0: no check (the per-block choice is returned as it is).
     """
     catalog = check_catalog(CATALOG if catalog is None else catalog)
     if objective not in OBJECTIVES:
@@ -195,6 +201,8 @@ def decompose(model: nn.Module, example_input, recipe: str | Recipe = "auto", *,
     if objective == "latency" and latency is None:
         from .latency import LatencyModel
         latency = LatencyModel(device, batch)
+    if isinstance(verify, bool) or not isinstance(verify, int) or verify < 0:
+        raise InputError(f"verify={verify!r}: give the rounds of whole-model timing, an int >= 0 (0: no check)")
     gm = finish(private_copy(model, example_input))  # dead branches dropped first: they are no sites
     before = analyze(gm, example_input, alpha=alpha)
     ends = stage_ends(before)  # read these now: the edits below rewrite this graph in place
@@ -204,17 +212,76 @@ def decompose(model: nn.Module, example_input, recipe: str | Recipe = "auto", *,
     selection.check(r.path for r in before.convs())
     sites = [s for s in eligible_sites(gm, before, skip_first) if selection.allows(before.record(s.node).path)]
     tried: dict = {}
-    if isinstance(recipe, str) and recipe.strip().lower() == "auto":
+    if is_auto:
         recipes = [parse(c, catalog) for c in (auto_candidates(catalog) if candidates is None else candidates)]
-        search = _auto_latency if objective == "latency" else _auto
-        plan, tried = search(gm, before, ends, sites, pattern, example_input, recipes, alpha, *(
-            (latency,) if objective == "latency" else ()))
+        if objective == "latency":
+            plan, tried = _auto_latency(gm, before, ends, sites, pattern, example_input, recipes, alpha, latency)
+        else:
+            plan, tried = _auto(gm, before, ends, sites, pattern, example_input, recipes, alpha)
         name = "auto"
     else:
         r = parse(recipe, catalog)
         plan, name = {s.node: r for s in sites}, r.name
+    # every eligible conv's time alone: what the predictions in summary["latency"] and ["verified"] scale by
+    sites_ms = None if latency is None else 1e3 * sum(
+        latency.time(KEEP, gm.get_submodule(s.target), s.in_shape, pattern) for s in sites)
+    common = (before, ends, cost_before, stage_cost_before, sites, pattern, example_input, alpha, fold,
+              transfer_weights, latency, sites_ms, name, objective if is_auto else None, selection)
+    if not (objective == "latency" and verify):
+        return _build(gm, plan, tried, *common)
+    # the whole-model check: the latency choice against the MACs choice and the unchanged model, in alternation
+    macs_plan, macs_tried = _auto(gm, before, ends, sites, pattern, example_input, recipes, alpha)
+    options = {"latency": (plan, tried), "macs": (macs_plan, macs_tried), "original": ({}, tried)}
+    if _same_plan(macs_plan, plan):
+        del options["macs"]
+    built = {k: _build(copy_graph_module(gm, params="copy"), p, t, *common) for k, (p, t) in options.items()}
+    times = latency.compare({k: r.graph_module for k, r in built.items()}, _input_shape(before), verify)
+    pick = min(times, key=lambda k: (times[k], list(times).index(k)))  # a tie keeps the earlier: latency first
+    result = built[pick]
+    result.summary["verified"] = _verdict(times, pick, built, verify, sites_ms / 1e3)
+    return result
+
+
+def _same_plan(a: dict, b: dict) -> bool:
+    keep = lambda plan: {k: v.name for k, v in plan.items() if not v.keeps}  # noqa: E731
+    return keep(a) == keep(b)
+
+
+def _input_shape(a: Analysis) -> tuple:
+    shapes = [tuple(n.meta["tensor_meta"].shape) for n in a.graph_module.graph.nodes
+              if n.op == "placeholder" and "tensor_meta" in n.meta]
+    if len(shapes) != 1:
+        raise InputError("decompose(objective='latency', verify>0) times the whole model on one input tensor; "
+                         f"this model takes {len(shapes)}: pass verify=0")
+    return shapes[0]
+
+
+def _verdict(times: dict, pick: str, built: dict, rounds: int, sites_s: float) -> dict:
+    """What the whole-model check measured, and how well the per-block latency model predicted it. Two
+    predictions from the measured original and the blocks' times alone (error = predicted / measured - 1):
+    additive = measured(original) - sum over the replaced convs of (conv time - block time); scaled =
+    measured(original) * (1 - that saving / the sum of the times of every eligible conv), i.e. the block times
+    taken as right relative to the convs' and the whole model scaled by them (blocks timed alone run 20-30%
+    slower than inside the compiled model on a CPU, so the additive one overstates the saving)."""
+    base = times["original"]
+    rows = {}
+    for k, t in times.items():
+        saved = built[k].summary["latency"]["saved_ms"] / 1e3
+        additive, scaled = base - saved, base * (1 - saved / sites_s) if sites_s > 0 else base
+        rows[k] = {"ms": round(t * 1e3, 4), "additive_ms": round(additive * 1e3, 4),
+                   "scaled_ms": round(scaled * 1e3, 4),
+                   "additive_error": round(additive / t - 1, 4) if t > 0 else None,
+                   "scaled_error": round(scaled / t - 1, 4) if t > 0 else None,
+                   "replaced": built[k].summary["replaced"], "macs": built[k].summary["macs_after"]}
+    return {"rounds": rounds, "chosen": pick, "models": rows, "sites_ms": round(sites_s * 1e3, 4),
+            "speedup": round(base / times[pick], 4) if times[pick] > 0 else None}
+
+
+def _build(gm, plan, tried, before, ends, cost_before, stage_cost_before, sites, pattern, example_input, alpha,
+           fold, transfer_weights, latency, sites_ms, name, objective, selection) -> Decomposition:
+    """Apply `plan` to `gm` (a private copy, edited in place), fold, check every stage, and report."""
     applied = _apply(gm, sites, plan, pattern, transfer_weights)
-    priced = _priced(latency, applied, pattern) if latency is not None else None
+    priced = _priced(latency, applied, pattern, sites_ms) if latency is not None else None
     finish(gm)
     folds, fold_summary = [], {"permutations": 0, "folded": 0, "remaining": 0, "remaining_nodes": []}
     if fold and applied.permutations:
@@ -242,7 +309,7 @@ def decompose(model: nn.Module, example_input, recipe: str | Recipe = "auto", *,
         "permutations_inserted": len(applied.permutations), "permutations_folded": fold_summary["folded"],
         "permutations_remaining": fold_summary["remaining"], "remaining_permutations": fold_summary["remaining_nodes"],
         "stages": [asdict(s) for s in stages], "declined_convs": [asdict(d) for d in applied.declined],
-        "selection": selection.describe(), "objective": objective if is_auto else None, "latency": priced,
+        "selection": selection.describe(), "objective": objective, "latency": priced,
     }
     return Decomposition(gm, changes, summary, folds=list(folds), declined=list(applied.declined), stages=stages)
 
@@ -470,8 +537,9 @@ def _auto_latency(gm, before, ends, sites, pattern, example_input, recipes, alph
     return plan, tried
 
 
-def _priced(latency, applied: "_Applied", pattern) -> dict:
-    """What the latency model says of the blocks placed: per replaced conv its time and the block's, and totals."""
+def _priced(latency, applied: "_Applied", pattern, sites_ms: float) -> dict:
+    """What the latency model says of the blocks placed: per replaced conv its time and the block's, totals, and
+    `sites_ms`, the sum of the times of every eligible conv (kept or replaced)."""
     rows = []
     for d in applied.replaced:
         t_conv = latency.time(KEEP, d.conv, d.site.in_shape, pattern)
@@ -480,7 +548,7 @@ def _priced(latency, applied: "_Applied", pattern) -> dict:
                      "block_ms": t_block * 1e3})
     return {"model": repr(latency), "device": latency.key, "batch": latency.batch, "mode": latency.mode,
             "sites": rows, "conv_ms": sum(r["conv_ms"] for r in rows), "block_ms": sum(r["block_ms"] for r in rows),
-            "saved_ms": sum(r["conv_ms"] - r["block_ms"] for r in rows)}
+            "saved_ms": sum(r["conv_ms"] - r["block_ms"] for r in rows), "sites_ms": sites_ms}
 
 
 # ---------------------------------------------------------------------------------------------------- verdicts

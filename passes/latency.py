@@ -48,7 +48,7 @@ from fxrf.errors import InputError
 from .blocks import Pattern, Recipe, build, emit, parse, signature
 
 MODES = ("eager", "compile")
-CACHE_FILE = "latency-v1.json"
+CACHE_FILE = "latency-v2.json"  # v2: CPU compiled sites timed on a channels-last input
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class Probe:
     pattern: tuple  # the model's norm/activation kinds (blocks.Pattern.signature)
     mode: str  # "eager" | "compile"
     device: str  # device key (see device_key)
+    label: str = ""  # a whole model (recipe "model"): what the caller calls it ("original", "latency", ...)
 
     def key(self, torch_version: str = torch.__version__) -> str:
         return json.dumps([self.device, torch_version, self.mode, self.recipe, self.shift, list(self.conv),
@@ -139,18 +140,31 @@ def _conv_args(sig) -> tuple:
     return cin, cout, k, s, p, d, 1, bias, mode
 
 
-def compiled(gm: fx.GraphModule, x: torch.Tensor) -> Callable:
-    """`gm` as fxrf.compile deploys it: the backend's roll_as_cat graph pass, then inductor (dynamic=False); built
-    on the first call, so a timer that never calls it (a fake one) costs no compile."""
+def compiled(gm: nn.Module, x: torch.Tensor) -> Callable:
+    """`gm` as fxrf.compile deploys it: the backend's roll_as_cat graph pass (on a GraphModule), then inductor
+    (dynamic=False); built on the first call, so a timer that never calls it (a fake one) costs no compile."""
     fn = None
 
     def call(inp):
         nonlocal fn
         if fn is None:
             from .graph_passes import roll_as_cat
-            fn = torch.compile(roll_as_cat(gm, [x]), backend="inductor", dynamic=False)
+            model = roll_as_cat(gm, [x]) if isinstance(gm, fx.GraphModule) else gm
+            fn = torch.compile(model, backend="inductor", dynamic=False)
         return fn(inp)
     return call
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A model's structure, not its values: its generated code (a GraphModule) and its modules' reprs and
+    parameter and buffer shapes and dtypes, hashed. Two models with equal fingerprints run the same kernels."""
+    import hashlib
+    h = hashlib.sha1()
+    h.update(getattr(model, "code", "").encode())
+    h.update(repr(model).encode())
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+    return h.hexdigest()[:16]
 
 
 def default_timer(iters: int = 20, warmup: int = 2, budget_s: float = 0.5, stat: str = "min") -> Timer:
@@ -241,15 +255,68 @@ class LatencyModel:
             self._save(key, figures[key])
         return figures[key]
 
+    def time_model(self, model: nn.Module, in_shape: tuple, label: str = "model") -> float:
+        """Seconds per call of a whole model on an input of `in_shape` (its batch replaced by this model's batch),
+        compiled as `compiled` deploys it (or eager); cached by the model's structure (`fingerprint`), not its
+        values."""
+        probe = self._model_probe(model, in_shape, label)
+        key = probe.key()
+        figures = self._load()
+        if key not in figures:
+            figures[key] = self._run(model, probe)
+            self.calls += 1
+            self._save(key, figures[key])
+        return figures[key]
+
+    def compare(self, models: dict, in_shape: tuple, rounds: int = 3) -> dict:
+        """{label: seconds per call} of whole models timed in alternation (round r times every model once, in
+        turn), the minimum over the rounds: a comparison made under one machine state, which separately cached
+        figures taken minutes apart are not (on a shared CPU the load moves block times by 2-3x). The comparison
+        is cached as one figure set, keyed by every model's structure: the same comparison again times nothing."""
+        if not models:
+            return {}
+        rounds = max(1, int(rounds))
+        probes = {k: self._model_probe(m, in_shape, k) for k, m in models.items()}
+        key = json.dumps(["compare", rounds] + [[k, p.key()] for k, p in probes.items()])
+        figures = self._load()
+        if isinstance(figures.get(key), dict) and set(figures[key]) == set(models):
+            return dict(figures[key])
+        x = torch.randn(next(iter(probes.values())).in_shape, device=self.device)
+        fns = {k: (compiled(m, x) if self.mode == "compile" else m) for k, m in models.items()}
+        best = {k: math.inf for k in models}
+        for _ in range(rounds):
+            for k, fn in fns.items():
+                best[k] = min(best[k], self._checked(self.timer(fn, x, probes[k]), probes[k]))
+        self.calls += len(models) * rounds
+        figures[key] = best
+        self._save(key, best)
+        return dict(best)
+
+    def _model_probe(self, model: nn.Module, in_shape: tuple, label: str) -> Probe:
+        return Probe("model", 0, (fingerprint(model),), (self.batch,) + tuple(in_shape[1:]), (), self.mode,
+                     self.key, label)
+
+    def _run(self, model: nn.Module, probe: Probe) -> float:
+        x = torch.randn(probe.in_shape, device=self.device)
+        return self._checked(self.timer(compiled(model, x) if self.mode == "compile" else model, x, probe), probe)
+
     def _measure(self, recipe: Recipe, conv: nn.Conv2d, pattern: Pattern, probe: Probe) -> float:
         gm = site_module(recipe, conv, pattern, probe.shift, self.device)
         x = torch.randn(probe.in_shape, device=self.device)
+        if self.mode == "compile" and x.device.type == "cpu":
+            # inductor runs every conv of a CPU graph channels-last (graph.py, decide_layout_opt: always, with
+            # mkldnn), converting the model's input once; a site alone on an NCHW input would pay that conversion
+            # per block (a read and a write of its input: most of a depthwise block's time) and time 20-90% slow
+            x = x.contiguous(memory_format=torch.channels_last)
         fn = compiled(gm, x) if self.mode == "compile" else gm
-        t = self.timer(fn, x, probe)
+        return self._checked(self.timer(fn, x, probe), probe)
+
+    @staticmethod
+    def _checked(t, probe: Probe) -> float:
         if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
             raise InputError(f"latency: the timer returned {t!r} for {probe.recipe} at {probe.in_shape}; "
                              f"it must return seconds (a finite number >= 0)")
-        return t
+        return float(t)
 
     # ------------------------------------------------------------------------------------------------- the cache
 
@@ -258,7 +325,7 @@ class LatencyModel:
             self._figures = _read(self.path) if self.path is not None else {}
         return self._figures
 
-    def _save(self, key: str, value: float) -> None:
+    def _save(self, key: str, value) -> None:
         if self.path is None:
             return
         on_disk = _read(self.path)  # another process may have added figures since we read the file

@@ -49,7 +49,10 @@ def test_cache_round_trips(tmp_path):
     r1 = fxrf.decompose(_model(), SHAPE, objective="latency", latency=lm)
     assert lm.calls == len(first.probes) > 0
     keys = json.loads(path.read_text())
-    assert len(keys) == lm.calls  # one figure per probe, each timed once
+    blocks = {p.key() for p in first.probes if p.recipe != "model"}
+    compared = len(r1.summary["verified"]["models"])  # the whole-model check: each model once per round, 3 rounds
+    assert len(blocks) == len(first.probes) - 3 * compared  # each block timed once
+    assert len(keys) == len(blocks) + 1  # one figure per block, and the whole-model comparison as one entry
 
     second = FakeTimer({"S": 1.0})
     lm2 = LatencyModel("cpu", batch=4, mode="eager", cache=path, timer=second)
@@ -161,3 +164,86 @@ def test_roofline_counts_by_hand():
     assert d.intensity == pytest.approx(2 * 6400 / 5984)
     assert d.memory_s == pytest.approx(5984 / 1e9) and d.compute_s == pytest.approx(12800 / 1e9)
     assert d.bound == "compute"
+
+
+class ModelTimer(FakeTimer):
+    """FakeTimer whose whole-model timings (probe.recipe "model") come from `models` by the comparison's label."""
+
+    def __init__(self, table: dict, models: dict, other: float = 0.5):
+        super().__init__(table, other)
+        self.models = models
+
+    def seconds(self, recipe, in_shape):
+        return super().seconds(recipe, in_shape)
+
+    def __call__(self, fn, x, probe: Probe) -> float:
+        if probe.recipe == "model":
+            self.probes.append(probe)
+            return self.models[probe.label]
+        return super().__call__(fn, x, probe)
+
+
+def test_the_whole_model_check_keeps_the_macs_choice_when_it_is_faster():
+    # blocks alone say the latency choice saves the most; the whole models, timed, say the MACs choice is faster
+    timer = ModelTimer({"S": 1.0, "DW+GPW-g8": 0.9, "DW+PW": 0.2}, {"latency": 3e-3, "macs": 2e-3, "original": 5e-3})
+    lm = LatencyModel("cpu", batch=1, mode="eager", cache=None, timer=timer)
+    r = fxrf.decompose(_model(), SHAPE, objective="latency", latency=lm)
+    macs = fxrf.decompose(_model(), SHAPE)
+    v = r.summary["verified"]
+    assert v["chosen"] == "macs" and set(v["models"]) == {"latency", "macs", "original"}
+    assert [c.recipe for c in r.changes] == [c.recipe for c in macs.changes]
+    assert v["speedup"] == pytest.approx(5e-3 / 2e-3)
+    assert v["models"]["macs"]["ms"] == pytest.approx(2.0)
+    # the comparison alternates: round by round, every model once, in turn
+    labels = [p.label for p in timer.probes if p.recipe == "model"]
+    assert labels == ["latency", "macs", "original"] * 3
+    assert r.summary["quality"] and r.summary["compact"]
+
+
+def test_the_whole_model_check_keeps_the_model_when_every_rewrite_is_slower():
+    timer = ModelTimer({"S": 1.0, "DW+PW": 0.2}, {"latency": 3e-3, "macs": 4e-3, "original": 1e-3})
+    lm = LatencyModel("cpu", batch=1, mode="eager", cache=None, timer=timer)
+    r = fxrf.decompose(_model(), SHAPE, objective="latency", latency=lm)
+    assert r.summary["verified"]["chosen"] == "original"
+    assert r.changes == [] and r.summary["macs_after"] == r.summary["macs_before"]
+    x = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(r.graph_module(x), _model()(x))  # the unchanged model, same weights
+
+
+def test_the_prediction_errors_are_reported_against_the_measured_models():
+    # hand count: FakeTimer gives a site of recipe R at (1, C, H, W) table[R] * H * W * 1e-6 s. _model's five
+    # eligible sites (the first conv is skipped): two at 16x16, three at 8x8. All convs: 1.0 -> sites_ms =
+    # (2 * 256 + 3 * 64) * 1e-3 = 0.704 ms. DW+PW everywhere at 0.2: saved = 0.8 * 0.704 = 0.5632 ms.
+    timer = ModelTimer({"S": 1.0, "DW+PW": 0.2}, {"latency": 1e-3, "macs": 1e-3, "original": 2e-3}, other=5.0)
+    lm = LatencyModel("cpu", batch=1, mode="eager", cache=None, timer=timer)
+    r = fxrf.decompose(_model(), SHAPE, objective="latency", latency=lm, candidates=["DW+PW"])
+    v = r.summary["verified"]
+    assert [c.recipe for c in r.changes] == ["DW+PW"] * 5
+    assert v["sites_ms"] == pytest.approx(0.704)
+    row = v["models"]["latency"]
+    assert row["additive_ms"] == pytest.approx(2.0 - 0.5632)  # measured(original) - saved
+    assert row["scaled_ms"] == pytest.approx(2.0 * (1 - 0.8))  # measured(original) * (1 - saved / sites_ms)
+    assert row["scaled_error"] == pytest.approx(0.4 / 1.0 - 1)
+    assert "macs" not in v["models"]  # with one candidate both objectives choose the same: compared once
+
+
+def test_verify_0_times_no_whole_model_and_bad_values_are_refused():
+    timer = ModelTimer({"S": 1.0, "DW+PW": 0.2}, {})
+    lm = LatencyModel("cpu", batch=1, mode="eager", cache=None, timer=timer)
+    r = fxrf.decompose(_model(), SHAPE, objective="latency", latency=lm, verify=0)
+    assert "verified" not in r.summary and all(p.recipe != "model" for p in timer.probes)
+    for bad in (-1, 1.5, True, "3"):
+        with pytest.raises(InputError, match="verify="):
+            fxrf.decompose(_model(), SHAPE, objective="latency", latency=lm, verify=bad)
+
+
+def test_the_comparison_is_cached(tmp_path):
+    path = tmp_path / "lat.json"
+    models = {"latency": 3e-3, "macs": 2e-3, "original": 5e-3}
+    first = ModelTimer({"S": 1.0, "DW+PW": 0.2}, models)
+    fxrf.decompose(_model(), SHAPE, objective="latency", latency=LatencyModel(
+        "cpu", batch=1, mode="eager", cache=path, timer=first))
+    second = ModelTimer({}, {})  # would raise KeyError on any whole-model timing
+    lm = LatencyModel("cpu", batch=1, mode="eager", cache=path, timer=second)
+    r = fxrf.decompose(_model(), SHAPE, objective="latency", latency=lm)
+    assert second.probes == [] and lm.calls == 0 and r.summary["verified"]["chosen"] == "macs"
