@@ -275,6 +275,22 @@ def _pairs(name, batch, compiled, spec, kept, done, doc, args, progress) -> None
             kept.pop(key)
 
 
+def _noise(name, model, compiled, spec, batch, doc, args, progress) -> None:
+    """The timing noise between two compiled instances of one graph (the same model deep-copied and compiled
+    again), timed in alternation like the pairs: what a ratio between two different models cannot resolve."""
+    import copy
+    twin = torch.compile(copy.deepcopy(model), backend=make_backend(log_table=False, inductor=dict(args.inductor),
+                                                                    passes=args.passes), dynamic=False,
+                         mode=args.mode)
+    x = torch.randn((batch,) + spec.sample, device=args.device)
+    with torch.no_grad():
+        timed_calls(twin, x, args.device, args.warmup, 1, 1, 0.0)
+    progress(f"{name} vs a second compiled instance of itself b{batch}: {args.pairs} alternating pairs")
+    q = paired(compiled, twin, x, args.device, args.pairs)
+    doc.setdefault("noise", []).append({"model": name, "device": args.device, "batch": batch, **q})
+    progress(f"  ratio {q['ratio']:.3f} ({q['a_ms']:.2f} vs {q['b_ms']:.2f} ms)")
+
+
 def predictions(results: list) -> list:
     """The latency model's whole-model prediction against the measured latency, per auto rewrite (compiled), from
     the measured base model and the blocks' and convs' times alone at their sites (passes/latency.py): additive =
@@ -478,19 +494,30 @@ def checks(results: list, device: str = CHECK_DEVICE, mode: str = CHECK_MODE, ba
     return out
 
 
-def objective_checks(results: list, pairs: list) -> list:
+def objective_checks(results: list, pairs: list, noise: list = ()) -> list:
     """Latency-aware auto must be no slower than the model it rewrites and than MACs-aware auto, at every batch
-    size (compiled): the median ratio of alternating timings, at most NOT_SLOWER."""
+    size (compiled): the median ratio of alternating timings, at most NOT_SLOWER, or, where the run measured it,
+    at most 1 + the noise between two compiled instances of MACs-aware auto (`_noise`: the resolution of a
+    ratio on this machine). Where both are the same assignment (the same graph) it holds by construction, and
+    the ratio is a further measure of that noise."""
     out = []
     assign = {(r["model"], r["batch"]): r.get("assignment") for r in results if r.get("assignment")}
+    floor = {(q["model"].rsplit("/", 1)[0], q["batch"]): abs(q["ratio"] - 1) for q in noise}
     for q in pairs:
         if (q["a"], q["b"]) not in OBJECTIVE_PAIRS:
             continue
         same = assign.get((q["a"], q["batch"])) == assign.get((q["b"], q["batch"])) and (q["b"], q["batch"]) in assign
+        base = q["a"].rsplit("/", 1)[0]
+        noisy = floor.get((base, q["batch"]))
+        limit = max(NOT_SLOWER, 1 + noisy) if noisy is not None else NOT_SLOWER
+        detail = f"{q['a_ms']:.2f} ms vs {q['b_ms']:.2f} ms, {q['n']} alternating pairs; limit {limit:.3f}"
+        if noisy is not None:
+            detail += f" (two compiled instances of {base}/auto-macs differ by {noisy:.1%} here)"
+        if same:
+            detail += ("; the same model (the whole-model check kept the MACs choice): no slower by construction, "
+                       "the ratio is timing noise")
         out.append({"check": f"{q['a']} no slower than {q['b']} ({q['device']}, torch.compile, batch {q['batch']})",
-                    "value": round(q["ratio"], 3),
-                    "detail": f"{q['a_ms']:.2f} ms vs {q['b_ms']:.2f} ms, {q['n']} alternating pairs"
-                              + ("; the same assignment" if same else ""), "ok": q["ratio"] <= NOT_SLOWER})
+                    "value": round(q["ratio"], 3), "detail": detail, "ok": same or q["ratio"] <= limit})
     return out
 
 
@@ -600,6 +627,8 @@ def main(argv=None) -> int:
                              + (f", compiled in {r['compile_s']} s" if "compile_s" in r else ""))
                 if compiled is not None:
                     _pairs(name, b, compiled, spec, kept, done_pairs, doc, args, progress)
+                if compiled is not None and name.endswith("/auto-macs"):
+                    _noise(name, model, compiled, spec, b, doc, args, progress)
                 _finish(doc, args)
             del model
             gc.collect()
@@ -634,7 +663,7 @@ def _report(doc: dict, args) -> None:
 def _finish(doc: dict, args) -> None:
     doc["rewrites"] = rewrites(doc["results"])
     doc["checks"] = checks(doc["results"], device=CHECK_DEVICE if args.device == "cpu" else args.device,
-                           pairs=doc["paired"]) + objective_checks(doc["results"], doc["paired"])
+                           pairs=doc["paired"]) + objective_checks(doc["results"], doc["paired"], doc.get("noise", []))
     doc["predictions"] = predictions(doc["results"])
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -240,6 +240,12 @@ def _tables(doc) -> list:
                     [[r["model"], r["batch"], _si(r["macs"]), " / ".join(" ".join(b) for b in r["assignment"]),
                       f"{r['latency_model']['conv_ms']:.2f}", f"{r['latency_model']['block_ms']:.2f}",
                       r["timings_made"], r["quality"], _verified(r.get("verified"))] for r in auto]))
+    if doc.get("noise"):
+        out.append(("timing noise: a model against a second compiled instance of itself (deep copy, compiled "
+                    "again), in alternation; what a ratio between two models cannot resolve here",
+                    ["model", "batch", "pairs", "a ms", "b ms", "a / b"],
+                    [[q["model"], q["batch"], q["n"], f"{q['a_ms']:.2f}", f"{q['b_ms']:.2f}", f"{q['ratio']:.3f}"]
+                     for q in doc["noise"]]))
     if doc.get("predictions"):
         out.append(("latency model against the measured model, from the measured base and the convs' and blocks' "
                     "times alone at their sites: additive = base - sum over the replaced convs of (conv time - block "

@@ -2,7 +2,8 @@
 
     fxrf analyze MODEL --input 1,3,224,224 [--alpha 3] [--json] [--out report.json] [--strict]
                        [--plot fig.png] [--graph out.dot|out.graphml] [--depth N] [--width W] [--model-arg K=V]
-    fxrf optimize MODEL --input 1,3,32,32 [--stages [--strategy greedy|paper]] [--kernels RECIPE]
+    fxrf optimize MODEL --input 1,3,32,32 [--stages [--strategy greedy|paper] [--latency-budget R]]
+                        [--kernels RECIPE [--objective macs|latency [--verify N]]] [--device cpu|cuda] [--batch N]
                         [--include GLOB] [--exclude GLOB] [--weights CKPT] [--seed N] [--model-arg K=V]
                         (--out opt.pt | --out opt.pt2 | --dry-run) [--emit-source f.py] [--json]
     fxrf models
@@ -86,6 +87,12 @@ def _budget(text: str) -> float:
 def _positive_int(text: str) -> int:
     if not re.fullmatch(r"\s*\d+\s*", text) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _rounds(text: str) -> int:
+    if not re.fullmatch(r"\s*\d+\s*", text):
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0 (0: no check), got {text!r}")
     return int(text)
 
 
@@ -392,7 +399,8 @@ def _cmd_optimize(args) -> int:
             from .passes.decomposer import decompose
             with progress(f"decomposing the kernels of {args.model} ({args.kernels})"):
                 r = decompose(current, shape, recipe=recipe, alpha=args.alpha, **select, objective=args.objective,
-                              device=args.device, batch=args.batch)
+                              device=args.device, batch=args.batch,
+                              **({"verify": args.verify} if args.objective == "latency" else {}))
             current, report["kernels"] = r.graph_module, r
         with progress("analysing the result"):
             before = analyze(model, shape, alpha=args.alpha, spatial_cap=cap)
@@ -426,8 +434,8 @@ def _cmd_optimize(args) -> int:
         for group in (pt, pt2):
             if group and (group is pt2 or len(group) > 1):  # a source alone (with a .pt2) has no state_dict
                 print(f"load it with: {load_hint(group, _class_name(model))}")
-    elif args.dry_run:
-        print("dry run: nothing written")
+    elif args.dry_run:  # with --json, stdout holds the JSON document alone
+        print("dry run: nothing written", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -511,6 +519,11 @@ def optimize_summary(report: dict, before, after, dry_run: bool = False) -> str:
         else:
             lines.append(f"kernels ({s['recipe']}): {s['replaced']} conv(s) replaced, {s['declined']} declined; "
                          f"3DRF kept: {'yes' if s['quality'] else 'NO'}, compact: {'yes' if s['compact'] else 'NO'}")
+            if s.get("verified"):
+                v, lm = s["verified"], s["latency"]
+                lines.append(f"  whole model on {lm['device']} at batch {lm['batch']}, compiled, in alternation: "
+                             + ", ".join(f"{k} {m['ms']:.3f} ms" for k, m in v["models"].items())
+                             + f"; kept: {v['chosen']}")
         mine = getattr(r, "analysis", None) or after  # the organizer's own analysis of its output
         lines += ["  " + _change_line(c, before, mine) for c in r.changes]
         sel = s.get("selection") or {}
@@ -593,10 +606,14 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--objective", choices=("macs", "latency"), default="macs",
                     help="--kernels auto picks the fewest MACs (default) or the least measured latency on --device "
                          "at --batch (each block timed compiled once, cached in ~/.cache/fxrf)")
-    op.add_argument("--device", default="cpu", help="--objective latency: where to time the blocks, cpu or cuda "
-                                                    "(default cpu)")
-    op.add_argument("--batch", type=_positive_int, default=1, help="--objective latency: the batch size to time "
-                                                                   "at (default 1)")
+    op.add_argument("--verify", type=_rounds, default=5, metavar="N",
+                    help="--objective latency: rounds of whole-model timing (compiled, in alternation) that check "
+                         "the choice against the MACs objective's and the unchanged model; the fastest is kept "
+                         "(default 5; 0: no check)")
+    op.add_argument("--device", default="cpu", help="--objective latency / --latency-budget: where to time, cpu or "
+                                                    "cuda (default cpu)")
+    op.add_argument("--batch", type=_positive_int, default=1, help="--objective latency / --latency-budget: the "
+                                                                   "batch size to time at (default 1)")
     op.add_argument("--include", action="append", metavar="GLOB",
                     help="only convs whose module path matches this glob may change (repeatable; `layer4` covers "
                          "everything under it; a stage gets a new conv only if all its convs are included)")

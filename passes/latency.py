@@ -15,6 +15,11 @@ Figures are cached in one JSON file (`cache_path()`: $FXRF_CACHE_DIR, else $XDG_
 capability), the torch version, the mode, the batch, the block (recipe and rotation), the conv's signature, the
 input shape and the model's norm/activation kinds: a second run with the same keys times nothing.
 
+Whole models are timed too (`time_model`, cached by structure, `fingerprint`), and `compare` times several in
+alternation, round by round, so that `paired_ratio` compares them under one machine state: the decomposer's
+whole-model check (decompose(objective="latency", verify=N)) and the organizer's latency budget use them. A
+compiled CPU site gets a channels-last input, as inductor lays out every conv of a CPU graph.
+
 The timer is injectable: `timer(module, x, probe) -> seconds`, `probe` a `Probe` naming what is timed (tests pass a
 fake one; the default runs the module: warm-up, then the median of timed calls).
 
@@ -155,6 +160,12 @@ def compiled(gm: nn.Module, x: torch.Tensor) -> Callable:
     return call
 
 
+def paired_ratio(times: dict, a: str, b: str) -> float:
+    """The median over rounds of time(a) / time(b) in the same round (`LatencyModel.compare`): a drift in the
+    machine's load between rounds cancels out, which a ratio of two separate minima would not do."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]) if y > 0) if any(times[b]) else math.inf
+
+
 def fingerprint(model: nn.Module) -> str:
     """A model's structure, not its values: its generated code (a GraphModule) and its modules' reprs and
     parameter and buffer shapes and dtypes, hashed. Two models with equal fingerprints run the same kernels."""
@@ -230,6 +241,9 @@ class LatencyModel:
         self.key = device_key(device, threads)
         self.path = None if cache is None else Path(cache_path() if cache == "default" else cache)
         self.timer = timer or default_timer()
+        # whole models: the median of a round's calls, the typical latency a user sees; the minimum, right for a
+        # block's own cost, favours a model whose memory-bound kernels vary most with the load
+        self.model_timer = timer or default_timer(iters=15, budget_s=1.0, stat="median")
         self.calls = 0
         self._figures: dict | None = None
 
@@ -268,29 +282,30 @@ class LatencyModel:
             self._save(key, figures[key])
         return figures[key]
 
-    def compare(self, models: dict, in_shape: tuple, rounds: int = 3) -> dict:
-        """{label: seconds per call} of whole models timed in alternation (round r times every model once, in
-        turn), the minimum over the rounds: a comparison made under one machine state, which separately cached
-        figures taken minutes apart are not (on a shared CPU the load moves block times by 2-3x). The comparison
-        is cached as one figure set, keyed by every model's structure: the same comparison again times nothing."""
+    def compare(self, models: dict, in_shape: tuple, rounds: int = 5) -> dict:
+        """{label: (seconds per call in round 1, round 2, ...)} of whole models timed in alternation: round r
+        times every model once, in turn, so the models of one round see the same machine state, which separately
+        cached figures taken minutes apart do not (on a shared CPU the load moves a block's time by 2-3x).
+        Compare per round (`paired_ratio`). Cached as one entry keyed by every model's structure: the same
+        comparison again times nothing."""
         if not models:
             return {}
         rounds = max(1, int(rounds))
         probes = {k: self._model_probe(m, in_shape, k) for k, m in models.items()}
-        key = json.dumps(["compare", rounds] + [[k, p.key()] for k, p in probes.items()])
+        key = json.dumps(["compare-rounds", rounds] + [[k, p.key()] for k, p in probes.items()])
         figures = self._load()
         if isinstance(figures.get(key), dict) and set(figures[key]) == set(models):
-            return dict(figures[key])
+            return {k: tuple(v) for k, v in figures[key].items()}
         x = torch.randn(next(iter(probes.values())).in_shape, device=self.device)
         fns = {k: (compiled(m, x) if self.mode == "compile" else m) for k, m in models.items()}
-        best = {k: math.inf for k in models}
+        times: dict = {k: [] for k in models}
         for _ in range(rounds):
             for k, fn in fns.items():
-                best[k] = min(best[k], self._checked(self.timer(fn, x, probes[k]), probes[k]))
+                times[k].append(self._checked(self.model_timer(fn, x, probes[k]), probes[k]))
         self.calls += len(models) * rounds
-        figures[key] = best
-        self._save(key, best)
-        return dict(best)
+        figures[key] = times
+        self._save(key, times)
+        return {k: tuple(v) for k, v in times.items()}
 
     def _model_probe(self, model: nn.Module, in_shape: tuple, label: str) -> Probe:
         return Probe("model", 0, (fingerprint(model),), (self.batch,) + tuple(in_shape[1:]), (), self.mode,
@@ -298,7 +313,8 @@ class LatencyModel:
 
     def _run(self, model: nn.Module, probe: Probe) -> float:
         x = torch.randn(probe.in_shape, device=self.device)
-        return self._checked(self.timer(compiled(model, x) if self.mode == "compile" else model, x, probe), probe)
+        fn = compiled(model, x) if self.mode == "compile" else model
+        return self._checked(self.model_timer(fn, x, probe), probe)
 
     def _measure(self, recipe: Recipe, conv: nn.Conv2d, pattern: Pattern, probe: Probe) -> float:
         gm = site_module(recipe, conv, pattern, probe.shift, self.device)

@@ -38,27 +38,46 @@ class FakeTimer:
         return self.seconds(probe.recipe, probe.in_shape)
 
 
+class ModelTimer(FakeTimer):
+    """FakeTimer whose whole-model timings (probe.recipe "model") come from `models` by the comparison's label."""
+
+    def __init__(self, table: dict, models: dict, other: float = 0.5):
+        super().__init__(table, other)
+        self.models = models
+
+    def seconds(self, recipe, in_shape):
+        return super().seconds(recipe, in_shape)
+
+    def __call__(self, fn, x, probe: Probe) -> float:
+        if probe.recipe == "model":
+            self.probes.append(probe)
+            t = self.models[probe.label]
+            return t.pop(0) if isinstance(t, list) else t  # a list: one time per round
+        return super().__call__(fn, x, probe)
+
+
 def _rewritten(r):
     return [s for s in r.stages if any(b != "S" for b in s.blocks)]
 
 
 def test_cache_round_trips(tmp_path):
     path = tmp_path / "lat.json"
-    first = FakeTimer({"S": 1.0})
+    whole = {"latency": 1e-3, "macs": 2e-3, "original": 3e-3}
+    first = ModelTimer({"S": 1.0, "DW+PW": 0.6}, dict(whole))
     lm = LatencyModel("cpu", batch=4, mode="eager", cache=path, timer=first)
     r1 = fxrf.decompose(_model(), SHAPE, objective="latency", latency=lm)
     assert lm.calls == len(first.probes) > 0
     keys = json.loads(path.read_text())
     blocks = {p.key() for p in first.probes if p.recipe != "model"}
-    compared = len(r1.summary["verified"]["models"])  # the whole-model check: each model once per round, 3 rounds
-    assert len(blocks) == len(first.probes) - 3 * compared  # each block timed once
+    compared = len(r1.summary["verified"]["models"])  # the whole-model check: each model once per round, 5 rounds
+    assert len(blocks) == len(first.probes) - 5 * compared  # each block timed once
     assert len(keys) == len(blocks) + 1  # one figure per block, and the whole-model comparison as one entry
 
-    second = FakeTimer({"S": 1.0})
+    second = ModelTimer({"S": 1.0, "DW+PW": 0.6}, dict(whole))
     lm2 = LatencyModel("cpu", batch=4, mode="eager", cache=path, timer=second)
     r2 = fxrf.decompose(_model(), SHAPE, objective="latency", latency=lm2)
     assert lm2.calls == 0 and second.probes == []  # the second run costs nothing
-    assert [c.recipe for c in r1.changes] == [c.recipe for c in r2.changes]
+    assert r1.changes and [c.recipe for c in r1.changes] == [c.recipe for c in r2.changes]
     assert r2.summary["latency"]["saved_ms"] == pytest.approx(r1.summary["latency"]["saved_ms"])
 
 
@@ -93,7 +112,7 @@ def test_latency_objective_avoids_a_slow_block():
     assert any(c.recipe == "DW+GPW-g8" for c in macs.changes)
     timer = FakeTimer({"S": 1.0, "DW+GPW-g8": 10.0})
     lm = LatencyModel("cpu", batch=2, mode="eager", cache=None, timer=timer)
-    r = fxrf.decompose(_model(), SHAPE, objective="latency", latency=lm)
+    r = fxrf.decompose(_model(), SHAPE, objective="latency", latency=lm, verify=0)  # the per-block choice
     assert r.changes and all(c.recipe != "DW+GPW-g8" for c in r.changes)
     assert r.summary["objective"] == "latency"
     for s in _rewritten(r):
@@ -108,7 +127,7 @@ def test_latency_objective_never_keeps_a_block_slower_than_the_conv():
     table = {"S": 1.0, "DW+PW": 1.5, "DW+GPW-g2": 0.9, "DW+GPW-g4": 1.2, "DW+GPW-g8": 2.0, "DW+RPW-g2-o33": 0.7}
     timer = FakeTimer(table, other=3.0)
     lm = LatencyModel("cpu", batch=1, mode="eager", cache=None, timer=timer)
-    r = fxrf.decompose(_model(), SHAPE, objective="latency", latency=lm)
+    r = fxrf.decompose(_model(), SHAPE, objective="latency", latency=lm, verify=0)  # the per-block choice
     assert r.changes
     for c in r.changes:
         assert table.get(c.recipe, 3.0) < table["S"], c
@@ -166,23 +185,6 @@ def test_roofline_counts_by_hand():
     assert d.bound == "compute"
 
 
-class ModelTimer(FakeTimer):
-    """FakeTimer whose whole-model timings (probe.recipe "model") come from `models` by the comparison's label."""
-
-    def __init__(self, table: dict, models: dict, other: float = 0.5):
-        super().__init__(table, other)
-        self.models = models
-
-    def seconds(self, recipe, in_shape):
-        return super().seconds(recipe, in_shape)
-
-    def __call__(self, fn, x, probe: Probe) -> float:
-        if probe.recipe == "model":
-            self.probes.append(probe)
-            return self.models[probe.label]
-        return super().__call__(fn, x, probe)
-
-
 def test_the_whole_model_check_keeps_the_macs_choice_when_it_is_faster():
     # blocks alone say the latency choice saves the most; the whole models, timed, say the MACs choice is faster
     timer = ModelTimer({"S": 1.0, "DW+GPW-g8": 0.9, "DW+PW": 0.2}, {"latency": 3e-3, "macs": 2e-3, "original": 5e-3})
@@ -196,7 +198,7 @@ def test_the_whole_model_check_keeps_the_macs_choice_when_it_is_faster():
     assert v["models"]["macs"]["ms"] == pytest.approx(2.0)
     # the comparison alternates: round by round, every model once, in turn
     labels = [p.label for p in timer.probes if p.recipe == "model"]
-    assert labels == ["latency", "macs", "original"] * 3
+    assert labels == ["latency", "macs", "original"] * 5
     assert r.summary["quality"] and r.summary["compact"]
 
 
@@ -247,3 +249,68 @@ def test_the_comparison_is_cached(tmp_path):
     lm = LatencyModel("cpu", batch=1, mode="eager", cache=path, timer=second)
     r = fxrf.decompose(_model(), SHAPE, objective="latency", latency=lm)
     assert second.probes == [] and lm.calls == 0 and r.summary["verified"]["chosen"] == "macs"
+
+
+FACTORY = """
+import torch.nn as nn
+def make():
+    def cbr(i, o):
+        return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
+    return nn.Sequential(*cbr(3, 16), *cbr(16, 16), *cbr(16, 16), nn.MaxPool2d(2), *cbr(16, 32), *cbr(32, 32))
+"""
+
+
+def test_cli_objective_latency_verifies_and_prints_the_times(tmp_path, capsys, monkeypatch):
+    from fxrf.cli import main
+    timer = ModelTimer({"S": 1.0, "DW+PW": 0.2}, {"latency": 3e-3, "macs": 2e-3, "original": 5e-3})
+    monkeypatch.setattr("fxrf.passes.latency.default_timer", lambda *a, **k: timer)
+    monkeypatch.setenv("FXRF_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "net.py").write_text(FACTORY)
+    argv = ["optimize", f"{tmp_path / 'net.py'}:make", "--input", "1,3,16,16", "--kernels", "auto", "--objective",
+            "latency", "--verify", "2", "--batch", "4", "--dry-run"]
+    assert main(argv + ["--json"]) == 0
+    v = json.loads(capsys.readouterr().out)["kernels"]["summary"]["verified"]
+    assert v["rounds"] == 2 and v["chosen"] in ("macs", "latency")
+    assert [p.label for p in timer.probes if p.recipe == "model"] == list(v["models"]) * 2
+    assert {p.in_shape[0] for p in timer.probes} == {4}  # timed at --batch
+    assert main(argv) == 0  # the cache answers now
+    out = capsys.readouterr().out
+    assert "whole model on cpu:" in out and "at batch 4, compiled, in alternation:" in out and "kept: " in out
+    for bad in ("-1", "x", "1.5"):
+        argv[argv.index("--verify") + 1] = bad
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "--verify" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("latency_s, kept", [(0.98e-3, "macs"), (0.90e-3, "latency")])
+def test_the_latency_choice_must_beat_the_macs_choice_by_the_margin(latency_s, kept):
+    # 2% faster is within what two timings of one model differ by: the MACs choice (deterministic) stays
+    timer = ModelTimer({"S": 1.0, "DW+GPW-g8": 0.9, "DW+PW": 0.2}, {"latency": latency_s, "macs": 1e-3,
+                                                                    "original": 5e-3})
+    lm = LatencyModel("cpu", batch=1, mode="eager", cache=None, timer=timer)
+    v = fxrf.decompose(_model(), SHAPE, objective="latency", latency=lm).summary["verified"]
+    assert v["chosen"] == kept and v["latency_vs_macs"] == pytest.approx(latency_s / 1e-3)
+
+
+def test_the_comparison_is_by_rounds_so_a_drift_in_load_cancels():
+    # the machine gets 3x slower after round 2. Best rounds: latency 1.0 ms (round 1), macs 1.5 ms (round 2);
+    # a ratio of minima would keep latency (0.67). Per round, latency / macs = 1.0/0.9, 3.3/1.5, 3.3/3, 3.3/3,
+    # 3.3/3 -> median 1.1: the MACs choice is faster, and is kept.
+    timer = ModelTimer({"S": 1.0, "DW+GPW-g8": 0.9, "DW+PW": 0.2},
+                       {"latency": [1.0, 3.3, 3.3, 3.3, 3.3], "macs": [0.9, 1.5, 3.0, 3.0, 3.0],
+                        "original": [5.0, 15.0, 15.0, 15.0, 15.0]})
+    lm = LatencyModel("cpu", batch=1, mode="eager", cache=None, timer=timer)
+    v = fxrf.decompose(_model(), SHAPE, objective="latency", latency=lm).summary["verified"]
+    assert v["chosen"] == "macs" and v["latency_vs_macs"] == pytest.approx(1.1)
+    assert v["models"]["latency"]["ms"] == pytest.approx(1000.0) and v["models"]["macs"]["rounds_ms"][1] == 1500.0
+    assert v["speedup"] == pytest.approx(5.0)  # original / macs: 5/0.9, 15/1.5 = 10, 15/3 = 5 (x3) -> median 5
+
+
+def test_nothing_to_replace_times_no_whole_model():
+    # depthwise and pointwise convs only: no eligible site, so both objectives keep the model and nothing is timed
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 1)).eval()
+    timer = ModelTimer({}, {})  # any whole-model timing would raise KeyError
+    r = fxrf.decompose(net, SHAPE, objective="latency", latency=LatencyModel("cpu", cache=None, timer=timer))
+    assert r.changes == [] and "verified" not in r.summary and timer.probes == []

@@ -228,7 +228,7 @@ def test_cli_latency_budget_with_a_fake_timer(tmp_path, capsys, monkeypatch):
             "--latency-budget", "1.25", "--batch", "4", "--dry-run"]
     code, out, err = _run(argv + ["--json"], capsys)
     assert code == 0, err
-    s = json.JSONDecoder().raw_decode(out)[0]["stages"]["summary"]  # --dry-run adds a line after the JSON
+    s = json.loads(out)["stages"]["summary"]  # stdout is the JSON alone (the dry-run line goes to stderr)
     assert s["latency_budget"] == 1.25 and s["stage_convs"] == [2, 2]  # as in the test of organize_stages above
     assert s["latency"]["batch"] == 4 and s["latency"]["predicted_ms"] == 11.0
     assert {p.in_shape[0] for p in timer.probes} == {4}  # timed at --batch
