@@ -302,8 +302,8 @@ def predictions(results: list) -> list:
         lm = r.get("latency_model")
         spec = SPECS.get(name)
         base = by.get((spec.base, device, batch, mode)) if spec and spec.base else None
-        if not lm or base is None or mode != lm.get("mode"):
-            continue
+        if not lm or base is None or mode != lm.get("mode") or not lm.get("sites_ms"):
+            continue  # nothing priced (no eligible conv: the rewrite is the model itself)
         pred = base["median_ms"] - lm["saved_ms"]
         sites = lm.get("sites_ms") or 0.0
         scaled = base["median_ms"] * (1 - lm["saved_ms"] / sites) if sites > 0 else base["median_ms"]
@@ -501,7 +501,7 @@ def objective_checks(results: list, pairs: list, noise: list = ()) -> list:
     ratio on this machine). Where both are the same assignment (the same graph) it holds by construction, and
     the ratio is a further measure of that noise."""
     out = []
-    assign = {(r["model"], r["batch"]): r.get("assignment") for r in results if r.get("assignment")}
+    assign = {(r["model"], r["batch"]): r.get("assignment") for r in results if r.get("assignment") is not None}
     floor = {(q["model"].rsplit("/", 1)[0], q["batch"]): abs(q["ratio"] - 1) for q in noise}
     for q in pairs:
         if (q["a"], q["b"]) not in OBJECTIVE_PAIRS:
@@ -514,8 +514,8 @@ def objective_checks(results: list, pairs: list, noise: list = ()) -> list:
         if noisy is not None:
             detail += f" (two compiled instances of {base}/auto-macs differ by {noisy:.1%} here)"
         if same:
-            detail += ("; the same model (the whole-model check kept the MACs choice): no slower by construction, "
-                       "the ratio is timing noise")
+            detail += ("; the same model (the whole-model check kept the MACs choice, or neither objective "
+                       "replaced anything): no slower by construction, the ratio is timing noise")
         out.append({"check": f"{q['a']} no slower than {q['b']} ({q['device']}, torch.compile, batch {q['batch']})",
                     "value": round(q["ratio"], 3), "detail": detail, "ok": same or q["ratio"] <= limit})
     return out
