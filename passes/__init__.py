@@ -27,12 +27,12 @@ def private_copy(model: nn.Module, example_input: Any, **trace_kwargs) -> fx.Gra
     """A traced GraphModule that shares nothing with `model` (passes edit this copy, never the user's model)."""
     from fxrf.trace import trace
 
-    from .util import copy_graph_module
+    from .util import copy_graph_module, keep_modes
     gm = model if isinstance(model, fx.GraphModule) else trace(model, example_input, **trace_kwargs)
-    if gm.meta.get("fxrf_capture") != "export":
-        return copy_graph_module(gm, params="copy")
+    if gm.meta.get("fxrf_capture") != "export":  # (the copy in the model's mode: the modules a pass inserts copy it)
+        return keep_modes(copy_graph_module(gm, params="copy"), model)
     from .lift import lift_modules  # an ATen graph: its convs, norms and linears become modules the passes edit
-    lifted = lift_modules(copy_graph_module(gm, params="copy"))
+    lifted = keep_modes(lift_modules(copy_graph_module(gm, params="copy")), model)
     lifted.meta["fxrf_capture"] = "export"
     return lifted
 
@@ -43,7 +43,8 @@ def shared_copy(gm: fx.GraphModule, class_name: str | None = None) -> tuple[fx.G
     must stay the caller's (torch.compile's graphs); `private_copy` is the one that shares nothing."""
     graph, env = fx.Graph(), {}
     graph.output(graph.graph_copy(gm.graph, env))
-    return fx.GraphModule(gm, graph, class_name or type(gm).__name__), env
+    from .util import keep_modes  # (containers fx.GraphModule makes afresh would be in training mode)
+    return keep_modes(fx.GraphModule(gm, graph, class_name or type(gm).__name__), gm), env
 
 
 def finish(gm: fx.GraphModule) -> fx.GraphModule:

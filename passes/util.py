@@ -27,8 +27,8 @@ import torch.nn as nn
 from fxrf.ops import default_table
 from fxrf.shapes import fetch_attr
 
-__all__ = ["copy_graph_module", "fetch_attr", "module_of", "call_counts", "sole_user", "chain", "norm_of",
-           "activation_of", "Template", "conv_template", "identity_norm"]
+__all__ = ["copy_graph_module", "keep_modes", "fetch_attr", "module_of", "call_counts", "sole_user", "chain",
+           "norm_of", "activation_of", "Template", "conv_template", "identity_norm"]
 
 # ------------------------------------------------------------------------------------------------ copying a graph
 
@@ -41,8 +41,8 @@ def copy_graph_module(gm: fx.GraphModule, *, params: str = "copy", class_name: s
       a skeleton to analyse candidate rewrites on without paying for their weights;
     - "shared": `gm`'s own (a trial graph or a renamed module over the same weights).
 
-    The result is a plain fx.GraphModule named `class_name` (default: `gm`'s class name); fx.GraphModule takes the
-    training flag of the module it is built from, and no submodule's mode is touched.
+    The result is a plain fx.GraphModule named `class_name` (default: `gm`'s class name), each of its modules in the
+    mode of `gm`'s module at the same path (`keep_modes`).
     """
     if params not in ("copy", "meta", "shared"):
         raise ValueError(f"params must be 'copy', 'meta' or 'shared', got {params!r}")
@@ -55,8 +55,27 @@ def copy_graph_module(gm: fx.GraphModule, *, params: str = "copy", class_name: s
         memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad) for p in gm.parameters()}
     gm = copy.deepcopy(gm, memo)
     if type(gm).__mro__[1] is not fx.GraphModule or class_name is not None:  # fxrf.trace's lazily compiled kind:
-        gm = fx.GraphModule(gm, gm.graph, name)  # results get a plain one, which every torch version saves and loads
-    return gm
+        gm = keep_modes(fx.GraphModule(gm, gm.graph, name), gm)  # results get a plain one, which every torch
+    return gm  # version saves and loads
+
+
+def keep_modes(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Give each of `new`'s modules the training flag of `old`'s module at the same path, or of the nearest enclosing
+    one `old` has (the root: `old`'s own), so a pass's result is in its input model's mode. Needed because
+    fx.GraphModule(old, graph) makes each container on a called module's path (`layer1`, `layer1.0`) a fresh
+    nn.Module, in training mode whatever `old`'s was, and torch.export's GraphModule is in training mode throughout
+    (its ATen calls carry the mode instead). A batch norm with running statistics keeps its own flag: a lifted one
+    has its ATen call's, which is what the graph computes (without running statistics both modes compute the same
+    batch statistics, so such a norm takes `old`'s flag like any other module)."""
+    mine = dict(old.named_modules())
+    for path, m in new.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            continue
+        parts = path.split(".") if path else []
+        while ".".join(parts) not in mine:
+            parts.pop()
+        m.training = mine[".".join(parts)].training
+    return new
 
 
 # --------------------------------------------------------------------------------------------------- reading nodes

@@ -70,19 +70,29 @@ def test_hugging_face_model_runs_through_both_passes():
     with torch.no_grad():
         want = model(x).logits
         assert torch.equal(a.graph_module(x).logits, want)  # the captured graph keeps the ModelOutput
-        # .eval(): the lifted modules come back in training mode (test_passes_return_the_models_mode below)
         org = fxrf.organize_stages(model, shape)
-        assert _first(org.graph_module.eval()(x)).shape == want.shape
+        assert _first(org.graph_module(x)).shape == want.shape
         dec = fxrf.decompose(model, shape, recipe="DW+PW")
-        assert dec.changes and _first(dec.graph_module.eval()(x)).shape == want.shape
+        assert dec.changes and _first(dec.graph_module(x)).shape == want.shape
 
 
-@pytest.mark.xfail(strict=True, reason="the passes' lifted GraphModule returns the ModelOutput's leaves as a tuple")
+@pytest.mark.xfail(strict=True, reason="passes.shared_copy gives its new Graph a plain CodeGen: the result returns the "
+                                       "ModelOutput's leaves as a tuple (copying the pytree codegen needs emit_source "
+                                       "to write the flat form, passes/export.py)")
 def test_passes_keep_the_model_output_type():
     model, shape = _hf_resnet(), (1, 3, 32, 32)
     x = torch.randn(shape)
     with torch.no_grad():
-        assert type(fxrf.organize_stages(model, shape).graph_module(x)) is type(model(x))
+        want = model(x)
+        # remove_saturated=False: insertions only, which are exact (identity convs, pass-through norms)
+        org = fxrf.organize_stages(model, shape, remove_saturated=False)
+        assert org.changes and all(c.kind == "insert" for c in org.changes)
+        got = org.graph_module(x)
+        assert type(got) is type(want)
+        torch.testing.assert_close(got.logits, want.logits)
+        dec = fxrf.decompose(model, shape, recipe="DW+PW")  # transferred weights: close to the model, not equal
+        got = dec.graph_module(x)
+        assert dec.changes and type(got) is type(want) and got.logits.shape == want.logits.shape
 
 
 @pytest.mark.slow  # ~25 s on a busy core (torch.export of a transformer hybrid)
@@ -110,8 +120,23 @@ def test_fx_and_export_agree_per_module_path_on_mobilenet_v3():
     assert [(s.resolution, s.channels) for s in ex.stages] == [(s.resolution, s.channels) for s in fx_.stages]
 
 
-@pytest.mark.xfail(strict=True, reason="passes/lift.py's modules (and the GraphModule torch.export returns) are in "
-                                       "training mode although the ATen batch_norm calls say training=False")
 def test_passes_return_the_models_mode():
+    # torch.export's GraphModule is in training mode throughout (its ATen calls carry the mode); the passes' results
+    # take the model's mode, module by module, so the norms they insert pass their input through
     model, shape = _hf_resnet(), (1, 3, 32, 32)
-    assert not fxrf.decompose(model, shape, recipe="DW+PW").graph_module.training
+    for gm in (fxrf.decompose(model, shape, recipe="DW+PW").graph_module,
+               fxrf.organize_stages(model, shape).graph_module):
+        assert not gm.training
+        assert not [n for n, m in gm.named_modules() if m.training and not list(m.children())]  # every layer
+    trained = fxrf.organize_stages(_hf_resnet().train(), (2, 3, 32, 32)).graph_module  # (batch norm: batch > 1)
+    assert trained.training and all(m.training for m in trained.modules() if not list(m.children()))
+
+
+@pytest.mark.xfail(strict=True, reason="containers the passes create start in training mode: the organizer's "
+                                       "`stageN_extra1` (GraphModule.add_submodule makes it, organizer.py) and the "
+                                       "decomposer's Block (blocks.py builds it without .train(conv.training))")
+def test_passes_new_containers_take_the_models_mode():
+    model, shape = _hf_resnet(), (1, 3, 32, 32)
+    for gm in (fxrf.decompose(model, shape, recipe="DW+PW").graph_module,
+               fxrf.organize_stages(model, shape).graph_module):
+        assert not [n for n, m in gm.named_modules() if m.training]
