@@ -340,6 +340,9 @@ class _Walker:
             like = next((t.field for t in ins if tuple(t.shape) == tuple(o.shape)),
                         next((t.field for t in ins if len(t.shape) == len(o.shape)), None))
             sp = like.sp if like is not None else default_sp(o.shape, self.dims)  # keep NHWC as NHWC
+            if like is None and tuple(o.shape[a] for a in sp if a is not None) not in \
+                    {tuple(t.shape[a] for a in t.field.sp) for t in ins if t.field.is_map}:
+                sp = (None,) * self.dims  # no axis is known to hold the map (a window partition): none does
             cshape = _channel_shape(o.shape, sp)
             sizes = [[t.shape[a] if a is not None else 1 for a in t.field.sp] for t in ins]
             results.append(F_.everything([t.field for t in ins], sizes, cshape, sp))
@@ -555,7 +558,7 @@ class _Walker:
             kernel = op.spec(ctx).kind
             src = node.args[0]
             src = self._subs.get(node, {}).get(src, src)
-            if node not in starts and stage_of.get(src) == s:
+            if s is not None and node not in starts and stage_of.get(src) == s:  # a conv of constants: no stage
                 g = self._gain(st_env.get(src), rf, stages[s], src)
                 lg = self._gain(loc_env.get(src), local_rf, stages[s], src)
         return NodeRecord(node.name, _op_label(node, mod), _target_str(self.gm, node, mod), tuple(v.shape), s, kernel, rf,
@@ -645,7 +648,7 @@ def _rule_key(node, mod) -> str:
     return op_name(node)
 
 
-_RESHAPES = frozenset({"reshape", "flatten", "squeeze"})  # op names whose rule is a row-major reshape
+_RESHAPES = frozenset({"reshape", "flatten", "squeeze", "unsqueeze"})  # op names whose rule is a row-major reshape
 _INPLACE_FUNCTIONS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
                       operator.irshift, operator.setitem)

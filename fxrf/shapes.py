@@ -29,6 +29,8 @@ __all__ = ["TMeta", "propagate", "evaluate", "fetch_attr"]
 def _meta(v):
     if isinstance(v, TMeta):
         return torch.empty(v.shape, dtype=v.dtype, device="meta")
+    if isinstance(v, torch.Tensor):  # a tensor literal in the args: on meta too, devices must not mix
+        return torch.empty(v.shape, dtype=v.dtype, device="meta")
     if isinstance(v, (list, tuple)) and not isinstance(v, torch.Size):
         return type(v)(_meta(x) for x in v)
     if isinstance(v, dict):
@@ -45,7 +47,7 @@ def _unmeta(v):
 
 
 def _has_tensor(v) -> bool:
-    if isinstance(v, TMeta):
+    if isinstance(v, (TMeta, torch.Tensor)):
         return True
     if isinstance(v, (list, tuple)) and not isinstance(v, torch.Size):
         return any(_has_tensor(x) for x in v)
@@ -96,7 +98,9 @@ def evaluate(node: fx.Node, gm: fx.GraphModule, env: dict, modules: dict, table:
         return TMeta(tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v
     mod = modules[node.target] if node.op == "call_module" else None
     if not _has_tensor(args) and not _has_tensor(kwargs) and node.op == "call_function":
-        return node.target(*args, **kwargs)  # plain Python arithmetic on sizes
+        # plain Python arithmetic on sizes; a factory (aten.arange) made a real tensor: its TMeta, as for every
+        # other tensor, so that no real tensor meets the meta ones of a later op (an attention mask from arange)
+        return _unmeta(node.target(*args, **kwargs))
     if node.op == "call_function" and node.target is operator.getitem and not isinstance(args[0], TMeta):
         return args[0][args[1]]
     rule = _shape_rule(table or default_table(), node, mod)

@@ -54,7 +54,24 @@ def reshape(ctx: Ctx):
 
 
 define("flatten", nn.Flatten, torch.flatten, "flatten", shape=flatten_shape, rf=reshape)
-define("squeeze", nn.Unflatten, "unflatten", "squeeze", torch.squeeze, "unsqueeze", torch.unsqueeze, rf=reshape)
+define("squeeze", nn.Unflatten, "unflatten", "squeeze", torch.squeeze, rf=reshape)
+
+
+# unsqueeze(d): a new channel-like axis of size 1 at d, the axes from d on move up one. At d = 0 the old batch axis
+# becomes a channel-like axis whose entries all have the field of their channel (fields do not depend on the
+# sample: a window mask or a bias broadcast over windows); `reshape` would decline that as a batch change.
+@op("unsqueeze", torch.unsqueeze)
+def unsqueeze(ctx: Ctx):
+    x = ctx.args[0]
+    f = x.field
+    if f is None:
+        return None
+    d = ctx.arg(1, "dim") % (len(x.shape) + 1)
+    sp = tuple(None if a is None else a + (a >= d) for a in f.sp)
+    if d == 0:
+        return f.with_idx(np.broadcast_to(f.idx, (x.shape[0],) + f.idx.shape), sp=sp)
+    k = sum(a < d for a in f.channel_axes())  # channel-like axes before the new one
+    return f.with_idx(np.expand_dims(f.idx, k), sp=sp)
 
 
 def reshape_field(x: T, out_shape: tuple, dims: int):
