@@ -6,6 +6,7 @@ graph are deep-copied first). Passes re-run the analysis on what they build inst
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any
 
@@ -42,6 +43,9 @@ def shared_copy(gm: fx.GraphModule, class_name: str | None = None) -> tuple[fx.G
     copied shallowly), and the map from gm's nodes to the copy's nodes. For rewrites of a graph whose parameters
     must stay the caller's (torch.compile's graphs); `private_copy` is the one that shares nothing."""
     graph, env = fx.Graph(), {}
+    # the code generator too: an exported graph's (_PyTreeCodeGen) rebuilds the model's output structure (a
+    # ModelOutput, a dict) from the flat outputs; a fresh Graph's plain one would return the bare leaves
+    graph.set_codegen(copy.deepcopy(gm.graph._codegen))
     graph.output(graph.graph_copy(gm.graph, env))
     from .util import keep_modes  # (containers fx.GraphModule makes afresh would be in training mode)
     return keep_modes(fx.GraphModule(gm, graph, class_name or type(gm).__name__), gm), env

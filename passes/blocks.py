@@ -271,7 +271,7 @@ def build(recipe: Recipe | str, conv: nn.Conv2d, pattern: Pattern = Pattern(), s
     `emit` writes: ("module", child name) or ("roll", channels) per instruction."""
     recipe = parse(recipe)
     like = conv.weight
-    block = Block(recipe.name, shift)
+    block = Block(recipe.name, shift).train(conv.training)  # the conv's mode, as every layer below takes
     program = []
     c = conv.in_channels
     if recipe.keeps:

@@ -39,6 +39,7 @@ small. A submodule that cannot be rebuilt from its constructor arguments raises 
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import keyword
@@ -64,7 +65,11 @@ _MAX_LITERAL = 4096  # constant tensors up to this many elements are written inl
 def emit_source(gm: fx.GraphModule, path, *, class_name: str | None = None) -> str:
     """Write `gm` as an importable Python module defining one nn.Module class; return the source."""
     name = _identifier(class_name or type(gm).__name__)
-    code = gm.graph.python_code(root_module="self")
+    graph = gm.graph
+    if type(graph._codegen) is not fx.graph.CodeGen:  # an exported graph's pytree code (restoring a ModelOutput)
+        graph = copy.deepcopy(graph)  # reads self._in_spec / self._out_spec, which the emitted class lacks: write
+        graph.set_codegen(fx.graph.CodeGen())  # the flat form, tensors in and the output's leaves out
+    code = graph.python_code(root_module="self")
     needs: set = set()  # modules the constructors need (classes outside torch.nn)
     init = _init_lines(gm, needs)
     used = {k: v for k, v in code.globals.items() if re.search(rf"\b{re.escape(k)}\b", code.src)}

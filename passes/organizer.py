@@ -706,6 +706,7 @@ def _insert(gm, site: _Site, prefix: str, meta: bool) -> list:
     consumers = list(point.users)
     for name, module in _unit_modules(site, meta):
         gm.add_submodule(f"{prefix}.{name}", module)
+    gm.get_submodule(prefix).training = site.training  # add_submodule made the container in training mode
     # inserting_after(point) would put every new node right after `point`, i.e. in reverse order
     with graph.inserting_before(point.next):
         x = graph.call_module(f"{prefix}.conv", (point,))

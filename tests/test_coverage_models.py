@@ -76,9 +76,6 @@ def test_hugging_face_model_runs_through_both_passes():
         assert dec.changes and _first(dec.graph_module(x)).shape == want.shape
 
 
-@pytest.mark.xfail(strict=True, reason="passes.shared_copy gives its new Graph a plain CodeGen: the result returns the "
-                                       "ModelOutput's leaves as a tuple (copying the pytree codegen needs emit_source "
-                                       "to write the flat form, passes/export.py)")
 def test_passes_keep_the_model_output_type():
     model, shape = _hf_resnet(), (1, 3, 32, 32)
     x = torch.randn(shape)
@@ -132,9 +129,6 @@ def test_passes_return_the_models_mode():
     assert trained.training and all(m.training for m in trained.modules() if not list(m.children()))
 
 
-@pytest.mark.xfail(strict=True, reason="containers the passes create start in training mode: the organizer's "
-                                       "`stageN_extra1` (GraphModule.add_submodule makes it, organizer.py) and the "
-                                       "decomposer's Block (blocks.py builds it without .train(conv.training))")
 def test_passes_new_containers_take_the_models_mode():
     model, shape = _hf_resnet(), (1, 3, 32, 32)
     for gm in (fxrf.decompose(model, shape, recipe="DW+PW").graph_module,
