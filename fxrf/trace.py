@@ -152,6 +152,25 @@ def trace_with_values(model, example_input, *, capture="auto", concrete_args=Non
             raise TraceError(f"{e} -- torch.export could not capture it either: {e2}") from e2
 
 
+def keep_modes(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Give each of `new`'s modules the training flag of `old`'s module at the same path, or of the nearest enclosing
+    one `old` has (the root: `old`'s own), so a pass's result is in its input model's mode. Needed because
+    fx.GraphModule(old, graph) makes each container on a called module's path (`layer1`, `layer1.0`) a fresh
+    nn.Module, in training mode whatever `old`'s was, and torch.export's GraphModule is in training mode throughout
+    (its ATen calls carry the mode instead). A batch norm with running statistics keeps its own flag: a lifted one
+    has its ATen call's, which is what the graph computes (without running statistics both modes compute the same
+    batch statistics, so such a norm takes `old`'s flag like any other module)."""
+    mine = dict(old.named_modules())
+    for path, m in new.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            continue
+        parts = path.split(".") if path else []
+        while ".".join(parts) not in mine:
+            parts.pop()
+        m.training = mine[".".join(parts)].training
+    return new
+
+
 def _with_values(gm: fx.GraphModule, inputs: list, rules, how: str):
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(inputs) > len(placeholders):
@@ -192,7 +211,7 @@ def _export(model: nn.Module, example_input, inputs: list) -> fx.GraphModule:
     gm.graph.eliminate_dead_code()  # and the check is a closure that cannot be saved or copied with the graph
     gm.delete_all_unused_submodules()
     gm.recompile()
-    return gm
+    return keep_modes(gm, model)  # export's GraphModule is in training mode throughout; the model's mode, please
 
 
 def _from_val(v):
@@ -238,7 +257,7 @@ def _symbolic_trace(model: nn.Module, concrete_args, leaf_modules) -> fx.GraphMo
             f"concrete_args for the argument the control flow depends on, or trace the model yourself "
             f"(torch.fx.symbolic_trace or a custom Tracer) and pass the GraphModule") from e
     name = type(model).__name__
-    return _GraphModule(tracer.root, graph, name)
+    return keep_modes(_GraphModule(tracer.root, graph, name), model)  # fresh path containers: the model's mode
 
 
 def annotate(gm: fx.GraphModule, env: dict) -> None:

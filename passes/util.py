@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from fxrf.ops import default_table
 from fxrf.shapes import fetch_attr
+from fxrf.trace import keep_modes  # noqa: F401  (the passes' copies use it; defined where capture needs it)
 
 __all__ = ["copy_graph_module", "keep_modes", "fetch_attr", "module_of", "call_counts", "sole_user", "chain",
            "norm_of", "activation_of", "Template", "conv_template", "identity_norm"]
@@ -57,25 +58,6 @@ def copy_graph_module(gm: fx.GraphModule, *, params: str = "copy", class_name: s
     if type(gm).__mro__[1] is not fx.GraphModule or class_name is not None:  # fxrf.trace's lazily compiled kind:
         gm = keep_modes(fx.GraphModule(gm, gm.graph, name), gm)  # results get a plain one, which every torch
     return gm  # version saves and loads
-
-
-def keep_modes(new: nn.Module, old: nn.Module) -> nn.Module:
-    """Give each of `new`'s modules the training flag of `old`'s module at the same path, or of the nearest enclosing
-    one `old` has (the root: `old`'s own), so a pass's result is in its input model's mode. Needed because
-    fx.GraphModule(old, graph) makes each container on a called module's path (`layer1`, `layer1.0`) a fresh
-    nn.Module, in training mode whatever `old`'s was, and torch.export's GraphModule is in training mode throughout
-    (its ATen calls carry the mode instead). A batch norm with running statistics keeps its own flag: a lifted one
-    has its ATen call's, which is what the graph computes (without running statistics both modes compute the same
-    batch statistics, so such a norm takes `old`'s flag like any other module)."""
-    mine = dict(old.named_modules())
-    for path, m in new.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            continue
-        parts = path.split(".") if path else []
-        while ".".join(parts) not in mine:
-            parts.pop()
-        m.training = mine[".".join(parts)].training
-    return new
 
 
 # --------------------------------------------------------------------------------------------------- reading nodes

@@ -111,3 +111,15 @@ def test_functional_pool_positional_arguments():
     m = FunctionalPools()
     x = torch.rand(1, 2, 10, 10)
     assert _our_shapes(m, x.shape) == _real_shapes(m, x)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("training", [False, True])
+def test_the_graph_module_is_in_the_models_mode(capture, training):
+    # fx.GraphModule makes the path containers (layer1, layer1.0) afresh and torch.export's module is in training
+    # mode throughout: without care an eval-mode model came back reporting training
+    import torchvision
+    model = torchvision.models.resnet18().train(training)
+    gm = fxrf.trace(model, (2, 3, 32, 32), capture=capture)
+    assert {m.training for m in gm.modules()} == {training}
+    assert {m.training for m in model.modules()} == {training}  # the model itself untouched
