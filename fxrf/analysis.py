@@ -648,7 +648,8 @@ def _rule_key(node, mod) -> str:
     return op_name(node)
 
 
-_RESHAPES = frozenset({"reshape", "flatten", "squeeze", "unsqueeze"})  # op names whose rule is a row-major reshape
+# op names that only regroup axes row-major: a pair of them that gives back the shape gives back the field
+_RESHAPES = frozenset({"reshape", "flatten", "unflatten", "squeeze", "unsqueeze"})
 _INPLACE_FUNCTIONS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
                       operator.irshift, operator.setitem)

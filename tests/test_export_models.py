@@ -32,15 +32,17 @@ def exact(model, shape, capture, names=None):
 
 
 class Unsqueezed(nn.Module):
-    """conv -> unsqueeze(dim) -> relu -> squeeze(dim) -> conv: the relu keeps the pair from being a round trip."""
+    """conv -> unsqueeze(dim) -> relu -> squeeze(dim) -> conv: the relu keeps the pair from being a round trip
+    (relu=False: it is one). `squeeze` spells the squeeze back."""
 
-    def __init__(self, dim):
+    def __init__(self, dim, squeeze=lambda t, d: t.squeeze(d), relu=True):
         super().__init__()
-        self.dim = dim
+        self.dim, self.squeeze, self.relu = dim, squeeze, relu
         self.a, self.b = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
 
     def forward(self, x):
-        return self.b(torch.relu(self.a(x).unsqueeze(self.dim)).squeeze(self.dim))
+        y = self.a(x).unsqueeze(self.dim)
+        return self.b(self.squeeze(torch.relu(y) if self.relu else y, self.dim))
 
 
 @pytest.mark.parametrize("capture", ["fx", "export"])
@@ -53,12 +55,67 @@ def test_unsqueeze_is_exact(capture, dim):
 
 
 @pytest.mark.parametrize("capture", ["fx", "export"])
-@pytest.mark.parametrize("dim", [-1, 4])  # after the map: exact; the squeeze back (map not trailing) declines
+@pytest.mark.parametrize("dim", [-1, 4])  # after the map: the map is no longer trailing
 def test_unsqueeze_after_the_map_is_exact(capture, dim):
-    a = exact(Unsqueezed(dim), (1, 2, 8, 8), capture, names={"unsqueeze", "relu"})
+    a = exact(Unsqueezed(dim), (1, 2, 8, 8), capture)  # every node, the squeeze back and the conv after it too
+    assert a.unsupported == []  # before: the squeeze back declined (the reshape rule needs the map trailing)
     r = a.record("unsqueeze")
     assert r.field.sp == (2, 3) and r.field.idx.shape == (3, 1) and r.rf.spatial == (3, 3)
-    assert "unsqueeze" not in [u[0] for u in a.unsupported]
+    r = a.record("squeeze")
+    assert r.field.sp == (2, 3) and r.field.idx.shape == (3,) and r.rf.spatial == (3, 3)
+    # autograd and by hand: a 3x3 conv after a 3x3 conv sees 5x5 of both input channels
+    assert a.convs()[-1].rf.spatial == (5, 5) and a.convs()[-1].rf.channel == 2
+
+
+SQUEEZES = {  # every spelling of squeezing axis d
+    "method": lambda t, d: t.squeeze(d),
+    "keyword": lambda t, d: t.squeeze(dim=d),
+    "function": lambda t, d: torch.squeeze(t, d),
+    "dims": lambda t, d: t.squeeze((d,)),
+    # the 3 channels' axis (2 after unsqueeze(0), else 1) is not of size 1: kept
+    "dims with a non-1 axis": lambda t, d: torch.squeeze(t, (2 if d == 0 else 1, d)),
+}
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("form", list(SQUEEZES))
+@pytest.mark.parametrize("dim,relu", [(-1, True), (2, True), (0, True), (-1, False)])  # relu=False: a round trip
+def test_squeeze_is_exact(capture, form, dim, relu):
+    a = exact(Unsqueezed(dim, SQUEEZES[form], relu), (1, 2, 8, 8), capture)
+    assert a.unsupported == []
+    assert a.convs()[-1].rf.spatial == (5, 5) and a.convs()[-1].rf.channel == 2  # by hand, as above
+
+
+class PooledSqueeze(nn.Module):
+    """conv -> global average pool -> squeeze the 1x1 map away -> linear: the map axes have size 1 and go."""
+
+    def __init__(self, squeeze):
+        super().__init__()
+        self.squeeze = squeeze
+        self.a, self.fc = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(3, 4)
+
+    def forward(self, x):
+        return self.fc(self.squeeze(F.adaptive_avg_pool2d(self.a(x), 1)))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("squeeze", [lambda t: t.squeeze(-1).squeeze(-1), lambda t: torch.squeeze(t, (2, 3)),
+                                     lambda t: t.squeeze()], ids=["twice", "dims", "all"])
+def test_squeeze_of_a_pooled_map_is_exact(capture, squeeze):
+    a = exact(PooledSqueeze(squeeze), (2, 2, 8, 8), capture)  # batch 2: squeeze() keeps the batch axis
+    assert a.unsupported == []
+    r = a.records[-1]
+    assert r.field.sp == (None, None) and r.rf.spatial == (8, 8) and r.rf.channel == 2  # the whole map
+
+
+class ChannelsToBatch(nn.Module):
+    def forward(self, x):  # (1, 2, 8, 8, 1) -> (2, 8, 8): the two channels, which see different things, as batch
+        return torch.relu(x.unsqueeze(-1).squeeze())
+
+
+def test_squeeze_of_channels_into_the_batch_declines():
+    a = fxrf.analyze(ChannelsToBatch(), (1, 2, 8, 8), capture="fx")
+    assert [u[0] for u in a.unsupported] == ["squeeze"] and "batch" in a.unsupported[0][2]
 
 
 class BatchToChannel(nn.Module):

@@ -58,8 +58,16 @@ _alias("view", "view", "reshape", "_unsafe_view", "reshape_as")  # reshape_as: t
 _alias(F.pad, "pad", "constant_pad_nd")
 _alias("swapaxes", "swapaxes", ("swapaxes", "default"))
 _alias(torch.flatten, ("flatten", "using_ints"))
-_alias("squeeze", "squeeze", ("squeeze", "dim"), ("squeeze", "dims"), ("unflatten", "int"))
+_alias(torch.squeeze, "squeeze", ("squeeze", "dim"), ("squeeze", "dims"))
+_alias("unflatten", ("unflatten", "int"))
 _alias("unsqueeze", "unsqueeze")
+_alias(torch.zeros_like, "zeros_like", "ones_like", "full_like", "empty_like", "new_zeros", "new_ones", "new_full",
+       "new_empty", ("fill", "Scalar"), ("fill", "Tensor"), ("fill_", "Scalar"), ("fill_", "Tensor"), "zero",
+       "zero_", "zeros", "ones", "full", ("empty", "memory_format"), "arange", ("arange", "start"),
+       ("arange", "start_step"), "scalar_tensor")
+_alias(operator.gt, *((n, o) for n in ("gt", "lt", "ge", "le", "eq", "ne") for o in ("Tensor", "Scalar")))
+_alias(torch.masked_fill, ("masked_fill", "Scalar"), ("masked_fill", "Tensor"), ("masked_fill_", "Scalar"),
+       ("masked_fill_", "Tensor"))
 _alias("permute", "permute", ("transpose", "int"))
 _alias(torch.cat, "cat", "concat")
 _alias("split", ("split", "Tensor"), "split_with_sizes")

@@ -114,6 +114,13 @@ define("logical_not", operator.invert, torch.bitwise_not, torch.logical_not, "bi
        "__invert__", shape=same_shape, rf=per_element, traits={"per_element"})
 
 
+# masked_fill(x, mask, value): each element is x's or the value, chosen by the mask's element at the same place
+# (broadcast): it sees what x, the mask and a tensor value see there (autograd sees x's part only: a comparison's
+# gradient is 0; where a constant mask is set the element sees nothing, so the field is exact where it is clear).
+define("masked_fill", torch.masked_fill, "masked_fill", "masked_fill_", shape=same_shape, rf=binary, cost=per_output,
+       kind="elementwise")
+
+
 def broadcast_merge(ts: list[T], out_shape: tuple):
     if not ts:
         return None

@@ -54,7 +54,7 @@ def reshape(ctx: Ctx):
 
 
 define("flatten", nn.Flatten, torch.flatten, "flatten", shape=flatten_shape, rf=reshape)
-define("squeeze", nn.Unflatten, "unflatten", "squeeze", torch.squeeze, rf=reshape)
+define("unflatten", nn.Unflatten, "unflatten", rf=reshape)
 
 
 # unsqueeze(d): a new channel-like axis of size 1 at d, the axes from d on move up one. At d = 0 the old batch axis
@@ -69,9 +69,52 @@ def unsqueeze(ctx: Ctx):
     d = ctx.arg(1, "dim") % (len(x.shape) + 1)
     sp = tuple(None if a is None else a + (a >= d) for a in f.sp)
     if d == 0:
-        return f.with_idx(np.broadcast_to(f.idx, (x.shape[0],) + f.idx.shape), sp=sp)
-    k = sum(a < d for a in f.channel_axes())  # channel-like axes before the new one
-    return f.with_idx(np.expand_dims(f.idx, k), sp=sp)
+        idx = np.broadcast_to(f.idx, (x.shape[0],) + f.idx.shape)
+    else:
+        idx = np.expand_dims(f.idx, sum(a < d for a in f.channel_axes()))  # after the channel-like axes before d
+    n, dims = len(ctx.out_shape), ctx.dims
+    if dims and all(a is None for a in sp) and n >= 2 + dims and math.prod(ctx.out_shape[n - dims:]) == 1:
+        # a vector back on a map of one pixel (as `reshape` has it): the gate of x * gate broadcasts over x's map
+        # (efficient channel attention: pooled (N, C, 1).unsqueeze(-1))
+        return f.with_idx(idx.reshape(ctx.out_shape[1:n - dims]), sp=tuple(range(n - dims, n)))
+    return f.with_idx(idx, sp=sp)
+
+
+# squeeze(dims) (all size-1 axes when no dim is given): the size-1 axes go, the later axes move down. A size-1
+# channel-like axis leaves the index array; a size-1 map axis is a map of one pixel, which goes as if pooled away
+# (an int index on it), and with it a map left of one pixel. Squeezing the batch axis (N = 1) makes the first kept
+# axis the batch axis: exact when it is channel-like and all its entries have the same field (fields do not depend
+# on the sample: unsqueeze(0) undone).
+@op("squeeze", torch.squeeze)
+def squeeze(ctx: Ctx):
+    x = ctx.args[0]
+    f = x.field
+    if f is None:
+        return None
+    rank = len(x.shape)
+    dims = ctx.arg(1, "dim")
+    dims = range(rank) if dims is None else dims if isinstance(dims, (tuple, list)) else (dims,)
+    gone = {d % rank for d in dims if x.shape[d % rank] == 1}
+    kept = [a for a in range(rank) if a not in gone]
+    cin = f.channel_axes()
+    idx = f.idx
+    drop = [a for a in cin if a in gone]
+    if 0 in gone:
+        if not kept or kept[0] in f.sp:
+            raise Decline("a squeeze that makes a spatial axis the batch axis")
+        k = cin.index(kept[0])
+        idx = np.take(idx, [0], axis=k)
+        if not (f.idx == idx).all():
+            raise Decline("a squeeze that makes channels with different fields the batch axis")
+        drop.append(kept[0])
+    idx = np.squeeze(idx, axis=tuple(cin.index(a) for a in drop))
+    sp = tuple(None if a is None or a in gone else kept.index(a) for a in f.sp)
+    if any(a in gone for a in f.sp if a is not None) and all(ctx.out_shape[a] == 1 for a in sp if a is not None):
+        # the rest of a 1-pixel map is no map any more (as `reshape` has it): its axes become channel-like, so
+        # (N, C, 1, 1).squeeze(-1) can be transposed and convolved along C (efficient channel attention)
+        sp = (None,) * len(sp)
+        idx = idx.reshape(ctx.out_shape[1:])
+    return f.with_idx(idx, sp=sp)
 
 
 def reshape_field(x: T, out_shape: tuple, dims: int):
