@@ -193,8 +193,7 @@ def measure_model(spec: Spec, model: nn.Module, device: str, batch: int, args, p
             rows.append({"mode": "eager", **stats(t, batch)})
         if args.no_compile:
             return rows, None
-        backend = make_backend(log_table=False, inductor=dict(args.inductor), passes=args.passes)
-        compiled = torch.compile(model, backend=backend, dynamic=False, mode=args.mode)
+        compiled, backend = _compile(model, args)
         progress(f"{spec.name} {device} b{batch} compile")
         t0 = time.perf_counter()
         out = compiled(x)
@@ -275,13 +274,17 @@ def _pairs(name, batch, compiled, spec, kept, done, doc, args, progress) -> None
             kept.pop(key)
 
 
+def _compile(model: nn.Module, args) -> tuple:
+    """(torch.compile of `model` through the fxrf backend as this run configures it, that backend)."""
+    backend = make_backend(log_table=False, inductor=dict(args.inductor), passes=args.passes)
+    return torch.compile(model, backend=backend, dynamic=False, mode=args.mode), backend
+
+
 def _noise(name, model, compiled, spec, batch, doc, args, progress) -> None:
     """The timing noise between two compiled instances of one graph (the same model deep-copied and compiled
     again), timed in alternation like the pairs: what a ratio between two different models cannot resolve."""
     import copy
-    twin = torch.compile(copy.deepcopy(model), backend=make_backend(log_table=False, inductor=dict(args.inductor),
-                                                                    passes=args.passes), dynamic=False,
-                         mode=args.mode)
+    twin, _ = _compile(copy.deepcopy(model), args)
     x = torch.randn((batch,) + spec.sample, device=args.device)
     with torch.no_grad():
         timed_calls(twin, x, args.device, args.warmup, 1, 1, 0.0)

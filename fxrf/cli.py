@@ -62,26 +62,25 @@ def parse_input(text: str) -> tuple:
     return shape
 
 
-def _alpha(text: str) -> float:
-    """--alpha: a finite number > 0 (the gain's exp(-alpha * V_{k-1} / V_0) needs it positive)."""
+def _positive_number(text: str, must: str) -> float:
+    """A finite number > 0 from `text`, else an argparse error: "must <must>, got <text>"."""
     try:
         v = float(text)
     except ValueError:
         v = math.nan
     if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (the paper uses 3), got {text!r}")
+        raise argparse.ArgumentTypeError(f"must {must}, got {text!r}")
     return v
+
+
+def _alpha(text: str) -> float:
+    """--alpha: a finite number > 0 (the gain's exp(-alpha * V_{k-1} / V_0) needs it positive)."""
+    return _positive_number(text, "be a finite number > 0 (the paper uses 3)")
 
 
 def _budget(text: str) -> float:
     """--latency-budget: a ratio after/before, a finite number > 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"must be a ratio after/before, a finite number > 0 such as 1.0, got {text!r}")
-    return v
+    return _positive_number(text, "be a ratio after/before, a finite number > 0 such as 1.0")
 
 
 def _positive_int(text: str) -> int:

@@ -53,7 +53,7 @@ from . import PassResult, finish, private_copy
 from .blocks import CATALOG, Recipe, auto_candidates, build, check_catalog, emit, load, measure, model_pattern, parse
 from .blocks import cost as block_cost
 from .fold import fold_in_place
-from .latency import paired_ratio
+from .latency import input_shape, paired_ratio
 from .select import Selection
 from .util import call_counts, copy_graph_module, module_of
 
@@ -239,7 +239,8 @@ def decompose(model: nn.Module, example_input, recipe: str | Recipe = "auto", *,
     if _same_plan(macs_plan, plan):
         del options["macs"]
     built = {k: _build(copy_graph_module(gm, params="copy"), p, t, *common) for k, (p, t) in options.items()}
-    times = latency.compare({k: r.graph_module for k, r in built.items()}, _input_shape(before), verify)
+    times = latency.compare({k: r.graph_module for k, r in built.items()}, input_shape(
+        before.graph_module, "decompose(objective='latency', verify>0)", "pass verify=0"), verify)
     pick = _pick(times)
     result = built[pick]
     result.summary["verified"] = _verdict(times, pick, built, verify, sites_ms / 1e3)
@@ -262,15 +263,6 @@ def _pick(times: dict) -> str:
 def _same_plan(a: dict, b: dict) -> bool:
     keep = lambda plan: {k: v.name for k, v in plan.items() if not v.keeps}  # noqa: E731
     return keep(a) == keep(b)
-
-
-def _input_shape(a: Analysis) -> tuple:
-    shapes = [tuple(n.meta["tensor_meta"].shape) for n in a.graph_module.graph.nodes
-              if n.op == "placeholder" and "tensor_meta" in n.meta]
-    if len(shapes) != 1:
-        raise InputError("decompose(objective='latency', verify>0) times the whole model on one input tensor; "
-                         f"this model takes {len(shapes)}: pass verify=0")
-    return shapes[0]
 
 
 def _verdict(times: dict, pick: str, built: dict, rounds: int, sites_s: float) -> dict:

@@ -160,6 +160,16 @@ def compiled(gm: nn.Module, x: torch.Tensor) -> Callable:
     return call
 
 
+def input_shape(gm: fx.GraphModule, what: str, fix: str) -> tuple:
+    """The shape of `gm`'s one input tensor, which a whole-model timing feeds; else an InputError saying that
+    `what` times the whole model on one input and naming the `fix`."""
+    shapes = [tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes
+              if n.op == "placeholder" and "tensor_meta" in n.meta]
+    if len(shapes) != 1:
+        raise InputError(f"{what} times the whole model on one input tensor; this model takes {len(shapes)}: {fix}")
+    return shapes[0]
+
+
 def paired_ratio(times: dict, a: str, b: str) -> float:
     """The median over rounds of time(a) / time(b) in the same round (`LatencyModel.compare`): a drift in the
     machine's load between rounds cancels out, which a ratio of two separate minima would not do."""
@@ -261,23 +271,21 @@ class LatencyModel:
         """Seconds per call of `recipe` replacing `conv` (followed by the model's norm and activation) on an input
         of `in_shape` (its batch replaced by this model's batch); measured once per key, then read back."""
         probe = self.probe(recipe, conv, in_shape, pattern, shift)
-        key = probe.key()
-        figures = self._load()
-        if key not in figures:
-            figures[key] = float(self._measure(parse(recipe), conv, pattern, probe))
-            self.calls += 1
-            self._save(key, figures[key])
-        return figures[key]
+        return self._cached(probe, lambda: self._measure(parse(recipe), conv, pattern, probe))
 
     def time_model(self, model: nn.Module, in_shape: tuple, label: str = "model") -> float:
         """Seconds per call of a whole model on an input of `in_shape` (its batch replaced by this model's batch),
         compiled as `compiled` deploys it (or eager); cached by the model's structure (`fingerprint`), not its
         values."""
         probe = self._model_probe(model, in_shape, label)
+        return self._cached(probe, lambda: self._run(model, probe))
+
+    def _cached(self, probe: Probe, measure: Callable[[], float]) -> float:
+        """The figure for `probe`: read back, or measured once (`measure()`) and written to the cache."""
         key = probe.key()
         figures = self._load()
         if key not in figures:
-            figures[key] = self._run(model, probe)
+            figures[key] = float(measure())
             self.calls += 1
             self._save(key, figures[key])
         return figures[key]
@@ -297,7 +305,7 @@ class LatencyModel:
         if isinstance(figures.get(key), dict) and set(figures[key]) == set(models):
             return {k: tuple(v) for k, v in figures[key].items()}
         x = torch.randn(next(iter(probes.values())).in_shape, device=self.device)
-        fns = {k: (compiled(m, x) if self.mode == "compile" else m) for k, m in models.items()}
+        fns = {k: self._callable(m, x) for k, m in models.items()}
         times: dict = {k: [] for k in models}
         for _ in range(rounds):
             for k, fn in fns.items():
@@ -313,8 +321,7 @@ class LatencyModel:
 
     def _run(self, model: nn.Module, probe: Probe) -> float:
         x = torch.randn(probe.in_shape, device=self.device)
-        fn = compiled(model, x) if self.mode == "compile" else model
-        return self._checked(self.model_timer(fn, x, probe), probe)
+        return self._checked(self.model_timer(self._callable(model, x), x, probe), probe)
 
     def _measure(self, recipe: Recipe, conv: nn.Conv2d, pattern: Pattern, probe: Probe) -> float:
         gm = site_module(recipe, conv, pattern, probe.shift, self.device)
@@ -324,8 +331,11 @@ class LatencyModel:
             # mkldnn), converting the model's input once; a site alone on an NCHW input would pay that conversion
             # per block (a read and a write of its input: most of a depthwise block's time) and time 20-90% slow
             x = x.contiguous(memory_format=torch.channels_last)
-        fn = compiled(gm, x) if self.mode == "compile" else gm
-        return self._checked(self.timer(fn, x, probe), probe)
+        return self._checked(self.timer(self._callable(gm, x), x, probe), probe)
+
+    def _callable(self, module: nn.Module, x: torch.Tensor) -> Callable:
+        """`module` as this model's mode runs it: compiled (`compiled`) or eager."""
+        return compiled(module, x) if self.mode == "compile" else module
 
     @staticmethod
     def _checked(t, probe: Probe) -> float:

@@ -340,20 +340,16 @@ def _start_clock(work: fx.GraphModule, a: Analysis, lm, device: str, batch: int,
     """The input model timed whole (an eval-mode copy, compiled; cached by its structure) and the model's norm
     and activation, which every conv is timed with."""
     from .blocks import model_pattern
-    from .latency import LatencyModel
+    from .latency import LatencyModel, input_shape
 
     flat = [s.index for s in a.stages if len(s.resolution) != 2]
     if flat:
         raise InputError(f"latency_budget: the latency model times 2-d convs only, and stage {flat[0]} is "
                          f"{len(a.stages[flat[0]].resolution)}-d: pass latency_budget=None")
-    shapes = [tuple(n.meta["tensor_meta"].shape) for n in work.graph.nodes
-              if n.op == "placeholder" and "tensor_meta" in n.meta]
-    if len(shapes) != 1:
-        raise InputError(f"latency_budget times the whole model on one input tensor; this model takes "
-                         f"{len(shapes)}: pass latency_budget=None")
+    shape = input_shape(work, "latency_budget", "pass latency_budget=None")
     lm = LatencyModel(device, batch) if lm is None else lm
     whole = copy_graph_module(work, params="copy").eval()  # inference latency; `work`'s modules keep their mode
-    return _Clock(lm, model_pattern(work), lm.time_model(whole, shapes[0], "original"), budget)
+    return _Clock(lm, model_pattern(work), lm.time_model(whole, shape, "original"), budget)
 
 
 def _ms(seconds: float) -> str:
