@@ -33,23 +33,23 @@ def small_cnn(width: int = 8) -> nn.Sequential:
                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * width, 10))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tests train small models: one thread is faster than two on a busy machine (no spinning)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# These tests train small models: one thread is faster than two on a busy machine (no spinning).
+pytestmark = pytest.mark.threads(1)
 
 
 @pytest.fixture(scope="module")
-def trained(one_thread):
+def trained():
     """A small CNN trained on 300 digits (8 epochs, seed 1): (model, train loader, test loader)."""
     s = digits(n_train=300, n_test=500, seed=1)
     tr, te = loaders(s, batch_size=32, seed=1)
     torch.manual_seed(1)
     m = small_cnn()
-    train(m, tr, 8, seed=1, progress=False)
+    n = torch.get_num_threads()  # (module scope: set up before the per-test thread fixture runs)
+    torch.set_num_threads(1)
+    try:
+        train(m, tr, 8, seed=1, progress=False)
+    finally:
+        torch.set_num_threads(n)
     return m.eval(), tr, te
 
 

@@ -13,7 +13,7 @@ from fxrf.ops import TMeta
 from fxrf.shapes import propagate
 from oracle import compare
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.threads(1)
 
 
 def exact(model, shape, capture, names=None):

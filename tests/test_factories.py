@@ -15,7 +15,7 @@ import torch.nn as nn
 import fxrf
 from oracle import compare, faithful_copy
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.threads(1)
 SHAPE = (1, 2, 8, 8)
 
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import fxrf
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.threads(1)
 C = 4  # channels every block keeps
 
 

@@ -18,7 +18,7 @@ import fxrf
 from fxrf.passes import finish
 from oracle import compare
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.threads(1)
 
 
 def exact(model, shape, names=None):
