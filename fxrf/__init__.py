@@ -14,6 +14,7 @@ from .trace import trace
 # The passes import core modules, never the package root: importing them here gives the real signatures.
 from .passes.organizer import organize_stages  # noqa: E402
 from .passes.decomposer import decompose  # noqa: E402
+from .passes.pipeline import OptimizeResult, optimize  # noqa: E402
 from .distill import distill  # noqa: E402  (fxrf.distill is the function; `from fxrf.distill import x` reads the module)
 
 
@@ -24,7 +25,7 @@ def __getattr__(name):  # fxrf.compile loads torch._dynamo (seconds): only when 
     raise AttributeError(f"module 'fxrf' has no attribute {name!r}")
 
 
-__all__ = ["compile", "organize_stages", "decompose", "distill", "analyze", "trace", "rf_rule", "op", "Op", "OpTable",
+__all__ = ["compile", "optimize", "OptimizeResult", "organize_stages", "decompose", "distill", "analyze", "trace", "rf_rule", "op", "Op", "OpTable",
            "DEFAULT_OPS", "Decline", "DuplicateRuleError", "Analysis", "NodeRecord", "RF", "Stage", "META_KEY",
            "FxrfError", "TraceError", "InputError", "UnsupportedOpError", "AnalysisError"]
 __version__ = "0.1.0"

@@ -25,8 +25,11 @@ from . import field as F_
 from .errors import AnalysisError, FxrfError, InputError, UnsupportedOpError
 from .field import Field
 from .metric import DEFAULT_ALPHA, gain as gain_of, volume as volume_of
-from .naming import describe, op_name
+from .checks import check_number  # noqa: F401  (the passes' option checks; re-exported)
+from .cost import model_cost
+from .naming import describe, module_path, op_name  # noqa: F401  (module_path: re-exported)
 from .ops import Call, Decline, OpTable, T, TMeta, default_table
+from .report import table as _table, to_dict as _to_dict
 from .rules import default_sp
 from .shapes import fetch_attr
 from .trace import InputSpec, _as_shapes, trace_with_values
@@ -144,16 +147,13 @@ class Analysis:
     @functools.cached_property
     def costs(self) -> dict:
         """{node name: fxrf.cost.Cost}: params and MACs from shapes alone (computed on first use)."""
-        from .cost import model_cost
         return model_cost(self.graph_module)
 
     def to_dict(self) -> dict:
-        from .report import to_dict
-        return to_dict(self)
+        return _to_dict(self)
 
     def table(self, width: int | None = 80, depth: int | None = None) -> str:
-        from .report import table
-        return table(self, width, depth)
+        return _table(self, width, depth)
 
 
 def analyze(model: nn.Module, example_input: InputSpec, *, alpha: float = DEFAULT_ALPHA, strict: bool = False,
@@ -218,21 +218,6 @@ def analyze_graph(gm: fx.GraphModule, example_inputs, *, constant_inputs=(), alp
     walker.constant_names = {placeholders[i].name for i in constant_inputs}
     walker.spatial_cap = spatial_cap
     return walker.run(name or type(gm).__name__)
-
-
-def check_number(name: str, value, *, minimum: float | None = 0.0) -> float:
-    """A finite real number (not a bool or a string), at least `minimum` (None: any sign): InputError otherwise.
-
-    >>> check_number("alpha", 3)
-    3.0
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise InputError(f"{name} must be a number, got {type(value).__name__} {value!r}: pass e.g. {name}=3.0")
-    value = float(value)
-    if not math.isfinite(value) or (minimum is not None and value < minimum):
-        raise InputError(f"{name} must be a finite number" + ("" if minimum is None else f" >= {minimum:g}")
-                         + f", got {value!r}")
-    return value
 
 
 class _Walker:
@@ -583,17 +568,10 @@ class _Walker:
 
 
 
-def module_path(node: fx.Node) -> str | None:
-    """The module a node belongs to: a call_module's target, else the innermost entry of the `nn_module_stack`
-    that torch.fx and torch.export record (None: the model's own forward)."""
-    if node.op == "call_module":
-        return str(node.target)
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return None
-    path = list(stack.values())[-1]
-    path = path[0] if isinstance(path, tuple) else path
-    return str(path) or None
+def path_of(a: Analysis, node: str | None) -> str:
+    """The name users see for a node of `a`: its module path where that path names this node, else the node name."""
+    r = a.get(node) if node else None
+    return (r.path if r is not None and r.path and a.get(r.path) is r else node) or ""
 
 
 def map_size(f: Field, shape) -> tuple:

@@ -309,13 +309,3 @@ def _register() -> None:
 
 _register()
 
-
-# fxrf.compile and its defaults live in fxrf.compiler, which imports this module; their old names here still work.
-_MOVED = ("compile_model", "CompileInfo", "DEFAULT_GRAPH_PASSES")
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        from . import compiler
-        return getattr(compiler, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from typing import Callable
 
 from .errors import FxrfError, InputError
+from .metric import DEFAULT_ALPHA
 
 MODEL_HELP = "torchvision:NAME | fxrf:NAME | timm:NAME | file.py:factory | package.module:factory"
 
@@ -74,8 +75,12 @@ def _positive_number(text: str, must: str) -> float:
 
 
 def _alpha(text: str) -> float:
-    """--alpha: a finite number > 0 (the gain's exp(-alpha * V_{k-1} / V_0) needs it positive)."""
-    return _positive_number(text, "be a finite number > 0 (the paper uses 3)")
+    """--alpha: what the library accepts (fxrf.checks.check_number: finite, >= 0)."""
+    from .checks import check_number
+    try:
+        return check_number("alpha", float(text))
+    except (ValueError, InputError):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (the paper uses 3), got {text!r}") from None
 
 
 def _budget(text: str) -> float:
@@ -380,32 +385,26 @@ def _cmd_optimize(args) -> int:
     model = load_model(args.model, parse_model_args(args.model_arg))
     if args.weights:
         load_weights(model, args.weights)
-    from .analysis import analyze
-    current, report, cap = model, {}, True
-    select = {"include": args.include, "exclude": args.exclude}
+    from .optimize_report import before_after, optimize_summary
+    from .passes.pipeline import optimize
+    stages = None
+    if args.stages:
+        stages = {k: v for k, v in (("threshold", args.threshold), ("macs_budget", args.macs_budget),
+                                    ("remove_below", args.remove_below),
+                                    ("latency_budget", args.latency_budget)) if v is not None}
+        stages.update(strategy=args.strategy, remove_saturated=not args.keep_saturated)
+    kernels = None
+    if args.kernels:
+        kernels = {"recipe": recipe, "objective": args.objective}
+        if args.objective == "latency":
+            kernels["verify"] = args.verify
     try:
-        if args.stages:
-            from .passes.organizer import organize_stages
-            given = {k: v for k, v in (("threshold", args.threshold), ("macs_budget", args.macs_budget),
-                                       ("remove_below", args.remove_below),
-                                       ("latency_budget", args.latency_budget)) if v is not None}
-            with progress(f"organizing the stages of {args.model} ({args.strategy})"):
-                r = organize_stages(current, shape, strategy=args.strategy, alpha=args.alpha,
-                                    remove_saturated=not args.keep_saturated, **given, **select,
-                                    device=args.device, batch=args.batch)
-            current, report["stages"], cap = r.graph_module, r, r.summary.get("spatial_cap", True)
-        if args.kernels:
-            from .passes.decomposer import decompose
-            with progress(f"decomposing the kernels of {args.model} ({args.kernels})"):
-                r = decompose(current, shape, recipe=recipe, alpha=args.alpha, **select, objective=args.objective,
-                              device=args.device, batch=args.batch,
-                              **({"verify": args.verify} if args.objective == "latency" else {}))
-            current, report["kernels"] = r.graph_module, r
-        with progress("analysing the result"):
-            before = analyze(model, shape, alpha=args.alpha, spatial_cap=cap)
-            after = analyze(current, shape, alpha=args.alpha, spatial_cap=cap)
+        result = optimize(model, shape, stages=stages, kernels=kernels, alpha=args.alpha, include=args.include,
+                          exclude=args.exclude, device=args.device, batch=args.batch,
+                          progress=lambda what: progress(f"{what} of {args.model}"))
     except InputError as e:
         raise UsageError(str(e).splitlines()[0]) from e
+    current, report, before, after = result.graph_module, result.steps, result.before, result.after
     written = []
     if not args.dry_run:
         from .passes.export import load_hint, save
@@ -420,7 +419,7 @@ def _cmd_optimize(args) -> int:
         except ValueError as e:
             raise FxrfError(f"cannot save the result: {str(e).splitlines()[0]}") from e
     if args.json:
-        doc = {k: v.to_dict() for k, v in report.items()}
+        doc = result.to_dict()
         doc["before_after"] = before_after(before, after)
         doc["written"] = written
         print(json.dumps(doc, indent=1, default=str))
@@ -441,96 +440,6 @@ def _cmd_optimize(args) -> int:
 def _class_name(model) -> str:
     name = re.sub(r"\W", "_", type(model).__name__)
     return name if name.isidentifier() and name != "GraphModule" else "Optimized"
-
-
-# ---------------------------------------------------------------------------------------- optimize summary
-
-
-def before_after(before, after) -> dict:
-    """Params, MACs, per-stage conv counts and 3DRF of two analyses (the input model and the result)."""
-    from .report import rf_text, stage_summaries
-    t = [{k: sum(getattr(c, k) for c in a.costs.values()) for k in ("params", "macs")} for a in (before, after)]
-    sb, sa = stage_summaries(before), stage_summaries(after)
-    stages = []
-    for i in range(max(len(sb), len(sa))):
-        b, x = (sb[i] if i < len(sb) else None), (sa[i] if i < len(sa) else None)
-        s = (b or x).stage
-        stages.append({"index": i, "resolution": list(s.resolution), "v0": s.volume,
-                       "convs_before": len(b.convs) if b else 0, "convs_after": len(x.convs) if x else 0,
-                       "rf_before": rf_text(b.rf) if b else "-", "rf_after": rf_text(x.rf) if x else "-",
-                       "saturated_before": bool(b and b.saturated), "saturated_after": bool(x and x.saturated)})
-    return {"params_before": t[0]["params"], "params_after": t[1]["params"], "macs_before": t[0]["macs"],
-            "macs_after": t[1]["macs"], "stages": stages}
-
-
-def _pct(after: int, before: int) -> str:
-    return f"{(after - before) / before * 100:+.1f}%" if before else ""
-
-
-def before_after_table(d: dict) -> list:
-    """The before/after dict as aligned text lines."""
-    from .report import si
-    rows = [["", "before", "after", "change"],
-            ["params", si(d["params_before"]), si(d["params_after"]), _pct(d["params_after"], d["params_before"])],
-            ["MACs", si(d["macs_before"]), si(d["macs_after"]), _pct(d["macs_after"], d["macs_before"])]]
-    w = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows]
-    srows = [["stage", "w0", "convs", "3DRF before", "3DRF after"]]
-    for s in d["stages"]:
-        srows.append([str(s["index"]), "x".join(map(str, s["resolution"])),
-                      f"{s['convs_before']} -> {s['convs_after']}",
-                      s["rf_before"] + ("*" if s["saturated_before"] else ""),
-                      s["rf_after"] + ("*" if s["saturated_after"] else "")])
-    w = [max(len(r[i]) for r in srows) for i in range(5)]
-    lines += [""] + ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in srows]
-    lines.append("convs: conv layers in the stage (a decomposed block counts each of its convs)")
-    if any(s["saturated_before"] or s["saturated_after"] for s in d["stages"]):
-        lines.append("*: saturated (the stage's 3DRF is its whole input)")
-    return lines
-
-
-def _change_line(c, before, after) -> str:
-    """One change of a pass, its convs named by module path (`before`: the pass's input, `after`: its output)."""
-    def name(n, a):
-        r = a.get(n) if n else None
-        return (r.path if r is not None and r.path and a.get(r.path) is r else n) or ""
-
-    if hasattr(c, "recipe"):  # the decomposer's BlockChange
-        return f"replace {c.target} by {c.recipe} (stage {c.stage}): 3DRF {c.rf_conv} -> {c.rf_block}"
-    gain = f", gain {c.gain:.4g}" if c.gain is not None else ""
-    if c.kind == "remove":
-        return f"remove {name(c.node, before)} (stage {c.stage}{gain}): {c.reason}"
-    return f"insert {name(c.node, after)} (stage {c.stage}{gain}): {c.reason}"
-
-
-def optimize_summary(report: dict, before, after, dry_run: bool = False) -> str:
-    """What the passes did, one line per change, then the before/after table."""
-    lines = []
-    for key, r in report.items():
-        s = r.summary
-        if key == "stages":
-            lines.append(f"stages ({s['strategy']}): {s['inserted']} conv(s) inserted, {s['removed']} removed"
-                         + ("" if s["function_preserved"] else "; removals change the function (fine-tune after)"))
-            if s.get("latency"):
-                t = s["latency"]
-                lines.append(f"  predicted latency on {t['device']} at batch {t['batch']}: {t['original_ms']:.3f} -> "
-                             f"{t['predicted_ms']:.3f} ms (budget {s['latency_budget']:g}x; each conv timed alone)")
-        else:
-            lines.append(f"kernels ({s['recipe']}): {s['replaced']} conv(s) replaced, {s['declined']} declined; "
-                         f"3DRF kept: {'yes' if s['quality'] else 'NO'}, compact: {'yes' if s['compact'] else 'NO'}")
-            if s.get("verified"):
-                v, lm = s["verified"], s["latency"]
-                lines.append(f"  whole model on {lm['device']} at batch {lm['batch']}, compiled, in alternation: "
-                             + ", ".join(f"{k} {m['ms']:.3f} ms" for k, m in v["models"].items())
-                             + f"; kept: {v['chosen']}")
-        mine = getattr(r, "analysis", None) or after  # the organizer's own analysis of its output
-        lines += ["  " + _change_line(c, before, mine) for c in r.changes]
-        sel = s.get("selection") or {}
-        if sel.get("include") or sel.get("exclude"):
-            lines.append(f"  only convs matching include {sel.get('include') or ['*']}, exclude {sel.get('exclude')}")
-    lines += ["", ("planned changes (dry run):" if dry_run else "before and after:")]
-    lines += before_after_table(before_after(before, after))
-    return "\n".join(lines)
 
 
 def _cmd_models(args) -> int:
@@ -573,7 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     an = sub.add_parser("analyze", help="annotate every node with its 3DRF and print a table or JSON")
     _model_options(an)
     an.add_argument("--input", required=True, help="example input shape, e.g. 1,3,224,224")
-    an.add_argument("--alpha", type=_alpha, default=3.0, help="the gain's alpha, > 0 (default 3, the paper's)")
+    an.add_argument("--alpha", type=_alpha, default=DEFAULT_ALPHA,
+                    help=f"the gain's alpha, >= 0 (default {DEFAULT_ALPHA:g}, the paper's)")
     an.add_argument("--json", action="store_true", help="print the JSON document instead of the table")
     an.add_argument("--out", help="also write the JSON document to this file")
     an.add_argument("--strict", action="store_true", help="fail on ops without an exact rule")
@@ -588,11 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(op)
     op.add_argument("--input", required=True, help="example input shape, e.g. 1,3,32,32")
     op.add_argument("--stages", action="store_true", help="run the stage-level organizer")
-    op.add_argument("--strategy", choices=("greedy", "paper"), default="greedy",
+    op.add_argument("--strategy", default="greedy",
                     help="greedy (default): insert while the gain exceeds --threshold, remove convs at or below it; "
                          "paper: keep the number of convs, move them to where the gain is highest (the paper's "
                          "Tables 3-5, uncapped spatial field; see docs/organizer.md)")
-    op.add_argument("--alpha", type=_alpha, default=3.0, help="the gain's alpha, > 0 (default 3)")
+    op.add_argument("--alpha", type=_alpha, default=DEFAULT_ALPHA, help=f"the gain's alpha, >= 0 (default {DEFAULT_ALPHA:g})")
     op.add_argument("--threshold", type=float, help="greedy: insert a conv where its gain exceeds this (default 0.3)")
     op.add_argument("--remove-below", type=float, help="greedy: remove convs whose gain is at most this "
                                                        "(default: the threshold; 0 removes only saturated convs)")
@@ -602,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "each conv timed compiled once, cached in ~/.cache/fxrf; default: no limit)")
     op.add_argument("--keep-saturated", action="store_true", help="greedy: do not remove convs whose gain is 0")
     op.add_argument("--kernels", metavar="RECIPE", help="run the kernel decomposer: auto, DW+PW, DW+GPW-g4, ...")
-    op.add_argument("--objective", choices=("macs", "latency"), default="macs",
+    op.add_argument("--objective", default="macs",
                     help="--kernels auto picks the fewest MACs (default) or the least measured latency on --device "
                          "at --batch (each block timed compiled once, cached in ~/.cache/fxrf)")
     op.add_argument("--verify", type=_rounds, default=5, metavar="N",

@@ -1,5 +1,5 @@
 """`fxrf.compile`: from a model to an optimised compiled model in one call -- the module-level passes
-(fxrf.passes.organizer, fxrf.passes.decomposer) on the nn.Module, then torch.compile with the fxrf backend
+(`fxrf.optimize`: the organizer, then the decomposer) on the nn.Module, then torch.compile with the fxrf backend
 (fxrf.backend), whose graph passes default to `DEFAULT_GRAPH_PASSES`.
 
 This layer sits above the passes and the backend: it may import both (the backend itself only runs graph passes).
@@ -23,6 +23,7 @@ class CompileInfo:
     """What `compile_model` did: the module-level passes' results and the backend that holds the graph reports."""
 
     passes: dict = field(default_factory=dict)  # "stages" / "kernels" -> PassResult
+    result: object = None  # the passes.pipeline.OptimizeResult (None: no module-level pass asked for)
     backend: FxrfBackend | None = None
 
     @property
@@ -53,16 +54,10 @@ def compile_model(model: nn.Module, example_input, stages: bool | dict = False, 
         raise ValueError("compile_model always uses the fxrf backend; give its options as backend_options "
                          "(inner='inductor' | 'eager' | 'aot_eager' | a callable)")
     info = CompileInfo()
-    if stages:
-        from .passes.organizer import organize_stages
-        res = organize_stages(model, example_input, **(stages if isinstance(stages, dict) else {}))
-        info.passes["stages"] = res
-        model = res.graph_module
-    if kernels:
-        from .passes.decomposer import decompose
-        res = decompose(model, example_input, recipe=kernels)
-        info.passes["kernels"] = res
-        model = res.graph_module
+    if stages or kernels:
+        from .passes.pipeline import optimize
+        res = optimize(model, example_input, stages=stages or None, kernels=kernels)
+        info.passes, info.result, model = dict(res.steps), res, res.graph_module
     opts = {"passes": DEFAULT_GRAPH_PASSES, **(backend_options or {})}
     if "options" in torch_compile_kwargs:  # torch.compile(options=...) is the backend's options here too
         opts.update(torch_compile_kwargs.pop("options"))

@@ -33,3 +33,16 @@ def _type_name(cls: type) -> str:
     if mod.startswith("torch.nn.modules"):
         return f"nn.{cls.__name__}"
     return f"{mod}.{cls.__name__}"
+
+
+def module_path(node: fx.Node) -> str | None:
+    """The module a node belongs to: a call_module's target, else the innermost entry of the `nn_module_stack`
+    that torch.fx and torch.export record (None: the model's own forward)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1]
+    path = path[0] if isinstance(path, tuple) else path
+    return str(path) or None

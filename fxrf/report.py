@@ -16,6 +16,7 @@ import textwrap
 from dataclasses import dataclass
 
 from .cost import uncounted
+from .naming import module_path
 
 # --------------------------------------------------------------------------------------------- shared helpers
 
@@ -183,7 +184,6 @@ def to_dict(a) -> dict:
 
 
 def _module_path(node):
-    from .analysis import module_path
     return module_path(node)
 
 

@@ -3,6 +3,7 @@
 Every pass takes a model (an nn.Module or a GraphModule) and an example input, and returns a `PassResult` whose
 `graph_module` is a new, runnable GraphModule; the input model is never modified (its parameters, buffers and
 graph are deep-copied first). Passes re-run the analysis on what they build instead of patching records.
+`pipeline.optimize` (`fxrf.optimize`) runs them in order.
 """
 from __future__ import annotations
 
@@ -16,9 +17,13 @@ import torch.nn as nn
 
 @dataclass
 class PassResult:
+    """One shape for every pass's result."""
+
     graph_module: fx.GraphModule
     changes: list = field(default_factory=list)  # pass-specific records (dataclasses), in the order applied
     summary: dict = field(default_factory=dict)  # totals: params/MACs before and after, counts, ...
+    declined: list = field(default_factory=list)  # what the pass considered and did not do, with the reason
+    analysis: Any = field(default=None, repr=False)  # fxrf.analyze of graph_module (an Analysis)
 
     def to_dict(self) -> dict:
         return {"changes": [asdict(c) if is_dataclass(c) else c for c in self.changes], "summary": self.summary}

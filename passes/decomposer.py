@@ -95,6 +95,9 @@ class BlockChange:
     macs_after: int
     transfer_error: float | None  # ||W - block's linear map||_F / ||W||_F, None without transfer
 
+    def describe(self, before=None, after=None) -> str:
+        return f"replace {self.target} by {self.recipe} (stage {self.stage}): 3DRF {self.rf_conv} -> {self.rf_block}"
+
 
 @dataclass(frozen=True)
 class Declined:
@@ -153,7 +156,6 @@ class Decomposition(PassResult):
     before and after, counts, verdicts, the stage reports as dicts)."""
 
     folds: list = field(default_factory=list)
-    declined: list = field(default_factory=list)
     stages: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -325,7 +327,8 @@ def _build(gm, plan, tried, before, ends, cost_before, stage_cost_before, sites,
         "stages": [asdict(s) for s in stages], "declined_convs": [asdict(d) for d in applied.declined],
         "selection": selection.describe(), "objective": objective, "latency": priced,
     }
-    return Decomposition(gm, changes, summary, folds=list(folds), declined=list(applied.declined), stages=stages)
+    return Decomposition(gm, changes, summary, declined=list(applied.declined), analysis=after, folds=list(folds),
+                         stages=stages)
 
 
 def eligible_sites(gm: fx.GraphModule, a: Analysis, skip_first: bool = True) -> list[Site]:

@@ -60,7 +60,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxrf.analysis import Analysis, Stage, analyze, check_number
+from fxrf.analysis import Analysis, Stage, analyze, check_number, path_of
 from fxrf.cost import total
 from fxrf.errors import InputError
 from fxrf.metric import DEFAULT_ALPHA
@@ -100,6 +100,13 @@ class Change:
     place: str = ""  # insert: "end" (after the stage's last block) or "branch" (inside it, before its last conv)
     time_ms: float | None = None  # latency_budget: the conv's time alone (+ norm, act), ms; None: not timed
 
+    def describe(self, before: Analysis, after: Analysis) -> str:
+        """One line, the conv named by its module path (`before`: the pass's input, `after`: its output)."""
+        gain = f", gain {self.gain:.4g}" if self.gain is not None else ""
+        if self.kind == "remove":
+            return f"remove {path_of(before, self.node)} (stage {self.stage}{gain}): {self.reason}"
+        return f"insert {path_of(after, self.node)} (stage {self.stage}{gain}): {self.reason}"
+
 
 @dataclass(frozen=True)
 class Declined:
@@ -114,8 +121,7 @@ class Declined:
 
 @dataclass
 class OrganizerResult(PassResult):
-    declined: list = field(default_factory=list)  # Declined records
-    analysis: Analysis | None = field(default=None, repr=False)  # fxrf.analyze of graph_module
+    """declined: Declined records; analysis: fxrf.analyze of graph_module."""
 
     def to_dict(self) -> dict:
         d = super().to_dict()

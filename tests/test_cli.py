@@ -59,7 +59,6 @@ def test_analyze_module_factory(capsys):
     (["analyze", "fxrf:vgg11_cifar", "--input", "1,3,32,32", "--alpha", "-1"], "argument --alpha: must be a finite"),
     (["analyze", "fxrf:vgg11_cifar", "--input", "1,3,32,32", "--alpha", "nan"], "argument --alpha: must be a finite"),
     (["analyze", "fxrf:vgg11_cifar", "--input", "1,3,32,32", "--alpha", "inf"], "argument --alpha: must be a finite"),
-    (["analyze", "fxrf:vgg11_cifar", "--input", "1,3,32,32", "--alpha", "0"], "argument --alpha: must be a finite"),
     (["analyze", "fxrf:vgg11_cifar", "--input", "1,3,32,32", "--depth", "0"], "argument --depth: must be a whole"),
     (["analyze", "fxrf:vgg11_cifar", "--input", "1,3,32,32", "--model-arg", "100"], "--model-arg must look like"),
     (["analyze", "fxrf:vgg11_cifar", "--input", "1,3,32,32", "--model-arg", "colour=1"],
@@ -88,6 +87,17 @@ def test_usage_errors_exit_2_with_one_line(argv, message, capsys):
     assert code == 2
     assert message in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_alpha_zero_is_what_the_library_computes(capsys):
+    """The CLI accepts what fxrf.analyze accepts (alpha >= 0; alpha 0 drops the exponential of the gain) and
+    reports the same records as the library."""
+    code, out, err = run(["analyze", "fxrf:vgg11_cifar", "--input", "1,3,32,32", "--alpha", "0", "--json"], capsys)
+    assert code == 0, err
+    import fxrf
+    from fxrf.models import vgg11_cifar
+    lib = fxrf.analyze(vgg11_cifar(), (1, 3, 32, 32), alpha=0).to_dict()
+    assert json.loads(out)["nodes"] == json.loads(json.dumps(lib["nodes"], default=str))
 
 
 def test_weights_that_do_not_fit_exit_2(tmp_path, capsys):
@@ -195,7 +205,7 @@ def test_help_and_version_do_not_import_torch(tmp_path):
     pkg.mkdir()
     (pkg / "__init__.py").write_text("__version__ = '0'\n")
     root = os.path.join(os.path.dirname(__file__), "..", "fxrf")
-    for name in ("cli.py", "errors.py"):
+    for name in ("cli.py", "errors.py", "metric.py"):
         shutil.copy(os.path.join(root, name), pkg / name)
     code = ("import sys, probe.cli\n"
             "for argv in (['--help'], ['--version'], ['optimize', '--help']):\n"
