@@ -21,7 +21,9 @@ The greedy strategy. One number decides both directions, the `threshold` on the 
 1. remove: every conv whose own gain is at most `remove_below` (default: `threshold`; a gain of exactly 0 means
    the stage's field is already the whole stage input, "saturated") is removed together with its norm and
    activation, where the graph stays valid: same width in and out, a single consumer, not the only conv of a
-   residual (or any parallel) branch. The convs kept are listed with the reason. Removal changes the function.
+   residual (or any parallel) branch, and only on an exact gain: not one resting on the conservative field of an
+   op without a rule, nor on a gate's saturation (NodeRecord.local_gain > remove_below). The convs kept are listed
+   with the reason. Removal changes the function.
 2. insert: for every stage, one more standard conv (stage width, 3x3 by default, the stage's own norm and
    activation) is placed at the end of the stage, after the last node all of the stage's data flows through;
    its gain is read from `fxrf.analyze` of that candidate graph. The candidate with the highest gain is kept while
@@ -383,6 +385,10 @@ def _remove_saturated(gm, example_input, alpha, cap, cutoff, changes, declined, 
         for r in reversed(a.convs()):
             if r.gain is None or r.gain > cutoff:
                 continue
+            inexact = _inexact_gain(a, r, cutoff)
+            if inexact is not None:
+                kept[r.name] = Declined("remove", r.stage, r.name, r.gain, inexact)
+                continue
             if not touch.conv(r.path):
                 kept[r.name] = Declined("remove", r.stage, r.name, r.gain, _NOT_SELECTED)
                 continue
@@ -398,6 +404,36 @@ def _remove_saturated(gm, example_input, alpha, cap, cutoff, changes, declined, 
         if not removed:
             declined.extend(kept.values())
             return a
+
+
+def _inexact_gain(a: Analysis, r, cutoff: float) -> str | None:
+    """Why the gain of conv `r` (<= cutoff) cannot justify removing it, or None when it can.
+
+    A node without an exact rule gets the conservative field (it sees everything its inputs see), which makes every
+    conv after it in the stage look saturated; and a gate's global context can saturate a field the local path
+    has not (NodeRecord.local_gain). Either way gain <= cutoff says nothing about the conv itself."""
+    stage = a.stages[r.stage] if r.stage is not None else None
+    starts = set(stage.inputs) if stage is not None else set()
+    unsupported = {name: target for name, target, _ in a.unsupported}
+    nodes = {n.name: n for n in a.graph_module.graph.nodes}
+    seen, todo = set(), list(nodes[r.name].all_input_nodes)
+    while todo:  # the conv's ancestors inside its stage (stage inputs are references: nothing before them counts)
+        n = todo.pop()
+        if n.name in seen or n.name in starts:
+            continue
+        seen.add(n.name)
+        rec = a.get(n.name)
+        if rec is not None and rec.name == n.name and rec.stage != r.stage:
+            continue
+        if n.name in unsupported:
+            return (f"kept: its gain {r.gain:.4f} rests on the conservative field of {n.name} ({unsupported[n.name]}, "
+                    f"no exact receptive-field rule) earlier in stage {r.stage}, not on an exact field; register a "
+                    f"rule for that op (docs/architecture.md, 'Recipe: add an op') to let the organizer judge it")
+        todo += n.all_input_nodes
+    if r.local_gain is not None and r.gain <= cutoff < r.local_gain:
+        return (f"kept: its gain {r.gain:.4f} rests on gate-induced saturation (a squeeze-excite gate or global "
+                f"context earlier in stage {r.stage}); through the local path its gain is {r.local_gain:.4f}")
+    return None
 
 
 def _remove(gm, plan, r, costs, why: str, time_s: float | None = None) -> Change:
@@ -589,6 +625,10 @@ def _swap_paper(work, example_input, alpha, cap, limits, original, kernel_size, 
                       and touch.conv(r.path)), key=lambda r: (r.gain, -order[r.name]))
         kept, victim = [], None
         for r in low:
+            inexact = _inexact_gain(a, r, 0.0)
+            if inexact is not None:
+                kept.append(Declined("remove", r.stage, r.name, r.gain, f"paper: {inexact}"))
+                continue
             trial = _graph_copy(work)
             plan = _removal_plan(trial, a, r.name)
             if isinstance(plan, str):

@@ -4,13 +4,19 @@ A conv is selected when its module path (as state_dict keys spell it, `NodeRecor
 `include` patterns (None: every conv) and none of the `exclude` patterns. A pattern matches a path when
 `fnmatch.fnmatchcase` says so for the path itself or for one of its dotted prefixes, so `layer4` selects
 everything under `layer4` (`*` also crosses dots: `layer*.conv1` matches `layer1.0.conv1`). A pattern that
-matches no conv of the model raises an InputError naming it, so a typo does not silently select nothing.
+matches no conv of the model raises an InputError naming it, so a typo does not silently select nothing; for the
+same reason an empty `include` (`[]`, `()`) raises an InputError instead of selecting nothing (or, as None does,
+everything): pass `include=None` for every conv.
 
     >>> s = Selection(include=["layer4"], exclude=["*.downsample.*"])
     >>> [s.allows(p) for p in ("layer4.0.conv1", "layer4.0.downsample.0", "layer3.5.conv2", None)]
     [True, False, False, False]
     >>> Selection().allows(None)   # no patterns: every conv, with or without a path
     True
+    >>> Selection(include=[])
+    Traceback (most recent call last):
+    ...
+    fxrf.errors.InputError: include=[] selects no conv: pass include=None to let the pass touch every conv, or module-path globs such as ['layer4'] (to change nothing, skip the pass)
 """
 from __future__ import annotations
 
@@ -47,7 +53,11 @@ class Selection:
     exclude: tuple = ()
 
     def __init__(self, include: Iterable[str] | str | None = None, exclude: Iterable[str] | str | None = None):
-        object.__setattr__(self, "include", _patterns(include) or None)
+        patterns = _patterns(include)
+        if include is not None and not patterns:  # [] would read as "every conv" (None) or "no conv": refuse both
+            raise InputError(f"include={include!r} selects no conv: pass include=None to let the pass touch every "
+                             f"conv, or module-path globs such as ['layer4'] (to change nothing, skip the pass)")
+        object.__setattr__(self, "include", patterns or None)
         object.__setattr__(self, "exclude", _patterns(exclude))
 
     @property
