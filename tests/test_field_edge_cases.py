@@ -1,4 +1,4 @@
-"""Issue 10's silent wrong results, each checked against autograd (tests/oracle.py) or a hand count.
+"""Fields at the edges, each checked against autograd (tests/oracle.py) or a hand count.
 
 Stages start where a map is resampled, not where padding trims it; a gate made of Linear layers belongs to its
 stage; in-place ops are followed; padding modes, resampling modes, roll, a flatten undone by a view and several
