@@ -260,6 +260,45 @@ def load_weights(model, path: str) -> None:
         raise UsageError(f"--weights: {path} does not fit the model: {', '.join(parts)}")
 
 
+def load_batches(spec: str, option: str, batch_size: int = 32) -> list:
+    """Input batches from a file or a factory: a .pt tensor (N, ...) or .npz array cut into batches of
+    `batch_size`, or what `file.py:fn` / `package.module:fn` returns (an iterable of batches, taken as is)."""
+    import torch
+    ext = os.path.splitext(spec)[1].lower()
+    if ext in (".pt", ".pth", ".npz", ".npy"):
+        if not os.path.isfile(spec):
+            raise UsageError(f"{option} {spec}: no such file")
+        try:
+            if ext in (".pt", ".pth"):
+                x = torch.load(spec, map_location="cpu", weights_only=True)
+            else:
+                import numpy as np
+                with np.load(spec) as z:
+                    if isinstance(z, np.ndarray):
+                        arr = z
+                    else:
+                        keys = list(z.keys())
+                        if "x" not in keys and len(keys) != 1:
+                            raise UsageError(f"{option} {spec}: name the inputs array 'x' (found {', '.join(keys)})")
+                        arr = z["x" if "x" in keys else keys[0]]
+                x = torch.from_numpy(np.asarray(arr))
+        except UsageError:
+            raise
+        except Exception as e:
+            raise UsageError(f"{option} {spec}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            raise UsageError(f"{option} {spec}: expected a tensor of inputs (N, ...), got "
+                             f"{type(x).__name__ if not isinstance(x, torch.Tensor) else tuple(x.shape)}")
+        x = x.float() if not x.is_floating_point() else x
+        return list(x.split(batch_size))
+    if ":" not in spec:
+        raise UsageError(f"{option} {spec}: give a .pt / .npz file of inputs, or file.py:fn returning batches")
+    data = _factory(spec, {})()
+    if not hasattr(data, "__iter__"):
+        raise UsageError(f"{option} {spec}: the function returned {type(data).__name__}, not an iterable of batches")
+    return data
+
+
 # --------------------------------------------------------------------------------------------------- progress
 
 
@@ -398,13 +437,14 @@ def _cmd_optimize(args) -> int:
         kernels = {"recipe": recipe, "objective": args.objective}
         if args.objective == "latency":
             kernels["verify"] = args.verify
+    calibration = load_batches(args.calibrate, "--calibrate") if args.calibrate else None
     try:
         result = optimize(model, shape, stages=stages, kernels=kernels, alpha=args.alpha, include=args.include,
-                          exclude=args.exclude, device=args.device, batch=args.batch,
+                          exclude=args.exclude, device=args.device, batch=args.batch, calibration=calibration,
                           progress=lambda what: progress(f"{what} of {args.model}"))
     except InputError as e:
         raise UsageError(str(e).splitlines()[0]) from e
-    current, report, before, after = result.graph_module, result.steps, result.before, result.after
+    current, before, after = result.graph_module, result.before, result.after
     written = []
     if not args.dry_run:
         from .passes.export import load_hint, save
@@ -421,10 +461,11 @@ def _cmd_optimize(args) -> int:
     if args.json:
         doc = result.to_dict()
         doc["before_after"] = before_after(before, after)
+        doc["calibration"] = result.summary["calibration"]
         doc["written"] = written
         print(json.dumps(doc, indent=1, default=str))
     else:
-        print(optimize_summary(report, before, after, dry_run=args.dry_run))
+        print(optimize_summary(result, dry_run=args.dry_run))
     if written:
         print(f"wrote {', '.join(written)}")
         pt = [p for p in written if not p.lower().endswith(".pt2")]
@@ -528,6 +569,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "everything under it; a stage gets a new conv only if all its convs are included)")
     op.add_argument("--exclude", action="append", metavar="GLOB",
                     help="convs whose module path matches this glob stay as they are (repeatable)")
+    op.add_argument("--calibrate", metavar="DATA",
+                    help="inputs from the model's data to calibrate the result on before it is written (least-squares "
+                         "fit of each decomposed block, norms re-estimated; 8 batches fit, 2 more held out to report "
+                         "how close it computes to the model): a .pt tensor of inputs (N, ...), a .npz (its 'x' array or "
+                         "its only one), or file.py:fn / package.module:fn returning an iterable of batches")
     op.add_argument("--weights", metavar="CKPT", help="a state_dict of MODEL to load before the passes (torch.load)")
     op.add_argument("--seed", type=_int, default=0, help="seed for the model's random init (default 0)")
     op.add_argument("--out", action="append", metavar="PATH",

@@ -48,9 +48,10 @@ def before_after_table(d: dict) -> list:
     return lines
 
 
-def optimize_summary(steps: dict, before, after, dry_run: bool = False) -> str:
-    """What the passes did (`steps`: {"stages" | "kernels": the pass's result}, as `fxrf.optimize` returns them),
-    one line per change, its conv named by module path, then the before/after table."""
+def optimize_summary(result, dry_run: bool = False) -> str:
+    """What an `fxrf.optimize` result holds: per step one line per change, its conv named by module path; how close
+    the result computes to the model (calibration), then the before/after table."""
+    steps, before, after = result.steps, result.before, result.after
     lines = []
     for key, r in steps.items():
         s = r.summary
@@ -73,6 +74,27 @@ def optimize_summary(steps: dict, before, after, dry_run: bool = False) -> str:
         sel = s.get("selection") or {}
         if sel.get("include") or sel.get("exclude"):
             lines.append(f"  only convs matching include {sel.get('include') or ['*']}, exclude {sel.get('exclude')}")
+    lines += calibration_lines(result.summary)
     lines += ["", ("planned changes (dry run):" if dry_run else "before and after:")]
     lines += before_after_table(before_after(before, after))
     return "\n".join(lines)
+
+
+def calibration_lines(summary: dict) -> list:
+    """How close the result computes to the model: right after the weight transfer and after calibration, or why
+    it needs calibration."""
+    c = summary.get("calibration")
+    if c is None:
+        if summary.get("function_preserved", True):
+            return []
+        return ["weights: transferred, not calibrated: the result does not yet compute what the model does; "
+                "calibrate it (--calibrate DATA, fxrf.optimize(calibration=...)) or fine-tune it"]
+
+    def f(d):
+        top1 = f", top-1 agreement {d['top1_agreement'] * 100:.1f}%" if d.get("top1_agreement") is not None else ""
+        return f"relative output error {d['relative_error']:.4g}{top1}"
+
+    what = "blocks fitted by least squares, norms re-estimated" if not c.get("norms_only") else "norms re-estimated"
+    return [f"calibration ({what}; {c['batches']} batch(es), compared on {c['measured_on']}):",
+            f"  after the transfer: {f(c['transfer'])}",
+            f"  calibrated:         {f(c['calibrated'])}"]

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from fxrf.errors import InputError
 
-__all__ = ["recalibrate_bn", "fit_blocks", "Calibration", "BlockFit"]
+__all__ = ["recalibrate_bn", "fit_blocks", "fidelity", "Calibration", "BlockFit"]
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def recalibrate_bn(model: nn.Module, loader, *, batches: int = 20, device=None, 
         bn.train()
     seen = 0
     try:
-        for x in _inputs(loader, batches):
+        for x in input_batches(loader, batches):
             m(x.to(dev))
             seen += 1
     finally:
@@ -163,7 +163,7 @@ def fit_blocks(original: nn.Module, result, loader, *, batches: int = 8, ridge: 
     new = copy.deepcopy(gm).eval()
     dev = _device_of(new, device)
     ref.to(dev)
-    cached = [x.to(dev) for x in _inputs(loader, batches)]
+    cached = [x.to(dev) for x in input_batches(loader, batches)]
     if not cached:
         raise InputError("fit_blocks() got an empty loader")
     samples = sum(len(x) for x in cached)
@@ -335,6 +335,66 @@ def _solve(last: nn.Conv2d, eqs, ridge: float):
     return before, error(w)
 
 
+# --------------------------------------------------------------------------------------------------- fidelity
+
+
+@torch.no_grad()
+def fidelity(reference: nn.Module, model: nn.Module, batches) -> dict:
+    """How close `model` computes to `reference` on `batches` (input tensors): the relative output error
+    ||model(x) - reference(x)||_F / ||reference(x)||_F over all of them, and, for class scores (a 2-d output: batch x
+    classes), the fraction of inputs whose top-1 class agrees. Outputs that are ModelOutputs, dicts or tuples are
+    compared on their logits (the `logits` entry, else the first tensor). Both models run in eval mode on copies'
+    worth of state: their modes are restored.
+
+    >>> import torch, torch.nn as nn
+    >>> m = nn.Linear(4, 3)
+    >>> fidelity(m, m, [torch.randn(5, 4)])
+    {'relative_error': 0.0, 'top1_agreement': 1.0, 'samples': 5}
+    """
+    err2 = ref2 = 0.0
+    agree = seen = 0
+    classes = True
+    modes = (reference.training, model.training)
+    reference.eval()
+    model.eval()
+    try:
+        for x in batches:
+            a, b = logits_of(reference(x)).double(), logits_of(model(x)).double()
+            if a.shape != b.shape:
+                raise InputError(f"the two models' outputs differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+            err2 += float((b - a).pow(2).sum())
+            ref2 += float(a.pow(2).sum())
+            seen += len(x)
+            classes = classes and a.dim() == 2
+            if classes:
+                agree += int((a.argmax(1) == b.argmax(1)).sum())
+    finally:
+        reference.train(modes[0])
+        model.train(modes[1])
+    if not seen:
+        raise InputError("fidelity() got no batches")
+    rel = math.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else math.inf)
+    return {"relative_error": round(rel, 6), "top1_agreement": round(agree / seen, 6) if classes else None,
+            "samples": seen}
+
+
+def logits_of(out) -> torch.Tensor:
+    """The tensor to compare of a model's output: itself, a ModelOutput's / dict's `logits` (else its first tensor),
+    a tuple's first tensor."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        if "logits" in out.keys():
+            return out["logits"]
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        for v in out:
+            if isinstance(v, torch.Tensor):
+                return v
+    raise InputError(f"cannot find the logits in a model output of type {type(out).__name__}: return a tensor, a "
+                     f"dict or ModelOutput with 'logits', or a tuple whose first tensor is them")
+
+
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
@@ -350,7 +410,7 @@ def _check_batches(batches) -> None:
         raise InputError(f"batches must be a positive integer, got {batches!r}")
 
 
-def _inputs(loader, batches: int) -> list:
+def input_batches(loader, batches: int) -> list:
     """The first `batches` input tensors of a loader of tensors or (input, label) tuples."""
     if loader is None or isinstance(loader, torch.Tensor) or not hasattr(loader, "__iter__"):
         raise InputError(f"loader must be an iterable of batches (a DataLoader or a list of tensors), got "

@@ -23,6 +23,8 @@ from fxrf.metric import DEFAULT_ALPHA
 from . import PassResult
 
 STEPS = ("stages", "kernels")  # the order the steps run in
+CALIBRATION_BATCHES = 8  # batches the least-squares fit and the norms see (passes/calibrate.py: 8 suffice)
+HOLDOUT_BATCHES = 2  # batches after those, kept out of the fit, on which the result is compared with the model
 
 
 @dataclass
@@ -60,11 +62,20 @@ def _options(value, what: str, default_key: str | None = None) -> dict | None:
 
 def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = None,
              kernels: str | dict | None = None, alpha: float = DEFAULT_ALPHA, include=None, exclude=None,
-             device: str = "cpu", batch: int = 1, latency=None, progress=None) -> OptimizeResult:
+             device: str = "cpu", batch: int = 1, latency=None, calibration=None,
+             calibration_batches: int = CALIBRATION_BATCHES, holdout_batches: int = HOLDOUT_BATCHES,
+             progress=None) -> OptimizeResult:
     """Rewrite `model` (never modified) by the steps asked for, in order: `stages` (organize_stages: True or its
     keyword arguments, e.g. {"strategy": "paper"}), then `kernels` (decompose: a recipe such as "auto" or "DW+PW",
     or its keyword arguments, e.g. {"recipe": "auto", "objective": "latency"}). `alpha`, `include` / `exclude`
     (module-path globs), `device`, `batch` and `latency` (a LatencyModel) are given to every step that takes them.
+    calibration: batches of inputs (tensors or (input, label) tuples: a DataLoader, a list) from the model's data.
+    With them the result is calibrated before it is returned (calibrate.py): each decomposed block's last conv is fit
+    by least squares to its conv's output and every batch norm re-estimated (the organizer's removals: the norms
+    only), on the first `calibration_batches` batches; the next `holdout_batches` are held out to report, in
+    summary["calibration"], how close the result computes to `model` right after the weight transfer and after the
+    calibration (relative output error, top-1 agreement). Without them, summary["calibration"] is None and a
+    result whose function changed needs calibration or fine-tuning before use.
     progress: a context-manager factory called with a description around each step (the CLI's line on stderr).
     """
     organize, decompose_opts = _options(stages, "stages"), _options(kernels, "kernels", "recipe")
@@ -72,6 +83,10 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
         raise InputError("say what to optimize: stages=True (the organizer), kernels='auto' or a recipe (the "
                          "decomposer), or both")
     step = progress or _quiet
+    data = None if calibration is None else _split(calibration, calibration_batches, holdout_batches)
+    fold_after = False
+    if data is not None and decompose_opts is not None:  # fit_blocks needs the original channel order: fold after
+        fold_after, decompose_opts["fold"] = decompose_opts.get("fold", True), False
     shared = {"include": include, "exclude": exclude, "device": device, "batch": batch, "latency": latency}
     current, steps, cap = model, {}, True
     if organize is not None:
@@ -84,13 +99,69 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
         with step(f"decomposing the kernels ({decompose_opts.get('recipe', 'auto')})"):
             r = decompose(current, example_input, **{**shared, **decompose_opts})
         current, steps["kernels"] = r.graph_module, r
+    calibrated = None
+    if data is not None:
+        with step("calibrating"):
+            current, calibrated = _calibrate(model, example_input, steps, current, data, fold_after)
     with step("analysing the result"):  # one spatial cap for both, so their fields compare (the organizer's)
         before = analyze(model, example_input, alpha=alpha, spatial_cap=cap)
         after = analyze(current, example_input, alpha=alpha, spatial_cap=cap)
     changes = [c for r in steps.values() for c in r.changes]
     declined = [d for r in steps.values() for d in r.declined]
     summary = {name: r.summary for name, r in steps.items()}
+    summary["calibration"] = calibrated
+    summary["function_preserved"] = _preserved(steps)
     return OptimizeResult(current, changes, summary, declined, after, steps=steps, before=before)
+
+
+def _split(calibration, fit: int, held: int) -> tuple[list, list]:
+    """(fit batches, held-out batches) of input tensors from the first fit + held batches of `calibration`."""
+    from .calibrate import input_batches
+    for name, v, least in (("calibration_batches", fit, 1), ("holdout_batches", held, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise InputError(f"{name} must be an int >= {least}, got {v!r}")
+    xs = input_batches(calibration, fit + held)
+    if not xs:
+        raise InputError("calibration holds no batch: give an iterable of input tensors or (input, label) batches")
+    cut = max(1, len(xs) - held)  # the fit gets at least one batch; held-out ones only from the rest
+    return xs[:cut], xs[cut:]
+
+
+def _preserved(steps: dict) -> bool:
+    """Whether every step kept the model's function exactly (inserted identity convs do; a removal or a weight
+    transfer into factorized blocks does not)."""
+    for name, r in steps.items():
+        if name == "stages" and not r.summary.get("function_preserved", True):
+            return False
+        if name == "kernels" and r.changes:
+            return False
+    return True
+
+
+def _calibrate(model, example_input, steps: dict, current, data, fold_after: bool):
+    """Fit the decomposed blocks (else re-estimate the norms) on the fit batches; report against `model` on the
+    held-out ones (on the fit batches when none is held out, and say so)."""
+    from .calibrate import fidelity, fit_blocks, recalibrate_bn
+    fit, held = data
+    judge = held or fit
+    transfer = fidelity(model, current, judge)
+    out = {"batches": len(fit), "held_out": len(held), "measured_on": "held-out batches" if held else
+           "the calibration batches themselves (give more batches than calibration_batches to hold some out)"}
+    if "kernels" in steps:
+        source = steps["stages"].graph_module if "stages" in steps else model  # what decompose was given
+        c = fit_blocks(source, steps["kernels"], fit, batches=len(fit))
+        current = c.graph_module
+        out.update(blocks=c.summary["blocks"], fitted=c.summary["fitted"],
+                   block_error_before=c.summary["mean_error_before"], block_error_after=c.summary["mean_error_after"])
+        if fold_after:
+            from .fold import fold_permutations
+            folded = fold_permutations(current, example_input)
+            current, out["folds"] = folded.graph_module, folded.summary
+    else:
+        current = recalibrate_bn(current, fit, batches=len(fit))
+        out["norms_only"] = True
+    out["transfer"], out["calibrated"] = transfer, fidelity(model, current, judge)
+    return current, out
 
 
 class _quiet:
