@@ -123,14 +123,10 @@ define("aten_convolution", *_overloads("convolution"), rf=lambda ctx: conv(_conv
        cost=lambda ctx: (ctx.out_numel * math.prod(ctx.arg(1, "weight").shape[1:]), 0))
 
 
-# max_pool with indices: (out, indices), both the window's field.
-def _pool_with_indices(ctx: Ctx):
-    f = pool(ctx)
-    return (f, f)
-
-
+# max_pool with indices: (out, indices), both the window's field (`pool` returns the pair itself: its name says
+# "with_indices").
 define("aten_max_pool_with_indices", *_overloads("max_pool2d_with_indices"), *_overloads("max_pool3d_with_indices"),
-       rf=_pool_with_indices, cost=lambda ctx: (0, ctx.in_numel), kind="pool", traits={"per_channel"})
+       rf=pool, cost=lambda ctx: (0, ctx.in_numel), kind="pool", traits={"per_channel"})
 define("aten_adaptive_max_pool", *_overloads("adaptive_max_pool1d"), *_overloads("adaptive_max_pool2d"),
        *_overloads("adaptive_max_pool3d"), rf=lambda ctx: (adaptive_pool(ctx),) * 2,
        cost=lambda ctx: (0, ctx.in_numel), kind="pool", traits={"per_channel"})

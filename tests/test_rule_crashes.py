@@ -1,0 +1,62 @@
+"""Models that made a rule crash: each now analyses, exactly where the op is supported (checked with autograd), or
+with the node listed as unsupported and a conservative field."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxrf
+from oracle import compare
+
+
+def _exact(model, shape, capture):
+    """The analysis of `model` under `capture`, checked against autograd node by node (stage fields are exact)."""
+    a = fxrf.analyze(model, shape, capture=capture)
+    problems, checked = compare(model, shape, a)
+    assert not problems and checked, problems
+    return a
+
+
+class PoolIndices(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(F.max_pool2d(self.a(x), 2, return_indices=True)[0])
+
+
+def test_max_pool_with_indices_then_conv_through_export():
+    model, shape = PoolIndices().eval(), (1, 4, 8, 8)
+    ex = _exact(model, shape, "export")
+    fx_ = fxrf.analyze(model, shape, capture="fx")
+    assert not ex.unsupported and not fx_.unsupported
+    # by hand: the pool starts a stage on its 4x4 output; b's 3x3 window there sees 3x3 of it, all 4 channels
+    assert ex.convs()[-1].rf == fx_.record("b").rf
+    assert fx_.record("b").rf.spatial == (3, 3) and fx_.record("b").rf.channel == 4
+
+
+class PoolNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(self.pool(torch.relu(self.a(x))))
+
+
+def test_max_pool_in_a_decomposed_export_graph():
+    """run_decompositions() turns every max pool into max_pool2d_with_indices(...)[0]."""
+    model, shape = PoolNet().eval(), (1, 3, 8, 8)
+    ep = torch.export.export(model, (torch.randn(shape),)).run_decompositions()
+    gm = ep.module()
+    targets = {str(n.target) for n in gm.graph.nodes}
+    assert "aten.max_pool2d_with_indices.default" in targets
+    a = fxrf.analyze(gm, shape, capture="export")
+    assert not a.unsupported
+    convs = a.convs()
+    # by hand: the pool starts a stage of 4x4; the last conv's 3x3 window sees 3x3 of it, all 4 channels
+    assert [r.rf.spatial for r in convs] == [(3, 3), (3, 3)] and convs[-1].rf.channel == 4
+    assert convs[-1].input_rf.spatial == (8, 8)  # 3 + (2 - 1) + (3 - 1) * 2 = 8 pixels of the model input
