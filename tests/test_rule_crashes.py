@@ -60,3 +60,31 @@ def test_max_pool_in_a_decomposed_export_graph():
     # by hand: the pool starts a stage of 4x4; the last conv's 3x3 window sees 3x3 of it, all 4 channels
     assert [r.rf.spatial for r in convs] == [(3, 3), (3, 3)] and convs[-1].rf.channel == 4
     assert convs[-1].input_rf.spatial == (8, 8)  # 3 + (2 - 1) + (3 - 1) * 2 = 8 pixels of the model input
+
+
+class Up(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(self.up(self.a(x)))
+
+
+def test_transposed_convolution_in_a_decomposed_export_graph():
+    """run_decompositions() writes ConvTranspose2d as aten.convolution(..., transposed=True): no rule (as in the fx
+    capture), so it is listed with a conservative field and no kernel type, and the MACs match the fx capture."""
+    model, shape = Up().eval(), (1, 4, 6, 6)
+    gm = torch.export.export(model, (torch.randn(shape),)).run_decompositions().module()
+    a = fxrf.analyze(gm, shape, capture="export")
+    fx_ = fxrf.analyze(model, shape, capture="fx")
+    assert [u[1] for u in a.unsupported] == ["aten.convolution"]
+    assert [u[0] for u in fx_.unsupported] == ["up"]
+    assert [r.kernel for r in a.convs()] == [r.kernel for r in fx_.convs()] == ["standard", "standard"]
+    # conservative: the transposed conv's output sees its whole 12x12 stage and all 4 channels; the last conv too
+    assert a.convs()[-1].rf == fx_.record("b").rf
+    from fxrf.cost import total
+    # by hand: 2 convs of 4*4*9 MACs per output pixel (36 and 144 pixels), the transposed conv 4*4*4 per input pixel
+    assert total(a.costs).macs == total(fx_.costs).macs == 144 * 36 + 64 * 36 + 144 * 144

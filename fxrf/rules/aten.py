@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -114,13 +115,26 @@ def _convolution_call(ctx: Ctx) -> Call:
                 ctx.dims)
 
 
+class _NotAConv(NamedTuple):
+    """The spec of a transposed convolution: no kernel type and no 3DRF gain, as nn.ConvTranspose2d has none."""
+
+    kind: None = None
+
+
 def _convolution_spec(ctx: Ctx):
+    if ctx.arg(6, "transposed", False):  # the analysis asks every conv-like op for its spec, outside Decline's guard
+        return _NotAConv()
     return conv_spec(_convolution_call(ctx))
 
 
+def _convolution_cost(ctx: Ctx):
+    if ctx.arg(6, "transposed", False):  # weight (C_in, C_out / groups, *k): each input element feeds C_out/g * k
+        return ctx.in_numel * math.prod(ctx.arg(1, "weight").shape[1:]), 0
+    return ctx.out_numel * math.prod(ctx.arg(1, "weight").shape[1:]), 0
+
+
 define("aten_convolution", *_overloads("convolution"), rf=lambda ctx: conv(_convolution_call(ctx)),
-       spec=_convolution_spec, kind="conv",
-       cost=lambda ctx: (ctx.out_numel * math.prod(ctx.arg(1, "weight").shape[1:]), 0))
+       spec=_convolution_spec, kind="conv", cost=_convolution_cost)
 
 
 # max_pool with indices: (out, indices), both the window's field (`pool` returns the pair itself: its name says
