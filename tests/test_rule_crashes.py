@@ -88,3 +88,49 @@ def test_transposed_convolution_in_a_decomposed_export_graph():
     from fxrf.cost import total
     # by hand: 2 convs of 4*4*9 MACs per output pixel (36 and 144 pixels), the transposed conv 4*4*4 per input pixel
     assert total(a.costs).macs == total(fx_.costs).macs == 144 * 36 + 64 * 36 + 144 * 144
+
+
+def _bounds(model, shape, a):
+    """Every field of `a` contains autograd's (declined nodes are conservative, not exact)."""
+    from oracle import measure
+    measured = measure(model, shape, a)
+    for r in a.records:
+        if r.name not in measured:
+            continue
+        exts = r.field.extents(a.stages[r.stage].resolution, fxrf.analysis.map_size(r.field, r.shape))
+        for c, ((ext, chans), mine, sets) in enumerate(zip(measured[r.name], exts, r.field.sets())):
+            assert chans <= sets and all(m >= e for m, e in zip(mine, ext)), (r.name, c, tuple(mine), ext)
+    return measured
+
+
+class DilatedThenPad(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, dilation=3, padding=3)
+        self.b = nn.Conv2d(4, 4, 11)
+
+    def forward(self, x):
+        return self.b(F.pad(self.a(x), (5, 5, 5, 5)))
+
+
+def test_dilated_conv_then_padding_by_the_map_size():
+    """The pad puts neurons 5 pixels beyond the 5x5 map while a's field has holes ({-3, 0, 3}): listed, upper bound."""
+    model, shape = DilatedThenPad().eval(), (1, 4, 5, 5)
+    for capture in ("fx", "export"):
+        a = fxrf.analyze(model, shape, capture=capture)
+        assert [u[0] for u in a.unsupported] == ["pad"]
+        measured = _bounds(model, shape, a)
+        # by hand: a's centre neuron (2) reads 2 - 3, 2, 2 + 3: only pixel 2 of the map is inside
+        assert a.record("a" if capture == "fx" else "conv2d").rf.spatial == (1, 1)
+        assert measured["a" if capture == "fx" else "conv2d"][0][0] == (1, 1)
+
+
+def test_timm_same_padding_dilated_convs_on_a_small_map():
+    from timm.layers import Conv2dSame
+
+    model, shape = nn.Sequential(Conv2dSame(4, 4, 3, dilation=3), Conv2dSame(4, 4, 3, dilation=3)).eval(), (1, 4, 5, 5)
+    a = fxrf.analyze(model, shape, capture="export")  # its padding depends on the input size: fx cannot trace it
+    assert all(u[1] == "aten.pad" for u in a.unsupported)
+    _bounds(model, shape, a)
+    # by hand: F.pad(x, (3, 3, 3, 3)) then a valid dilated conv is a's padding=3 conv: 1x1 as above
+    assert a.convs()[0].rf.spatial == (1, 1)

@@ -5,6 +5,7 @@ import math
 import operator
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -130,6 +131,21 @@ def one_pixel(size, k, s, p, dl):
     return k, s, p, dl
 
 
+def keeps_taps(f, kernel, stride, padding, dilation, out_sizes) -> None:
+    """Decline a window whose output neurons lie beyond the stage map (padding wider than the window) when it
+    would shift seen offsets out of the stored range -(w0-1)..w0-1 of a field with holes (`taps`): such a neuron
+    may need them. Inside the map, an offset beyond w0-1 can never be seen and dropping it is exact."""
+    if f is None or f.taps is None or f.size is None:
+        return
+    for t, k, s, p, dl, j, w0, n in zip(f.taps, kernel, stride, padding, dilation, f.jump, f.size, out_sizes):
+        if (n - 1) * j * s <= w0 - 1:
+            continue
+        cols = np.flatnonzero(t.any(axis=0))
+        if len(cols) and any(c + (-p + i * dl) * j not in range(t.shape[1]) for c in (cols[0], cols[-1])
+                             for i in range(int(k))):
+            raise Decline("padding that puts neurons beyond the stage map of a field with holes (a dilated window)")
+
+
 def _slide(f, in_shape, kernel, stride, padding, dilation, out_shape):
     """A window over the last len(kernel) tensor axes, whichever of them are spatial or channel-like."""
     d, rank = len(kernel), len(in_shape)
@@ -139,6 +155,7 @@ def _slide(f, in_shape, kernel, stride, padding, dilation, out_shape):
     for axis in f.sp:  # spatial dims of the reference, in its order
         k, s, p, dl = params.pop(axis, (1, 1, 0, 1))
         sp_k.append(k), sp_s.append(s), sp_p.append(p), sp_d.append(dl)
+    keeps_taps(f, sp_k, sp_s, sp_p, sp_d, [out_shape[a] if a is not None else 1 for a in f.sp])
     f = field.window(f, sp_k, sp_s, sp_p, sp_d)
     for axis, (k, s, p, dl) in params.items():  # a conv run across a channel-like axis (ECA's conv1d)
         f = field.channel_window(f, f.idx_axis(axis), k, s, p, dl, out_shape[axis])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .. import field
 from .base import Ctx, Decline, TMeta, define, op, spatial_dims, tuple_of
-from .conv import one_pixel, window_out
+from .conv import keeps_taps, one_pixel, window_out
 
 
 def pool_params(ctx: Ctx, d: int):
@@ -280,6 +280,7 @@ def pad(ctx: Ctx):
             f = field.cat([None, f, None], ax, [max(lo, 0), f.idx.shape[ax], max(hi, 0)])
     k = len(f.sp)
     p = [left.get(a, 0) if a is not None else 0 for a in f.sp]
+    keeps_taps(f, [1] * k, [1] * k, p, [1] * k, [ctx.out_shape[a] if a is not None else 1 for a in f.sp])
     out = field.window(f, [1] * k, [1] * k, p, [1] * k)
     if mode == "circular":
         out = field.wrap(out, [x.shape[a] * j if a is not None and left.get(a) else 0
