@@ -223,11 +223,16 @@ def group_norm(ctx: Ctx):
     return _statistics_over(x._replace(field=f), [a for a in x.field.sp if a is not None])
 
 
-# Instance norm: statistics over the whole map, per channel.
+# Instance norm: statistics over the whole map, per channel; with running statistics (track_running_stats in eval
+# mode, use_input_stats=False) an affine map per channel.
 @op(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, F.instance_norm, shape=same_shape,
     cost=norm_cost(3), kind="norm")
 def instance_norm(ctx: Ctx):
-    x = ctx.args[0]
+    x, m = ctx.args[0], ctx.module
+    # F.instance_norm and aten.instance_norm both have use_input_stats at position 5
+    batch_stats = (m.training or not m.track_running_stats) if m is not None else ctx.arg(5, "use_input_stats", True)
+    if not batch_stats:
+        return x.field
     return _statistics_over(x, [a for a in (x.field.sp if x.field else ()) if a is not None])
 
 

@@ -80,8 +80,8 @@ define("identity", nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropo
        "torchvision.ops.stochastic_depth:stochastic_depth", "torchvision.ops.stochastic_depth:StochasticDepth",
        shape=same_shape, rf=per_element, traits={"per_element", "per_channel"})
 define("cast", *_CASTS, "to", "type_as", shape=_cast_shape, rf=per_element, traits={"per_element"})
-define("unary_math", torch.abs, torch.exp, torch.neg, torch.sqrt, torch.rsqrt, "abs", "exp", "neg", "sqrt", "rsqrt",
-       shape=same_shape, rf=per_element, traits={"per_element"})
+define("unary_math", torch.abs, torch.exp, torch.neg, torch.sqrt, torch.rsqrt, torch.reciprocal, "abs", "exp", "neg",
+       "sqrt", "rsqrt", "reciprocal", "reciprocal_", shape=same_shape, rf=per_element, traits={"per_element"})
 
 
 # out = a (op) b with broadcasting: each output element sees what its two source elements see.
