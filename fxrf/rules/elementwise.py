@@ -47,9 +47,17 @@ _ACTIVATIONS = (  # (name, module, idempotent, extra targets)
     ("softplus", nn.Softplus, False, ()),
     ("clamp", None, False, ("clamp_min", "clamp_min_", "clamp_max", "clamp_max_")),
 )
+def clamp_rule(ctx: Ctx):
+    """clamp(x, min, max): per element, unless a bound is a tensor computed from the input (then each element
+    also sees that bound's element there, broadcast)."""
+    if any(t.field is not None for t in ctx.tensors()[1:]):
+        return binary(ctx)
+    return ctx.args[0].field
+
+
 for _name, _module, _idempotent, _extra in _ACTIVATIONS:
     DEFAULT.register(Op(_name, ((_module,) if _module else ()) + _forms(_name, _extra), shape=same_shape,
-                        rf=per_element, cost=per_output, kind="activation",
+                        rf=clamp_rule if _name == "clamp" else per_element, cost=per_output, kind="activation",
                         traits={"per_element", "per_channel", "activation"} | ({"idempotent"} if _idempotent else set())))
 
 
