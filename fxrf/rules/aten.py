@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import DEFAULT, Call, Ctx, Decline, define, same_shape
-from .conv import batch_norm, conv, conv_spec, instance_norm, norm_cost
+from .conv import _statistics_over, batch_norm, conv, conv_spec, instance_norm, norm_cost
 from .layout import getitem
 from .pool import adaptive_pool, pool, upsample
 
@@ -114,6 +114,19 @@ def _bn_tuple_cost(ctx: Ctx):
 
 define("aten_native_batch_norm", *_overloads("_native_batch_norm_legit_no_training"), rf=_bn_tuple,
        cost=_bn_tuple_cost, kind="norm")
+
+
+# Training-mode batch norm of decomposed graphs, (input, weight, bias, [running_mean, running_var,] training, ...) ->
+# (out, batch mean, batch invstd[, new running_mean, new running_var]): batch statistics, over the map.
+def _bn_batch_stats_tuple(ctx: Ctx):
+    x = ctx.args[0]
+    stats = [a for a in (x.field.sp if x.field else ()) if a is not None]
+    return (_statistics_over(x, stats),) + (None,) * (len(ctx.out) - 1)
+
+
+define("aten_native_batch_norm_training", *_overloads("_native_batch_norm_legit", "default", "no_stats"),
+       *_overloads("_native_batch_norm_legit_functional"), rf=_bn_batch_stats_tuple, cost=_bn_tuple_cost,
+       kind="norm")
 
 
 # aten.convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups).

@@ -197,11 +197,27 @@ def norm_cost(weight_arg: int):
     return cost
 
 
-# Inference-mode batch norm is an affine map per channel: identity on fields.
+def uses_batch_statistics(ctx: Ctx) -> bool:
+    """Whether a batch norm normalises with the statistics of the batch it is given (training mode, or no running
+    statistics: track_running_stats=False, in eval mode too) rather than its running ones."""
+    m = ctx.module
+    if m is not None:
+        return m.training or not m.track_running_stats
+    # F.batch_norm(x, running_mean, running_var, weight, bias, training) and aten.batch_norm(x, weight, bias,
+    # running_mean, running_var, training): `training` is argument 5 in both
+    return bool(ctx.arg(5, "training", False))
+
+
+# Batch norm with running statistics is an affine map per channel: identity on fields. With batch statistics each
+# output also depends on every pixel of its channel (the mean and variance over the map; over the other samples of
+# the batch too, which a per-sample field does not show): statistics over the map, as instance norm.
 @op(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, F.batch_norm,
     shape=same_shape, cost=norm_cost(3), kind="norm", traits={"per_channel"})
 def batch_norm(ctx: Ctx):
-    return ctx.args[0].field
+    x = ctx.args[0]
+    if uses_batch_statistics(ctx):
+        return _statistics_over(x, [a for a in (x.field.sp if x.field else ()) if a is not None])
+    return x.field
 
 
 # Layer norm statistics run over the trailing normalized_shape axes: each output sees all of them.
