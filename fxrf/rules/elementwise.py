@@ -129,12 +129,17 @@ define("masked_fill", torch.masked_fill, "masked_fill", "masked_fill_", shape=sa
        kind="elementwise")
 
 
-def broadcast_merge(ts: list[T], out_shape: tuple):
+def broadcast_merge(ts: list[T], out_shape: tuple, layout: T | None = None):
+    """The union of the operands' fields, broadcast to `out_shape`. `layout`: a tensor of that shape whose spatial
+    axes and pixel grid the output has, though its values are not read (expand_as's template)."""
     if not ts:
         return None
     rank = len(out_shape)
     # the output layout comes from an operand of the output's full shape that still has its spatial axes
     lead = max(ts, key=lambda t: (tuple(t.shape) == tuple(out_shape), t.field.is_map, len(t.shape)))
+    if layout is not None and layout.field is not None and layout.field.is_map and \
+            tuple(layout.shape) == tuple(out_shape) and not (tuple(lead.shape) == tuple(out_shape) and lead.field.is_map):
+        lead = layout
     shift = rank - len(lead.shape)
     sp = tuple(None if a is None else a + shift for a in lead.field.sp)
     channel_axes = [a for a in range(1, rank) if a not in sp]
