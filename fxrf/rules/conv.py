@@ -113,13 +113,20 @@ def conv(ctx: Ctx):
     f = x.field
     if f is None:
         return None
+    mode = getattr(ctx.module, "padding_mode", "zeros")
+    if mode in ("reflect", "replicate") and any(p and (2 * p > k - 1 or (dl > 1 and k > 1)) for k, p, dl in
+                                                 zip(spec.kernel, spec.padding, spec.dilation)):
+        # a border neuron reads padding that holds pixels outside its own taps (a dilated window's holes, or
+        # padding wider than half the window): which ones depends on its position, which a field cannot hold
+        raise Decline(f"{mode} padding read outside the window's own taps (dilation or wide padding)")
     f = field.mix(f, spec.out_channels, spec.groups, axis=f.idx_axis(-len(spec.kernel) - 1))
     out = _slide(f, x.shape, spec.kernel, spec.stride, spec.padding, spec.dilation, ctx.out_shape)
     if getattr(ctx.module, "padding_mode", "zeros") == "circular":  # the padding wraps around the map
         rank, d = len(x.shape), len(spec.kernel)
         pads = dict(zip(range(rank - d, rank), spec.padding))
         out = field.wrap(out, [x.shape[a] * j if a is not None and pads.get(a) else 0 for a, j in zip(f.sp, f.jump)])
-    # reflect / replicate padding read pixels inside the window the centre neuron already covers: as zeros
+    # reflect / replicate padding of at most half a dense window: a border neuron reads, instead of padding, pixels
+    # its own window covers anyway (reflect: -o - 2x within [x - |o|, x + |o|]; replicate: the edge), so as zeros
     return out
 
 
