@@ -122,7 +122,11 @@ class Field:
         out = np.zeros((len(self.bits), len(cap)), dtype=np.int64)
         for k, (t, w0, n) in enumerate(zip(self.taps, cap, sizes)):
             c = int((n // 2) * self.jump[k])  # the neuron's position in reference pixels
-            seen = t[:, w0 - 1 - c: 2 * w0 - 1 - c]  # offsets -c .. w0-1-c: the map as seen from there
+            # offsets -c .. w0-1-c: the map as seen from there (a padded map's centre may lie beyond the reference
+            # map, where only part of that range is stored; the rest is never seen from inside the map)
+            seen = t[:, max(w0 - 1 - c, 0): max(2 * w0 - 1 - c, 0)]
+            if seen.shape[1] == 0:
+                continue
             anyv = seen.any(axis=1)
             first = seen.argmax(axis=1)
             last = seen.shape[1] - 1 - seen[:, ::-1].argmax(axis=1)

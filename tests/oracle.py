@@ -25,7 +25,7 @@ def faithful_copy(model: nn.Module) -> nn.Module:
             scale = p[0].numel() if p.dim() > 1 else 1
             p.copy_((torch.rand(p.shape, generator=gen, dtype=p.dtype) * 0.9 + 0.1) / scale)
         for mod in m.modules():
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.running_mean is not None:
                 mod.running_mean.zero_()
                 mod.running_var.fill_(1.0)
     for name, mod in list(m.named_modules()):

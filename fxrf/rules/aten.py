@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 import operator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .base import DEFAULT, Call, Ctx, Decline, define, same_shape
-from .conv import batch_norm, conv, conv_spec, norm_cost
+from .conv import _statistics_over, batch_norm, conv, conv_spec, instance_norm, norm_cost
 from .layout import getitem
 from .pool import adaptive_pool, pool, upsample
 
@@ -51,12 +52,14 @@ for _name in ("relu", "relu6", "hardtanh", "leaky_relu", "prelu", "elu", "selu",
 _alias(torch.clone, "clone", "alias", "detach", "contiguous", "dropout", "dropout_", "feature_dropout",
        "lift_fresh_copy")
 _alias("to", "_to_copy", ("to", "dtype"), ("to", "dtype_layout"), ("to", "device"), "type_as")
-_alias(torch.abs, "abs", "exp", "neg", "sqrt", "rsqrt")
+_alias(torch.abs, "abs", "exp", "neg", "sqrt", "rsqrt", "reciprocal", "reciprocal_")
 _alias(operator.add, ("add", "Tensor"), ("add_", "Tensor"), ("sub", "Tensor"), ("sub_", "Tensor"),
-       ("mul", "Tensor"), ("mul_", "Tensor"), ("div", "Tensor"), ("div_", "Tensor"), "maximum", "minimum")
+       ("mul", "Tensor"), ("mul_", "Tensor"), ("div", "Tensor"), ("div_", "Tensor"), "maximum", "minimum",
+       ("true_divide", "Tensor"), ("true_divide", "Scalar"),
+       ("true_divide_", "Tensor"), ("rsub", "Scalar"), ("rsub", "Tensor"))  # rsub(x, c) = c - x: what `1 - x` exports to
 _alias("view", "view", "reshape", "_unsafe_view", "reshape_as")  # reshape_as: the rule reads the output's shape
 _alias(F.pad, "pad", "constant_pad_nd")
-_alias("swapaxes", "swapaxes", ("swapaxes", "default"))
+_alias("swapaxes", "swapaxes", ("swapaxes", "default"), "swapdims")
 _alias(torch.flatten, ("flatten", "using_ints"))
 _alias(torch.squeeze, "squeeze", ("squeeze", "dim"), ("squeeze", "dims"))
 _alias("unflatten", ("unflatten", "int"))
@@ -66,6 +69,7 @@ _alias(torch.zeros_like, "zeros_like", "ones_like", "full_like", "empty_like", "
        "zero_", "zeros", "ones", "full", ("empty", "memory_format"), "arange", ("arange", "start"),
        ("arange", "start_step"), "scalar_tensor")
 _alias(operator.gt, *((n, o) for n in ("gt", "lt", "ge", "le", "eq", "ne") for o in ("Tensor", "Scalar")))
+_alias(torch.logical_not, "logical_not", "bitwise_not")
 _alias(torch.masked_fill, ("masked_fill", "Scalar"), ("masked_fill", "Tensor"), ("masked_fill_", "Scalar"),
        ("masked_fill_", "Tensor"))
 _alias("permute", "permute", ("transpose", "int"))
@@ -73,13 +77,14 @@ _alias(torch.cat, "cat", "concat")
 _alias("split", ("split", "Tensor"), "split_with_sizes")
 _alias("chunk", "chunk")
 _alias("unbind", ("unbind", "int"))
+_alias("tensor_split", ("tensor_split", "sections"), ("tensor_split", "indices"))
 _alias("mean", ("mean", "dim"), ("sum", "dim_IntList"), "amax")
 _alias(F.pixel_shuffle, "pixel_shuffle")
 _alias(F.pixel_unshuffle, "pixel_unshuffle")
 _alias(F.channel_shuffle, "channel_shuffle", "native_channel_shuffle")
 _alias("roll", "roll")
 _alias("index_select", "index_select")
-_alias("expand", "expand", "expand_as")
+_alias("expand", "expand", "expand_as", "broadcast_to")
 _alias(torch.matmul, "matmul", "mm", "bmm")
 _alias(torch.addmm, "addmm", "baddbmm")
 _alias(F.conv_transpose2d, ("conv_transpose1d", "default"), ("conv_transpose2d", "input"),
@@ -90,6 +95,12 @@ _alias(F.conv_transpose2d, ("conv_transpose1d", "default"), ("conv_transpose2d",
 # argument 1 (F.batch_norm has the running statistics first).
 define("aten_batch_norm", *_overloads("batch_norm"), shape=same_shape, rf=batch_norm, cost=norm_cost(1),
        kind="norm", traits={"per_channel"})
+
+
+# aten.instance_norm(input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn): the
+# weight is argument 1 (F.instance_norm has the running statistics first).
+define("aten_instance_norm", *_overloads("instance_norm"), shape=same_shape, rf=instance_norm, cost=norm_cost(1),
+       kind="norm")
 
 
 # aten._native_batch_norm_legit_no_training(...) -> (out, mean, invstd): the output is the input's field.
@@ -105,6 +116,19 @@ define("aten_native_batch_norm", *_overloads("_native_batch_norm_legit_no_traini
        cost=_bn_tuple_cost, kind="norm")
 
 
+# Training-mode batch norm of decomposed graphs, (input, weight, bias, [running_mean, running_var,] training, ...) ->
+# (out, batch mean, batch invstd[, new running_mean, new running_var]): batch statistics, over the map.
+def _bn_batch_stats_tuple(ctx: Ctx):
+    x = ctx.args[0]
+    stats = [a for a in (x.field.sp if x.field else ()) if a is not None]
+    return (_statistics_over(x, stats),) + (None,) * (len(ctx.out) - 1)
+
+
+define("aten_native_batch_norm_training", *_overloads("_native_batch_norm_legit", "default", "no_stats"),
+       *_overloads("_native_batch_norm_legit_functional"), rf=_bn_batch_stats_tuple, cost=_bn_tuple_cost,
+       kind="norm")
+
+
 # aten.convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups).
 def _convolution_call(ctx: Ctx) -> Call:
     if ctx.arg(6, "transposed", False):
@@ -114,23 +138,33 @@ def _convolution_call(ctx: Ctx) -> Call:
                 ctx.dims)
 
 
+class _NotAConv(NamedTuple):
+    """The spec of a transposed convolution: no kernel type and no 3DRF gain, as nn.ConvTranspose2d has none."""
+
+    kind: None = None
+
+
 def _convolution_spec(ctx: Ctx):
+    if ctx.arg(6, "transposed", False):  # the analysis asks every conv-like op for its spec, outside Decline's guard
+        return _NotAConv()
     return conv_spec(_convolution_call(ctx))
 
 
+def _convolution_cost(ctx: Ctx):
+    if ctx.arg(6, "transposed", False):  # weight (C_in, C_out / groups, *k): each input element feeds C_out/g * k
+        return ctx.in_numel * math.prod(ctx.arg(1, "weight").shape[1:]), 0
+    return ctx.out_numel * math.prod(ctx.arg(1, "weight").shape[1:]), 0
+
+
 define("aten_convolution", *_overloads("convolution"), rf=lambda ctx: conv(_convolution_call(ctx)),
-       spec=_convolution_spec, kind="conv",
-       cost=lambda ctx: (ctx.out_numel * math.prod(ctx.arg(1, "weight").shape[1:]), 0))
+       spec=_convolution_spec, kind="conv", cost=_convolution_cost)
 
 
-# max_pool with indices: (out, indices), both the window's field.
-def _pool_with_indices(ctx: Ctx):
-    f = pool(ctx)
-    return (f, f)
-
-
-define("aten_max_pool_with_indices", *_overloads("max_pool2d_with_indices"), *_overloads("max_pool3d_with_indices"),
-       rf=_pool_with_indices, cost=lambda ctx: (0, ctx.in_numel), kind="pool", traits={"per_channel"})
+# max_pool with indices: (out, indices), both the window's field (`pool` returns the pair itself: its name says
+# "with_indices").
+define("aten_max_pool_with_indices", *_overloads("max_pool1d_with_indices"), *_overloads("max_pool2d_with_indices"),
+       *_overloads("max_pool3d_with_indices"),
+       rf=pool, cost=lambda ctx: (0, ctx.in_numel), kind="pool", traits={"per_channel"})
 define("aten_adaptive_max_pool", *_overloads("adaptive_max_pool1d"), *_overloads("adaptive_max_pool2d"),
        *_overloads("adaptive_max_pool3d"), rf=lambda ctx: (adaptive_pool(ctx),) * 2,
        cost=lambda ctx: (0, ctx.in_numel), kind="pool", traits={"per_channel"})
@@ -143,11 +177,13 @@ def _upsample(mode: str):
     return rule
 
 
-for _mode in ("nearest", "linear", "bilinear", "bicubic", "trilinear"):
+for _mode, _name in (("nearest", "upsample_nearest"), ("linear", "upsample_linear"),
+                     ("bilinear", "upsample_bilinear"), ("bicubic", "upsample_bicubic"),
+                     ("trilinear", "upsample_trilinear"), ("nearest-exact", "_upsample_nearest_exact")):
     for _d in ("1d", "2d", "3d"):
-        _ops = _overloads(f"upsample_{_mode}{_d}", "default", "vec")
+        _ops = _overloads(f"{_name}{_d}", "default", "vec")
         if _ops:
-            define(f"aten_upsample_{_mode}{_d}", *_ops, rf=_upsample(_mode))
+            define(f"aten_{_name.lstrip('_')}{_d}", *_ops, rf=_upsample(_mode))
 
 
 # slice(self, dim, start, end, step) and select(self, dim, index): x[..., start:end:step, ...] / x[..., index, ...]
@@ -167,5 +203,7 @@ define("aten_select", *_overloads("select", "int"), rf=lambda ctx: getitem(_inde
 
 
 # Shape-only ops of export graphs: sizes are plain values there.
+_alias("size", ("size", "int"), ("size", "default"))
+_alias("dim", "dim")
 define("aten_sym_size", *_overloads("sym_size", "int"),
        shape=lambda ctx: ctx.args[0].shape[ctx.arg(1, "dim")])

@@ -5,6 +5,7 @@ import math
 import operator
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -112,13 +113,20 @@ def conv(ctx: Ctx):
     f = x.field
     if f is None:
         return None
+    mode = getattr(ctx.module, "padding_mode", "zeros")
+    if mode in ("reflect", "replicate") and any(p and (2 * p > k - 1 or (dl > 1 and k > 1)) for k, p, dl in
+                                                 zip(spec.kernel, spec.padding, spec.dilation)):
+        # a border neuron reads padding that holds pixels outside its own taps (a dilated window's holes, or
+        # padding wider than half the window): which ones depends on its position, which a field cannot hold
+        raise Decline(f"{mode} padding read outside the window's own taps (dilation or wide padding)")
     f = field.mix(f, spec.out_channels, spec.groups, axis=f.idx_axis(-len(spec.kernel) - 1))
     out = _slide(f, x.shape, spec.kernel, spec.stride, spec.padding, spec.dilation, ctx.out_shape)
     if getattr(ctx.module, "padding_mode", "zeros") == "circular":  # the padding wraps around the map
         rank, d = len(x.shape), len(spec.kernel)
         pads = dict(zip(range(rank - d, rank), spec.padding))
         out = field.wrap(out, [x.shape[a] * j if a is not None and pads.get(a) else 0 for a, j in zip(f.sp, f.jump)])
-    # reflect / replicate padding read pixels inside the window the centre neuron already covers: as zeros
+    # reflect / replicate padding of at most half a dense window: a border neuron reads, instead of padding, pixels
+    # its own window covers anyway (reflect: -o - 2x within [x - |o|, x + |o|]; replicate: the edge), so as zeros
     return out
 
 
@@ -130,6 +138,21 @@ def one_pixel(size, k, s, p, dl):
     return k, s, p, dl
 
 
+def keeps_taps(f, kernel, stride, padding, dilation, out_sizes) -> None:
+    """Decline a window whose output neurons lie beyond the stage map (padding wider than the window) when it
+    would shift seen offsets out of the stored range -(w0-1)..w0-1 of a field with holes (`taps`): such a neuron
+    may need them. Inside the map, an offset beyond w0-1 can never be seen and dropping it is exact."""
+    if f is None or f.taps is None or f.size is None:
+        return
+    for t, k, s, p, dl, j, w0, n in zip(f.taps, kernel, stride, padding, dilation, f.jump, f.size, out_sizes):
+        if (n - 1) * j * s <= w0 - 1:
+            continue
+        cols = np.flatnonzero(t.any(axis=0))
+        if len(cols) and any(c + (-p + i * dl) * j not in range(t.shape[1]) for c in (cols[0], cols[-1])
+                             for i in range(int(k))):
+            raise Decline("padding that puts neurons beyond the stage map of a field with holes (a dilated window)")
+
+
 def _slide(f, in_shape, kernel, stride, padding, dilation, out_shape):
     """A window over the last len(kernel) tensor axes, whichever of them are spatial or channel-like."""
     d, rank = len(kernel), len(in_shape)
@@ -139,6 +162,7 @@ def _slide(f, in_shape, kernel, stride, padding, dilation, out_shape):
     for axis in f.sp:  # spatial dims of the reference, in its order
         k, s, p, dl = params.pop(axis, (1, 1, 0, 1))
         sp_k.append(k), sp_s.append(s), sp_p.append(p), sp_d.append(dl)
+    keeps_taps(f, sp_k, sp_s, sp_p, sp_d, [out_shape[a] if a is not None else 1 for a in f.sp])
     f = field.window(f, sp_k, sp_s, sp_p, sp_d)
     for axis, (k, s, p, dl) in params.items():  # a conv run across a channel-like axis (ECA's conv1d)
         f = field.channel_window(f, f.idx_axis(axis), k, s, p, dl, out_shape[axis])
@@ -180,11 +204,27 @@ def norm_cost(weight_arg: int):
     return cost
 
 
-# Inference-mode batch norm is an affine map per channel: identity on fields.
+def uses_batch_statistics(ctx: Ctx) -> bool:
+    """Whether a batch norm normalises with the statistics of the batch it is given (training mode, or no running
+    statistics: track_running_stats=False, in eval mode too) rather than its running ones."""
+    m = ctx.module
+    if m is not None:
+        return m.training or not m.track_running_stats
+    # F.batch_norm(x, running_mean, running_var, weight, bias, training) and aten.batch_norm(x, weight, bias,
+    # running_mean, running_var, training): `training` is argument 5 in both
+    return bool(ctx.arg(5, "training", False))
+
+
+# Batch norm with running statistics is an affine map per channel: identity on fields. With batch statistics each
+# output also depends on every pixel of its channel (the mean and variance over the map; over the other samples of
+# the batch too, which a per-sample field does not show): statistics over the map, as instance norm.
 @op(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, F.batch_norm,
     shape=same_shape, cost=norm_cost(3), kind="norm", traits={"per_channel"})
 def batch_norm(ctx: Ctx):
-    return ctx.args[0].field
+    x = ctx.args[0]
+    if uses_batch_statistics(ctx):
+        return _statistics_over(x, [a for a in (x.field.sp if x.field else ()) if a is not None])
+    return x.field
 
 
 # Layer norm statistics run over the trailing normalized_shape axes: each output sees all of them.
@@ -206,11 +246,16 @@ def group_norm(ctx: Ctx):
     return _statistics_over(x._replace(field=f), [a for a in x.field.sp if a is not None])
 
 
-# Instance norm: statistics over the whole map, per channel.
+# Instance norm: statistics over the whole map, per channel; with running statistics (track_running_stats in eval
+# mode, use_input_stats=False) an affine map per channel.
 @op(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, F.instance_norm, shape=same_shape,
     cost=norm_cost(3), kind="norm")
 def instance_norm(ctx: Ctx):
-    x = ctx.args[0]
+    x, m = ctx.args[0], ctx.module
+    # F.instance_norm and aten.instance_norm both have use_input_stats at position 5
+    batch_stats = (m.training or not m.track_running_stats) if m is not None else ctx.arg(5, "use_input_stats", True)
+    if not batch_stats:
+        return x.field
     return _statistics_over(x, [a for a in (x.field.sp if x.field else ()) if a is not None])
 
 

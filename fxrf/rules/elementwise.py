@@ -47,9 +47,17 @@ _ACTIVATIONS = (  # (name, module, idempotent, extra targets)
     ("softplus", nn.Softplus, False, ()),
     ("clamp", None, False, ("clamp_min", "clamp_min_", "clamp_max", "clamp_max_")),
 )
+def clamp_rule(ctx: Ctx):
+    """clamp(x, min, max): per element, unless a bound is a tensor computed from the input (then each element
+    also sees that bound's element there, broadcast)."""
+    if any(t.field is not None for t in ctx.tensors()[1:]):
+        return binary(ctx)
+    return ctx.args[0].field
+
+
 for _name, _module, _idempotent, _extra in _ACTIVATIONS:
     DEFAULT.register(Op(_name, ((_module,) if _module else ()) + _forms(_name, _extra), shape=same_shape,
-                        rf=per_element, cost=per_output, kind="activation",
+                        rf=clamp_rule if _name == "clamp" else per_element, cost=per_output, kind="activation",
                         traits={"per_element", "per_channel", "activation"} | ({"idempotent"} if _idempotent else set())))
 
 
@@ -80,8 +88,8 @@ define("identity", nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropo
        "torchvision.ops.stochastic_depth:stochastic_depth", "torchvision.ops.stochastic_depth:StochasticDepth",
        shape=same_shape, rf=per_element, traits={"per_element", "per_channel"})
 define("cast", *_CASTS, "to", "type_as", shape=_cast_shape, rf=per_element, traits={"per_element"})
-define("unary_math", torch.abs, torch.exp, torch.neg, torch.sqrt, torch.rsqrt, "abs", "exp", "neg", "sqrt", "rsqrt",
-       shape=same_shape, rf=per_element, traits={"per_element"})
+define("unary_math", torch.abs, torch.exp, torch.neg, torch.sqrt, torch.rsqrt, torch.reciprocal, "abs", "exp", "neg",
+       "sqrt", "rsqrt", "reciprocal", "reciprocal_", shape=same_shape, rf=per_element, traits={"per_element"})
 
 
 # out = a (op) b with broadcasting: each output element sees what its two source elements see.
@@ -121,12 +129,17 @@ define("masked_fill", torch.masked_fill, "masked_fill", "masked_fill_", shape=sa
        kind="elementwise")
 
 
-def broadcast_merge(ts: list[T], out_shape: tuple):
+def broadcast_merge(ts: list[T], out_shape: tuple, layout: T | None = None):
+    """The union of the operands' fields, broadcast to `out_shape`. `layout`: a tensor of that shape whose spatial
+    axes and pixel grid the output has, though its values are not read (expand_as's template)."""
     if not ts:
         return None
     rank = len(out_shape)
     # the output layout comes from an operand of the output's full shape that still has its spatial axes
     lead = max(ts, key=lambda t: (tuple(t.shape) == tuple(out_shape), t.field.is_map, len(t.shape)))
+    if layout is not None and layout.field is not None and layout.field.is_map and \
+            tuple(layout.shape) == tuple(out_shape) and not (tuple(lead.shape) == tuple(out_shape) and lead.field.is_map):
+        lead = layout
     shift = rank - len(lead.shape)
     sp = tuple(None if a is None else a + shift for a in lead.field.sp)
     channel_axes = [a for a in range(1, rank) if a not in sp]

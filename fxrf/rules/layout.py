@@ -355,7 +355,10 @@ def channel_shuffle(ctx: Ctx):
     return field.remap(f, shuffle)
 
 
-# expand / expand_as / broadcast_to: a broadcast of one operand.
+# expand / expand_as / broadcast_to: a broadcast of one operand. expand_as(other) reads only other's shape, but its
+# output lives on other's map (an SE gate `y.expand_as(x)` stays in x's stage instead of starting one of its own).
 @op("expand", "expand_as", torch.broadcast_to, "broadcast_to")
 def expand(ctx: Ctx):
-    return broadcast_merge([t for t in ctx.tensors()[:1] if t.field is not None], ctx.out_shape)
+    ts = ctx.tensors()
+    layout = ts[1] if ctx.name == "expand_as" and len(ts) > 1 and isinstance(ts[1], T) else None
+    return broadcast_merge([t for t in ts[:1] if t.field is not None], ctx.out_shape, layout)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .. import field
 from .base import Ctx, Decline, TMeta, define, op, spatial_dims, tuple_of
-from .conv import one_pixel, window_out
+from .conv import keeps_taps, one_pixel, window_out
 
 
 def pool_params(ctx: Ctx, d: int):
@@ -256,6 +256,36 @@ def pad_shape(ctx: Ctx):
     return TMeta(tuple(shape), x.dtype)
 
 
+def _check_border_reads(node, pads) -> None:
+    """Reflect/replicate padding is read as zeros (a padded pixel sees nothing) when each reader is a dense conv
+    window at least twice as wide as the padding: a border neuron then reads, in place of padding, pixels its own
+    window covers anyway (reflect: -o - 2x lies in [x - |o|, x + |o|]; replicate: the edge). Any other reader could
+    see pixels that depend on its position, which a field cannot hold: decline."""
+    for user in node.users:
+        w = None
+        if user.op == "call_module":
+            m = user.graph.owning_module.get_submodule(user.target)
+            if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and m.padding_mode == "zeros":
+                w, pad, dil = m.weight.shape, m.padding, m.dilation
+        elif user.op == "call_function" and getattr(user.target, "__name__", "").split(".")[0] in \
+                ("conv1d", "conv2d", "conv3d") and user.args[0] is node and len(user.args) > 1:
+            meta = getattr(user.args[1], "meta", {}).get("tensor_meta")
+            w = getattr(meta, "shape", None)
+            pad, dil = (user.args[4] if len(user.args) > 4 else 0), (user.args[5] if len(user.args) > 5 else 1)
+        if w is None or isinstance(pad, str):
+            raise Decline("reflect or replicate padding read by something other than a conv")
+        d = len(w) - 2
+        kernel, pad, dil = tuple(w[2:]), _tuple(pad, d), _tuple(dil, d)
+        for j, (lo, hi) in enumerate(pads):  # pads run from the last axis
+            k, p, dl = kernel[d - 1 - j], pad[d - 1 - j], dil[d - 1 - j]
+            if (lo or hi) and (p or (dl > 1 and k > 1) or 2 * max(lo, hi) > k - 1):
+                raise Decline("reflect or replicate padding that a dilated, padded or narrow window reads")
+
+
+def _tuple(v, n):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
 @op(F.pad, torch.constant_pad_nd, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
     nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
     nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d, shape=pad_shape)
@@ -278,8 +308,11 @@ def pad(ctx: Ctx):
                         np.moveaxis(np.moveaxis(idx, ax, 0)[max(-lo, 0): n + min(hi, 0)], 0, ax))
         if lo > 0 or hi > 0:
             f = field.cat([None, f, None], ax, [max(lo, 0), f.idx.shape[ax], max(hi, 0)])
+    if mode in ("reflect", "replicate") and any(lo > 0 or hi > 0 for lo, hi in pads):
+        _check_border_reads(ctx.node, pads)
     k = len(f.sp)
     p = [left.get(a, 0) if a is not None else 0 for a in f.sp]
+    keeps_taps(f, [1] * k, [1] * k, p, [1] * k, [ctx.out_shape[a] if a is not None else 1 for a in f.sp])
     out = field.window(f, [1] * k, [1] * k, p, [1] * k)
     if mode == "circular":
         out = field.wrap(out, [x.shape[a] * j if a is not None and left.get(a) else 0
