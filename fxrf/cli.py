@@ -63,6 +63,12 @@ def parse_input(text: str) -> tuple:
     return shape
 
 
+def parse_inputs(texts: list) -> tuple:
+    """The --input options: one shape, or a tuple of shapes for a model with several inputs (in forward's order)."""
+    shapes = tuple(parse_input(t) for t in texts)
+    return shapes[0] if len(shapes) == 1 else shapes
+
+
 def _positive_number(text: str, must: str) -> float:
     """A finite number > 0 from `text`, else an argparse error: "must <must>, got <text>"."""
     try:
@@ -344,7 +350,7 @@ def _check_outputs(args) -> None:
 
 def _cmd_analyze(args) -> int:
     _check_outputs(args)
-    shape = parse_input(args.input)
+    shape = parse_inputs(args.input)
     model = load_model(args.model, parse_model_args(args.model_arg))
     from .analysis import analyze
     try:
@@ -418,7 +424,7 @@ def _optimize_checks(args):
 
 def _cmd_optimize(args) -> int:
     recipe = _optimize_checks(args)
-    shape = parse_input(args.input)
+    shape = parse_inputs(args.input)
     import torch
     torch.manual_seed(args.seed)  # the model's random init and anything a pass draws: the same every run
     model = load_model(args.model, parse_model_args(args.model_arg))
@@ -522,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     an = sub.add_parser("analyze", help="annotate every node with its 3DRF and print a table or JSON")
     _model_options(an)
-    an.add_argument("--input", required=True, help="example input shape, e.g. 1,3,224,224")
+    an.add_argument("--input", required=True, action="append",
+                    help="example input shape, e.g. 1,3,224,224; once per input of a model with several")
     an.add_argument("--alpha", type=_alpha, default=DEFAULT_ALPHA,
                     help=f"the gain's alpha, >= 0 (default {DEFAULT_ALPHA:g}, the paper's)")
     an.add_argument("--json", action="store_true", help="print the JSON document instead of the table")
@@ -537,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.set_defaults(run=_cmd_analyze)
     op = sub.add_parser("optimize", help="rewrite the model: stage-level organizer and/or kernel decomposer")
     _model_options(op)
-    op.add_argument("--input", required=True, help="example input shape, e.g. 1,3,32,32")
+    op.add_argument("--input", required=True, action="append",
+                    help="example input shape, e.g. 1,3,32,32; once per input of a model with several")
     op.add_argument("--stages", action="store_true", help="run the stage-level organizer")
     op.add_argument("--strategy", default="greedy",
                     help="greedy (default): insert while the gain exceeds --threshold, remove convs at or below it; "

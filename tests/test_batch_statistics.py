@@ -32,12 +32,24 @@ def test_no_running_statistics_in_eval_mode(capture):
 
 
 @pytest.mark.parametrize("capture", ["fx", "export"])
-def test_training_mode_uses_batch_statistics(capture):
-    model, shape = _net().train(), (1, 4, 9, 9)
+def test_no_running_statistics_in_training_mode(capture):
+    model, shape = _net(track_running_stats=False).train(), (1, 4, 9, 9)
     a = fxrf.analyze(model, shape, capture=capture)
     assert not a.unsupported and model.training  # analysed as it is, and left in training mode
     ext, chans = _autograd_extent(model, shape)
     assert (ext, chans) == ((9, 9), {0})
+    assert (a.convs()[-1].rf.spatial, a.convs()[-1].rf.channel) == (ext, len(chans))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_running_statistics_are_read_as_deployed_in_training_mode_too(capture):
+    """A norm with running statistics normalises with them once deployed (eval): fxrf reads that function, so a
+    model still in training mode (every freshly built one) gets the per-channel fields autograd shows in eval."""
+    model, shape = _net().train(), (1, 4, 9, 9)
+    a = fxrf.analyze(model, shape, capture=capture)
+    assert model.training
+    ext, chans = _autograd_extent(model.eval(), shape)
+    assert (ext, chans) == ((5, 5), {0})  # by hand: two 3x3 windows, 5x5
     assert (a.convs()[-1].rf.spatial, a.convs()[-1].rf.channel) == (ext, len(chans))
 
 

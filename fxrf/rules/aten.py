@@ -117,15 +117,20 @@ define("aten_native_batch_norm", *_overloads("_native_batch_norm_legit_no_traini
 
 
 # Training-mode batch norm of decomposed graphs, (input, weight, bias, [running_mean, running_var,] training, ...) ->
-# (out, batch mean, batch invstd[, new running_mean, new running_var]): batch statistics, over the map.
-def _bn_batch_stats_tuple(ctx: Ctx):
+# (out, batch mean, batch invstd[, new running_mean, new running_var]). As for the module (conv.uses_batch_statistics),
+# fxrf reads the inference function: with running statistics (.default, _functional) it is per channel; without them
+# (.no_stats) every output depends on its channel's whole map.
+def _bn_training_tuple(ctx: Ctx):
     x = ctx.args[0]
-    stats = [a for a in (x.field.sp if x.field else ()) if a is not None]
-    return (_statistics_over(x, stats),) + (None,) * (len(ctx.out) - 1)
+    if isinstance(ctx.node.target, torch._ops.OpOverload) and ctx.node.target._overloadname == "no_stats":
+        f = _statistics_over(x, [a for a in (x.field.sp if x.field else ()) if a is not None])
+    else:
+        f = x.field
+    return (f,) + (None,) * (len(ctx.out) - 1)
 
 
 define("aten_native_batch_norm_training", *_overloads("_native_batch_norm_legit", "default", "no_stats"),
-       *_overloads("_native_batch_norm_legit_functional"), rf=_bn_batch_stats_tuple, cost=_bn_tuple_cost,
+       *_overloads("_native_batch_norm_legit_functional"), rf=_bn_training_tuple, cost=_bn_tuple_cost,
        kind="norm")
 
 

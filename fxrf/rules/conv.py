@@ -205,19 +205,19 @@ def norm_cost(weight_arg: int):
 
 
 def uses_batch_statistics(ctx: Ctx) -> bool:
-    """Whether a batch norm normalises with the statistics of the batch it is given (training mode, or no running
-    statistics: track_running_stats=False, in eval mode too) rather than its running ones."""
+    """Whether a batch norm normalises with the statistics of the batch it is given in the function fxrf reads: the
+    inference one. A norm with running statistics uses them in eval mode, so it is per channel whatever mode the
+    model is in now (a model is analysed for deployment, not for the training step: reading its training-mode batch
+    statistics would make every freshly built model's fields whole maps); one without (track_running_stats=False,
+    F.batch_norm / aten.batch_norm with running_mean None) always uses the batch's."""
     m = ctx.module
     if m is not None:
-        return m.training or not m.track_running_stats
-    # F.batch_norm(x, running_mean, running_var, weight, bias, training) and aten.batch_norm(x, weight, bias,
-    # running_mean, running_var, training): `training` is argument 5 in both
-    return bool(ctx.arg(5, "training", False))
+        return not m.track_running_stats or getattr(m, "running_mean", None) is None
+    # F.batch_norm(x, running_mean, running_var, ...) and aten.batch_norm(x, weight, bias, running_mean, ...)
+    index = 1 if ctx.node.target is F.batch_norm else 3
+    return ctx.arg(index, "running_mean", None) is None
 
 
-# Batch norm with running statistics is an affine map per channel: identity on fields. With batch statistics each
-# output also depends on every pixel of its channel (the mean and variance over the map; over the other samples of
-# the batch too, which a per-sample field does not show): statistics over the map, as instance norm.
 @op(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, F.batch_norm,
     shape=same_shape, cost=norm_cost(3), kind="norm", traits={"per_channel"})
 def batch_norm(ctx: Ctx):
