@@ -234,3 +234,21 @@ def test_analysis_failure_exits_1(capsys, tmp_path):
                    "    return nn.Sequential(nn.Conv2d(3, 3, 3), G())\n")
     code, _, err = run(["analyze", f"{bad}:make", "--input", "1,3,8,8"], capsys)
     assert code == 1 and "TraceError" in err and "leaf_modules" in err
+
+
+def test_several_inputs(tmp_path, capsys):
+    """--input once per input of forward: the CLI reads the model the library reads given a tuple of shapes."""
+    (tmp_path / "two.py").write_text(
+        "import torch.nn as nn\n\n\nclass Two(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(5, 8, 3, padding=1)\n"
+        "        self.c = nn.Conv2d(8, 8, 3, padding=1)\n\n    def forward(self, x, y):\n"
+        "        return self.c(self.a(x) + self.b(y))\n\n\ndef make():\n    return Two()\n")
+    code, out, err = run(["analyze", f"{tmp_path / 'two.py'}:make", "--input", "1,3,16,16", "--input", "1,5,16,16",
+                          "--json"], capsys)
+    assert code == 0, err
+    convs = {n["name"]: n for n in json.loads(out)["nodes"] if n.get("kernel")}
+    # by hand: c sees 5x5 of both inputs' channels, 3 + 5 = 8 of the stage input's channels
+    assert (convs["c"]["rf"]["height"], convs["c"]["rf"]["width"], convs["c"]["rf"]["channel"]) == (5, 5, 8)
+    code, out, err = run(["optimize", f"{tmp_path / 'two.py'}:make", "--input", "1,3,16,16", "--input",
+                          "1,5,16,16", "--kernels", "DW+PW", "--dry-run"], capsys)
+    assert code == 0 and "replace c by DW+PW" in out, err
