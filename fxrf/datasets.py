@@ -21,6 +21,7 @@ same arguments always give the same tensors.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -122,19 +123,41 @@ def mnist1d(n_train: int = 1000, n_test: int | None = 4000, *, seed: int = 0, da
     total = max(pool, n_train + (n_test or 0))
     total += (-total) % CLASSES  # the generator makes num_samples // 10 per class
     path = cache_dir() / f"mnist1d-{total}-{data_seed}.npz"
-    if cache and path.exists():
-        with np.load(path) as f:
-            x, y = f["x"], f["y"]
+    got = _read_pool(path, total) if cache else None
+    if got is not None:
+        x, y = got
     else:
         x, y = _generate_mnist1d(total, data_seed)
         if cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")  # concurrent writers (DDP ranks) never clash
-            np.savez(tmp, x=x, y=y)
-            os.replace(tmp, path)
+            _write_pool(path, x, y)
     info = {"source": "mnist1d.data.make_dataset", "pool": total, "data_seed": data_seed,
             "sha1": hashlib.sha1(x.tobytes()).hexdigest()[:12]}
     return _stratified(x[:, None, :], y, n_train, n_test, seed, "mnist1d", info)
+
+
+def _read_pool(path: Path, total: int):
+    """(x, y) from a cached pool, or None where there is none or it is damaged (empty, truncated, another
+    layout): the pool is then generated again and the file replaced."""
+    try:
+        with np.load(path) as f:
+            x, y = f["x"], f["y"]
+    except Exception:  # none yet (FileNotFoundError), or damaged: BadZipFile, EOFError, ValueError, KeyError, ...
+        return None
+    if x.shape != (total, MNIST1D_LENGTH) or y.shape != (total,) or not np.isfinite(x).all():
+        return None
+    return x, y
+
+
+def _write_pool(path: Path, x: np.ndarray, y: np.ndarray) -> None:
+    """Write the pool atomically (a temporary file, then a rename); a cache that cannot be written is skipped."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")  # concurrent writers (DDP ranks) never clash
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(tmp, x=x, y=y)
+        os.replace(tmp, path)
+    except OSError:  # a read-only or misplaced cache: the data is here already, only the next call pays again
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def digits(n_train: int = 500, n_test: int | None = None, *, seed: int = 0, size: int = 8) -> Split:

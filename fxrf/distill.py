@@ -81,6 +81,8 @@ def distill(student: nn.Module, teacher: nn.Module, loader, *, epochs: int, lr: 
     """
     _check_module(student, "student")
     _check_module(teacher, "teacher")
+    _check_values(student, "student")
+    _check_values(teacher, "teacher")
     if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
         raise InputError(f"temperature must be a positive number, got {temperature!r}")
     if not (isinstance(kd_weight, (int, float)) and 0.0 <= kd_weight <= 1.0):
@@ -98,6 +100,7 @@ def train(model: nn.Module, loader, epochs: int, *, lr: float = 3e-3, weight_dec
     The same loop as `distill` (torchrun data parallelism included), without a teacher.
     """
     _check_module(model, "model")
+    _check_values(model, "model")
     return _fit(model, None, loader, epochs=epochs, lr=lr, weight_decay=weight_decay, temperature=1.0,
                 kd_weight=0.0, device=device, progress=progress, seed=seed)
 
@@ -107,6 +110,7 @@ def evaluate(model: nn.Module, loader, *, device=None) -> float:
     """Top-1 accuracy (a fraction) of `model` on a loader of (input, label) batches, in eval mode (the model's
     mode is restored afterwards)."""
     _check_module(model, "model")
+    _check_values(model, "model")
     dev = _device(device)
     was = model.training
     model.eval()
@@ -130,6 +134,8 @@ def evaluate(model: nn.Module, loader, *, device=None) -> float:
 def kl_to_teacher(student: nn.Module, teacher: nn.Module, loader, *, temperature: float = 4.0,
                   device=None) -> float:
     """Mean KL(teacher || student) per sample at `temperature` (no T^2 factor), both in eval mode."""
+    _check_values(student, "student")
+    _check_values(teacher, "teacher")
     dev = _device(device)
     modes = student.training, teacher.training
     student.eval()
@@ -193,6 +199,7 @@ def _fit(model, teacher, loader, *, epochs, lr, weight_decay, temperature, kd_we
                 sampler.set_epoch(epoch)
             t0 = time.perf_counter()
             sums = torch.zeros(5, dtype=torch.float64, device=dev)  # loss, ce, kl, right, samples (sample sums)
+            bad = torch.zeros(2, dtype=torch.float64, device=dev)  # batches with non-finite inputs, teacher outputs
             checked = labelled = False
             for batch in loader:
                 x, y = _batch(batch)
@@ -200,11 +207,14 @@ def _fit(model, teacher, loader, *, epochs, lr, weight_decay, temperature, kd_we
                     raise InputError("train() needs (input, label) batches; the loader yields inputs only")
                 x = x.to(dev, non_blocking=True)
                 y = y.to(dev, non_blocking=True) if y is not None else None
+                if x.is_floating_point() or x.is_complex():  # counted on the device: no host sync per step
+                    bad[0] += (~torch.isfinite(x)).any()
                 labelled = labelled or y is not None
                 out = _forward(net, x)
                 if teacher is not None:
                     with torch.no_grad():
                         t_out = _forward(teacher, x)
+                    bad[1] += (~torch.isfinite(t_out)).any()
                     if not checked:
                         _same_outputs(out, t_out)
                         checked = True
@@ -229,9 +239,13 @@ def _fit(model, teacher, loader, *, epochs, lr, weight_decay, temperature, kd_we
                     bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.4f}")
             if dist is not None:
                 dist.all_reduce(sums)  # every rank reports the same history
-            sums = sums.cpu()
+                dist.all_reduce(bad)
+            sums, bad = sums.cpu(), bad.cpu()
+            if float(sums[4]) == 0:
+                raise InputError(f"the loader yielded no samples in epoch {epoch + 1}: nothing was trained; give it "
+                                 f"a non-empty dataset (drop_last=True drops a dataset smaller than one batch)")
             if not math.isfinite(float(sums[0])):
-                raise InputError(f"the loss became {float(sums[0])} in epoch {epoch + 1}: lower lr (now {lr})")
+                raise InputError(_non_finite(float(sums[0]), epoch + 1, int(bad[0]), int(bad[1]), lr))
             n = max(float(sums[4]), 1.0)
             history.append({"epoch": epoch + 1, "loss": float(sums[0]) / n, "ce": float(sums[1]) / n,
                             "kl": float(sums[2]) / n / temperature ** 2 if teacher is not None else None,
@@ -256,6 +270,26 @@ def _check_module(m, what: str) -> None:
     if not isinstance(m, nn.Module):
         raise InputError(f"the {what} must be a torch.nn.Module (or a GraphModule a pass returned), got "
                          f"{type(m).__name__}")
+
+
+def _check_values(m: nn.Module, what: str) -> None:
+    """An InputError for a model whose tensors hold no values (the meta device): it can be neither run nor trained."""
+    for name, t in (*m.named_parameters(), *m.named_buffers()):
+        if t.is_meta:
+            raise InputError(f"the {what}'s tensor {name!r} is on the meta device (a shape without values): "
+                             f"materialise it first, e.g. {what}.to_empty(device='cpu') then load_state_dict(...), "
+                             f"or load_state_dict(..., assign=True)")
+
+
+def _non_finite(loss: float, epoch: int, bad_inputs: int, bad_teacher: int, lr) -> str:
+    """Why the loss became NaN or inf: the data, the teacher, or (neither) the step size."""
+    if bad_inputs:
+        return (f"the loss became {loss} in epoch {epoch}: {bad_inputs} batch(es) of the loader hold NaN or inf "
+                f"inputs; clean the data (e.g. drop those samples or torch.nan_to_num)")
+    if bad_teacher:
+        return (f"the loss became {loss} in epoch {epoch}: the teacher returned NaN or inf logits on {bad_teacher} "
+                f"batch(es); check the teacher model on this data")
+    return f"the loss became {loss} in epoch {epoch} with finite inputs: lower lr (now {lr})"
 
 
 def _iterable(loader):

@@ -1,8 +1,35 @@
 """How fxrf names a node or an op in messages and reports (`call_module 'layer1.0.conv1' (nn.Conv2d)`)."""
 from __future__ import annotations
 
+import keyword
+
 import torch
 import torch.fx as fx
+import torch.fx.graph
+
+
+def _keyword_safe(format_target):
+    """torch.fx writes a module path's parts as attributes (`self.d.in`), a SyntaxError where a part is a Python
+    keyword (an nn.ModuleDict key "in"), in every GraphModule, export's included. Such a part is written as
+    `getattr(self.d, "in")`, as fx already does for parts that are not identifiers; every other path is written
+    by torch's own function."""
+    if getattr(format_target, "fxrf_keyword_safe", False):
+        return format_target
+
+    def fmt(base: str, target: str) -> str:
+        parts = target.split(".")
+        if not any(keyword.iskeyword(p) for p in parts):
+            return format_target(base, target)
+        for p in parts:
+            base = f"{base}.{p}" if p.isidentifier() and not keyword.iskeyword(p) else f"getattr({base}, {p!r})"
+        return base
+
+    fmt.fxrf_keyword_safe = True
+    return fmt
+
+
+if callable(getattr(torch.fx.graph, "_format_target", None)):  # a private helper: left alone if torch drops it
+    torch.fx.graph._format_target = _keyword_safe(torch.fx.graph._format_target)
 
 
 def describe(gm: fx.GraphModule, node: fx.Node) -> str:

@@ -250,6 +250,8 @@ class LatencyModel:
         self.device, self.batch, self.mode = str(device), int(batch), mode
         self.key = device_key(device, threads)
         self.path = None if cache is None else Path(cache_path() if cache == "default" else cache)
+        if self.path is not None:
+            _check_cache_path(self.path)
         self.timer = timer or default_timer()
         # whole models: the median of a round's calls, the typical latency a user sees; the minimum, right for a
         # block's own cost, favours a model whose memory-bound kernels vary most with the load
@@ -284,7 +286,7 @@ class LatencyModel:
         """The figure for `probe`: read back, or measured once (`measure()`) and written to the cache."""
         key = probe.key()
         figures = self._load()
-        if key not in figures:
+        if not _seconds(figures.get(key)):  # missing, or damaged (a string, NaN, negative): measure again
             figures[key] = float(measure())
             self.calls += 1
             self._save(key, figures[key])
@@ -302,8 +304,10 @@ class LatencyModel:
         probes = {k: self._model_probe(m, in_shape, k) for k, m in models.items()}
         key = json.dumps(["compare-rounds", rounds] + [[k, p.key()] for k, p in probes.items()])
         figures = self._load()
-        if isinstance(figures.get(key), dict) and set(figures[key]) == set(models):
-            return {k: tuple(v) for k, v in figures[key].items()}
+        got = figures.get(key)
+        if (isinstance(got, dict) and set(got) == set(models)
+                and all(isinstance(v, list) and len(v) == rounds and all(map(_seconds, v)) for v in got.values())):
+            return {k: tuple(v) for k, v in got.items()}
         x = torch.randn(next(iter(probes.values())).in_shape, device=self.device)
         fns = {k: self._callable(m, x) for k, m in models.items()}
         times: dict = {k: [] for k in models}
@@ -357,11 +361,35 @@ class LatencyModel:
         on_disk = _read(self.path)  # another process may have added figures since we read the file
         on_disk[key] = value
         self._figures.update(on_disk)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".latency-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(on_disk, f, indent=0, sort_keys=True)
-        os.replace(tmp, self.path)  # atomic: a reader sees the old file or the new one
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".latency-", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump(on_disk, f, indent=0, sort_keys=True)
+            os.replace(tmp, self.path)  # atomic: a reader sees the old file or the new one
+        except OSError as e:
+            raise InputError(f"latency cache: cannot write {self.path} ({type(e).__name__}: {e}); set "
+                             f"FXRF_CACHE_DIR to a writable directory, or pass cache=None to keep figures in "
+                             f"memory") from e
+
+
+def _seconds(v) -> bool:
+    """Whether a cached figure is a time: a finite number >= 0 (a hand-edited or damaged entry is not)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def _check_cache_path(path: Path) -> None:
+    """An InputError where the cache file cannot be: it is a directory, or its directory (or a folder above
+    it) is a file."""
+    if path.is_dir():
+        raise InputError(f"latency cache: {path} is a directory, not a file; pass cache= a file path (or None)")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                where = "FXRF_CACHE_DIR" if os.environ.get("FXRF_CACHE_DIR") else "the cache directory"
+                raise InputError(f"latency cache: {parent} is a file, not a directory, so {path} cannot be "
+                                 f"written; point {where} at a directory, or pass cache=None")
+            return
 
 
 def _read(path: Path) -> dict:

@@ -54,10 +54,30 @@ def copy_graph_module(gm: fx.GraphModule, *, params: str = "copy", class_name: s
     memo = {}
     if params == "meta":
         memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad) for p in gm.parameters()}
+    memo.update(_derived_tensors(gm, meta=params == "meta"))
     gm = copy.deepcopy(gm, memo)
     if type(gm).__mro__[1] is not fx.GraphModule or class_name is not None:  # fxrf.trace's lazily compiled kind:
         gm = keep_modes(fx.GraphModule(gm, gm.graph, name), gm)  # results get a plain one, which every torch
     return gm  # version saves and loads
+
+
+def _derived_tensors(root: nn.Module, meta: bool) -> dict:
+    """deepcopy memo entries for tensors that modules hold as plain attributes computed from their parameters,
+    such as the `weight` of torch.nn.utils.weight_norm (the old form: a forward pre-hook recomputes it from
+    weight_g and weight_v on every call). deepcopy refuses such non-leaf tensors; the copy gets the value detached
+    (recomputed from the parameters where the hook can), which its own hook replaces on its first call."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    memo = {}
+    for m in root.modules():
+        hooks = {h.name: h for h in m._forward_pre_hooks.values() if isinstance(h, WeightNorm)}
+        for key, value in vars(m).items():
+            if not isinstance(value, torch.Tensor) or value.is_leaf or id(value) in memo:
+                continue
+            with torch.no_grad():
+                fresh = hooks[key].compute_weight(m) if key in hooks and not meta else value.detach()
+            memo[id(value)] = torch.empty_like(fresh, device="meta") if meta else fresh.clone()
+    return memo
 
 
 # --------------------------------------------------------------------------------------------------- reading nodes
