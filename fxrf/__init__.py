@@ -15,7 +15,7 @@ from .trace import trace
 from .passes.organizer import organize_stages  # noqa: E402
 from .passes.decomposer import decompose  # noqa: E402
 from .passes.pipeline import OptimizeResult, optimize  # noqa: E402
-from .distill import distill  # noqa: E402  (fxrf.distill is the function; `from fxrf.distill import x` reads the module)
+from .training.distill import distill  # noqa: E402
 
 
 def __getattr__(name):  # fxrf.compile loads torch._dynamo (seconds): only when asked for

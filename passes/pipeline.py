@@ -23,7 +23,7 @@ from fxrf.metric import DEFAULT_ALPHA
 from . import PassResult
 
 STEPS = ("stages", "kernels")  # the order the steps run in
-CALIBRATION_BATCHES = 8  # batches the least-squares fit and the norms see (passes/calibrate.py: 8 suffice)
+CALIBRATION_BATCHES = 8  # batches the least-squares fit and the norms see (fxrf/training/calibrate.py: 8 suffice)
 HOLDOUT_BATCHES = 2  # batches after those, kept out of the fit, on which the result is compared with the model
 
 
@@ -116,7 +116,7 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
 
 def _split(calibration, fit: int, held: int) -> tuple[list, list]:
     """(fit batches, held-out batches) of input tensors from the first fit + held batches of `calibration`."""
-    from .calibrate import input_batches
+    from fxrf.training.calibrate import input_batches
     for name, v, least in (("calibration_batches", fit, 1), ("holdout_batches", held, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < least:
             raise InputError(f"{name} must be an int >= {least}, got {v!r}")
@@ -141,7 +141,7 @@ def _preserved(steps: dict) -> bool:
 def _calibrate(model, example_input, steps: dict, current, data, fold_after: bool):
     """Fit the decomposed blocks (else re-estimate the norms) on the fit batches; report against `model` on the
     held-out ones (on the fit batches when none is held out, and say so)."""
-    from .calibrate import fidelity, fit_blocks, recalibrate_bn
+    from fxrf.training.calibrate import fidelity, fit_blocks, recalibrate_bn
     fit, held = data
     judge = held or fit
     transfer = fidelity(model, current, judge)

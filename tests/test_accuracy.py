@@ -15,11 +15,10 @@ import torch
 import torch.nn as nn
 
 import fxrf
-import fxrf.distill
-from fxrf.datasets import digits, loaders, mnist1d  # needs scikit-learn and mnist1d: the test extra
-from fxrf.distill import distill, evaluate, kl_to_teacher, train
+from fxrf.training.datasets import digits, loaders, mnist1d  # needs scikit-learn and mnist1d: the test extra
+from fxrf.training.distill import distill, evaluate, kl_to_teacher, train
 from fxrf.errors import InputError
-from fxrf.passes.calibrate import fit_blocks, recalibrate_bn
+from fxrf.training.calibrate import fit_blocks, recalibrate_bn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,7 +126,7 @@ def test_distill_without_labels_uses_the_kl_only(trained):
     teacher, tr, _ = trained
     inputs = [x for x, _ in tr]
     torch.manual_seed(0)
-    r = fxrf.distill(small_cnn(4), teacher, inputs, epochs=2, progress=False)  # the module is callable too
+    r = fxrf.distill(small_cnn(4), teacher, inputs, epochs=2, progress=False)  # fxrf.distill is the function
     assert r.history[0]["ce"] == 0.0 and r.history[0]["accuracy"] is None
     assert r.history[-1]["kl"] < r.history[0]["kl"]
 
@@ -245,7 +244,7 @@ WORKER = textwrap.dedent("""
     import json, os, sys
     import torch, torch.nn as nn
     from torch.utils.data import DataLoader, TensorDataset
-    from fxrf.distill import distill
+    from fxrf.training.distill import distill
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from fxrf.datasets import mnist1d
+from fxrf.training.datasets import mnist1d
 
 pytest.importorskip("mnist1d")
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fxrf.distill import distill, evaluate, kl_to_teacher, train
+from fxrf.training.distill import distill, evaluate, kl_to_teacher, train
 from fxrf.errors import InputError
 
 

@@ -22,11 +22,11 @@ PACKAGES = {"fxrf": ROOT / "fxrf", "fxrf.passes": ROOT / "passes"}  # pyproject 
 # Bottom up. A module may import from its own layer and from the layers below, never from one above. A subpackage
 # (fxrf.rules, fxrf.passes) is named once and covers its modules.
 LAYERS = (
-    ("leaves", {"metric", "errors", "checks", "naming", "models", "datasets"}),  # no fxrf import but errors
+    ("leaves", {"metric", "errors", "checks", "naming", "models", "training"}),  # no fxrf import but errors
     ("core", {"field", "shapes", "ops"}),  # the channel-set algebra, shape propagation, the op table's machinery
     ("rules", {"rules", "trace"}),  # the built-in ops; model -> GraphModule with shapes
-    ("analysis", {"analysis", "cost", "dynamo", "report", "optimize_report", "plot", "graph"}),  # the walk, its records and reports
-    ("passes", {"passes", "distill"}),  # rewrites (fxrf.passes, the backend's graph passes among them), training
+    ("analysis", {"analysis", "cost", "dynamo", "report", "optimize_report", "plot", "graph"}),  # walk, records, reports
+    ("passes", {"passes"}),  # rewrites (fxrf.passes, the backend's graph passes among them) and their pipeline
     ("compile", {"compiler", "backend"}),  # torch.compile: the backend runs graph passes, fxrf.compile all passes
     ("cli", {"cli", "__main__"}),
 )

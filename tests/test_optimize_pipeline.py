@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 
 import fxrf
-import fxrf.passes.calibrate
-from fxrf.datasets import digits, loaders  # scikit-learn's bundled digits: the test extra
-from fxrf.distill import train
+import fxrf.training.calibrate
+from fxrf.training.datasets import digits, loaders  # scikit-learn's bundled digits: the test extra
+from fxrf.training.distill import train
 from fxrf.errors import InputError
 
 pytestmark = pytest.mark.threads(1)  # small models: one thread is faster than two on a busy machine
@@ -120,7 +120,7 @@ def test_calibration_after_removals_re_estimates_the_norms(trained):
     for _ in range(3):  # 5x5, 7x7, 9x9 on an 8x8 map: the last two convs gain little (0.30, 0.03 < 0.3)
         layers += [nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()]
     model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(512, 10))
-    model = fxrf.passes.calibrate.recalibrate_bn(model, xs, batches=12).eval()  # norms that describe the data
+    model = fxrf.training.calibrate.recalibrate_bn(model, xs, batches=12).eval()  # norms that describe the data
     r = fxrf.optimize(model, SHAPE, stages=True, calibration=xs)
     assert r.steps["stages"].summary["removed"] == 2
     c = r.summary["calibration"]

@@ -29,7 +29,7 @@ trained conv and a ReLU do not. Two data-driven steps, as compression tools do, 
    step a's statistics: 34-39% vs 18-25% on the digits benchmark's DW+GPW-g4, 77-80% vs 75-77% on DW+PW).
 
     >>> import torch, torch.nn as nn, fxrf
-    >>> from fxrf.passes.calibrate import fit_blocks
+    >>> from fxrf.training.calibrate import fit_blocks
     >>> _ = torch.manual_seed(0)
     >>> m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
     ...                   nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()).eval()

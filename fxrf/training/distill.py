@@ -16,7 +16,7 @@ statistics are broadcast from rank 0 at the end). `train` is the same loop witho
 
     >>> import torch, torch.nn as nn
     >>> from torch.utils.data import DataLoader, TensorDataset
-    >>> from fxrf.distill import distill, evaluate
+    >>> from fxrf.training.distill import distill, evaluate
     >>> _ = torch.manual_seed(0)
     >>> x = torch.randn(256, 8); y = (x[:, 0] > 0).long()
     >>> teacher = nn.Linear(8, 2)
@@ -27,24 +27,21 @@ statistics are broadcast from rank 0 at the end). `train` is the same loop witho
     >>> r.history[-1]["kl"] < r.history[0]["kl"], evaluate(r.model, loader) > 0.9
     (True, True)
 
-The module itself is callable: `fxrf.distill(student, teacher, loader, epochs=...)` is `distill(...)`, so the
-package can expose the function under the module's own name without the two shadowing each other.
+`fxrf.distill` is this module's `distill` function.
 """
 from __future__ import annotations
 
 import copy
 import math
 import os
-import sys
 import time
-import types
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import InputError
+from ..errors import InputError
 
 try:  # a progress bar when tqdm is installed; training works the same without it
     from tqdm.auto import tqdm as _tqdm
@@ -372,14 +369,3 @@ def _sharded(loader, world: int, rank: int, seed):
                                  seed=0 if seed is None else seed)
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
                       collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last), sampler
-
-
-class _CallableModule(types.ModuleType):
-    """`import fxrf.distill` binds the attribute fxrf.distill to this module, which would shadow a function of the
-    same name exported by the package: making the module callable keeps `fxrf.distill(...)` working either way."""
-
-    def __call__(self, *args, **kwargs):
-        return distill(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

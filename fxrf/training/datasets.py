@@ -11,7 +11,7 @@ training set (the benchmarks keep the baselines below saturation that way) stays
 data is cached under `cache_dir()` ($XDG_CACHE_HOME/fxrf or ~/.cache/fxrf), one file per generator setting; the
 same arguments always give the same tensors.
 
-    >>> from fxrf.datasets import digits, loaders
+    >>> from fxrf.training.datasets import digits, loaders
     >>> s = digits(n_train=200, seed=0)
     >>> s.train.tensors[0].shape, s.test.tensors[0].shape, s.classes
     (torch.Size([200, 1, 8, 8]), torch.Size([1597, 1, 8, 8]), 10)
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = ["Split", "mnist1d", "digits", "loaders", "cache_dir", "describe", "MNIST1D_LENGTH"]
 
@@ -186,7 +186,7 @@ def loaders(split: Split, batch_size: int = 128, *, seed: int = 0, test_batch_si
             drop_last: bool = False) -> tuple[DataLoader, DataLoader]:
     """(train loader, shuffled by a generator seeded with `seed`; test loader, in order)."""
     if not isinstance(split, Split):
-        raise InputError(f"loaders() takes a fxrf.datasets.Split (from mnist1d() or digits()), got "
+        raise InputError(f"loaders() takes a fxrf.training.datasets.Split (from mnist1d() or digits()), got "
                          f"{type(split).__name__}")
     g = torch.Generator().manual_seed(seed)
     train = DataLoader(split.train, batch_size=batch_size, shuffle=True, generator=g, drop_last=drop_last)
