@@ -267,7 +267,7 @@ def test_a_conv_is_timed_as_the_decomposer_times_a_kept_conv():
     timer = Timer(1e-3, {16: 1e-4, 8: 5e-5})
     lm = _lm(timer)
     gm = fxrf.trace(_two_stages(), SHAPE)
-    conv, pattern = gm.get_submodule("2"), conv_pattern(gm)  # 8 -> 8 at 16 px, then BatchNorm2d and ReLU
+    conv, pattern = gm.get_submodule("3"), conv_pattern(gm)  # 8 -> 8 at 16 px, then BatchNorm2d and ReLU
     assert (type(pattern.norm), type(pattern.act)) == (nn.BatchNorm2d, nn.ReLU)
     assert lm.time_conv(conv, (1, 8, 16, 16), pattern) == 1e-4 and lm.calls == 1
     assert lm.time("S", conv, (1, 8, 16, 16), pattern) == 1e-4 and lm.calls == 1  # read back, not timed
