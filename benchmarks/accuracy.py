@@ -257,7 +257,7 @@ def table3(net: str, mode: dict, t2: dict, log, keep: dict) -> dict:
     for label, kw in organizer_settings():
         t0 = time.perf_counter()
         r = fxrf.organize_stages(base, input_shape(net), **kw)
-        layout = r.summary["convs_per_stage_after"]
+        layout = r.summary["stage_convs"]
         rows[0]["layout"] = rows[0]["layout"] or r.summary["convs_per_stage_before"]  # counted the same way
         row = {"setting": label, "layout": layout, **costs(r.graph_module, net), "organize_seconds":
                time.perf_counter() - t0, "changes": [f"{c.kind} stage {c.stage} (gain {c.gain:.3f})"

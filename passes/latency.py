@@ -50,9 +50,10 @@ import torch.nn as nn
 
 from fxrf.errors import InputError
 
-from .blocks import Pattern, Recipe, build, emit, parse, signature
+from .blocks import Pattern, Recipe, build, emit, model_pattern, parse, signature
 
 MODES = ("eager", "compile")
+_CONV = "S"  # the catalog's recipe for a conv kept as it is: `time_conv` times it
 CACHE_FILE = "latency-v2.json"  # v2: CPU compiled sites timed on a channels-last input
 
 
@@ -138,6 +139,12 @@ def site_module(recipe: Recipe | str, conv: nn.Conv2d, pattern: Pattern = Patter
             x = graph.create_node("call_module", name, (x,), {}, name=name)
     graph.output(x)
     return fx.GraphModule(root, graph).eval()
+
+
+def conv_pattern(gm: fx.GraphModule) -> Pattern:
+    """The norm and activation `LatencyModel.time_conv` times after a conv of `gm`: the graph's most common
+    conv -> norm -> activation pattern."""
+    return model_pattern(gm)
 
 
 def _conv_args(sig) -> tuple:
@@ -274,6 +281,12 @@ class LatencyModel:
         of `in_shape` (its batch replaced by this model's batch); measured once per key, then read back."""
         probe = self.probe(recipe, conv, in_shape, pattern, shift)
         return self._cached(probe, lambda: self._measure(parse(recipe), conv, pattern, probe))
+
+    def time_conv(self, conv: nn.Conv2d, in_shape: tuple, pattern: Pattern = Pattern()) -> float:
+        """Seconds per call of `conv` alone, then the model's norm and activation (`pattern`: `conv_pattern(gm)`),
+        on an input of `in_shape`: what inserting or removing that conv costs. The same site (and cache entry) as
+        the decomposer's kept conv."""
+        return self.time(_CONV, conv, in_shape, pattern)
 
     def time_model(self, model: nn.Module, in_shape: tuple, label: str = "model") -> float:
         """Seconds per call of a whole model on an input of `in_shape` (its batch replaced by this model's batch),

@@ -18,18 +18,20 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fxrf.ops import default_table
 from fxrf.shapes import fetch_attr
 from fxrf.trace import keep_modes  # noqa: F401  (the passes' copies use it; defined where capture needs it)
 
 __all__ = ["copy_graph_module", "keep_modes", "fetch_attr", "module_of", "call_counts", "sole_user", "chain",
-           "norm_of", "activation_of", "Template", "conv_template", "identity_norm"]
+           "norm_of", "is_norm", "running_norm", "Activation", "activation", "activation_of", "Template",
+           "conv_template", "identity_norm"]
 
 # ------------------------------------------------------------------------------------------------ copying a graph
 
@@ -132,16 +134,69 @@ def norm_of(node: fx.Node, modules: dict) -> nn.Module | None:
     return m if isinstance(m, nn.modules.batchnorm._NormBase) else None
 
 
+def is_norm(node: fx.Node, modules: dict) -> bool:
+    """Whether the node normalises: a batch, layer, group or instance norm, as a module or a function."""
+    m = module_of(node, modules)
+    if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
+                      nn.modules.instancenorm._InstanceNorm)):
+        return True
+    return node.op == "call_function" and node.target in (F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm)
+
+
+def running_norm(node: fx.Node, modules: dict) -> nn.Module | None:
+    """The batch norm module the node calls if it keeps running statistics (a template for `identity_norm`, which
+    can start as the identity), else None."""
+    m = module_of(node, modules)
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_var is not None:
+        return m
+    return None
+
+
+@dataclass(frozen=True, eq=False)
+class Activation:
+    """An activation call as a plain description: what repeating it after another node needs.
+
+    The node's op and target, its arguments after the input, its module (call_module) and the op table's entry
+    (`traits`: "idempotent" where act(act(x)) == act(x); `module_class`: the op's module form, if it has one)."""
+
+    op: str  # "call_module" | "call_function" | "call_method"
+    target: Any
+    args: tuple  # the arguments after the input
+    kwargs: dict
+    module: nn.Module | None
+    traits: frozenset
+    module_class: type | None
+
+    @property
+    def idempotent(self) -> bool:
+        return "idempotent" in self.traits
+
+    @property
+    def repeatable(self) -> bool:
+        """Whether the call can be written after another node as is: no argument is computed in the graph."""
+        return self.module is not None or not any(isinstance(v, fx.Node) for v in (*self.args, *self.kwargs.values()))
+
+
+def activation(node: fx.Node, modules: dict) -> Activation | None:
+    """The activation the node applies (the op table's "activation" trait), described; None if it is none."""
+    if node.op not in ("call_module", "call_function", "call_method"):
+        return None
+    m = module_of(node, modules)
+    op = default_table().lookup(node, m)
+    if op is None or "activation" not in op.traits:
+        return None
+    return Activation(node.op, node.target, tuple(node.args[1:]), dict(node.kwargs), m, op.traits, op.module_class)
+
+
 def activation_of(node: fx.Node, modules: dict) -> nn.Module | None:
     """The activation the node applies: its module, or a fresh module for a functional form (F.relu -> nn.ReLU());
     None if the op table does not list it as a per-element activation with a module form."""
-    m = module_of(node, modules)
-    op = default_table().lookup(node, m)  # an op with the activation and per-element traits
-    if op is None or not {"activation", "per_element"} <= op.traits:
+    act = activation(node, modules)
+    if act is None or "per_element" not in act.traits:
         return None
-    if m is not None:
-        return m
-    return op.module_class() if op.module_class is not None else None
+    if act.module is not None:
+        return act.module
+    return act.module_class() if act.module_class is not None else None
 
 
 @dataclass(frozen=True, eq=False)

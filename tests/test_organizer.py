@@ -91,7 +91,7 @@ def test_vgg11_inserts_first_where_table2_gains_are_highest(vgg11):
     assert [(c.kind, c.stage, c.node) for c in r.changes if c.kind == "remove"] == [
         ("remove", 4, "features_25"), ("remove", 3, "features_18")]
     assert r.summary["convs_per_stage_before"] == [1, 1, 2, 2, 2]
-    assert r.summary["convs_per_stage_after"] == [2, 2, 2, 1, 1]
+    assert r.summary["stage_convs"] == [2, 2, 2, 1, 1]
     assert r.summary["macs_after"] <= 1.25 * r.summary["macs_before"]
 
 
@@ -120,7 +120,7 @@ def test_vgg16_reaches_the_paper_layout(vgg16):
     model, r = vgg16
     s = r.summary
     assert s["convs_per_stage_before"] == [2, 2, 3, 3, 3]
-    assert s["convs_per_stage_after"] == [5, 4, 2, 1, 1]
+    assert s["stage_convs"] == [5, 4, 2, 1, 1]
     assert s["params_before"] == _params(model) == 14_728_266
     assert s["params_after"] == _params(r.graph_module) == _params(models.vgg16_opt_table3()) == 5_101_194
     assert s["macs_after"] == total(fxrf.analyze(models.vgg16_opt_table3(), CIFAR).costs).macs
@@ -136,7 +136,7 @@ def test_vgg16_reaches_the_paper_layout(vgg16):
              + 24 / 25 * math.exp(-4800 / 16384) + 32 / 49 * math.exp(-9408 / 16384))
     removed = 7 / 9 * math.exp(-27 / 16) + 24 / 25 * math.exp(-75 / 64)
     assert s["delta_3drf"] == pytest.approx(added - removed, abs=1e-4)  # 2.9314 - 0.4413
-    assert s["strategy"] == "greedy" and s["stage_convs"] == s["convs_per_stage_after"]
+    assert s["strategy"] == "greedy" and "convs_per_stage_after" not in s  # one list, one key: stage_convs
 
 
 def test_vgg19_default_and_paper_settings():
@@ -144,10 +144,10 @@ def test_vgg19_default_and_paper_settings():
     6,4,3,2,1, which the organizer reaches with remove_below=0.1, threshold=0.25 (docs/organizer.md)."""
     r = fxrf.organize_stages(models.vgg19_cifar(), CIFAR)
     assert r.summary["params_before"] == 20_040_522
-    assert r.summary["convs_per_stage_after"] == [5, 4, 2, 1, 1]
+    assert r.summary["stage_convs"] == [5, 4, 2, 1, 1]
     assert r.summary["params_after"] == 5_101_194
     p = fxrf.organize_stages(models.vgg19_cifar(), CIFAR, threshold=0.25, remove_below=0.1)
-    assert p.summary["convs_per_stage_after"] == [6, 4, 3, 2, 1]
+    assert p.summary["stage_convs"] == [6, 4, 3, 2, 1]
     assert p.summary["params_after"] == _params(models.vgg_cifar((6, 4, 3, 2, 1))) == 8_089_674
     assert round(p.summary["params_after"] / 1e4) / 100 == 8.09
     assert p.summary["macs_after"] <= 1.25 * p.summary["macs_before"]
@@ -197,7 +197,7 @@ def test_to_dict_is_json(vgg11):
     assert [c["kind"] for c in doc["changes"]] == ["remove", "remove", "insert", "insert"]
     assert {"stage", "node", "gain", "reason"} <= set(doc["changes"][0])
     assert {d["stage"] for d in doc["declined"] if d["kind"] == "insert"} == {0, 1, 2, 3, 4}
-    assert doc["summary"]["convs_per_stage_after"] == [2, 2, 2, 1, 1]
+    assert doc["summary"]["stage_convs"] == [2, 2, 2, 1, 1]
 
 
 # -- insertion keeps the function; the input is never touched -----------------------------------------------------
@@ -480,7 +480,7 @@ def test_cli_optimize(tmp_path, capsys):
                "--macs-budget", "1.25", "--out", str(out), "--emit-source", str(src), "--json"])
     assert rc == 0
     doc = json.loads(capsys.readouterr().out.split("\nwrote ")[0])
-    assert doc["stages"]["summary"]["convs_per_stage_after"] == [2, 2, 2, 1, 1]
+    assert doc["stages"]["summary"]["stage_convs"] == [2, 2, 2, 1, 1]
     net = _load(src, "cli_vgg11").VGG()
     net.load_state_dict(torch.load(out))  # a state_dict: the default torch.load (weights_only=True) reads it
     torch.manual_seed(0)  # the CLI's --seed default: the same random init

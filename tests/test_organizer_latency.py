@@ -258,3 +258,19 @@ def test_cli_cuda_without_cuda_is_a_usage_error(tmp_path, capsys):
     code, out, err = _run(["optimize", f"{tmp_path / 'net.py'}:make", "--input", "1,3,16,16", "--stages",
                            "--latency-budget", "1.1", "--device", "cuda", "--dry-run"], capsys)
     assert code == 2 and "no CUDA device is visible; use --device cpu" in err and err.count("\n") == 1
+
+
+def test_a_conv_is_timed_as_the_decomposer_times_a_kept_conv():
+    """LatencyModel.time_conv (the organizer's clock) times the decomposer's site for a kept conv (recipe "S"), with
+    the model's norm and activation: one cache entry for both passes, so a second pass times nothing again."""
+    from fxrf.passes.latency import conv_pattern
+    timer = Timer(1e-3, {16: 1e-4, 8: 5e-5})
+    lm = _lm(timer)
+    gm = fxrf.trace(_two_stages(), SHAPE)
+    conv, pattern = gm.get_submodule("3"), conv_pattern(gm)  # 8 -> 8 at 16 px, then BatchNorm2d and ReLU
+    assert (type(pattern.norm), type(pattern.act)) == (nn.BatchNorm2d, nn.ReLU)
+    assert lm.time_conv(conv, (1, 8, 16, 16), pattern) == 1e-4 and lm.calls == 1
+    assert lm.time("S", conv, (1, 8, 16, 16), pattern) == 1e-4 and lm.calls == 1  # read back, not timed
+    assert [(p.recipe, p.pattern) for p in timer.probes] == [("S", ("BatchNorm2d", True, "ReLU"))]
+    fxrf.organize_stages(_two_stages(), SHAPE, macs_budget=None, latency=lm, latency_budget=10.0)
+    assert {p.recipe for p in timer.probes} == {"S", "model"}

@@ -214,3 +214,23 @@ def test_cli_strategy_paper(tmp_path, capsys):
                "--threshold", "0.3", "--out", str(out)])
     assert rc == 2
     assert "--threshold" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    (dict(threshold=0.5), "threshold only works"),
+    (dict(remove_below=0.0), "remove_below only works"),
+    (dict(remove_saturated=False), "remove_saturated=False only works"),
+    (dict(threshold=0.3, remove_below=0.1), "threshold, remove_below only work"),
+])
+def test_paper_refuses_greedy_only_options(kwargs, named):
+    """The library refuses what has no meaning for the paper strategy (it keeps the conv count and compares gains
+    with each other), as the CLI does for --threshold / --remove-below / --keep-saturated; nothing is traced."""
+    with pytest.raises(fxrf.InputError, match=f"^{named} with strategy='greedy'"):
+        fxrf.organize_stages(nn.Sequential(nn.Conv2d(3, 3, 3)), (1, 3, 8, 8), strategy="paper", **kwargs)
+
+
+def test_paper_accepts_the_greedy_defaults_spelled_out():
+    """None (the defaults) and remove_saturated=True are not options given: the paper strategy runs."""
+    r = fxrf.organize_stages(_two_stages(), (1, 2, 8, 8), strategy="paper", macs_budget=None, threshold=None,
+                             remove_below=None, remove_saturated=True)
+    assert r.summary["strategy"] == "paper" and r.summary["threshold"] is None
