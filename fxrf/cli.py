@@ -387,14 +387,7 @@ def _optimize_checks(args):
     """Everything about the arguments that can be refused before building the model: (recipe, outputs)."""
     if not args.stages and not args.kernels:
         raise UsageError("say what to optimize: --stages, --kernels RECIPE, or both")
-    if args.stages:
-        greedy_only = [f for f, v in (("--threshold", args.threshold), ("--remove-below", args.remove_below),
-                                      ("--keep-saturated", args.keep_saturated or None)) if v is not None]
-        if args.strategy == "paper" and greedy_only:
-            raise UsageError(f"{', '.join(greedy_only)} only work{'' if len(greedy_only) > 1 else 's'} with "
-                             f"--strategy greedy (the paper strategy keeps the number of convs and compares gains "
-                             f"with each other)")
-    elif args.latency_budget is not None:
+    if not args.stages and args.latency_budget is not None:
         raise UsageError("--latency-budget limits the stage organizer: use it with --stages")
     recipe = None
     if args.kernels:

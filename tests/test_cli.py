@@ -72,7 +72,7 @@ def test_analyze_module_factory(capsys):
     (["optimize", "fxrf:vgg11_cifar", "--input", "1,3,32,32", "--stages", "--dry-run", "--alpha", "-1"],
      "argument --alpha: must be a finite"),
     (["optimize", "fxrf:vgg11_cifar", "--input", "1,3,32,32", "--stages", "--dry-run", "--strategy", "paper",
-      "--threshold", "0.5"], "--threshold only works with --strategy greedy"),
+      "--threshold", "0.5"], "threshold only works with strategy='greedy'"),
     (["optimize", "fxrf:vgg11_cifar", "--input", "1,3,32,32", "--stages", "--dry-run", "--weights", "nope.pt"],
      "--weights: no such file: nope.pt"),
     (["optimize", "fxrf:vgg11_cifar", "--input", "1,3,32,32", "--stages", "--dry-run", "--include", "layer9*"],
