@@ -1,3 +1,6 @@
+import ctypes
+import ctypes.util
+import gc
 import os
 import sys
 
@@ -25,3 +28,27 @@ def _threads(request):
     torch.set_num_threads(n)
     yield
     torch.set_num_threads(before)
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
+_TRIM_ABOVE = 1 << 30  # bytes of resident memory after a test that make it worth handing back
+
+
+def _resident() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def _hand_memory_back():
+    """After a test that left the process large (a sweep's model: organizing maxvit_t on meta peaks near 5 GB),
+    collect its cycles and return the freed heap to the system: glibc keeps freed blocks mapped, so without this
+    the suite's resident memory only grows, one large model after another."""
+    yield
+    if _resident() > _TRIM_ABOVE:
+        gc.collect()
+        if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+            _LIBC.malloc_trim(0)
