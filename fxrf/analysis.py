@@ -461,12 +461,25 @@ class _Walker:
         def constant(n):
             return n.op == "get_attr" or n.name in self.constant_names
 
+        def sliced_on(n):  # a slice of a map read only by slices that resample it further: export slices
+            if n not in through:  # x[:, :, ::2, ::2] one axis at a time, where fx has one getitem
+                op = self._plan.get(n, (None, None))[1]
+                through[n] = op is not None and op.name in _SLICES and map_of(n) is not None and bool(n.users) \
+                    and all(getattr(self._plan.get(u, (None, None))[1], "name", None) in _SLICES
+                            and u.args and u.args[0] is n and map_of(u) is not None
+                            and map_of(u)[1] != map_of(n)[1] for u in n.users)
+            return through[n]
+
+        through: dict = {}
+
         def map_inputs(n):  # the maps a node reads, looking through tuple-valued nodes (split, chunk, ...)
             out = []
             for m in self._inputs(n):
                 if constant(m):
                     continue
-                if map_of(m) is not None:
+                if sliced_on(m):  # x[:, :, ::2, ::2] as two slices resamples once, as fx's one getitem does
+                    out.extend(map_inputs(m))
+                elif map_of(m) is not None:
                     out.append(m)
                 elif not isinstance(self.shapes.get(m), TMeta) and _is_tensorish(self.shapes.get(m)):
                     out.extend(map_inputs(m))
@@ -496,6 +509,8 @@ class _Walker:
             if not ins and not all(s == 1 for s in size):
                 ins = maps_above(n)
             same = [m for m in ins if m in parent and map_of(m)[1] == jump]
+            if sliced_on(n):  # half of a slicing, not a map of its own: it stays in its input's stage
+                same = [m for m in ins if m in parent]
             fed = any(not constant(m) and _is_tensorish(self.shapes.get(m)) for m in self._inputs(n))
             if n.op != "placeholder" and fed and not same and all(s == 1 for s in size):
                 attached.append(n)  # global pooling and the 1x1 maps computed from it (gates)
@@ -650,6 +665,7 @@ def _rule_key(node, mod) -> str:
 
 # op names that only regroup axes row-major: a pair of them that gives back the shape gives back the field
 _RESHAPES = frozenset({"reshape", "flatten", "unflatten", "squeeze", "unsqueeze"})
+_SLICES = frozenset({"getitem", "aten_slice"})  # basic indexing: one getitem under fx, one slice per axis under export
 _INPLACE_FUNCTIONS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
                       operator.irshift, operator.setitem)
