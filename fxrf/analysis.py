@@ -680,6 +680,9 @@ def mutates(node: fx.Node, module: nn.Module | None = None) -> bool:
     if node.op == "call_function":
         if node.target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True:
             return True
+        if isinstance(node.target, torch._ops.OpOverload):  # ATen (export): the schema marks self as written
+            args = node.target._schema.arguments
+            return bool(args) and args[0].alias_info is not None and args[0].alias_info.is_write
         name = getattr(node.target, "__name__", "")
         return name.endswith("_") and not name.startswith("_") and getattr(node.target, "__module__", "") in (
             "torch", "torch._C._nn", "torch.nn.functional", "torch._C._VariableFunctions", None)
@@ -695,9 +698,12 @@ def mutates(node: fx.Node, module: nn.Module | None = None) -> bool:
 
 def inplace_versions(nodes, shapes: dict, modules: dict) -> dict:
     """{node: {input: version}}: after `z.add_(y)` (node n), later readers of z (or of anything aliasing it)
-    read n's value. Only tensor-valued first arguments count (operator.iadd also adds Python ints)."""
-    root, latest, subs = {}, {}, {}
+    read n's value. Only tensor-valued first arguments count (operator.iadd also adds Python ints). Every get_attr
+    of one attribute reads the same storage: a buffer written in forward is read back written."""
+    root, latest, subs, attrs = {}, {}, {}, {}
     for n in nodes:
+        if n.op == "get_attr":
+            root[n] = attrs.setdefault(n.target, n)
         got = {}
         for m in n.all_input_nodes:
             v = latest.get(root.get(m, m))
