@@ -31,6 +31,8 @@ from .naming import describe, module_path, op_name  # noqa: F401  (module_path: 
 from .ops import Call, Decline, OpTable, T, TMeta, default_table
 from .report import table as _table, to_dict as _to_dict
 from .rules import default_sp
+from .rules.elementwise import broadcast_merge
+from .rules.layout import getitem
 from .shapes import fetch_attr
 from .trace import InputSpec, _as_shapes, trace_with_values
 
@@ -246,10 +248,10 @@ class _Walker:
             plan = self._plan[node] = (mod, self.table.lookup(node, mod))
         return plan
 
-    def _apply(self, node, mod, op, env, stage_of=None, stage=None):
+    def _apply(self, node, mod, op, env, stage_of=None, stage=None, subs=None):
         """Fields of `node`'s output from its inputs' fields in `env` (inputs of other stages see nothing)."""
 
-        subs = self._subs.get(node)
+        subs = self._subs.get(node) if subs is None else subs
 
         def wrap(n):
             v = self.shapes[n]
@@ -291,6 +293,42 @@ class _Walker:
                                     f"{describe(self.gm, node)}: {type(e).__name__}: {e}") from e
             return self._conservative(ctx, f"the {op.name!r} rule failed: {type(e).__name__}: {e}")
 
+    def _version(self, v: "Version", env, stage_of=None, stage=None):
+        """The field of a Version: a view read again from its base's latest version, or a base after a write into
+        a part of it (that part replaced by what was written; conservative where it cannot be mapped exactly)."""
+        if v.kind == "view":
+            mod, op = self._ctx_and_rule(v.node)
+            subs = dict(self._subs.get(v.node, {}))
+            subs[v.node.args[0]] = v.inputs[0]
+            return self._apply(v.node, mod, op, env, stage_of, stage, subs)
+
+        def get(k):
+            f = env.get(k)
+            return _nothing(f) if stage_of is not None and stage_of.get(k) != stage else f
+
+        base = self.shapes[v.node]
+        why = "it is written through a view that cannot be mapped onto it (a permute, a reshape, advanced indexing)"
+        try:
+            if v.chain is not None:
+                if v.region is not None:  # setitem: its value, broadcast to the part it fills
+                    val = get(v.inputs[1]) if len(v.inputs) > 1 else None
+                    w = None if val is None else broadcast_merge([T(self.shapes[v.inputs[1]].shape, val)], v.region)
+                else:
+                    w = get(v.write)
+                parts = [get(v.inputs[0])]  # the base, then each view down to the part written, before the write
+                for shape, step, out in v.chain[:-1]:
+                    parts.append(getitem(Call(v.write, None, (T(shape, parts[-1]), step), {},
+                                              TMeta(out, base.dtype), self.dims)))
+                for (shape, step, _), f in zip(reversed(v.chain), reversed(parts)):
+                    w = _write_back(f, shape, step, w)
+                return w
+        except Decline as e:
+            why = str(e)
+        ins = tuple(T(self.shapes[k].shape, get(k)) for k in v.inputs if isinstance(self.shapes.get(k), TMeta))
+        return self._conservative(Call(v.write, None, ins, {}, base, self.dims),
+                                  f"writes into a part of {v.node.name!r} that cannot be mapped exactly ({why}): "
+                                  f"{v.node.name!r} is conservative from here on", key=v)
+
     def _round_trip(self, node, op):
         """The node x when `node` reshapes a reshape of x back to x's shape (flatten then view back)."""
         if op is None or op.name not in _RESHAPES or not node.args or not isinstance(node.args[0], fx.Node):
@@ -305,10 +343,10 @@ class _Walker:
         a, b = self.shapes.get(src), self.shapes.get(node)
         return src if isinstance(a, TMeta) and isinstance(b, TMeta) and tuple(a.shape) == tuple(b.shape) else None
 
-    def _conservative(self, ctx: Call, reason: str):
+    def _conservative(self, ctx: Call, reason: str, key=None):
         node = ctx.node
-        if node not in self._declined:
-            self._declined[node] = reason
+        if (node if key is None else key) not in self._declined:
+            self._declined[node if key is None else key] = reason
             if self.strict:
                 raise UnsupportedOpError(
                     f"no receptive-field rule for {describe(self.gm, node)}"
@@ -338,7 +376,9 @@ class _Walker:
     def run(self, model_name: str) -> Analysis:
         gm = self.gm
         nodes = [n for n in gm.graph.nodes if n.op not in ("output",)]
-        self._subs = inplace_versions(nodes, self.shapes, self.modules)
+        self._subs, order = inplace_versions(nodes, self.shapes, self.modules, self.table)
+        self.shapes = dict(self.shapes)  # versions have their node's shape
+        self.shapes.update({v: self.shapes[v.node] for v in order if isinstance(v, Version)})
         inp_env: dict = {}
         offset = 0
         refs = [n for n in nodes if n.op == "placeholder" and isinstance(self.shapes[n], TMeta)
@@ -346,10 +386,12 @@ class _Walker:
         layouts = {n: _input_sp(n, self.shapes[n].shape, self.dims) for n in refs}
         words = F_.words_for(sum(math.prod(_channel_shape(self.shapes[n].shape, layouts[n])) for n in refs))
         self._input_caps = []  # (first channel, end channel, map size) of each model input, for input_rf's cap
-        for node in nodes:  # step 1: fields referenced to the model input
+        for node in order:  # step 1: fields referenced to the model input
             v = self.shapes[node]
-            with self._naming(node):
-                if node in layouts:
+            with self._naming(node.write or node.node if isinstance(node, Version) else node):
+                if isinstance(node, Version):
+                    inp_env[node] = self._version(node, inp_env)
+                elif node in layouts:
                     f = _reference(v.shape, self.dims, offset, words=words, sp=layouts[node])  # hull: classic RF
                     self._input_caps.append((offset, offset + f.channels, map_size(f, v.shape)))
                     offset += f.channels
@@ -357,7 +399,7 @@ class _Walker:
                 elif node.op in ("call_module", "call_function", "call_method") and _is_tensorish(v):
                     mod, rule = self._ctx_and_rule(node)
                     inp_env[node] = self._apply(node, mod, rule, inp_env)
-        stage_of, stages, starts, context = self._stages(nodes, inp_env)
+        stage_of, stages, starts, context = self._stages(order, inp_env)
         st_env: dict = {}
         loc_env: dict = {}  # the same, with gates and global context seeing nothing (NodeRecord.local_rf)
         offsets = {}
@@ -367,9 +409,18 @@ class _Walker:
                 offsets[name] = o
                 o += inp_env[self._by_name[name]].channels
         records = []
-        for node in nodes:  # step 3: fields referenced to the stage input
+        for node in order:  # step 3: fields referenced to the stage input
             v = self.shapes[node]
             if not _is_tensorish(v):
+                continue
+            if isinstance(node, Version):
+                with self._naming(node.write or node.node):
+                    s = stage_of.get(node)
+                    if node.kind == "view" and node.node in starts:  # a stage input is its own reference
+                        st_env[node], loc_env[node] = st_env[node.node], loc_env[node.node]
+                        continue
+                    st_env[node] = self._version(node, st_env, stage_of, s)
+                    loc_env[node] = self._version(node, loc_env, stage_of, s)
                 continue
             with self._naming(node):
                 if node in starts:
@@ -388,7 +439,8 @@ class _Walker:
                     loc_env[node] = _nothing(st_env.get(node))
                 if isinstance(v, TMeta) and node.name not in self.constant_names:
                     records.append(self._record(node, v, stage_of, stages, st_env, inp_env, starts, loc_env))
-        for node, reason in self._declined.items():
+        for node, reason in self._declined.items():  # a Version: the write that made it conservative
+            node = node.write if isinstance(node, Version) else node
             self.unsupported.append((node.name, _target_str(gm, node), reason))
         for r in records:
             gm_node = self._by_name[r.name]
@@ -415,6 +467,8 @@ class _Walker:
 
     def _inputs(self, node) -> list:
         """The nodes `node` reads, each in its latest in-place version."""
+        if isinstance(node, Version):
+            return node.inputs
         subs = self._subs.get(node)
         return [subs.get(m, m) for m in node.all_input_nodes] if subs else node.all_input_nodes
 
@@ -446,12 +500,25 @@ class _Walker:
         def constant(n):
             return n.op == "get_attr" or n.name in self.constant_names
 
+        def sliced_on(n):  # a slice of a map read only by slices that resample it further: export slices
+            if n not in through:  # x[:, :, ::2, ::2] one axis at a time, where fx has one getitem
+                op = self._plan.get(n, (None, None))[1]
+                through[n] = op is not None and op.name in _SLICES and map_of(n) is not None and bool(n.users) \
+                    and all(getattr(self._plan.get(u, (None, None))[1], "name", None) in _SLICES
+                            and u.args and u.args[0] is n and map_of(u) is not None
+                            and map_of(u)[1] != map_of(n)[1] for u in n.users)
+            return through[n]
+
+        through: dict = {}
+
         def map_inputs(n):  # the maps a node reads, looking through tuple-valued nodes (split, chunk, ...)
             out = []
             for m in self._inputs(n):
                 if constant(m):
                     continue
-                if map_of(m) is not None:
+                if sliced_on(m):  # x[:, :, ::2, ::2] as two slices resamples once, as fx's one getitem does
+                    out.extend(map_inputs(m))
+                elif map_of(m) is not None:
                     out.append(m)
                 elif not isinstance(self.shapes.get(m), TMeta) and _is_tensorish(self.shapes.get(m)):
                     out.extend(map_inputs(m))
@@ -468,8 +535,18 @@ class _Walker:
                     above[n].extend([m] if map_of(m) is not None else maps_above(m))
             return above[n]
 
-        starts, attached = [], []
+        starts, attached, loose = [], [], set()
         for n in nodes:
+            if isinstance(n, Version):  # no map of its own: a later value of its node, in its node's stage
+                join = [m for m in (map_inputs(n) if n.kind == "write" else [n.node]) if m in parent]
+                if join:
+                    parent[n] = n
+                    for m in join:
+                        parent[find(m)] = find(n)
+                else:
+                    attached.append(n)
+                    loose.add(n)
+                continue
             mp = map_of(n)
             if mp is None:
                 if _is_tensorish(self.shapes.get(n)) and not constant(n):
@@ -481,6 +558,8 @@ class _Walker:
             if not ins and not all(s == 1 for s in size):
                 ins = maps_above(n)
             same = [m for m in ins if m in parent and map_of(m)[1] == jump]
+            if sliced_on(n):  # half of a slicing, not a map of its own: it stays in its input's stage
+                same = [m for m in ins if m in parent]
             fed = any(not constant(m) and _is_tensorish(self.shapes.get(m)) for m in self._inputs(n))
             if n.op != "placeholder" and fed and not same and all(s == 1 for s in size):
                 attached.append(n)  # global pooling and the 1x1 maps computed from it (gates)
@@ -501,9 +580,10 @@ class _Walker:
             stage_of[n] = roots[find(n)]
         context = set()
         for n in attached:  # vectors, tuples and global maps: the stage of their inputs, if they agree on one
-            got = {stage_of.get(m) for m in self._inputs(n) if not constant(m)} - {None} or {None}
+            ins = [n.node] if n in loose and n.kind == "view" else self._inputs(n)
+            got = {stage_of.get(m) for m in ins if not constant(m)} - {None} or {None}
             stage_of[n] = got.pop() if len(got) == 1 else None
-            if stage_of[n] is not None and isinstance(self.shapes.get(n), TMeta):
+            if stage_of[n] is not None and isinstance(self.shapes.get(n), TMeta) and n not in loose:
                 context.add(n)  # computed from the whole map: a gate or global context for the local field
         result = []
         for i, members in enumerate(stages):
@@ -628,6 +708,7 @@ def _rule_key(node, mod) -> str:
 
 # op names that only regroup axes row-major: a pair of them that gives back the shape gives back the field
 _RESHAPES = frozenset({"reshape", "flatten", "unflatten", "squeeze", "unsqueeze"})
+_SLICES = frozenset({"getitem", "aten_slice"})  # basic indexing: one getitem under fx, one slice per axis under export
 _INPLACE_FUNCTIONS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
                       operator.irshift, operator.setitem)
@@ -642,6 +723,9 @@ def mutates(node: fx.Node, module: nn.Module | None = None) -> bool:
     if node.op == "call_function":
         if node.target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True:
             return True
+        if isinstance(node.target, torch._ops.OpOverload):  # ATen (export): the schema marks self as written
+            args = node.target._schema.arguments
+            return bool(args) and args[0].alias_info is not None and args[0].alias_info.is_write
         name = getattr(node.target, "__name__", "")
         return name.endswith("_") and not name.startswith("_") and getattr(node.target, "__module__", "") in (
             "torch", "torch._C._nn", "torch.nn.functional", "torch._C._VariableFunctions", None)
@@ -655,25 +739,292 @@ def mutates(node: fx.Node, module: nn.Module | None = None) -> bool:
     return False
 
 
-def inplace_versions(nodes, shapes: dict, modules: dict) -> dict:
-    """{node: {input: version}}: after `z.add_(y)` (node n), later readers of z (or of anything aliasing it)
-    read n's value. Only tensor-valued first arguments count (operator.iadd also adds Python ints)."""
-    root, latest, subs = {}, {}, {}
+class Version:
+    """A value no graph node holds, a key of the walk's environments like a node: a tensor after a write into one
+    of its views (kind "write": `y[:, 0].add_(z)` changes y), or a view read again after its base was written
+    (kind "view": `v = y[:, :2]` read after that write). `node` is the node whose value it is a later version of."""
+
+    op = "version"
+    args: tuple = ()
+    users: dict = {}
+
+    def __init__(self, kind: str, node: fx.Node, inputs: list, write: fx.Node | None = None, chain=None,
+                 region=None):
+        self.kind, self.node, self.inputs, self.write = kind, node, inputs, write
+        self.chain = chain  # "write": the steps from the base down to the part written (inplace_versions); None:
+        self.region = region  # cannot be mapped. setitem: the shape of the part written (its value is broadcast)
+        self.name = f"{node.name}@{write.name}" if write is not None else f"{node.name}@{inputs[0].name}"
+
+    @property
+    def all_input_nodes(self) -> list:
+        return self.inputs
+
+    def __repr__(self) -> str:
+        return f"Version({self.name})"
+
+
+_IDENTITY, _OPAQUE = "identity", "opaque"
+# ops whose output is a view of their first argument (tensor methods, torch functions); "identity": the same
+# elements in the same order when the shape is unchanged (a reshape may copy: taking it for a view can only add to
+# what readers see, never take away)
+_VIEWS = {"view": _IDENTITY, "reshape": _IDENTITY, "_unsafe_view": _IDENTITY, "view_as": _IDENTITY,
+          "reshape_as": _IDENTITY, "flatten": _IDENTITY, "unflatten": _IDENTITY, "squeeze": _IDENTITY,
+          "unsqueeze": _IDENTITY, "expand": _IDENTITY, "expand_as": _IDENTITY, "broadcast_to": _IDENTITY,
+          "alias": _IDENTITY, "detach": _IDENTITY, "contiguous": _IDENTITY, "permute": _OPAQUE,
+          "transpose": _OPAQUE, "swapaxes": _OPAQUE, "swapdims": _OPAQUE, "movedim": _OPAQUE, "t": _OPAQUE,
+          "unfold": _OPAQUE, "diagonal": _OPAQUE, "as_strided": _OPAQUE, "view_as_real": _OPAQUE,
+          "view_as_complex": _OPAQUE, "select": "select", "narrow": "narrow", "slice": "slice",
+          "split": "tuple", "split_with_sizes": "tuple", "chunk": "tuple", "unbind": "tuple",
+          "tensor_split": "tuple"}
+
+
+def _view_name(node: fx.Node, module: nn.Module | None) -> str | None:
+    """The kind of view `node`'s output is of its first argument (`_VIEWS`), or None when it is not a view."""
+    if node.op == "call_module":
+        return _IDENTITY if isinstance(module, nn.Identity) else \
+            _OPAQUE if isinstance(module, (nn.Flatten, nn.Unflatten)) else None
+    if node.op == "call_method":
+        return _VIEWS.get(str(node.target))
+    if node.op != "call_function":
+        return None
+    t = node.target
+    if t is operator.getitem:
+        return "getitem"
+    if isinstance(t, torch._ops.OpOverload):  # ATen: the schema says whether the output aliases self
+        args = t._schema.arguments
+        if not args or args[0].alias_info is None or args[0].alias_info.is_write:
+            return None
+        return _VIEWS.get(t.overloadpacket.__name__, _OPAQUE)
+    if getattr(t, "__module__", None) in ("torch", "torch._C._VariableFunctions", "torch.functional"):
+        return _VIEWS.get(getattr(t, "__name__", ""))
+    return None
+
+
+def _basic_step(index, rank: int) -> tuple | None:
+    """x[index] as one int or slice per axis of x, or None (advanced indexing, None axes)."""
+    index = index if isinstance(index, tuple) else (index,)
+    if any(i is None or not isinstance(i, (int, slice, type(Ellipsis))) for i in index) or \
+            sum(i is Ellipsis for i in index) > 1:
+        return None
+    if Ellipsis in index:
+        k = index.index(Ellipsis)
+        index = index[:k] + (slice(None),) * (rank - len(index) + 1) + index[k + 1:]
+    if len(index) > rank:
+        return None
+    return tuple(index) + (slice(None),) * (rank - len(index))
+
+
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _view_link(node: fx.Node, kind: str, shapes: dict):
+    """(the tensor `node` indexes, the step: one int or slice per axis of it | _IDENTITY | _OPAQUE), or None when
+    `node` makes a new tensor after all."""
+    src = node.args[0]
+    if kind == "tuple":  # split/chunk/unbind: written through the getitem that picks a piece
+        return src, _OPAQUE
+    a, b = shapes.get(src), shapes.get(node)
+    if not isinstance(a, TMeta):
+        return src, _OPAQUE
+    rank = len(a.shape)
+    if kind == "getitem":
+        index = fx.node.map_arg(node.args[1], lambda m: shapes.get(m))
+        if any(isinstance(i, TMeta) for i in (index if isinstance(index, (tuple, list)) else (index,))):
+            return None  # indexing with a tensor gathers into a new tensor
+        step = _basic_step(index, rank)
+        return src, _OPAQUE if step is None else step
+    if kind == _IDENTITY:
+        return src, _IDENTITY if isinstance(b, TMeta) and tuple(b.shape) == tuple(a.shape) else _OPAQUE
+    if kind in ("select", "narrow", "slice"):
+        dim = _arg(node, 1, "dim", 0)
+        if not isinstance(dim, int):
+            return src, _OPAQUE
+        if kind == "select":
+            item = _arg(node, 2, "index")
+        elif kind == "narrow":
+            start, length = _arg(node, 2, "start"), _arg(node, 3, "length")
+            item = slice(start, start + length) if isinstance(start, int) and isinstance(length, int) else None
+        else:
+            item = slice(_arg(node, 2, "start"), _arg(node, 3, "end"), _arg(node, 4, "step", 1))
+        if not isinstance(item, (int, slice)) or (isinstance(item, slice) and not all(
+                v is None or isinstance(v, int) for v in (item.start, item.stop, item.step))):
+            return src, _OPAQUE
+        return src, (slice(None),) * (dim % rank) + (item,) + (slice(None),) * (rank - 1 - dim % rank)
+    return src, _OPAQUE
+
+
+def _pick_link(node: fx.Node, tuple_node: fx.Node, shapes: dict):
+    """getitem(split(x, ...), i): the slice of x that piece i is (unbind: an int), or _OPAQUE."""
+    x, pieces = shapes.get(tuple_node.args[0]), shapes.get(tuple_node)
+    i = node.args[1]
+    if not isinstance(x, TMeta) or isinstance(pieces, TMeta) or not isinstance(pieces, (tuple, list)) or \
+            not isinstance(i, int):
+        return _OPAQUE
+    name = tuple_node.target if isinstance(tuple_node.target, str) else \
+        getattr(getattr(tuple_node.target, "overloadpacket", tuple_node.target), "__name__", "")
+    rank = len(x.shape)
+    dim = _arg(tuple_node, 1 if name == "unbind" else 2, "dim", 0)
+    if not isinstance(dim, int) or name == "tensor_split":
+        return _OPAQUE
+    dim %= rank
+    if name == "unbind":
+        item = i % len(pieces)
+    else:
+        sizes = [p.shape[dim] for p in pieces]
+        i %= len(pieces)
+        item = slice(sum(sizes[:i]), sum(sizes[:i + 1]))
+    return (slice(None),) * dim + (item,) + (slice(None),) * (rank - 1 - dim)
+
+
+def inplace_versions(nodes, shapes: dict, modules: dict, table: OpTable | None = None) -> tuple[dict, list]:
+    """({node: {input: the key to read instead}}, the nodes in order with the `Version`s they need).
+
+    In-place writes are followed through aliases: after `z.add_(y)` (node n) later readers of z read n; after a
+    write into a view of z (`z[:, 0].add_(y)`, `z[:, 0:1].copy_(y)`, `z[:, 0] = y`) they read a Version of z, the
+    written part replaced (unmappable: conservative); a view of z made before the write and read after it is read
+    again from that version. Every get_attr of one attribute is one storage (a buffer written in forward is read
+    back written). Only tensor-valued first arguments count (operator.iadd also adds Python ints). A version is
+    placed in the order only where something reads it, so a write nobody reads back declines nothing."""
+    table = table or default_table()
+    parent: dict = {}  # alias -> the tensor it was derived from (its value follows that tensor's)
+    link: dict = {}  # alias -> (the tensor it indexes, step), for mapping a write into it onto its base
+    born: dict = {}  # alias -> the version count of its storage when its own value was right
+    count: dict = {}  # storage (root) -> writes so far
+    latest: dict = {}  # storage -> the key holding its value after the last write
+    attrs: dict = {}
+    memo: dict = {}
+    subs: dict = {}
+    order: list = []
+
+    def root(m):
+        while m in parent:
+            m = parent[m]
+        return m
+
+    placed: set = set()
+
+    def place(v):  # a write's version, and the versions it reads, into the order before their first reader
+        if isinstance(v, Version) and v not in placed:
+            for i in v.inputs:
+                place(i)
+            placed.add(v)
+            order.append(v)
+        return v
+
+    def key(m):
+        """Where m's current value is: m itself, the latest write, or a Version re-reading the view."""
+        r = root(m)
+        c = count.get(r, 0)
+        if born.get(m, 0) == c:
+            return m
+        if m is r:
+            return place(latest[r])
+        if link.get(m, (None, None))[1] is _IDENTITY and link[m][0] is parent[m]:
+            return key(parent[m])
+        if (m, c) not in memo:
+            p = key(parent[m])
+            memo[(m, c)] = v = Version("view", m, [p])
+            order.append(v)
+        return memo[(m, c)]
+
+    def chain_of(t):
+        """[(shape of src, step, shape of src[step])] from t's storage down to t (identity links left out); None
+        where a link cannot be mapped (a permute, a reshape to another shape)."""
+        out = []
+        while t in link:
+            src, step = link[t]
+            if step is _OPAQUE:
+                return None
+            if step is not _IDENTITY:
+                out.append((tuple(shapes[src].shape), step, tuple(shapes[t].shape)))
+            t = src
+        return out[::-1]
+
     for n in nodes:
-        got = {}
-        for m in n.all_input_nodes:
-            v = latest.get(root.get(m, m))
-            if v is not None and v is not m:
-                got[m] = v
+        got = {m: k for m in n.all_input_nodes if (k := key(m)) is not m}
         if got:
             subs[n] = got
+        order.append(n)
         mod = modules.get(n.target) if n.op == "call_module" else None
         first = n.args[0] if n.args else None
-        if isinstance(first, fx.Node) and isinstance(shapes.get(first), TMeta) and mutates(n, mod):
-            r = root.get(first, first)
-            root[n] = r
-            latest[r] = n
-    return subs
+        if n.op == "get_attr":
+            base = attrs.setdefault(n.target, n)
+            if base is not n:  # the same storage: its own value is the attribute's before any write
+                parent[n], link[n], born[n] = base, (base, _IDENTITY), 0
+            continue
+        if not isinstance(first, fx.Node):
+            continue
+        if n.op == "call_function" and n.target is operator.getitem and not isinstance(shapes.get(first), TMeta) \
+                and isinstance(shapes.get(first), (tuple, list)):
+            if first in parent:  # a piece of split/chunk/unbind: a view of what was split
+                parent[n], link[n] = first, (parent[first], _pick_link(n, first, shapes))
+                born[n] = count.get(root(n), 0)
+            continue
+        if not isinstance(shapes.get(first), TMeta):
+            continue
+        if mutates(n, mod):
+            r = root(first)
+            prev = latest.get(r, r) if count.get(r, 0) else r
+            if n.target is operator.setitem:  # first[index] = value: a write into a view no node holds
+                rank = len(shapes[first].shape)
+                index = fx.node.map_arg(n.args[1], lambda m: shapes.get(m))
+                step = _basic_step(index, rank)
+                chain = chain_of(first)
+                region = None
+                if step is not None and chain is not None:
+                    try:
+                        region = tuple(torch.empty(shapes[first].shape, device="meta")[step].shape)
+                        chain = chain + [(tuple(shapes[first].shape), step, region)]
+                    except Exception:
+                        region = None
+                value = n.args[2] if len(n.args) > 2 and isinstance(n.args[2], fx.Node) else None
+                inputs = [prev] + ([key(value)] if value is not None and isinstance(shapes.get(value), TMeta) else [])
+                count[r] = count.get(r, 0) + 1
+                latest[r] = Version("write", r, inputs, n, chain if region is not None else None, region)
+                continue
+            chain = chain_of(first)
+            op = table.lookup(n, mod)
+            if chain != [] and op is not None and "per_element" in op.traits and \
+                    sum(isinstance(shapes.get(m), TMeta) for m in n.all_input_nodes) == 1:
+                parent[n], link[n], born[n] = first, (first, _IDENTITY), count.get(r, 0)
+                continue  # relu_ on a part: every element sees what it saw, so nothing reads differently
+            count[r] = count.get(r, 0) + 1
+            latest[r] = n if chain == [] else Version("write", r, [prev, n], n, chain)  # [] : n is the whole
+            parent[n], link[n], born[n] = first, (first, _IDENTITY), count[r]
+            continue
+        kind = _view_name(n, mod)
+        got = _view_link(n, kind, shapes) if kind is not None else None
+        if got is not None:
+            parent[n] = got[0]
+            link[n] = got
+            born[n] = count.get(root(n), 0)
+    return subs, order
+
+
+def _write_back(f: Field | None, shape: tuple, step: tuple, w: Field | None) -> Field | None:
+    """The field of a tensor of `shape` (field `f`) after its part `step` (an int or a slice per axis) was
+    overwritten by a tensor whose field is `w`. Exact when the part spans every batch element and every pixel
+    (channels picked by ints and slices); Decline otherwise (the caller goes conservative)."""
+    def whole(a):
+        e = step[a]
+        return isinstance(e, slice) and range(shape[a])[e] == range(shape[a])
+
+    if not whole(0):
+        raise Decline("a write into some of the batch")
+    if f is None and w is None:
+        return None
+    kept = [a for a, e in enumerate(step) if isinstance(e, slice)]  # axis i of the part is axis kept[i] here
+    sp = f.sp if f is not None else tuple(None if a is None else kept[a] for a in w.sp)
+    if not all(a is None or whole(a) for a in sp):
+        raise Decline("a write into part of the map")
+    if w is not None and tuple(w.sp) != tuple(None if a is None else kept.index(a) for a in sp):
+        raise Decline("a write whose spatial axes do not line up with the tensor's")
+    if f is not None and w is not None and \
+            tuple(round(float(j), 9) for j in f.jump) != tuple(round(float(j), 9) for j in w.jump):
+        raise Decline("a write of another resolution")
+    channel_axes = [a for a in range(1, len(shape)) if a not in sp]
+    return F_.assign(f, tuple(step[a] for a in channel_axes), w, tuple(shape[a] for a in channel_axes), sp)
 
 
 def _input_sp(node: fx.Node, shape: tuple, dims: int) -> tuple:

@@ -93,7 +93,7 @@ class Field:
                 idx = lut[idx]
                 bits, spans = _frozen(bits[keep]), _frozen(spans[keep])
                 taps = _rows(self.taps, keep)
-        return Field(bits, spans, _frozen(np.ascontiguousarray(idx)), self.jump if jump is None else tuple(jump),
+        return Field(bits, spans, _frozen(_contiguous(idx)), self.jump if jump is None else tuple(jump),
                      self.sp if sp is None else tuple(sp), taps, self.size)
 
     def sets(self) -> list[frozenset]:
@@ -164,6 +164,11 @@ class Field:
     @functools.cached_property
     def _counts(self) -> np.ndarray:  # cached: BN and activations pass the same Field object on
         return np.bitwise_count(self.bits).sum(axis=1, dtype=np.int64)
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of the same shape (np.ascontiguousarray makes a 0-d array 1-d: one more channel axis)."""
+    return np.ascontiguousarray(a).reshape(np.shape(a))
 
 
 def _or(bits: np.ndarray) -> np.ndarray:
@@ -438,7 +443,7 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
         bits = bits[ia] | f.bits[ib]
         taps = None if taps is None else tuple(_frozen(a[ia] | c[ib]) for a, c in zip(taps, f.taps))
         spans, idx = _frozen(_union_spans(spans[ia], f.spans[ib])), inv.reshape(shape)
-    return Field(_frozen(bits) if bits.flags.writeable else bits, spans, _frozen(np.ascontiguousarray(idx)), jump, sp,
+    return Field(_frozen(bits) if bits.flags.writeable else bits, spans, _frozen(_contiguous(idx)), jump, sp,
                  taps, acc.size)
 
 
@@ -479,6 +484,35 @@ def cat(fields: Sequence[Field | None], axis: int, sizes: Sequence[int]) -> Fiel
         taps = tuple(taps)
     return Field(_frozen(np.concatenate(bits)), _frozen(np.concatenate(spans)),
                  _frozen(np.concatenate(parts, axis=axis)), jump, like.sp, taps, like.size)
+
+
+def assign(f: Field | None, region: tuple, new: Field | None, channel_shape: tuple, sp: tuple) -> Field | None:
+    """`f` with the channels at `region` (a numpy basic index into its channel index array) replaced by `new`'s
+    (broadcast to the region): a write into a part of a tensor. None sees nothing, as everywhere here; `f` is a
+    tensor of `channel_shape` with spatial axes `sp`, `new` lines up with it (the caller checks)."""
+    live = [g for g in (f, new) if g is not None]
+    if not live:
+        return None
+    all_taps = _all_taps(live)
+    if all_taps is not None:
+        f, new = (None if g is None else g.replace(taps=all_taps[live.index(g)]) for g in (f, new))
+    like = f if f is not None else new
+
+    def blank(shape):  # sees nothing: one empty reach, as cat makes for a constant slab
+        return Field(np.zeros((1, like.bits.shape[1]), dtype=np.uint64), np.tile([0.0, -1.0], like.dims)[None],
+                     np.zeros(shape, dtype=np.int64), like.jump, sp,
+                     None if like.taps is None else tuple(np.zeros((1, t.shape[1]), dtype=bool) for t in like.taps),
+                     like.size)
+
+    f = f if f is not None else blank(channel_shape)
+    idx = np.array(f.idx, dtype=np.int64)
+    part = idx[region]
+    new = new if new is not None else blank(np.shape(part))
+    idx[region] = np.broadcast_to(new.idx, np.shape(part)) + len(f.bits)
+    taps = None if f.taps is None else tuple(_frozen(np.concatenate([a, b])) for a, b in zip(f.taps, new.taps))
+    out = Field(_frozen(np.concatenate([f.bits, new.bits])), _frozen(np.concatenate([f.spans, new.spans])),
+                _frozen(idx), f.jump, tuple(sp), taps, f.size)
+    return out.with_idx(idx)  # reaches no channel has any more are dropped
 
 
 def remap(f: Field | None, fn) -> Field | None:

@@ -59,6 +59,7 @@ _alias(operator.add, ("add", "Tensor"), ("add_", "Tensor"), ("sub", "Tensor"), (
        ("true_divide_", "Tensor"), ("rsub", "Scalar"), ("rsub", "Tensor"))  # rsub(x, c) = c - x: what `1 - x` exports to
 _alias("view", "view", "reshape", "_unsafe_view", "reshape_as")  # reshape_as: the rule reads the output's shape
 _alias(F.pad, "pad", "constant_pad_nd")
+_alias("copy_", "copy_")
 _alias("swapaxes", "swapaxes", ("swapaxes", "default"), "swapdims")
 _alias(torch.flatten, ("flatten", "using_ints"))
 _alias(torch.squeeze, "squeeze", ("squeeze", "dim"), ("squeeze", "dims"))

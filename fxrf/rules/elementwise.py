@@ -129,6 +129,15 @@ define("masked_fill", torch.masked_fill, "masked_fill", "masked_fill_", shape=sa
        kind="elementwise")
 
 
+# dst.copy_(src): dst's elements replaced by src's, broadcast to dst's shape: it sees what src sees, not what dst saw.
+def copy_into(ctx: Ctx):
+    src = ctx.arg(1, "src")
+    return broadcast_merge([src] if isinstance(src, T) and src.field is not None else [], ctx.out_shape)
+
+
+define("copy", "copy_", shape=lambda ctx: TMeta(ctx.args[0].shape, ctx.args[0].dtype), rf=copy_into)
+
+
 def broadcast_merge(ts: list[T], out_shape: tuple, layout: T | None = None):
     """The union of the operands' fields, broadcast to `out_shape`. `layout`: a tensor of that shape whose spatial
     axes and pixel grid the output has, though its values are not read (expand_as's template)."""
