@@ -82,6 +82,9 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
     if organize is None and decompose_opts is None:
         raise InputError("say what to optimize: stages=True (the organizer), kernels='auto' or a recipe (the "
                          "decomposer), or both")
+    if decompose_opts is not None:  # refused before any step runs: a bad option must not cost an organizer run
+        from .decomposer import CHECKED, check_options
+        check_options(**{k: v for k, v in decompose_opts.items() if k in CHECKED})
     step = progress or _quiet
     data = None if calibration is None else _split(calibration, calibration_batches, holdout_batches)
     fold_after = False
@@ -95,8 +98,8 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
             r = organize_stages(current, example_input, **{"alpha": alpha, **shared, **organize})
         current, steps["stages"], cap = r.graph_module, r, r.summary.get("spatial_cap", True)
     if decompose_opts is not None:
-        from .decomposer import decompose
-        with step(f"decomposing the kernels ({decompose_opts.get('recipe', 'auto')})"):
+        from .decomposer import DEFAULT_RECIPE, decompose
+        with step(f"decomposing the kernels ({decompose_opts.get('recipe', DEFAULT_RECIPE)})"):
             r = decompose(current, example_input, **{**shared, **decompose_opts})
         current, steps["kernels"] = r.graph_module, r
     calibrated = None

@@ -419,6 +419,34 @@ def test_auto_picks_the_cheapest_assignment_that_meets_both_conditions_per_stage
     assert r.summary["quality"] and r.summary["macs_after"] < 17e6  # DW+PW everywhere: 45.6M
 
 
+@pytest.mark.parametrize("kernels, says", [
+    ({"recipe": "DW+PW", "objective": "latency"}, r"use recipe='auto'"),
+    ({"recipe": "auto", "objective": "speed"}, r"objective 'speed' is unknown"),
+    ({"recipe": "auto", "objective": "latency", "verify": -1}, r"verify=-1"),
+    ("DW+XPW", r"unknown recipe 'DW\+XPW'"),
+    ({"recipe": "auto", "candidates": ["DW+GPW-g0"]}, r"groups and expansion must be >= 1"),
+])
+def test_optimize_refuses_bad_decomposer_options_before_the_organizer_runs(monkeypatch, kernels, says):
+    # the organizer would run first and cost minutes on a real model: the decomposer's options are checked before
+    def organizer_ran(*args, **kwargs):
+        raise AssertionError("the organizer ran before the decomposer's options were checked")
+    monkeypatch.setattr("fxrf.passes.organizer.organize_stages", organizer_ran)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+    with pytest.raises(fxrf.InputError, match=says):
+        fxrf.optimize(net, (1, 3, 8, 8), stages=True, kernels=kernels)
+
+
+def test_decompose_checks_its_options_before_tracing():
+    # a model that cannot be traced: an option error must still be the one reported, naming the option to fix
+    class Untraceable(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x  # data-dependent control flow: symbolic tracing fails
+    with pytest.raises(fxrf.InputError, match="use recipe='auto'"):
+        decompose(Untraceable(), (1, 3, 8, 8), recipe="DW+PW", objective="latency")
+    with pytest.raises(fxrf.InputError, match="unknown recipe 'DW\\+XPW'"):
+        decompose(Untraceable(), (1, 3, 8, 8), recipe="DW+XPW")
+
+
 def test_cli_optimize_kernels(tmp_path, capsys):
     # --out d.pt writes d.py (the class) and d.pt (its state_dict, read by the default torch.load)
     out = tmp_path / "d.pt"

@@ -121,8 +121,7 @@ class TwoInputs(nn.Module):
 def test_bad_alpha(alpha, says):
     m = nn.Sequential(nn.Conv2d(3, 4, 3))
     for call in (lambda: fxrf.analyze(m, (1, 3, 8, 8), alpha=alpha),
-                 lambda: fxrf.organize_stages(m, (1, 3, 8, 8), alpha=alpha),
-                 lambda: fxrf.decompose(m, (1, 3, 8, 8), alpha=alpha)):
+                 lambda: fxrf.organize_stages(m, (1, 3, 8, 8), alpha=alpha)):  # decompose takes no alpha
         with pytest.raises(fxrf.InputError, match=f"alpha.*{says}"):
             call()
 
