@@ -384,20 +384,18 @@ def _cmd_analyze(args) -> int:
 
 
 def _optimize_checks(args):
-    """Everything about the arguments that can be refused before building the model: (recipe, outputs)."""
+    """Everything about the arguments that can be refused before building the model."""
     if not args.stages and not args.kernels:
         raise UsageError("say what to optimize: --stages, --kernels RECIPE, or both")
     if not args.stages and args.latency_budget is not None:
         raise UsageError("--latency-budget limits the stage organizer: use it with --stages")
-    recipe = None
-    if args.kernels:
-        from .passes.blocks import parse
+    if args.kernels:  # the decomposer's own check, before the model is built (the pipeline repeats it: cheap)
+        from .passes.decomposer import check_options
+        given = {k: v for k, v in (("objective", args.objective), ("verify", args.verify)) if v is not None}
         try:
-            recipe = "auto" if args.kernels.strip().lower() == "auto" else parse(args.kernels)
+            check_options(args.kernels, **given)
         except InputError as e:
-            raise UsageError(f"--kernels: {str(e).splitlines()[0]}") from e
-    if args.objective == "latency" and recipe != "auto":
-        raise UsageError("--objective latency chooses among blocks: use it with --kernels auto")
+            raise UsageError(f"--kernels {args.kernels}: {str(e).splitlines()[0]}") from e
     outs = args.out or []
     if not outs and not args.dry_run:
         raise UsageError("say where to write the result: --out optimized.pt (source + state_dict) or --out "
@@ -412,11 +410,10 @@ def _optimize_checks(args):
         raise UsageError("--out takes at most one .pt and one .pt2 file")
     if args.emit_source and not args.emit_source.endswith(".py"):
         raise UsageError(f"--emit-source {args.emit_source}: use a .py file name")
-    return recipe
 
 
 def _cmd_optimize(args) -> int:
-    recipe = _optimize_checks(args)
+    _optimize_checks(args)
     shape = parse_inputs(args.input)
     import torch
     torch.manual_seed(args.seed)  # the model's random init and anything a pass draws: the same every run
@@ -433,9 +430,8 @@ def _cmd_optimize(args) -> int:
         stages.update(strategy=args.strategy, remove_saturated=not args.keep_saturated)
     kernels = None
     if args.kernels:
-        kernels = {"recipe": recipe, "objective": args.objective}
-        if args.objective == "latency":
-            kernels["verify"] = args.verify
+        kernels = {"recipe": args.kernels}  # the decomposer's defaults for what is not given
+        kernels.update({k: v for k, v in (("objective", args.objective), ("verify", args.verify)) if v is not None})
     calibration = load_batches(args.calibrate, "--calibrate") if args.calibrate else None
     try:
         result = optimize(model, shape, stages=stages, kernels=kernels, alpha=args.alpha, include=args.include,
@@ -554,13 +550,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "each conv timed compiled once, cached in ~/.cache/fxrf; default: no limit)")
     op.add_argument("--keep-saturated", action="store_true", help="greedy: do not remove convs whose gain is 0")
     op.add_argument("--kernels", metavar="RECIPE", help="run the kernel decomposer: auto, DW+PW, DW+GPW-g4, ...")
-    op.add_argument("--objective", default="macs",
-                    help="--kernels auto picks the fewest MACs (default) or the least measured latency on --device "
+    op.add_argument("--objective",
+                    help="macs or latency: --kernels auto picks the fewest MACs (the default) or the least measured latency on --device "
                          "at --batch (each block timed compiled once, cached in ~/.cache/fxrf)")
-    op.add_argument("--verify", type=_rounds, default=5, metavar="N",
+    op.add_argument("--verify", type=_rounds, metavar="N",
                     help="--objective latency: rounds of whole-model timing (compiled, in alternation) that check "
                          "the choice against the MACs objective's and the unchanged model; the fastest is kept "
-                         "(default 5; 0: no check)")
+                         "(default: decompose's, 5; 0: no check)")
     op.add_argument("--device", default="cpu", help="--objective latency / --latency-budget: where to time, cpu or "
                                                     "cuda (default cpu)")
     op.add_argument("--batch", type=_positive_int, default=1, help="--objective latency / --latency-budget: the "

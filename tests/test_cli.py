@@ -64,7 +64,7 @@ def test_analyze_module_factory(capsys):
     (["analyze", "fxrf:vgg11_cifar", "--input", "1,3,32,32", "--model-arg", "colour=1"],
      "building 'fxrf:vgg11_cifar' failed: TypeError"),
     (["optimize", "fxrf:vgg11_cifar", "--input", "1,3,32,32", "--kernels", "DW+XX", "--dry-run"],
-     "--kernels: unknown recipe 'DW+XX'; use auto, "),
+     "--kernels DW+XX: unknown recipe 'DW+XX'; use auto, "),
     (["optimize", "fxrf:vgg11_cifar", "--input", "1,3,32,32", "--stages"], "say where to write the result"),
     (["optimize", "fxrf:vgg11_cifar", "--input", "1,3,32,32", "--stages", "--out", "o.onnx"], "--out o.onnx: use a .pt"),
     (["optimize", "fxrf:vgg11_cifar", "--input", "1,3,32,32", "--stages", "--dry-run", "--emit-source", "o.txt"],
