@@ -274,7 +274,7 @@ def _compare(expected, got, what: str) -> None:
     from torch.utils._pytree import tree_flatten
     a, spec_a = tree_flatten(expected)
     b, spec_b = tree_flatten(got)
-    if spec_a != spec_b:
+    if _shape_of(spec_a) != _shape_of(spec_b):
         raise SaveError(f"reloading {what} gives a {type(got).__name__} where the model returns a "
                         f"{type(expected).__name__} ({spec_b} vs {spec_a}); nothing was written")
     for i, (u, v) in enumerate(zip(a, b)):
@@ -291,6 +291,13 @@ def _compare(expected, got, what: str) -> None:
         elif u != v:
             raise SaveError(f"reloading {what} does not reproduce the model: output {i} is {v!r}, not {u!r}; "
                             f"nothing was written")
+
+
+def _shape_of(spec):
+    """A TreeSpec as nested (type, context, children), fx's immutable containers read as the plain ones."""
+    from torch.fx.immutable_collections import immutable_dict, immutable_list
+    t = {immutable_dict: dict, immutable_list: list}.get(spec.type, spec.type)
+    return None if spec.is_leaf() else (t, spec.context, [_shape_of(c) for c in _children(spec)])
 
 
 def _load_class(source: str, name: str) -> type:
