@@ -55,6 +55,7 @@ import keyword
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import types
@@ -203,21 +204,20 @@ def save(gm: fx.GraphModule, path, *, source=None, class_name: str | None = None
         raise SaveError(f"the source and the weights would both be written to {path!r}: give them different names")
     refuse_overwrite(targets, overwrite=overwrite, companion=source)
     x = _example(gm, example_input)
-    expected = _run(gm, x)
+    expected = _run(gm, x, "the model")
     for p in targets:
         Path(p).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=Path(path).parent, prefix=".fxrf-save-") as tmp:
         staged = {p: os.path.join(tmp, f"{i}{Path(p).suffix}") for i, p in enumerate(targets)}
         if ext == ".pt2":
             _write_program(gm, x, staged[path])
-            got = _run(torch.export.load(staged[path]).module(), x)
-            _compare(expected, got, path)
+            _compare(expected, _run(torch.export.load(staged[path]).module(), x, path), path)
             if source:  # the class alone (its weights are in the program): checked with gm's own tensors
                 src, _ = _source(gm, class_name)
                 Path(staged[source]).write_text(src)
                 model = _load_class(staged[source], _identifier(class_name or type(gm).__name__))()
                 model.load_state_dict({k: fetch_attr(gm, k) for k in model.state_dict()}, strict=True)
-                _compare(expected, _run(model.to(x.device), x), source)
+                _compare(expected, _run(model.to(x.device), x, source), source)
         else:
             name = _identifier(class_name or type(gm).__name__)
             src, _ = _source(gm, class_name, weights=os.path.basename(path))
@@ -229,9 +229,9 @@ def save(gm: fx.GraphModule, path, *, source=None, class_name: str | None = None
             except RuntimeError as e:
                 raise SaveError(f"the saved weights do not load into the saved class {name}: "
                                 f"{_first_line(e)}") from e
-            _compare(expected, _run(model.to(x.device), x), path)
+            _compare(expected, _run(model.to(x.device), x, path), path)
         for p in targets:  # every check passed: move the files in place
-            os.replace(staged[p], p)
+            shutil.move(staged[p], p)
     return targets
 
 
@@ -244,19 +244,19 @@ def _example(gm: fx.GraphModule, example_input):
     """The input to compare on: the one given (a tensor or a shape) or a random one of the traced shape."""
     if isinstance(example_input, torch.Tensor):
         return example_input
+    device = next((t.device for t in gm.state_dict().values()), torch.device("cpu"))
     if example_input is not None:
-        return torch.randn(*example_input)
+        return torch.randn(*example_input, device=device)
     metas = [n.meta.get("tensor_meta") for n in gm.graph.nodes if n.op == "placeholder"]
     if len(metas) != 1 or metas[0] is None or not hasattr(metas[0], "shape"):
         raise SaveError("save needs example_input (a tensor or a shape) to check what it writes: pass it")
-    device = next((t.device for t in gm.state_dict().values()), torch.device("cpu"))
     m = metas[0]
     if m.dtype.is_floating_point:
         return torch.randn(*m.shape, dtype=m.dtype, device=device)
     return torch.zeros(*m.shape, dtype=m.dtype, device=device)
 
 
-def _run(model: nn.Module, x):
+def _run(model: nn.Module, x, what: str):
     """model(x) in eval mode without autograd; every module's own training flag restored afterwards."""
     modes = [(m, m.training) for m in model.modules()]
     for m, _ in modes:  # (not model.eval(): a torch.export module refuses it; its ATen calls carry the mode)
@@ -264,6 +264,9 @@ def _run(model: nn.Module, x):
     try:
         with torch.no_grad():
             return model(x)
+    except Exception as e:
+        raise SaveError(f"running {what} on the example input {tuple(x.shape)} failed: {type(e).__name__}: "
+                        f"{_first_line(e)}; nothing was written") from e
     finally:
         for m, training in modes:
             m.training = training
