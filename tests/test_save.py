@@ -93,6 +93,20 @@ def test_non_persistent_buffers_survive_a_reload_in_a_fresh_process(tmp_path):
     torch.testing.assert_close(out["out"], expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["levit_128s", *(pytest.param(n, marks=pytest.mark.slow) for n in (
+    "swin_tiny_patch4_window7_224", "coatnet_nano_rw_224", "tiny_vit_5m_224"))])
+def test_timm_relative_position_buffers_survive_a_reload(name, tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    assert any(m._non_persistent_buffers_set for m in model.modules())  # what this test is about
+    x = torch.randn(1, 3, 224, 224)
+    save(fxrf.trace(model, x), tmp_path / "net.pt", class_name="Net", example_input=x)
+    _, out = reload_fresh(tmp_path, "net", "Net", tmp_path / "net.pt", x, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(out["out"], model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_optimize_out_keeps_non_persistent_buffers(tmp_path):
     # the console script on a file model: `--kernels DW+PW` leaves its only conv (the first is never decomposed),
     # so the saved result must compute what the model itself computes
