@@ -5,15 +5,17 @@
     fxrf optimize MODEL --input 1,3,32,32 [--stages [--strategy greedy|paper] [--latency-budget R]]
                         [--kernels RECIPE [--objective macs|latency [--verify N]]] [--device cpu|cuda] [--batch N]
                         [--include GLOB] [--exclude GLOB] [--weights CKPT] [--seed N] [--model-arg K=V]
-                        (--out opt.pt | --out opt.pt2 | --dry-run) [--emit-source f.py] [--json]
+                        (--out opt.pt | --out opt.safetensors | --out opt.pt2 | --dry-run) [--emit-source f.py]
+                        [--force] [--json]
     fxrf models
 
 MODEL is `torchvision:NAME` (random weights, no download), `fxrf:NAME` (the paper's models, see `fxrf models`),
 `timm:NAME` (random weights; needs timm), `path/to/file.py:factory`, or `package.module:factory`; a factory is any
 callable returning an nn.Module. `--model-arg KEY=VALUE` passes a keyword argument to it (VALUE is read as a Python
 literal: 100, 0.5, True, None, (1, 2), 'text'; anything else is taken as a string).
-Exit status: 0 on success, 2 for bad usage / unknown model / bad --input (one line on stderr), 1 when the
-analysis itself fails.
+Exit status: 0 on success, 2 for bad usage / unknown model / bad --input / a result that cannot be saved as asked
+(one line on stderr), 1 when the analysis itself fails. `--out` never replaces a file fxrf did not write (the
+model's source, a checkpoint) without --force: sources fxrf writes start with the line `# fxrf-generated`.
 
 This module imports torch only inside the commands: `fxrf --help` and `fxrf --version` do not pay for it.
 """
@@ -214,45 +216,100 @@ def _factory(spec: str, kwargs: dict) -> Callable:
         if name not in names and name.split(".")[0] not in names:
             raise _unknown("timm", name, names, "see timm.list_models()")
         return lambda: timm.create_model(name, pretrained=False, **kwargs)
-    if source.endswith(".py"):
-        if not os.path.exists(source):
-            raise UsageError(f"no such file: {source}")
-        mod_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(source))[0], source)
-        module = importlib.util.module_from_spec(mod_spec)
-        try:
-            mod_spec.loader.exec_module(module)
-        except Exception as e:
-            raise UsageError(f"importing {source} failed: {type(e).__name__}: {e}") from e
-    else:
-        try:
-            module = importlib.import_module(source)
-        except ImportError as e:
-            raise UsageError(f"cannot import module {source!r}: {e}") from e
+    module = _import_file(source) if source.endswith(".py") else _import_module(source)
     fn = getattr(module, name, None)
     if not callable(fn):
         raise UsageError(f"{source} has no callable {name!r}")
     return lambda: fn(**kwargs)
 
 
+def _first(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _import_file(source: str):
+    """Import `path/to/file.py` as `python path/to/file.py` would see it: its folder first on sys.path (so that it
+    can import its sibling modules), the module in sys.modules while it runs (dataclasses and `from __future__
+    import annotations` look it up there) under its own name when that is free, else under a fresh one."""
+    import keyword
+    if not os.path.isfile(source):
+        raise UsageError(f"no such file: {source}")
+    path = os.path.abspath(source)
+    folder, stem = os.path.split(os.path.splitext(path)[0])
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    name = stem if stem.isidentifier() and not keyword.iskeyword(stem) and stem not in sys.modules else None
+    if name is None:
+        base = re.sub(r"\W", "_", stem)
+        name = next(f"_fxrf_model_{base}_{i}" for i in range(len(sys.modules) + 1)
+                    if f"_fxrf_model_{base}_{i}" not in sys.modules)
+    mod_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[name] = module
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as e:
+        sys.modules.pop(name, None)  # as a failed import leaves nothing behind
+        raise UsageError(f"importing {source} failed: {type(e).__name__}: {_first(e)}") from e
+    return module
+
+
+def _import_module(source: str):
+    """Import `package.module` as `python -m` would: the current folder on sys.path (a console script has its own
+    bin folder there instead)."""
+    here = os.getcwd()
+    if "" not in sys.path and here not in sys.path:
+        sys.path.insert(0, here)
+    try:
+        return importlib.import_module(source)
+    except ImportError as e:
+        raise UsageError(f"cannot import module {source!r}: {_first(e)}") from e
+    except Exception as e:
+        raise UsageError(f"importing module {source!r} failed: {type(e).__name__}: {_first(e)}") from e
+
+
+WEIGHT_WRAPPERS = ("state_dict", "model", "model_state", "model_state_dict")  # {"state_dict": {...}, "epoch": 3}
+
+
 def load_weights(model, path: str) -> None:
-    """Load a state_dict checkpoint into `model` (default torch.load, tensors only); a DDP `module.` prefix and
-    a {"state_dict": ...} / {"model": ...} wrapper are accepted."""
+    """Load a state_dict checkpoint into `model`: a .safetensors file, or a torch.save file read with
+    torch.load(weights_only=True) (explicitly: no pickled code runs, whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says).
+    A DDP `module.` prefix and one wrapper dict ({"state_dict": ...}, "model", "model_state", "model_state_dict")
+    are accepted."""
     import torch
+
+    from .errors import SaveError
+    from .passes.export import load_weights_file
     if not os.path.isfile(path):
         raise UsageError(f"--weights: no such file: {path}")
     try:
-        sd = torch.load(path, map_location="cpu")
+        sd = load_weights_file(path)
+    except SaveError as e:  # safetensors is not installed
+        raise UsageError(f"--weights: {_first(e)}") from e
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if path.lower().endswith(".safetensors"):
+            raise UsageError(f"--weights: {path} is not a safetensors file: {_first(e)}") from e
         raise UsageError(f"--weights: {path} is not a state_dict torch.load reads with weights_only=True "
-                         f"(save model.state_dict(), not the model): {first}") from e
-    for key in ("state_dict", "model_state_dict", "model"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-            break
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UsageError(f"--weights: {path} does not hold a state_dict (a dict of tensors)")
-    if sd and all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
+                         f"(save model.state_dict(), not the model): {_first(e)}") from e
+
+    def tensors(d):
+        return isinstance(d, dict) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+    if isinstance(sd, dict) and not tensors(sd):
+        inner = [k for k in WEIGHT_WRAPPERS if tensors(sd.get(k))]
+        keys = ", ".join(map(str, list(sd)[:8])) + (", ..." if len(sd) > 8 else "")
+        if len(inner) > 1:
+            raise UsageError(f"--weights: {path} holds several state_dicts ({', '.join(inner)}); save the one to "
+                             f"load alone")
+        if not inner:
+            raise UsageError(f"--weights: {path} holds a dict with keys {keys}: not a state_dict (a dict of "
+                             f"tensors) nor one under {', '.join(WEIGHT_WRAPPERS)}; save model.state_dict()")
+        sd = sd[inner[0]]
+    if not tensors(sd):
+        raise UsageError(f"--weights: {path} does not hold a state_dict (a dict of tensors), but a "
+                         f"{type(sd).__name__}")
+    if all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
         sd = {k[len("module."):]: v for k, v in sd.items()}
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -303,6 +360,30 @@ def load_batches(spec: str, option: str, batch_size: int = 32) -> list:
     if not hasattr(data, "__iter__"):
         raise UsageError(f"{option} {spec}: the function returned {type(data).__name__}, not an iterable of batches")
     return data
+
+
+def _check_writable(args) -> None:
+    """--out / --emit-source: refused before any work when they would replace a file fxrf did not write (the
+    model's own source, a checkpoint), unless --force."""
+    from .errors import SaveError
+    from .passes.export import refuse_overwrite
+    if args.dry_run:
+        return
+    try:
+        for out in args.out or []:
+            pt2 = out.lower().endswith(".pt2")
+            source = _source_for(args, out) or (None if pt2 else os.path.splitext(out)[0] + ".py")
+            refuse_overwrite([p for p in (source, out) if p], overwrite=args.force, companion=source)
+    except SaveError as e:
+        raise UsageError(_first(e)) from e
+
+
+def _source_for(args, out: str):
+    """The --emit-source file that goes with `out`: with the .pt, or with the .pt2 when only .pt2 files are
+    written."""
+    pt2 = out.lower().endswith(".pt2")
+    return args.emit_source if (args.emit_source and pt2 == all(o.lower().endswith(".pt2") for o in args.out)) \
+        else None
 
 
 # --------------------------------------------------------------------------------------------------- progress
@@ -403,13 +484,14 @@ def _optimize_checks(args):
     from .passes.export import SAVE_FORMATS
     for out in outs:
         if os.path.splitext(out)[1].lower() not in SAVE_FORMATS:
-            raise UsageError(f"--out {out}: use a .pt (source + state_dict, loads with plain torch.load) or .pt2 "
-                             f"(torch.export program) file name")
+            raise UsageError(f"--out {out}: use a .pt (source + state_dict, loads with plain torch.load), "
+                             f".safetensors (source + safetensors weights) or .pt2 (torch.export program) file name")
     if len([o for o in outs if not o.lower().endswith(".pt2")]) > 1 or \
             len([o for o in outs if o.lower().endswith(".pt2")]) > 1:
-        raise UsageError("--out takes at most one .pt and one .pt2 file")
+        raise UsageError("--out takes at most one .pt (or .safetensors) and one .pt2 file")
     if args.emit_source and not args.emit_source.endswith(".py"):
         raise UsageError(f"--emit-source {args.emit_source}: use a .py file name")
+    _check_writable(args)
 
 
 def _cmd_optimize(args) -> int:
@@ -447,12 +529,10 @@ def _cmd_optimize(args) -> int:
         try:
             with progress("saving"):
                 for out in sorted(args.out, key=lambda o: o.lower().endswith(".pt2")):
-                    pt2 = out.lower().endswith(".pt2")
-                    source = args.emit_source if (args.emit_source and (pt2 == all(
-                        o.lower().endswith(".pt2") for o in args.out))) else None
-                    written += save(current, out, source=source, class_name=name, example_input=shape)
-        except ValueError as e:
-            raise FxrfError(f"cannot save the result: {str(e).splitlines()[0]}") from e
+                    written += save(current, out, source=_source_for(args, out), class_name=name,
+                                    example_input=shape, overwrite=args.force)
+        except FxrfError as e:  # a file fxrf did not write, or what was written does not reload to the same outputs
+            raise UsageError(f"cannot save the result: {_first(e)}") from e
     if args.json:
         doc = result.to_dict()
         doc["before_after"] = before_after(before, after)
@@ -571,12 +651,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "fit of each decomposed block, norms re-estimated; 8 batches fit, 2 more held out to report "
                          "how close it computes to the model): a .pt tensor of inputs (N, ...), a .npz (its 'x' array or "
                          "its only one), or file.py:fn / package.module:fn returning an iterable of batches")
-    op.add_argument("--weights", metavar="CKPT", help="a state_dict of MODEL to load before the passes (torch.load)")
+    op.add_argument("--weights", metavar="CKPT", help="a state_dict of MODEL to load before the passes (.safetensors, "
+                                                       "or torch.load with weights_only=True)")
     op.add_argument("--seed", type=_int, default=0, help="seed for the model's random init (default 0)")
     op.add_argument("--out", action="append", metavar="PATH",
                     help="where to write the result: X.pt writes X.py (the class) and X.pt (its state_dict); "
-                         "X.pt2 a torch.export program; give both to get both")
+                         "X.safetensors the same with safetensors weights; X.pt2 a torch.export program; give both "
+                         "to get both. Each is reloaded and checked against the result before it is put in place")
     op.add_argument("--emit-source", metavar="FILE.py", help="where the class goes (default: next to the .pt)")
+    op.add_argument("--force", action="store_true", help="let --out / --emit-source replace files fxrf did not "
+                                                          "write (without it they are refused)")
     op.add_argument("--dry-run", action="store_true", help="print the planned changes, write nothing")
     op.add_argument("--json", action="store_true", help="print what changed as JSON")
     op.set_defaults(run=_cmd_optimize)

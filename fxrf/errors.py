@@ -23,3 +23,7 @@ class AnalysisError(FxrfError):
 
 class DuplicateRuleError(FxrfError, ValueError):
     """A second op was registered for a target that already has one in the same op table."""
+
+
+class SaveError(FxrfError, ValueError):
+    """A result cannot be written, would replace a file fxrf did not write, or does not reload to the same outputs."""

@@ -18,20 +18,25 @@ the graph's code as forward.
     >>> x = torch.rand(1, 3, 8, 8); torch.equal(net(x), gm(x))
     True
 
-The weights are not written: load them with `model.load_state_dict(graph_module.state_dict())`. Constant tensors
-that are not in the state dict (rare; fx makes them from tensors created in forward) are written as literals when
-small. A submodule that cannot be rebuilt from its constructor arguments raises a ValueError naming it.
+emit_source writes the architecture: load the weights with `model.load_state_dict(graph_module.state_dict())`.
+Tensors outside the state dict (non-persistent buffers, constants fx makes from tensors created in forward) are
+written as literals when small; larger ones are declared as persistent buffers, so that `save` puts their values
+in the weights file. A submodule that cannot be rebuilt from its constructor arguments raises a SaveError naming
+it. An exported graph's output structure (a ModelOutput, a dict) is rebuilt by name in the forward.
 
-`save` writes what current torch loads without `weights_only=False` (what `fxrf optimize --out` writes): for a
-`.pt` path the source next to it (`opt.py`) plus the state_dict (`opt.pt`, plain tensors); for a `.pt2` path a
-`torch.export` program. `load_hint` is the one line of Python that loads them back:
+`save` writes what a fresh process loads with plain torch (what `fxrf optimize --out` writes): for a `.pt` path
+the source next to it (`net.py`) plus the class's state_dict (`net.pt`, plain tensors); for `.safetensors` the
+same with the weights as safetensors; for a `.pt2` path a `torch.export` program. It reloads what it wrote and
+compares outputs before putting the files in place (a SaveError otherwise), and never replaces a file fxrf did not
+write (every source it writes starts with the line MARKER) unless overwrite=True. `load_hint` is the one line of
+Python that loads them back:
 
     >>> d = tempfile.mkdtemp()
     >>> save(gm, os.path.join(d, "net.pt"), class_name="Net") == [os.path.join(d, "net.py"), os.path.join(d, "net.pt")]
     True
     >>> import sys; sys.path.insert(0, d)
     >>> from net import Net
-    >>> m = Net(); m.load_state_dict(torch.load(os.path.join(d, "net.pt")))    # weights_only=True, the default
+    >>> m = Net(); m.load_state_dict(torch.load(os.path.join(d, "net.pt"), weights_only=True))
     <All keys matched successfully>
     >>> torch.equal(m(x), gm(x))
     True
@@ -39,46 +44,76 @@ small. A submodule that cannot be rebuilt from its constructor arguments raises 
 """
 from __future__ import annotations
 
+import collections
 import copy
 import importlib
+import importlib.util
 import inspect
+import itertools
+import json
 import keyword
 import math
 import os
 import re
+import shutil
+import sys
+import tempfile
 import types
+import zipfile
 from pathlib import Path
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fxrf.errors import SaveError
+
 from .util import fetch_attr
 
-__all__ = ["emit_source", "save", "load_hint", "SAVE_FORMATS"]
+__all__ = ["emit_source", "save", "load_hint", "load_weights_file", "fxrf_wrote", "refuse_overwrite", "SAVE_FORMATS",
+           "MARKER"]
 
-SAVE_FORMATS = (".pt", ".pth", ".pt2")  # state_dict + source; state_dict + source; torch.export program
+# state_dict + source (torch.save, torch.save, safetensors); a torch.export program
+SAVE_FORMATS = (".pt", ".pth", ".safetensors", ".pt2")
+MARKER = "# fxrf-generated"  # the first line of every source fxrf writes: fxrf may overwrite such a file
+MARKER_KEY = "fxrf"  # the same mark in a .safetensors file's metadata and a .pt2 archive's extra files
+_counter = itertools.count()
 
 _MAX_LITERAL = 4096  # constant tensors up to this many elements are written inline
 
 
-def emit_source(gm: fx.GraphModule, path, *, class_name: str | None = None) -> str:
-    """Write `gm` as an importable Python module defining one nn.Module class; return the source."""
+def emit_source(gm: fx.GraphModule, path, *, class_name: str | None = None, overwrite: bool = False) -> str:
+    """Write `gm` as an importable Python module defining one nn.Module class; return the source.
+
+    Refuses (SaveError) to replace a file fxrf did not write (see `fxrf_wrote`) unless overwrite=True."""
+    refuse_overwrite([str(path)], overwrite=overwrite)
+    src, _ = _source(gm, class_name)
+    Path(path).write_text(src)
+    return src
+
+
+def _source(gm: fx.GraphModule, class_name: str | None, weights: str | None = None) -> tuple:
+    """(the module's source, the names of the tensors its class declares persistent although `gm` does not keep
+    them in its state dict: non-persistent buffers and constants too large to write inline, whose values must
+    travel in the weights file)."""
     name = _identifier(class_name or type(gm).__name__)
     graph = gm.graph
     if type(graph._codegen) is not fx.graph.CodeGen:  # an exported graph's pytree code (restoring a ModelOutput)
-        graph = copy.deepcopy(graph)  # reads self._in_spec / self._out_spec, which the emitted class lacks: write
-        graph.set_codegen(fx.graph.CodeGen())  # the flat form, tensors in and the output's leaves out
+        graph = _flat_graph(graph)  # reads self._in_spec / self._out_spec, which the emitted class lacks
     code = graph.python_code(root_module="self")
     needs: set = set()  # modules the constructors need (classes outside torch.nn)
-    init = _init_lines(gm, needs)
+    promoted: list = []
+    init = _init_lines(gm, needs, promoted)
     used = {k: v for k, v in code.globals.items() if re.search(rf"\b{re.escape(k)}\b", code.src)}
     imports, preamble = _imports(used, needs, code.src)
     top, forward = _split(code.src)
     lines = [
-        f'"""{name}: written by fxrf.passes.export.emit_source from a torch.fx GraphModule.',
+        f"{MARKER}: written by fxrf.passes.export; fxrf may overwrite this file"
+        + (f" (weights: {weights})" if weights else ""),
+        f'"""{name}: written by fxrf.passes.export from a torch.fx GraphModule.',
         "",
-        "The architecture only; load the weights with model.load_state_dict(graph_module.state_dict()).",
+        ("The architecture only; load the weights with model.load_state_dict(graph_module.state_dict())."
+         if weights is None else f"The architecture; its weights are in {weights}."),
         '"""',
         *imports,
         "",
@@ -95,46 +130,282 @@ def emit_source(gm: fx.GraphModule, path, *, class_name: str | None = None) -> s
         "",
     ]
     src = "\n".join(lines)
-    compile(src, str(path), "exec")  # fail here, naming the file, rather than at import time
-    Path(path).write_text(src)
-    return src
+    compile(src, f"<{name}>", "exec")  # fail here rather than at import time
+    return src, promoted
 
 
-def save(gm: fx.GraphModule, path, *, source=None, class_name: str | None = None, example_input=None) -> list:
-    """Write `gm` so that default `torch.load` / `torch.export.load` read it back; return the paths written.
+def _flat_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of a pytree-coded graph (torch.export's) with plain code: tensors in as placeholders, and the output
+    rebuilt in the graph itself from its out_spec (a ModelOutput, dict, namedtuple ... constructed by name), so the
+    emitted class returns what the GraphModule returns."""
+    spec = graph._codegen.pytree_info.out_spec
+    graph = copy.deepcopy(graph)
+    graph.set_codegen(fx.graph.CodeGen())
+    if spec is None:
+        return graph
+    out = next(n for n in graph.nodes if n.op == "output")
+    leaves = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    with graph.inserting_before(out):
+        out.args = (_rebuild(spec, iter(leaves), graph),)
+    return graph
+
+
+def _children(spec) -> list:
+    return list(spec.children()) if hasattr(spec, "children") and callable(spec.children) else spec.children_specs
+
+
+def _rebuild(spec, leaves, graph: fx.Graph):
+    """The fx argument (nested tuples/lists/dicts and constructor calls) that builds `spec`'s structure."""
+    if spec.is_leaf():
+        return next(leaves)
+    kids = [_rebuild(c, leaves, graph) for c in _children(spec)]
+    t, ctx = spec.type, spec.context
+    if t in (tuple, list):
+        return t(kids)
+    if t is dict:
+        return dict(zip(ctx, kids))
+    if t is collections.OrderedDict:
+        return graph.call_function(collections.OrderedDict, (tuple(zip(ctx, kids)),))
+    if isinstance(t, type) and issubclass(t, tuple) and hasattr(t, "_fields"):  # a namedtuple
+        return graph.call_function(t, tuple(kids))
+    if isinstance(t, type) and issubclass(t, dict) and all(isinstance(k, str) and k.isidentifier() for k in ctx):
+        return graph.call_function(t, (), dict(zip(ctx, kids)))  # a ModelOutput: Cls(logits=...)
+    raise SaveError(f"cannot write the output type {t.__module__}.{t.__qualname__} as source: save a .pt2 "
+                    f"(torch.export program) instead")
+
+
+# -- save: write, reload, compare --------------------------------------------------------------------------------
+
+
+def save(gm: fx.GraphModule, path, *, source=None, class_name: str | None = None, example_input=None,
+         overwrite: bool = False) -> list:
+    """Write `gm` so that a fresh process loads it back with plain torch; return the paths written.
 
     path ending in .pt or .pth: the source (`emit_source`, to `source` or next to `path` with the .py suffix) and
-    `gm.state_dict()` with torch.save (tensors only: `torch.load(path)` works with weights_only=True, the default).
-    path ending in .pt2: a `torch.export` program of `gm` in eval mode traced with `example_input` (a tensor, or a
-    shape for a random one), written with torch.export.save; `source`, if given, is written as well.
+    the class's state_dict with torch.save (tensors only: `torch.load(path, weights_only=True)` reads it).
+    path ending in .safetensors: the source and the state_dict as safetensors (needs `pip install safetensors`).
+    path ending in .pt2: a `torch.export` program of `gm` in eval mode, written with torch.export.save; `source`,
+    if given, is written as well.
+
+    Before anything is written in place, what was written is reloaded from disk (the source imported, the
+    weights read with weights_only=True and loaded strictly, or the program loaded) and its outputs on
+    `example_input` (a tensor, a shape, or None for the shape `gm` was traced with) compared with `gm`'s, both in
+    eval mode: a difference raises SaveError and leaves the destination untouched. Existing files that fxrf did not
+    write (`fxrf_wrote`) are never replaced unless overwrite=True.
     """
     path = str(path)
     ext = Path(path).suffix.lower()
     if ext not in SAVE_FORMATS:
-        raise ValueError(f"cannot save to {path!r}: use a .pt (state_dict + source) or .pt2 (torch.export) file name")
-    written = []
-    for p in (path, source):
-        if p and Path(p).parent != Path("."):
-            Path(p).parent.mkdir(parents=True, exist_ok=True)
-    if ext == ".pt2":
-        if example_input is None:
-            raise ValueError("saving a torch.export program (.pt2) needs an example input")
-        x = example_input if isinstance(example_input, torch.Tensor) else torch.randn(*example_input)
-        was = gm.training
-        gm.eval()  # a deployable program: batch norms use their running statistics, dropout is off
+        raise SaveError(f"cannot save to {path!r}: use a .pt or .safetensors (state_dict + source) or .pt2 "
+                        f"(torch.export) file name")
+    source = str(source) if source else (None if ext == ".pt2" else str(Path(path).with_suffix(".py")))
+    targets = [p for p in (source, path) if p]
+    if len(set(map(os.path.abspath, targets))) < len(targets):
+        raise SaveError(f"the source and the weights would both be written to {path!r}: give them different names")
+    refuse_overwrite(targets, overwrite=overwrite, companion=source)
+    x = _example(gm, example_input)
+    expected = _run(gm, x, "the model")
+    for p in targets:
+        Path(p).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=Path(path).parent, prefix=".fxrf-save-") as tmp:
+        staged = {p: os.path.join(tmp, f"{i}{Path(p).suffix}") for i, p in enumerate(targets)}
+        if ext == ".pt2":
+            _write_program(gm, x, staged[path])
+            _compare(expected, _run(torch.export.load(staged[path]).module(), x, path), path)
+            if source:  # the class alone (its weights are in the program): checked with gm's own tensors
+                src, _ = _source(gm, class_name)
+                Path(staged[source]).write_text(src)
+                model = _load_class(staged[source], _identifier(class_name or type(gm).__name__))()
+                model.load_state_dict({k: fetch_attr(gm, k) for k in model.state_dict()}, strict=True)
+                _compare(expected, _run(model.to(x.device), x, source), source)
+        else:
+            name = _identifier(class_name or type(gm).__name__)
+            src, _ = _source(gm, class_name, weights=os.path.basename(path))
+            Path(staged[source]).write_text(src)
+            model = _load_class(staged[source], name)()
+            _write_weights(_weights_of(gm, model, path), staged[path], ext)
+            try:
+                model.load_state_dict(load_weights_file(staged[path]), strict=True)
+            except RuntimeError as e:
+                raise SaveError(f"the saved weights do not load into the saved class {name}: "
+                                f"{_first_line(e)}") from e
+            _compare(expected, _run(model.to(x.device), x, path), path)
+        for p in targets:  # every check passed: move the files in place
+            shutil.move(staged[p], p)
+    return targets
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return " ".join(text.splitlines()[:2]) if text else type(e).__name__
+
+
+def _example(gm: fx.GraphModule, example_input):
+    """The input to compare on: the one given (a tensor or a shape) or a random one of the traced shape."""
+    if isinstance(example_input, torch.Tensor):
+        return example_input
+    device = next((t.device for t in gm.state_dict().values()), torch.device("cpu"))
+    if example_input is not None:
+        return torch.randn(*example_input, device=device)
+    metas = [n.meta.get("tensor_meta") for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(metas) != 1 or metas[0] is None or not hasattr(metas[0], "shape"):
+        raise SaveError("save needs example_input (a tensor or a shape) to check what it writes: pass it")
+    m = metas[0]
+    if m.dtype.is_floating_point:
+        return torch.randn(*m.shape, dtype=m.dtype, device=device)
+    return torch.zeros(*m.shape, dtype=m.dtype, device=device)
+
+
+def _run(model: nn.Module, x, what: str):
+    """model(x) in eval mode without autograd; every module's own training flag restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    for m, _ in modes:  # (not model.eval(): a torch.export module refuses it; its ATen calls carry the mode)
+        m.training = False
+    try:
+        with torch.no_grad():
+            return model(x)
+    except Exception as e:
+        raise SaveError(f"running {what} on the example input {tuple(x.shape)} failed: {type(e).__name__}: "
+                        f"{_first_line(e)}; nothing was written") from e
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _compare(expected, got, what: str) -> None:
+    """SaveError unless `got` has `expected`'s structure and values (tight tolerance: the same ops run)."""
+    from torch.utils._pytree import tree_flatten
+    a, spec_a = tree_flatten(expected)
+    b, spec_b = tree_flatten(got)
+    if _shape_of(spec_a) != _shape_of(spec_b):
+        raise SaveError(f"reloading {what} gives a {type(got).__name__} where the model returns a "
+                        f"{type(expected).__name__} ({spec_b} vs {spec_a}); nothing was written")
+    for i, (u, v) in enumerate(zip(a, b)):
+        if isinstance(u, torch.Tensor):
+            ok = (isinstance(v, torch.Tensor) and u.shape == v.shape and u.dtype == v.dtype
+                  and (torch.allclose(u, v.to(u.device), rtol=1e-5, atol=1e-6 * (1 + float(u.abs().max())),
+                                      equal_nan=True) if u.is_floating_point() and u.numel() else torch.equal(u, v.to(u.device))))
+            if not ok:
+                diff = (float((u.double() - v.to(u.device).double()).abs().max()) if isinstance(v, torch.Tensor)
+                        and u.shape == v.shape else "shape")
+                raise SaveError(f"reloading {what} does not reproduce the model: output {i} differs (max abs "
+                                f"difference {diff}); nothing was written. Save a .pt2 (torch.export program) instead "
+                                f"or report it")
+        elif u != v:
+            raise SaveError(f"reloading {what} does not reproduce the model: output {i} is {v!r}, not {u!r}; "
+                            f"nothing was written")
+
+
+def _shape_of(spec):
+    """A TreeSpec as nested (type, context, children), fx's immutable containers read as the plain ones."""
+    from torch.fx.immutable_collections import immutable_dict, immutable_list
+    t = {immutable_dict: dict, immutable_list: list}.get(spec.type, spec.type)
+    return None if spec.is_leaf() else (t, spec.context, [_shape_of(c) for c in _children(spec)])
+
+
+def _load_class(source: str, name: str) -> type:
+    """Import the written source from disk under a fresh module name and return its class."""
+    mod_name = f"_fxrf_saved_{next(_counter)}"
+    spec = importlib.util.spec_from_file_location(mod_name, source)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module  # as a real import would (dataclasses and pickling look it up)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise SaveError(f"the written source does not import: {type(e).__name__}: {_first_line(e)}") from e
+    finally:
+        sys.modules.pop(mod_name, None)
+    return getattr(module, name)
+
+
+def _weights_of(gm: fx.GraphModule, model: nn.Module, path: str) -> dict:
+    """The values of exactly the class's state-dict keys, from `gm`: no key the class lacks (an unused
+    num_batches_tracked, the second name of a tied weight), every non-persistent buffer the class declares
+    persistent."""
+    out = {}
+    for k in model.state_dict():
         try:
-            program = torch.export.export(gm, (x,))
-        finally:
-            gm.train(was)
-        if source:
-            emit_source(gm, source, class_name=class_name)
-            written.append(str(source))
-        torch.export.save(program, path)
-        return written + [path]
-    source = str(source) if source else str(Path(path).with_suffix(".py"))
-    emit_source(gm, source, class_name=class_name)
-    torch.save({k: v.detach().clone() for k, v in gm.state_dict().items()}, path)
-    return [source, path]
+            t = fetch_attr(gm, k)
+        except AttributeError as e:
+            raise SaveError(f"the saved class has {k!r}, which the graph module lacks; cannot write {path}") from e
+        out[k] = t.detach().to("cpu" if path.lower().endswith(".safetensors") else t.device).clone().contiguous()
+    return out
+
+
+def _write_weights(sd: dict, path: str, ext: str) -> None:
+    if ext == ".safetensors":
+        _safetensors().save_file(sd, path, metadata={MARKER_KEY: "written by fxrf.passes.export"})
+    else:
+        torch.save(sd, path)
+
+
+def _write_program(gm: fx.GraphModule, x, path: str) -> None:
+    modes = [(m, m.training) for m in gm.modules()]
+    gm.eval()  # a deployable program: batch norms use their running statistics, dropout is off
+    try:
+        program = torch.export.export(gm, (x,))
+    except Exception as e:
+        raise SaveError(f"torch.export cannot export the result: {type(e).__name__}: {_first_line(e)}") from e
+    finally:
+        for m, training in modes:
+            m.training = training
+    torch.export.save(program, path, extra_files={MARKER_KEY: "written by fxrf.passes.export"})
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError as e:
+        raise SaveError("reading or writing .safetensors needs the safetensors package: pip install safetensors") from e
+    return safetensors.torch
+
+
+def load_weights_file(path: str) -> dict:
+    """A state dict from `path`: safetensors for .safetensors, else torch.load(weights_only=True) explicitly, so that
+    no pickle code runs whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says."""
+    if str(path).lower().endswith(".safetensors"):
+        return _safetensors().load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# -- which files fxrf wrote ---------------------------------------------------------------------------------------
+
+
+def fxrf_wrote(path: str, companion: str | None = None) -> bool:
+    """Whether the existing file `path` is one fxrf wrote (and may therefore overwrite):
+    a .py whose first line starts with MARKER; a .pt2 holding the extra file `fxrf`; a .safetensors whose metadata
+    has the key `fxrf`; a .pt/.pth whose companion source (`companion`, default the .py beside it) starts with
+    MARKER and names it as its weights (torch.save files carry no metadata of their own)."""
+    path = str(path)
+    ext = Path(path).suffix.lower()
+    try:
+        if ext == ".py":
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                return fh.readline().startswith(MARKER)
+        if ext == ".pt2":
+            with zipfile.ZipFile(path) as z:
+                return any(n.endswith(f"/extra/{MARKER_KEY}") for n in z.namelist())
+        if ext == ".safetensors":
+            with open(path, "rb") as fh:  # the header: 8 bytes of length, then JSON with "__metadata__"
+                n = int.from_bytes(fh.read(8), "little")
+                head = json.loads(fh.read(n)) if 0 < n < 100_000_000 else {}
+            return MARKER_KEY in (head.get("__metadata__") or {})
+        companion = companion or str(Path(path).with_suffix(".py"))
+        with open(companion, encoding="utf-8", errors="replace") as fh:
+            first = fh.readline()
+        return first.startswith(MARKER) and f"(weights: {os.path.basename(path)})" in first
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return False
+
+
+def refuse_overwrite(paths, *, overwrite: bool = False, companion: str | None = None) -> None:
+    """SaveError naming the first existing file of `paths` that fxrf did not write, unless overwrite=True."""
+    if overwrite:
+        return
+    for p in paths:
+        if os.path.exists(p) and (os.path.isdir(p) or not fxrf_wrote(p, companion)):
+            raise SaveError(f"{p} exists and was not written by fxrf (it may be your model's source or checkpoint); "
+                            f"choose another name or pass overwrite=True (--force on the command line)")
 
 
 def load_hint(paths, class_name: str) -> str:
@@ -154,6 +425,9 @@ def load_hint(paths, class_name: str) -> str:
         where = ""
         get = (f'import importlib.util as u; s = u.spec_from_file_location("m", "{source}"); '
                f'mod = u.module_from_spec(s); s.loader.exec_module(mod); {name} = mod.{name}; ')
+    if weights.lower().endswith(".safetensors"):
+        return (f'import torch; from safetensors.torch import load_file; {where}{get}model = {name}(); '
+                f'model.load_state_dict(load_file("{weights}"))')
     return f'import torch; {where}{get}model = {name}(); model.load_state_dict(torch.load("{weights}"))'
 
 
@@ -196,8 +470,8 @@ def _imports(globals_: dict, needs: set, src: str) -> tuple:
         else:
             mod, qual = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
             if not mod or not qual or _resolve(mod, qual) is not obj:
-                raise ValueError(f"the graph's code uses {gname} = {obj!r}, which cannot be imported by name; "
-                                 f"write the module with GraphModule.to_folder instead")
+                raise SaveError(f"the graph's code uses {gname} = {obj!r}, which cannot be imported by name; "
+                                f"write the module with GraphModule.to_folder instead")
             first, _, rest = qual.partition(".")  # `from m import f`: the submodule m may be shadowed by f
             imports.append(f"from {mod} import {first}" + ("" if first == gname and not rest else f" as _{gname}"))
             if rest or first != gname:
@@ -218,7 +492,7 @@ def _resolve(mod: str, qual: str):
 # -- __init__: the submodules, parameters and buffers the graph uses --------------------------------------------
 
 
-def _init_lines(gm: fx.GraphModule, needs: set) -> list:
+def _init_lines(gm: fx.GraphModule, needs: set, promoted: list) -> list:
     lines, declared = [], {""}
     leaves = set()
 
@@ -244,7 +518,7 @@ def _init_lines(gm: fx.GraphModule, needs: set) -> list:
         if any(parent == leaf or parent.startswith(leaf + ".") for leaf in leaves):
             continue  # owned by a leaf module, which creates it
         container(parent)
-        lines.append(_tensor_line(gm, parent, child, node.target))
+        lines.append(_tensor_line(gm, parent, child, node.target, promoted))
         declared.add(node.target)
     return lines
 
@@ -263,22 +537,25 @@ def _assign(parent: str, child: str, expr: str) -> str:
     return f'{_ref(parent)}.add_module("{child}", {expr})'
 
 
-def _tensor_line(gm, parent: str, child: str, target: str) -> str:
+def _tensor_line(gm, parent: str, child: str, target: str, promoted: list) -> str:
     owner = gm.get_submodule(parent) if parent else gm
     t = fetch_attr(gm, target)
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"get_attr {target!r} is a {type(t).__name__}, not a tensor; cannot write it as source")
+        raise SaveError(f"get_attr {target!r} is a {type(t).__name__}, not a tensor; cannot write it as source")
     empty = f"torch.empty({tuple(t.shape)}, dtype={t.dtype})"
     if child in owner._parameters:
         return f'{_ref(parent)}.register_parameter("{child}", nn.Parameter({empty}, requires_grad={t.requires_grad}))'
-    if child in owner._buffers:
-        persistent = child not in owner._non_persistent_buffers_set
-        return f'{_ref(parent)}.register_buffer("{child}", {empty}, persistent={persistent})'
-    if t.device.type == "meta" or t.numel() > _MAX_LITERAL:  # a constant outside the state dict
-        if t.device.type != "meta":
-            raise ValueError(f"constant tensor {target!r} has {t.numel()} elements, too many to write inline")
+    if child in owner._buffers and child not in owner._non_persistent_buffers_set:
+        return f'{_ref(parent)}.register_buffer("{child}", {empty})'
+    # not in gm's state dict (a non-persistent buffer, or a constant fx made): its value must be written somewhere
+    if t.device.type == "meta":
         return f'{_ref(parent)}.register_buffer("{child}", {empty}, persistent=False)  # values unknown (meta)'
-    return f'{_ref(parent)}.register_buffer("{child}", torch.tensor({t.tolist()!r}, dtype={t.dtype}), persistent=False)'
+    if t.numel() <= _MAX_LITERAL and not t.is_complex() and (not t.is_floating_point() or bool(t.isfinite().all())):
+        value = f"torch.tensor({t.detach().cpu().tolist()!r}, dtype={t.dtype})"
+        return f'{_ref(parent)}.register_buffer("{child}", {value}, persistent=False)'
+    promoted.append(target)  # too large (or not finite) to write inline: the weights file carries it
+    return (f'{_ref(parent)}.register_buffer("{child}", {empty})  # non-persistent in the original; its values '
+            f'are in the weights file')
 
 
 def _module_expr(target: str, m: nn.Module, needs: set) -> str:
@@ -296,8 +573,8 @@ def _module_expr(target: str, m: nn.Module, needs: set) -> str:
             if not head.startswith("nn."):
                 needs.add(mod)
             return expr
-    raise ValueError(f"cannot write submodule {target!r} ({mod}.{qual}) as source: neither its repr nor its "
-                     f"attributes give back its constructor arguments")
+    raise SaveError(f"cannot write submodule {target!r} ({mod}.{qual}) as source: neither its repr nor its "
+                    f"attributes give back its constructor arguments")
 
 
 # Constructor arguments that a module does not keep under their own name.
