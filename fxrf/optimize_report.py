@@ -75,6 +75,7 @@ def optimize_summary(result, dry_run: bool = False) -> str:
         if sel.get("include") or sel.get("exclude"):
             lines.append(f"  only convs matching include {sel.get('include') or ['*']}, exclude {sel.get('exclude')}")
     lines += calibration_lines(result.summary)
+    lines += latency_lines(result.summary)
     lines += ["", ("planned changes (dry run):" if dry_run else "before and after:")]
     lines += before_after_table(before_after(before, after))
     return "\n".join(lines)
@@ -98,3 +99,21 @@ def calibration_lines(summary: dict) -> list:
     return [f"calibration ({what}; {c['batches']} batch(es), compared on {c['measured_on']}):",
             f"  after the transfer: {f(c['transfer'])}",
             f"  calibrated:         {f(c['calibrated'])}"]
+
+
+def latency_lines(summary: dict) -> list:
+    """The whole model's measured time beside the result's (fxrf.optimize's measure), and a line of its own when
+    the result is slower than the model."""
+    t = summary.get("latency")
+    if not t:
+        return []
+    ms = t["ms"]
+    lines = [f"measured on {t['device']} at batch {t['batch']} ({t['mode']}, {t['rounds']} rounds in alternation): "
+             f"model {ms['model']:.3f} ms, result {ms['result']:.3f} ms: {t['result_vs_model']:.3f}x the model's time "
+             f"(two instances of the model differ by {t['noise']:.3f}: the resolution)"]
+    if t.get("kept") == "model":
+        lines.append(f"kept the model unchanged: {t['why']}")
+    elif t["slower"]:
+        lines.append(f"SLOWER: the result runs {t['result_vs_model']:.3f}x the model's time on {t['device']} "
+                     f"(goal 'speed' keeps only what is measured faster)")
+    return lines

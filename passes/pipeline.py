@@ -23,6 +23,9 @@ from fxrf.metric import DEFAULT_ALPHA
 from . import PassResult
 
 STEPS = ("stages", "kernels")  # the order the steps run in
+GOALS = ("paper", "speed")  # what the asked steps are for: the 3DRF-driven layout as asked, or a faster model
+DEFAULT_GOAL = "paper"
+MEASURE_ROUNDS = 5  # whole-model timing rounds, in alternation, when goal="speed" measures by default
 CALIBRATION_BATCHES = 8  # batches the least-squares fit and the norms see (fxrf/training/calibrate.py: 8 suffice)
 HOLDOUT_BATCHES = 2  # batches after those, kept out of the fit, on which the result is compared with the model
 
@@ -64,7 +67,7 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
              kernels: str | dict | None = None, alpha: float = DEFAULT_ALPHA, include=None, exclude=None,
              device: str = "cpu", batch: int = 1, latency=None, calibration=None,
              calibration_batches: int = CALIBRATION_BATCHES, holdout_batches: int = HOLDOUT_BATCHES,
-             progress=None) -> OptimizeResult:
+             goal: str = DEFAULT_GOAL, measure: int | None = None, progress=None) -> OptimizeResult:
     """Rewrite `model` (never modified) by the steps asked for, in order: `stages` (organize_stages: True or its
     keyword arguments, e.g. {"strategy": "paper"}), then `kernels` (decompose: a recipe such as "auto" or "DW+PW",
     or its keyword arguments, e.g. {"recipe": "auto", "objective": "latency"}). `alpha`, `include` / `exclude`
@@ -76,12 +79,34 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
     summary["calibration"], how close the result computes to `model` right after the weight transfer and after the
     calibration (relative output error, top-1 agreement). Without them, summary["calibration"] is None and a
     result whose function changed needs calibration or fine-tuning before use.
+    goal: "paper" (default): the steps as asked, the paper's 3DRF-driven layout, which may cost time; "speed": the
+    steps priced in measured latency on `device` at `batch` (the decomposer's objective="latency" for recipe "auto",
+    the organizer's latency_budget=1.0, unless given), and the result kept only if it is measured faster than the
+    model, else the model comes back unchanged (summary["latency"]["kept"] says which, and why).
+    measure: rounds of whole-model timing (compiled, `latency`'s mode, in alternation: the model, the result and a
+    second instance of the model, whose ratio to the first is the resolution of a ratio on this machine) reported
+    in summary["latency"]; None: MEASURE_ROUNDS with goal="speed", 0 (nothing timed) otherwise.
     progress: a context-manager factory called with a description around each step (the CLI's line on stderr).
     """
     organize, decompose_opts = _options(stages, "stages"), _options(kernels, "kernels", "recipe")
     if organize is None and decompose_opts is None:
         raise InputError("say what to optimize: stages=True (the organizer), kernels='auto' or a recipe (the "
                          "decomposer), or both")
+    if goal not in GOALS:
+        raise InputError(f"goal {goal!r} is unknown; use {' or '.join(map(repr, GOALS))}")
+    rounds = (MEASURE_ROUNDS if goal == "speed" else 0) if measure is None else measure
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise InputError(f"measure={measure!r}: give the rounds of whole-model timing, an int >= 0 (0: none)")
+    if goal == "speed" and rounds == 0:
+        raise InputError("goal='speed' keeps the result only if it is measured faster: give measure >= 1 (or None)")
+    if goal == "speed":  # price each step in measured time, unless the caller chose otherwise
+        if decompose_opts is not None and str(decompose_opts.get("recipe", "auto")).strip().lower() == "auto":
+            decompose_opts.setdefault("objective", "latency")
+        if organize is not None and organize.get("strategy", "greedy") == "greedy":
+            organize.setdefault("latency_budget", 1.0)
+    if rounds and latency is None:
+        from .latency import LatencyModel
+        latency = LatencyModel(device, batch)
     if decompose_opts is not None:  # refused before any step runs: a bad option must not cost an organizer run
         from .decomposer import CHECKED, check_options
         check_options(**{k: v for k, v in decompose_opts.items() if k in CHECKED})
@@ -111,10 +136,55 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
         after = analyze(current, example_input, alpha=alpha, spatial_cap=cap)
     changes = [c for r in steps.values() for c in r.changes]
     declined = [d for r in steps.values() for d in r.declined]
+    timed = None
+    if rounds:
+        with step(f"timing the model and the result ({rounds} rounds, in alternation)"):
+            timed = _measure(model, current, before, latency, rounds)
+        if goal == "speed" and timed["result_vs_model"] >= 1:  # not measured faster: the model comes back
+            timed["kept"] = "model"
+            timed["why"] = (f"the result ran {timed['result_vs_model']:.3f}x the model's time (>= 1; noise "
+                            f"{timed['noise']:.3f}): nothing measured faster, so nothing is changed")
+            from . import private_copy
+            current = private_copy(model, example_input)
+            after = analyze(current, example_input, alpha=alpha, spatial_cap=cap)
+            declined += [Reverted(c, timed["why"]) for c in changes]
+            changes = []
     summary = {name: r.summary for name, r in steps.items()}
     summary["calibration"] = calibrated
-    summary["function_preserved"] = _preserved(steps)
+    summary["function_preserved"] = _preserved(steps) or (timed is not None and timed.get("kept") == "model")
+    summary["goal"], summary["latency"] = goal, timed
     return OptimizeResult(current, changes, summary, declined, after, steps=steps, before=before)
+
+
+@dataclass(frozen=True)
+class Reverted:
+    """A change a step made that goal="speed" took back with the rest: the whole result was not measured faster."""
+
+    change: object
+    reason: str
+
+    def describe(self, before=None, after=None) -> str:
+        return f"taken back: {self.change.describe(before, after)} ({self.reason})"
+
+
+def _measure(model, result, before: Analysis, latency, rounds: int) -> dict:
+    """The model, the result and a second instance of the model, compiled (the LatencyModel's mode) and timed in
+    alternation for `rounds` rounds: each one's time, the result's per-round ratio to the model (median), and the
+    noise: how far from 1 the two instances of one model are, the smallest ratio this machine resolves now."""
+    import copy
+
+    from .latency import input_shape, paired_ratio
+    shape = input_shape(before.graph_module, "fxrf.optimize(measure=...)", "pass measure=0")
+    # copies in eval mode, as deployed (the result is returned in the model's mode, untouched)
+    models = {"model": copy.deepcopy(model).eval(), "result": copy.deepcopy(result).eval(),
+              "model (2nd instance)": copy.deepcopy(model).eval()}
+    times = latency.compare(models, shape, rounds)
+    ratio = paired_ratio(times, "result", "model")
+    noise = abs(paired_ratio(times, "model (2nd instance)", "model") - 1)
+    return {"device": latency.device, "batch": latency.batch, "mode": latency.mode, "rounds": rounds,
+            "ms": {k: round(1e3 * sorted(v)[len(v) // 2], 4) for k, v in times.items()},
+            "result_vs_model": round(ratio, 4), "noise": round(noise, 4),
+            "slower": ratio >= 1, "kept": "result"}
 
 
 def _split(calibration, fit: int, held: int) -> tuple[list, list]:

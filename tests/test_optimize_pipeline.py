@@ -171,3 +171,76 @@ def test_cli_calibrate_from_a_tensor_and_an_npz(trained, tmp_path, capsys):
                  "--calibrate", str(tmp_path / "missing.pt")])
     _, err = capsys.readouterr()
     assert code == 2 and "no such file" in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------- goal="speed", measure
+
+
+class _Clock:
+    """A fake timer: whole models by label (the LatencyModel's probe), every block and conv the same."""
+
+    def __init__(self, model_s: dict):
+        self.model_s = model_s
+
+    def __call__(self, fn, x, probe):
+        return self.model_s.get(probe.label, 1e-3) if probe.recipe == "model" else 1e-3
+
+
+def _lm(model_s):
+    from fxrf.passes.latency import LatencyModel
+    return LatencyModel("cpu", batch=1, mode="eager", cache=None, timer=_Clock(model_s))
+
+
+def _vgg():
+    from fxrf.models import vgg11_cifar
+    torch.manual_seed(0)
+    return vgg11_cifar().eval()
+
+
+def test_measure_reports_the_whole_model_times_and_the_noise():
+    r = fxrf.optimize(_vgg(), (1, 3, 32, 32), kernels="DW+PW", measure=3,
+                      latency=_lm({"model": 4e-3, "result": 1e-3, "model (2nd instance)": 4.2e-3}))
+    t = r.summary["latency"]
+    # by hand: result / model = 1/4 in every round; the second instance runs 4.2/4 = 1.05x the first
+    assert (t["result_vs_model"], t["noise"], t["rounds"], t["kept"]) == (0.25, 0.05, 3, "result")
+    assert t["ms"] == {"model": 4.0, "result": 1.0, "model (2nd instance)": 4.2}
+    assert r.changes and r.summary["goal"] == "paper"
+
+
+def test_speed_returns_the_model_when_the_result_is_not_faster():
+    model = _vgg()
+    r = fxrf.optimize(model, (1, 3, 32, 32), kernels="DW+PW", goal="speed",
+                      latency=_lm({"model": 1e-3, "result": 1.2e-3}))
+    t = r.summary["latency"]
+    assert t["kept"] == "model" and t["result_vs_model"] == 1.2 and "nothing is changed" in t["why"]
+    assert r.changes == [] and any(type(d).__name__ == "Reverted" for d in r.declined)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # the model's own function, exactly
+        assert torch.equal(r.graph_module.eval()(x), model(x))
+    assert r.summary["function_preserved"] is True
+
+
+def test_speed_keeps_a_faster_result_and_prices_the_steps_in_time():
+    r = fxrf.optimize(_vgg(), (1, 3, 32, 32), stages=True, kernels="auto", goal="speed",
+                      latency=_lm({"model": 2e-3, "result": 1e-3}))
+    assert r.summary["latency"]["kept"] == "result"
+    assert r.steps["kernels"].summary["objective"] == "latency"  # auto priced in measured time
+    assert r.steps["stages"].summary["latency_budget"] == 1.0  # the organizer never predicted slower
+
+
+def test_goal_and_measure_are_checked():
+    with pytest.raises(InputError, match="goal 'fast' is unknown"):
+        fxrf.optimize(_vgg(), (1, 3, 32, 32), kernels="DW+PW", goal="fast")
+    with pytest.raises(InputError, match="measure >= 1"):
+        fxrf.optimize(_vgg(), (1, 3, 32, 32), kernels="DW+PW", goal="speed", measure=0)
+    with pytest.raises(InputError, match="measure=-1"):
+        fxrf.optimize(_vgg(), (1, 3, 32, 32), kernels="DW+PW", measure=-1)
+
+
+def test_the_report_flags_a_slower_result():
+    from fxrf.optimize_report import optimize_summary
+    r = fxrf.optimize(_vgg(), (1, 3, 32, 32), kernels="DW+PW", measure=2,
+                      latency=_lm({"model": 1e-3, "result": 1.5e-3}))
+    text = optimize_summary(r)
+    assert "model 1.000 ms, result 1.500 ms: 1.500x" in text
+    assert any(line.startswith("SLOWER: the result runs 1.500x") for line in text.splitlines())  # its own line
