@@ -96,3 +96,53 @@ def test_known_bad_op_agrees(kind):
     model = CaptureCNN(4, size, specs).eval()
     assert model.specs == specs
     agree(model, (1, 4, size, size), strict=True)
+
+
+# -- the oracle itself: it must see what a wrong rule hides and what max pooling and in-place writes would hide ------
+
+def test_oracle_flags_a_rule_that_ignores_the_window():
+    # a conv rule that hands its input's field on (no window, no channel mixing): the 3x3 conv of 4 channels
+    # truly sees 3x3 pixels of all 4 stage channels: channel 0 sees channels 0-3, not 0 (the first difference
+    # per node is reported)
+    wrong = fxrf.OpTable()
+
+    @wrong.rf_rule(torch.nn.Conv2d)
+    def conv(call):
+        return call.args[0].field
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1)).eval()
+    a = fxrf.analyze(model, (1, 4, 8, 8), capture="fx", rules=fxrf.DEFAULT_OPS + wrong)
+    problems, n = check(a)
+    assert n == 1 and problems == ["_0 channel 0 (exact): analysis sees channels [0], autograd [0, 1, 2, 3]"]
+
+
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_oracle_sees_the_whole_max_pool_window(capture):
+    # MaxPool2d(3, stride 1, dilation 2) on 9x9: output 5x5, the centre (2, 2) reads rows and columns 2, 4, 6 of
+    # the input, extent 5. Plain autograd would route the gradient to one of them (extent 1)
+    model = torch.nn.Sequential(torch.nn.MaxPool2d(3, 1, 0, dilation=2)).eval()
+    a = fxrf.analyze(model, (1, 2, 9, 9), capture=capture)
+    from oracle import measure_graph
+    got = measure_graph(a, reference="input")
+    pool = a.records[-1].name
+    assert got[pool] == [((5, 5), frozenset({0})), ((5, 5), frozenset({1}))]
+
+
+class _WriteIntoCopy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(2, 2, 3, padding=1), torch.nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        x = self.a(x)
+        y = x.clone()
+        y[:, 0:1].copy_(self.b(x)[:, 0:1])
+        return y
+
+
+def test_oracle_measures_a_node_before_a_later_write_into_it():
+    # the clone is a's output: 3x3 of both input channels, whatever is later written into it (b's 5x5)
+    a = fxrf.analyze(_WriteIntoCopy().eval(), (1, 2, 8, 8), capture="fx")
+    from oracle import measure_graph
+    got = measure_graph(a, names={"clone"})
+    assert got["clone"] == [((3, 3), frozenset({0, 1}))] * 2
