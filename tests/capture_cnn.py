@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import strategies as st
+from hypothesis import assume, strategies as st
 
 # op kind -> why today's main gets it wrong (fixes are under way in other branches)
 KNOWN_BAD = {
@@ -30,7 +30,13 @@ KNOWN_BAD = {
     "se_expand": "squeeze-excite gate s[:, :, None, None].expand_as(x) * x: the fx capture declines the mul "
                  "('a channel-like axis broadcast against a spatial one'); export is exact",
     "maxpool_indices": "F.max_pool2d(return_indices=True)[0]",
-    "strided_slice": "x[:, :, ::2, ::2] (aten.slice with step 2 in export)",
+    "strided_slice": "x[:, :, ::2, ::2]: export slices one axis at a time, and the half-strided map in between "
+                     "starts a phantom stage of (5, 9) that fx does not have",
+    # found by this generator: a resample to a 1x1 map reads one pixel when its sample lands on a pixel centre
+    # (align_corners=True: position 0; 3 -> 1 px: position 1.0); the analysis counts the whole interpolation
+    # window (bilinear 2, bicubic 3 or 4, and fx and export disagree on bicubic 6 -> 1 with align_corners=True)
+    "resample_to_one": "F.interpolate(x, size=1, mode='bilinear', align_corners=True) on 3x3: analysis extent 2, "
+                       "autograd 1",
 }
 
 
@@ -76,7 +82,7 @@ class Resample(Block):
     def __init__(self, c, h, mode, scale, align):
         super().__init__()
         self.mode, self.align = mode, align
-        self.size = h * 2 if scale == 2 else h + 3 if scale == "up" else max(h // 2, 1)
+        self.size = h * 2 if scale == 2 else h + 3 if scale == "up" else 1 if scale == "one" else max(h // 2, 1)
         self.c, self.h = c, self.size
 
     def forward(self, x):
@@ -250,9 +256,12 @@ def build(kind: str, c: int, h: int, p: tuple) -> Block | None:
         if dil * (k - 1) + 1 > h + 2 * pad:
             return None
         return Pool(c, h, pk, k, s, pad, ceil, dil)
-    if kind in ("resample", "nearest_exact"):
+    if kind in ("resample", "nearest_exact", "resample_to_one"):
         mode, scale, align = p
-        return Resample(c, h, "nearest-exact" if kind == "nearest_exact" else mode, scale, align)
+        if kind == "resample_to_one":
+            return Resample(c, h, mode, "one", align)
+        b = Resample(c, h, "nearest-exact" if kind == "nearest_exact" else mode, scale, align)
+        return None if b.h == 1 and mode != "nearest" else b  # resample_to_one
     if kind == "gate":
         return Gate(c, h, p[0])
     if kind in ("se", "se_expand"):
@@ -290,6 +299,7 @@ _PARAMS = {
 }
 _PARAMS["pad_dilated"] = _PARAMS["conv"]
 _PARAMS["nearest_exact"] = _PARAMS["resample"]
+_PARAMS["resample_to_one"] = _PARAMS["resample"]
 for _k in KNOWN_BAD:
     _PARAMS.setdefault(_k, st.tuples())
 
@@ -330,4 +340,6 @@ def random_models(draw, kinds=DEFAULT_KINDS, max_ops: int = 5, must=None):
     if must is not None:
         specs.insert(draw(st.integers(0, len(specs))), (must, draw(_PARAMS[must])))
     torch.manual_seed(draw(st.integers(0, 2 ** 16)))
-    return CaptureCNN(cin, size, specs).eval(), (1, cin, size, size)
+    model = CaptureCNN(cin, size, specs).eval()
+    assume(model.specs)  # every drawn block was too big for its map: nothing to check
+    return model, (1, cin, size, size)

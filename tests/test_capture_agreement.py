@@ -80,6 +80,7 @@ BAD_CASES = {  # kind -> (input size, the block's drawn parameters); stem conv, 
     "se_expand": (9, ()),
     "maxpool_indices": (9, ()),
     "strided_slice": (9, ()),
+    "resample_to_one": (3, ("bilinear", "one", True)),  # align_corners=True: the 1x1 output samples pixel 0 alone
 }
 
 
@@ -92,7 +93,8 @@ def test_every_known_bad_kind_has_a_case():
 def test_known_bad_op_agrees(kind):
     size, params = BAD_CASES[kind]
     torch.manual_seed(0)
-    specs = [(kind, params), _TAIL] if kind == "pad_dilated" else [_STEM, (kind, params), _TAIL]
+    specs = [(kind, params)] if kind == "resample_to_one" else \
+        [(kind, params), _TAIL] if kind == "pad_dilated" else [_STEM, (kind, params), _TAIL]
     model = CaptureCNN(4, size, specs).eval()
     assert model.specs == specs
     agree(model, (1, 4, size, size), strict=True)
