@@ -25,7 +25,9 @@ LAYERS = (
     ("leaves", {"metric", "errors", "checks", "naming", "models", "training"}),  # no fxrf import but errors
     ("core", {"field", "shapes", "ops"}),  # the channel-set algebra, shape propagation, the op table's machinery
     ("rules", {"rules", "trace"}),  # the built-in ops; model -> GraphModule with shapes
-    ("analysis", {"analysis", "cost", "dynamo", "report", "optimize_report", "plot", "graph"}),  # walk, records, reports
+    # the entry points (analysis), the walk, stages, in-place versions, the records; reports, costs, dynamo graphs
+    ("analysis", {"analysis", "walk", "stages", "inplace", "records", "cost", "dynamo", "report", "optimize_report",
+                  "plot", "graph"}),
     ("passes", {"passes"}),  # rewrites (fxrf.passes, the backend's graph passes among them) and their pipeline
     ("compile", {"compiler", "backend"}),  # torch.compile: the backend runs graph passes, fxrf.compile all passes
     ("cli", {"cli", "__main__"}),

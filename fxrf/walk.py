@@ -1,0 +1,360 @@
+"""The analysis walk: steps 1 and 3 (fields referenced to the model input, then to the stage input), applying
+each node's rule once per walk, and one `NodeRecord` per tensor-valued node."""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from . import field as F_
+from .errors import AnalysisError, FxrfError, UnsupportedOpError
+from .field import Field
+from .inplace import Version, _write_back, inplace_versions
+from .metric import gain as gain_of
+from .naming import describe, module_path, op_name
+from .ops import Call, Decline, OpTable, T, TMeta, default_table
+from .records import META_KEY, RF, Analysis, NodeRecord, map_size
+from .rules import default_sp
+from .rules.elementwise import broadcast_merge
+from .rules.layout import getitem
+from .shapes import fetch_attr
+from .stages import _channel_shape, _input_sp, _is_tensorish, _nothing, _reference, find_stages
+
+# op names that only regroup axes row-major: a pair of them that gives back the shape gives back the field
+_RESHAPES = frozenset({"reshape", "flatten", "unflatten", "squeeze", "unsqueeze"})
+
+
+class _Walker:
+    def __init__(self, gm, shapes, inputs, modules, alpha, strict, rules: OpTable | None = None):
+        self.gm, self.shapes, self.alpha, self.strict = gm, shapes, alpha, strict
+        self.table = rules or default_table()
+        self.input_shape = inputs[0].shape
+        self.dims = max(len(self.input_shape) - 2, 0)
+        self.modules = modules
+        self._summaries: dict = {}
+        self._plan: dict = {}
+        self.constants: dict = {}  # placeholder name -> tensor, for placeholders that hold parameters
+        self.constant_names: set = set()
+        self.spatial_cap = True  # False: extents are not capped at the reference size (analyze's spatial_cap)
+        self.unsupported: list = []
+        self._declined: dict = {}
+        self._subs: dict = {}  # node -> {input node: the in-place node whose result it reads instead}
+        self.warnings: list = []
+
+    # -- step 1 and 3: the rules ------------------------------------------------------------------------------
+
+    def _ctx_and_rule(self, node):
+        plan = self._plan.get(node)  # looked up once, used by both walks and the record
+        if plan is None:
+            mod = self.modules[node.target] if node.op == "call_module" else None
+            plan = self._plan[node] = (mod, self.table.lookup(node, mod))
+        return plan
+
+    def _apply(self, node, mod, op, env, stage_of=None, stage=None, subs=None):
+        """Fields of `node`'s output from its inputs' fields in `env` (inputs of other stages see nothing)."""
+
+        subs = self._subs.get(node) if subs is None else subs
+
+        def wrap(n):
+            v = self.shapes[n]
+            if subs is not None:  # an input mutated in place earlier: read its latest version
+                n = subs.get(n, n)
+            f = env.get(n)
+            if stage_of is not None and stage_of.get(n) != stage:
+                f = _nothing(f)
+            if isinstance(v, TMeta):
+                value = None
+                if n.op == "get_attr":
+                    value = fetch_attr(self.gm, n.target)
+                    value = value if isinstance(value, torch.Tensor) else None
+                elif n.name in self.constants:
+                    value = self.constants[n.name]
+                return T(v.shape, f, value)
+            if _is_tensorish(v):  # a tuple holding tensors (split, chunk, a module returning several values)
+                fs = f if isinstance(f, tuple) else (None,) * len(v)
+                return tuple(T(x.shape, y) if isinstance(x, TMeta) else x for x, y in zip(v, fs))
+            return v
+
+        back = self._round_trip(node, op)
+        if back is not None:  # a flatten/view undone by the next view: the field of what was flattened, exactly
+            return wrap(back).field
+        args = fx.node.map_arg(node.args, wrap)
+        kwargs = fx.node.map_arg(node.kwargs, wrap)
+        ctx = Call(node, mod, args, kwargs, self.shapes[node], self.dims)
+        if op is None or op.rf is None:
+            return self._conservative(ctx, "no rule")
+        try:
+            return op.rf(ctx)
+        except Decline as e:
+            return self._conservative(ctx, str(e))
+        except FxrfError:
+            raise
+        except Exception as e:  # a rule that cannot handle this call: conservative here, an error under strict
+            if self.strict:
+                raise AnalysisError(f"the receptive-field rule of op {op.name!r} failed on "
+                                    f"{describe(self.gm, node)}: {type(e).__name__}: {e}") from e
+            return self._conservative(ctx, f"the {op.name!r} rule failed: {type(e).__name__}: {e}")
+
+    def _version(self, v: "Version", env, stage_of=None, stage=None):
+        """The field of a Version: a view read again from its base's latest version, or a base after a write into
+        a part of it (that part replaced by what was written; conservative where it cannot be mapped exactly)."""
+        if v.kind == "view":
+            mod, op = self._ctx_and_rule(v.node)
+            subs = dict(self._subs.get(v.node, {}))
+            subs[v.node.args[0]] = v.inputs[0]
+            return self._apply(v.node, mod, op, env, stage_of, stage, subs)
+
+        def get(k):
+            f = env.get(k)
+            return _nothing(f) if stage_of is not None and stage_of.get(k) != stage else f
+
+        base = self.shapes[v.node]
+        why = "it is written through a view that cannot be mapped onto it (a permute, a reshape, advanced indexing)"
+        try:
+            if v.chain is not None:
+                if v.region is not None:  # setitem: its value, broadcast to the part it fills
+                    val = get(v.inputs[1]) if len(v.inputs) > 1 else None
+                    w = None if val is None else broadcast_merge([T(self.shapes[v.inputs[1]].shape, val)], v.region)
+                else:
+                    w = get(v.write)
+                parts = [get(v.inputs[0])]  # the base, then each view down to the part written, before the write
+                for shape, step, out in v.chain[:-1]:
+                    parts.append(getitem(Call(v.write, None, (T(shape, parts[-1]), step), {},
+                                              TMeta(out, base.dtype), self.dims)))
+                for (shape, step, _), f in zip(reversed(v.chain), reversed(parts)):
+                    w = _write_back(f, shape, step, w)
+                return w
+        except Decline as e:
+            why = str(e)
+        ins = tuple(T(self.shapes[k].shape, get(k)) for k in v.inputs if isinstance(self.shapes.get(k), TMeta))
+        return self._conservative(Call(v.write, None, ins, {}, base, self.dims),
+                                  f"writes into a part of {v.node.name!r} that cannot be mapped exactly ({why}): "
+                                  f"{v.node.name!r} is conservative from here on", key=v)
+
+    def _round_trip(self, node, op):
+        """The node x when `node` reshapes a reshape of x back to x's shape (flatten then view back)."""
+        if op is None or op.name not in _RESHAPES or not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        mid = node.args[0]
+        if mid.op not in ("call_module", "call_function", "call_method") or not mid.args or len(mid.users) != 1:
+            return None
+        mop = self._ctx_and_rule(mid)[1]
+        src = mid.args[0]
+        if mop is None or mop.name not in _RESHAPES or not isinstance(src, fx.Node):
+            return None
+        a, b = self.shapes.get(src), self.shapes.get(node)
+        return src if isinstance(a, TMeta) and isinstance(b, TMeta) and tuple(a.shape) == tuple(b.shape) else None
+
+    def _conservative(self, ctx: Call, reason: str, key=None):
+        node = ctx.node
+        if (node if key is None else key) not in self._declined:
+            self._declined[node if key is None else key] = reason
+            if self.strict:
+                raise UnsupportedOpError(
+                    f"no receptive-field rule for {describe(self.gm, node)}"
+                    + ("" if reason == "no rule" else f" ({reason})")
+                    + f"; register one with @fxrf.rf_rule({_rule_key(node, ctx.module)}) or call with strict=False "
+                      f"to treat it conservatively")
+        ins = [t for t in ctx.tensors() if t.field is not None]
+        single = isinstance(ctx.out, TMeta)
+        results = []
+        for o in ((ctx.out,) if single else ctx.out):
+            if not isinstance(o, TMeta):
+                results.append(None)
+                continue
+            like = next((t.field for t in ins if tuple(t.shape) == tuple(o.shape)),
+                        next((t.field for t in ins if len(t.shape) == len(o.shape)), None))
+            sp = like.sp if like is not None else default_sp(o.shape, self.dims)  # keep NHWC as NHWC
+            if like is None and tuple(o.shape[a] for a in sp if a is not None) not in \
+                    {tuple(t.shape[a] for a in t.field.sp) for t in ins if t.field.is_map}:
+                sp = (None,) * self.dims  # no axis is known to hold the map (a window partition): none does
+            cshape = _channel_shape(o.shape, sp)
+            sizes = [[t.shape[a] if a is not None else 1 for a in t.field.sp] for t in ins]
+            results.append(F_.everything([t.field for t in ins], sizes, cshape, sp))
+        return results[0] if single else tuple(results)
+
+    # -- the whole pass -----------------------------------------------------------------------------------------
+
+    def run(self, model_name: str) -> Analysis:
+        gm = self.gm
+        nodes = [n for n in gm.graph.nodes if n.op not in ("output",)]
+        self._subs, order = inplace_versions(nodes, self.shapes, self.modules, self.table)
+        self.shapes = dict(self.shapes)  # versions have their node's shape
+        self.shapes.update({v: self.shapes[v.node] for v in order if isinstance(v, Version)})
+        inp_env: dict = {}
+        offset = 0
+        refs = [n for n in nodes if n.op == "placeholder" and isinstance(self.shapes[n], TMeta)
+                and n.name not in self.constant_names]
+        layouts = {n: _input_sp(n, self.shapes[n].shape, self.dims) for n in refs}
+        words = F_.words_for(sum(math.prod(_channel_shape(self.shapes[n].shape, layouts[n])) for n in refs))
+        self._input_caps = []  # (first channel, end channel, map size) of each model input, for input_rf's cap
+        for node in order:  # step 1: fields referenced to the model input
+            v = self.shapes[node]
+            with self._naming(node.write or node.node if isinstance(node, Version) else node):
+                if isinstance(node, Version):
+                    inp_env[node] = self._version(node, inp_env)
+                elif node in layouts:
+                    f = _reference(v.shape, self.dims, offset, words=words, sp=layouts[node])  # hull: classic RF
+                    self._input_caps.append((offset, offset + f.channels, map_size(f, v.shape)))
+                    offset += f.channels
+                    inp_env[node] = f
+                elif node.op in ("call_module", "call_function", "call_method") and _is_tensorish(v):
+                    mod, rule = self._ctx_and_rule(node)
+                    inp_env[node] = self._apply(node, mod, rule, inp_env)
+        self._by_name = {n.name: n for n in order if not isinstance(n, Version)}
+        stage_of, stages, starts, context = find_stages(self, order, inp_env)
+        st_env: dict = {}
+        loc_env: dict = {}  # the same, with gates and global context seeing nothing (NodeRecord.local_rf)
+        offsets = {}
+        for s in stages:  # each starting node's channels get their own bits of the stage input
+            o = 0
+            for name in s.inputs:
+                offsets[name] = o
+                o += inp_env[self._by_name[name]].channels
+        records = []
+        for node in order:  # step 3: fields referenced to the stage input
+            v = self.shapes[node]
+            if not _is_tensorish(v):
+                continue
+            if isinstance(node, Version):
+                with self._naming(node.write or node.node):
+                    s = stage_of.get(node)
+                    if node.kind == "view" and node.node in starts:  # a stage input is its own reference
+                        st_env[node], loc_env[node] = st_env[node.node], loc_env[node.node]
+                        continue
+                    st_env[node] = self._version(node, st_env, stage_of, s)
+                    loc_env[node] = self._version(node, loc_env, stage_of, s)
+                continue
+            with self._naming(node):
+                if node in starts:
+                    stage = stages[stage_of[node]]
+                    st_env[node] = loc_env[node] = _reference(v.shape, self.dims, offsets[node.name],
+                                                              inp_env.get(node), F_.words_for(stage.channels),
+                                                              stage.resolution)
+                elif node.op in ("call_module", "call_function", "call_method"):
+                    mod, rule = self._ctx_and_rule(node)
+                    st_env[node] = self._apply(node, mod, rule, st_env, stage_of, stage_of.get(node))
+                    if any(loc_env.get(m) is not st_env.get(m) for m in self._inputs(node)):
+                        loc_env[node] = self._apply(node, mod, rule, loc_env, stage_of, stage_of.get(node))
+                    else:  # nothing upstream is a gate: the local field is the field
+                        loc_env[node] = st_env[node]
+                if node in context:
+                    loc_env[node] = _nothing(st_env.get(node))
+                if isinstance(v, TMeta) and node.name not in self.constant_names:
+                    records.append(self._record(node, v, stage_of, stages, st_env, inp_env, starts, loc_env))
+        for node, reason in self._declined.items():  # a Version: the write that made it conservative
+            node = node.write if isinstance(node, Version) else node
+            self.unsupported.append((node.name, _target_str(gm, node), reason))
+        for r in records:
+            gm_node = self._by_name[r.name]
+            gm_node.meta[META_KEY] = r
+            if r.gain is not None and r.gain <= 0 and r.local_gain is not None and r.local_gain > 0:
+                self.warnings.append(
+                    f"{r.name}: gain 0 rests on gate-induced saturation (a squeeze-excite gate or global context "
+                    f"earlier in stage {r.stage} already sees the whole stage input); through the local path its "
+                    f"gain is {r.local_gain:.3g} (NodeRecord.local_gain)")
+        return Analysis(gm, model_name, tuple(self.input_shape), self.alpha, stages, records, self.unsupported,
+                        self.spatial_cap, self.warnings)
+
+    @contextlib.contextmanager
+    def _naming(self, node):
+        """Any failure that is not an FxrfError becomes an AnalysisError that names the node."""
+        try:
+            yield
+        except FxrfError:
+            raise
+        except Exception as e:
+            raise AnalysisError(f"fxrf failed on {describe(self.gm, node)}: {type(e).__name__}: {e}. This is a bug "
+                                f"in fxrf; as a workaround, mark the module as a leaf (leaf_modules=[...]) or "
+                                f"register a rule for this op (docs/architecture.md)") from e
+
+    def _inputs(self, node) -> list:
+        """The nodes `node` reads, each in its latest in-place version."""
+        if isinstance(node, Version):
+            return node.inputs
+        subs = self._subs.get(node)
+        return [subs.get(m, m) for m in node.all_input_nodes] if subs else node.all_input_nodes
+
+    # -- records ------------------------------------------------------------------------------------------------
+
+    def _summary(self, f: Field, cap, sizes) -> RF:
+        key = (id(f), tuple(cap), sizes)  # per-channel ops (BN, ReLU) hand the same Field on: summarise it once
+        rf = self._summaries.get(key)
+        if rf is None:
+            spatial, cmin, cmean = f.summary(tuple(cap), sizes, self.spatial_cap)
+            rf = self._summaries[key] = RF(spatial, cmin, cmean)
+        return rf
+
+    def _record(self, node, v, stage_of, stages, st_env, inp_env, starts, loc_env) -> NodeRecord:
+        s = stage_of.get(node)
+        f, lf = st_env.get(node), loc_env.get(node)
+        rf = local_rf = None
+        if s is not None and isinstance(f, Field):
+            rf = self._summary(f, stages[s].resolution, map_size(f, v.shape))
+        if s is not None and isinstance(lf, Field):
+            local_rf = self._summary(lf, stages[s].resolution, map_size(lf, v.shape))
+        fi = inp_env.get(node)
+        input_rf = None
+        if isinstance(fi, Field) and self.dims:
+            input_rf = self._summary(fi, self._cap_of(fi), map_size(fi, v.shape))
+        mod, op = self._plan.get(node, (None, None))
+        kernel, g, lg = None, None, None
+        if op is not None and op.conv_like:  # a kernel type and a gain (any op registered with a ConvSpec)
+            ctx = Call(node, mod, fx.node.map_arg(node.args, lambda n: T(self.shapes[n].shape, None)
+                                                  if isinstance(self.shapes[n], TMeta) else self.shapes[n]),
+                       node.kwargs, v, self.dims)
+            kernel = op.spec(ctx).kind
+            src = node.args[0]
+            src = self._subs.get(node, {}).get(src, src)
+            if s is not None and node not in starts and stage_of.get(src) == s:  # a conv of constants: no stage
+                g = self._gain(st_env.get(src), rf, stages[s], src)
+                lg = self._gain(loc_env.get(src), local_rf, stages[s], src)
+        return NodeRecord(node.name, _op_label(node, mod), _target_str(self.gm, node, mod), tuple(v.shape), s, kernel, rf,
+                          g, input_rf, node not in self._declined, f if isinstance(f, Field) else None,
+                          fi if isinstance(fi, Field) else None, module_path(node), local_rf, lg)
+
+    def _gain(self, prev, rf, stage, src):
+        if rf is None or not isinstance(prev, Field):
+            return None
+        pv = self._summary(prev, stage.resolution, map_size(prev, self.shapes[src].shape)).volume
+        return gain_of(pv, rf.volume, stage.volume, self.alpha) if pv > 0 else None
+
+    def _cap_of(self, f: Field) -> tuple:
+        """input_rf's cap: per dim, the largest map among the model inputs whose channels the field sees."""
+        caps = self._input_caps
+        if len(caps) > 1:
+            seen = np.unpackbits(np.bitwise_or.reduce(f.bits, axis=0).view(np.uint8), bitorder="little")
+            got = [size for a, b, size in caps if seen[a:b].any() and len(size) == f.dims]
+            if got:
+                return tuple(max(x) for x in zip(*got))
+        return caps[0][2] if caps and len(caps[0][2]) == f.dims else tuple(self.input_shape[2:])
+
+
+def _op_label(node, mod) -> str:
+    if node.op == "placeholder":
+        return "input"
+    if node.op == "get_attr":
+        return "constant"
+    if mod is not None:
+        return type(mod).__name__.lower()
+    return op_name(node).rsplit(".", 1)[-1]
+
+
+def _target_str(gm, node, mod=None) -> str:
+    if node.op == "call_module":
+        mod = mod if mod is not None else gm.get_submodule(node.target)
+        return f"{node.target} ({type(mod).__name__})"
+    if node.op in ("call_function", "call_method"):
+        return op_name(node)
+    return str(node.target)
+
+
+def _rule_key(node, mod) -> str:
+    if mod is not None:
+        return f"{type(mod).__module__}.{type(mod).__name__}"
+    if isinstance(node.target, str):
+        return repr(node.target)
+    return op_name(node)
