@@ -27,3 +27,8 @@ class DuplicateRuleError(FxrfError, ValueError):
 
 class SaveError(FxrfError, ValueError):
     """A result cannot be written, would replace a file fxrf did not write, or does not reload to the same outputs."""
+
+
+class UsageError(Exception):
+    """Bad command-line usage, or a MODEL / --weights / --calibrate that cannot be loaded: the CLI exits 2 with this
+    one line. Not an FxrfError: the library's API never raises it (fxrf.cli and fxrf.sources do)."""

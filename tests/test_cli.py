@@ -205,7 +205,7 @@ def test_help_and_version_do_not_import_torch(tmp_path):
     pkg.mkdir()
     (pkg / "__init__.py").write_text("__version__ = '0'\n")
     root = os.path.join(os.path.dirname(__file__), "..", "fxrf")
-    for name in ("cli.py", "errors.py", "metric.py"):
+    for name in ("cli.py", "errors.py", "metric.py", "sources.py", "progress.py"):
         shutil.copy(os.path.join(root, name), pkg / name)
     code = ("import sys, probe.cli\n"
             "for argv in (['--help'], ['--version'], ['optimize', '--help']):\n"

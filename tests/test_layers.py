@@ -22,7 +22,7 @@ PACKAGES = {"fxrf": ROOT / "fxrf", "fxrf.passes": ROOT / "passes"}  # pyproject 
 # Bottom up. A module may import from its own layer and from the layers below, never from one above. A subpackage
 # (fxrf.rules, fxrf.passes) is named once and covers its modules.
 LAYERS = (
-    ("leaves", {"metric", "errors", "checks", "naming", "models", "training"}),  # no fxrf import but errors
+    ("leaves", {"metric", "errors", "checks", "naming", "models", "training", "progress"}),  # no fxrf import but errors
     ("core", {"field", "shapes", "ops"}),  # the channel-set algebra, shape propagation, the op table's machinery
     ("rules", {"rules", "trace"}),  # the built-in ops; model -> GraphModule with shapes
     # the entry points (analysis), the walk, stages, in-place versions, the records; reports, costs, dynamo graphs
@@ -30,6 +30,7 @@ LAYERS = (
                   "plot", "graph"}),
     ("passes", {"passes"}),  # rewrites (fxrf.passes, the backend's graph passes among them) and their pipeline
     ("compile", {"compiler", "backend"}),  # torch.compile: the backend runs graph passes, fxrf.compile all passes
+    ("sources", {"sources"}),  # what the command line names, loaded: MODEL, --weights, --calibrate
     ("cli", {"cli", "__main__"}),
 )
 LAYER = {name: i for i, (_, names) in enumerate(LAYERS) for name in names}
