@@ -250,6 +250,7 @@ def _cmd_optimize(args) -> int:
     try:
         result = optimize(model, shape, stages=stages, kernels=kernels, alpha=args.alpha, include=args.include,
                           exclude=args.exclude, device=args.device, batch=args.batch, calibration=calibration,
+                          **{k: v for k, v in (("goal", args.goal), ("measure", args.measure)) if v is not None},
                           progress=lambda what: progress(f"{what} of {args.model}"))
     except InputError as e:
         raise UsageError(str(e).splitlines()[0]) from e
@@ -269,6 +270,7 @@ def _cmd_optimize(args) -> int:
         doc = result.to_dict()
         doc["before_after"] = before_after(before, after)
         doc["calibration"] = result.summary["calibration"]
+        doc["goal"], doc["latency"] = result.summary["goal"], result.summary["latency"]
         doc["written"] = written
         print(json.dumps(doc, indent=1, default=str))
     else:
@@ -371,6 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: decompose's, 5; 0: no check)")
     op.add_argument("--device", default="cpu", help="--objective latency / --latency-budget: where to time, cpu or "
                                                     "cuda (default cpu)")
+    op.add_argument("--goal", metavar="paper|speed",
+                    help="paper (default): the 3DRF-driven layout asked for, which may cost time; speed: the steps "
+                         "priced in latency measured on --device at --batch and the result kept only if the whole "
+                         "model is measured faster than MODEL (else MODEL comes back unchanged)")
+    op.add_argument("--measure", type=_rounds, metavar="N",
+                    help="time MODEL and the result, compiled, in alternation for N rounds (with a second instance "
+                         "of MODEL as the resolution) and print both times beside params and MACs (--goal speed: "
+                         "5 unless given)")
     op.add_argument("--batch", type=_positive_int, default=1, help="--objective latency / --latency-budget: the "
                                                                    "batch size to time at (default 1)")
     op.add_argument("--include", action="append", metavar="GLOB",

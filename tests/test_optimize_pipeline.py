@@ -244,3 +244,21 @@ def test_the_report_flags_a_slower_result():
     text = optimize_summary(r)
     assert "model 1.000 ms, result 1.500 ms: 1.500x" in text
     assert any(line.startswith("SLOWER: the result runs 1.500x") for line in text.splitlines())  # its own line
+
+
+def test_cli_goal_and_measure_reach_the_pipeline(monkeypatch, capsys, tmp_path):
+    """--goal/--measure are passed through; a fake timer (the LatencyModel's default one) makes the result 4x
+    slower, so --goal speed prints that the model was kept and writes the JSON's latency block."""
+    import fxrf.passes.latency as latency
+    from fxrf.cli import main
+    monkeypatch.setenv("FXRF_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(latency, "default_timer", lambda *a, **k: _Clock({"model": 1e-3, "result": 4e-3}))
+    code = main(["optimize", "fxrf:vgg11_cifar", "--input", "1,3,32,32", "--kernels", "DW+PW", "--goal", "speed",
+                 "--measure", "2", "--dry-run"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "kept the model unchanged" in out and "4.000x the model's time" in out
+    code = main(["optimize", "fxrf:vgg11_cifar", "--input", "1,3,32,32", "--kernels", "DW+PW", "--goal", "fast",
+                 "--dry-run"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "goal 'fast' is unknown" in err
