@@ -18,7 +18,7 @@ from fxrf.analysis import analyze
 from fxrf.models import resnet50_cifar, vgg11_cifar, vgg16_cifar, vgg16_opt_table6
 from fxrf.passes.decomposer import decompose
 from fxrf.passes.organizer import organize_stages
-from fxrf.passes.table6 import format_rpw, format_table6, table6_rows
+from table6 import format_rpw, format_table6, table6_rows
 
 SHAPE = (1, 3, 32, 32)
 MODELS = {"vgg11": vgg11_cifar, "vgg16": vgg16_cifar, "vgg16_opt6": vgg16_opt_table6, "resnet50": resnet50_cifar}

@@ -6,7 +6,7 @@
 Sections: Table 2 (the 3DRF gain of the conv inserted into VGG-11), Tables 3-5 (params and MACs of every baseline
 row; then every -opt row as `fxrf.organize_stages(strategy="paper")` finds it: layout, params, MACs and
 Delta-3DRF), the 3DRF of every stage of every baseline (which stages are saturated), and Table 6
-(fxrf.passes.table6). The paper's "MFLOPs" are MACs (multiply-accumulates of conv and linear layers) rounded to 10M
+(benchmarks/table6.py). The paper's "MFLOPs" are MACs (multiply-accumulates of conv and linear layers) rounded to 10M
 (docs/paper.md). Nothing is trained and nothing is downloaded: the ImageNet VGG16/VGG19/ResNet50 rows are
 torchvision's models built on the meta device (shapes only) at 224x224. The -opt rows take a few minutes.
 """
@@ -404,10 +404,7 @@ def stage_fields(analyses) -> list:
 
 
 def table6() -> list:
-    try:
-        from fxrf.passes.table6 import format_table6
-    except ImportError:
-        return ["Table 6: pending (fxrf.passes.table6 not available)"]
+    from table6 import format_table6  # benchmarks/table6.py, beside this script
     text = format_table6()
     return ["Table 6: kernel-level design (CIFAR-10) on VGG16-opt", ""] + str(text).rstrip("\n").splitlines()
 

@@ -7,6 +7,8 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # the oracle and the block zoo are plain modules beside the tests
+# benchmarks/ holds the scripts that reproduce the paper's tables (table6.py); the tests check their figures
+sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 import torch  # noqa: E402
 

@@ -323,7 +323,7 @@ def test_copy_graph_module_shares_what_it_says():
 
 
 def test_table6_on_vgg16_opt():
-    from fxrf.passes.table6 import format_table6, table6_rows
+    from table6 import format_table6, table6_rows
 
     rows = {r["recipe"]: r for r in table6_rows()}
     base, dwpw = rows["Baseline"], rows["DW+PW"]
@@ -348,7 +348,7 @@ def test_table6_on_vgg16_opt():
 
 @pytest.mark.parametrize("groups", [2, 4])
 def test_rpw_needs_g_layers_whatever_the_overlap(groups):
-    from fxrf.passes.table6 import growth, rpw_layers
+    from table6 import growth, rpw_layers
 
     for o in (33, 50):
         assert rpw_layers(groups, o, 64, max_layers=groups + 1) == groups
@@ -357,7 +357,7 @@ def test_rpw_needs_g_layers_whatever_the_overlap(groups):
 
 @pytest.mark.slow
 def test_rpw_layers_all_rows():
-    from fxrf.passes.table6 import rpw_layers
+    from table6 import rpw_layers
 
     assert {(g, o, w): rpw_layers(g, o, w) for g in (2, 4, 8) for o in (33, 50) for w in (64, 512)} == \
         {(g, o, w): g for g in (2, 4, 8) for o in (33, 50) for w in (64, 512)}

@@ -1,7 +1,7 @@
 """The paper's Table 6 (kernel-level design on CIFAR-10 VGG16-opt), recomputed, and how many DW+RPW layers a
 stage needs before its channel field is full.
 
-    python -m fxrf.passes.table6
+    python benchmarks/table6.py
 
 Every number comes from `decompose` on `fxrf.models.vgg_cifar((4, 3, 2, 3, 1))` (built on the meta device: no
 weights are needed to count) and from fresh analyses; the paper's figures sit beside them for comparison.
@@ -13,7 +13,7 @@ import torch
 from fxrf.analysis import analyze
 from fxrf.models import vgg_cifar
 
-from .decomposer import decompose
+from fxrf.passes.decomposer import decompose
 
 LAYOUT = (4, 3, 2, 3, 1)
 INPUT = (1, 3, 32, 32)
