@@ -10,8 +10,8 @@
     fxrf models
 
 MODEL is `torchvision:NAME`, `fxrf:NAME`, `timm:NAME`, `path/to/file.py:factory` or `package.module:factory` (loaded
-by fxrf.sources, with --weights and --calibrate). `--model-arg KEY=VALUE` passes a keyword argument to its factory (VALUE is read as a Python
-literal: 100, 0.5, True, None, (1, 2), 'text'; anything else is taken as a string).
+by fxrf.sources, as are --weights and --calibrate). `--model-arg KEY=VALUE` passes a keyword argument to its factory
+(VALUE is read as a Python literal: 100, 0.5, True, None, (1, 2), 'text'; anything else is taken as a string).
 Exit status: 0 on success, 2 for bad usage / unknown model / bad --input / a result that cannot be saved as asked
 (one line on stderr), 1 when the analysis itself fails. `--out` never replaces a file fxrf did not write (the
 model's source, a checkpoint) without --force: sources fxrf writes start with the line `# fxrf-generated`.
