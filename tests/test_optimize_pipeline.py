@@ -147,7 +147,7 @@ def test_cli_calibrate_from_a_tensor_and_an_npz(trained, tmp_path, capsys):
     from fxrf.cli import main
     model, xs = trained
     torch.save(model.state_dict(), tmp_path / "w.pt")
-    (tmp_path / "net.py").write_text("import torch.nn as nn\n\n\ndef make():\n    w = 16\n    return nn.Sequential("
+    (tmp_path / "digits_net.py").write_text("import torch.nn as nn\n\n\ndef make():\n    w = 16\n    return nn.Sequential("
                                      "nn.Conv2d(1, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), nn.Conv2d(w, 2 * w,"
                                      " 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d("
                                      "2 * w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.MaxPool2d(2), "
@@ -157,17 +157,18 @@ def test_cli_calibrate_from_a_tensor_and_an_npz(trained, tmp_path, capsys):
     np.savez(tmp_path / "x.npz", x=data.numpy())
     outs = {}
     for f in ("x.pt", "x.npz"):
-        code = main(["optimize", f"{tmp_path / 'net.py'}:make", "--input", "1,1,8,8", "--kernels", "DW+PW",
+        code = main(["optimize", f"{tmp_path / 'digits_net.py'}:make", "--input", "1,1,8,8", "--kernels", "DW+PW",
                      "--weights", str(tmp_path / "w.pt"), "--calibrate", str(tmp_path / f), "--dry-run", "--json"])
         out, err = capsys.readouterr()
         assert code == 0, err
         outs[f] = json.loads(out)["calibration"]
     assert outs["x.pt"] == outs["x.npz"]
     assert outs["x.pt"]["calibrated"]["top1_agreement"] >= 0.85 and outs["x.pt"]["held_out"] == 2
-    code = main(["optimize", f"{tmp_path / 'net.py'}:make", "--input", "1,1,8,8", "--kernels", "DW+PW", "--dry-run"])
+    code = main(["optimize", f"{tmp_path / 'digits_net.py'}:make", "--input", "1,1,8,8", "--kernels", "DW+PW",
+                 "--dry-run"])
     out, _ = capsys.readouterr()
     assert code == 0 and "not calibrated" in out
-    code = main(["optimize", f"{tmp_path / 'net.py'}:make", "--input", "1,1,8,8", "--kernels", "DW+PW", "--dry-run",
+    code = main(["optimize", f"{tmp_path / 'digits_net.py'}:make", "--input", "1,1,8,8", "--kernels", "DW+PW", "--dry-run",
                  "--calibrate", str(tmp_path / "missing.pt")])
     _, err = capsys.readouterr()
     assert code == 2 and "no such file" in err and err.count("\n") == 1
