@@ -6,7 +6,7 @@ import pytest
 import torch.nn as nn
 
 from fxrf.errors import InputError
-from passes.latency import LatencyModel
+from fxrf.passes.latency import LatencyModel
 
 CONV = nn.Conv2d(8, 8, 3, padding=1)
 SHAPE = (1, 8, 8, 8)

@@ -1,13 +1,10 @@
 """include/exclude: an empty include is refused, not read as "every conv"."""
-import doctest
-
 import pytest
 import torch.nn as nn
 
 import fxrf
 from fxrf.errors import InputError
-import passes.select
-from passes.select import Selection
+from fxrf.passes.select import Selection
 
 
 def net():
@@ -39,6 +36,3 @@ def test_include_selects_only_what_it_names():
     r = fxrf.decompose(net(), SHAPE, recipe="DW+PW", include=["0"], skip_first=False)
     assert [c.conv for c in r.changes] == ["_0"]
 
-
-def test_doctests():
-    assert doctest.testmod(passes.select, optionflags=doctest.ELLIPSIS).failed == 0
