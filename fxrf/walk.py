@@ -12,7 +12,7 @@ import torch.fx as fx
 from . import field as F_
 from .errors import AnalysisError, FxrfError, UnsupportedOpError
 from .field import Field
-from .inplace import Version, _write_back, inplace_versions
+from .inplace import Version, _write_back, inplace_versions, mutates
 from .metric import gain as gain_of
 from .naming import describe, module_path, op_name
 from .ops import Call, Decline, OpTable, T, TMeta, default_table
@@ -25,6 +25,8 @@ from .stages import _channel_shape, _input_sp, _is_tensorish, _nothing, _referen
 
 # op names that only regroup axes row-major: a pair of them that gives back the shape gives back the field
 _RESHAPES = frozenset({"reshape", "flatten", "unflatten", "squeeze", "unsqueeze"})
+# elementwise ops of several operands (broadcast): per element where only one operand is a tensor (t * 2.0)
+_BROADCASTS = frozenset({"binary", "compare"})
 
 
 class _Walker:
@@ -135,10 +137,14 @@ class _Walker:
                                   f"{v.node.name!r} is conservative from here on", key=v)
 
     def _round_trip(self, node, op):
-        """The node x when `node` reshapes a reshape of x back to x's shape (flatten then view back)."""
+        """The node x when `node` reshapes a reshape of x back to x's shape (flatten then view back), with any
+        single-user per-element ops of one tensor between the two (x.flatten(2).sigmoid().view(x.shape)): they map
+        each element on its own, so every position comes back where it was."""
         if op is None or op.name not in _RESHAPES or not node.args or not isinstance(node.args[0], fx.Node):
             return None
         mid = node.args[0]
+        while (prev := self._per_element_input(mid)) is not None:
+            mid = prev
         if mid.op not in ("call_module", "call_function", "call_method") or not mid.args or len(mid.users) != 1:
             return None
         mop = self._ctx_and_rule(mid)[1]
@@ -147,6 +153,18 @@ class _Walker:
             return None
         a, b = self.shapes.get(src), self.shapes.get(node)
         return src if isinstance(a, TMeta) and isinstance(b, TMeta) and tuple(a.shape) == tuple(b.shape) else None
+
+    def _per_element_input(self, n):
+        """The one tensor `n` reads when `n` is a per-element op of it alone (same shape, one user, no in-place
+        write, no in-place version read; t * 2.0 counts, t * u does not), else None."""
+        if n.op not in ("call_module", "call_function", "call_method") or len(n.users) != 1 or n in self._subs:
+            return None
+        mod, op = self._ctx_and_rule(n)
+        if op is None or ("per_element" not in op.traits and op.name not in _BROADCASTS) or mutates(n, mod):
+            return None
+        ins = [m for m in n.all_input_nodes if isinstance(self.shapes.get(m), TMeta)]
+        a, b = (self.shapes.get(ins[0]), self.shapes.get(n)) if len(ins) == 1 else (None, None)
+        return ins[0] if isinstance(b, TMeta) and tuple(a.shape) == tuple(b.shape) else None
 
     def _conservative(self, ctx: Call, reason: str, key=None):
         node = ctx.node
