@@ -20,7 +20,9 @@ from hypothesis import assume, strategies as st
 KNOWN_BAD = {
     "pad_dilated": "reflect/replicate padding with dilation > 1 on a small map: declined and listed, with a "
                    "conservative field that contains autograd's (tests/test_padding_modes.py); not exact",
-    "flatten_back": "flatten -> elementwise -> view back: the round trip is only recognised without the op between",
+    "flatten_back": "flatten -> elementwise -> view back: the view back and what follows are exact now "
+                    "(tests/test_flatten_round_trip.py), but the flattened tensors in between report the whole map "
+                    "(9x9 where autograd sees 2x2 of the flat axis) without being listed as conservative",
     "se_expand": "squeeze-excite gate s[:, :, None, None].expand_as(x) * x: the fx capture declines the mul "
                  "('a channel-like axis broadcast against a spatial one'); export is exact",
     # found by this generator: a resample to a 1x1 map reads one pixel when its sample lands on a pixel centre
