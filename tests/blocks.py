@@ -223,3 +223,18 @@ class Functional(nn.Module):
 
 
 BLOCKS["functional"] = (Functional, (1, 4, 9, 9))
+
+
+class SEStage(nn.Module):
+    """conv -> squeeze-excite -> two more convs, in one 8x8 stage."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.c1 = nn.Conv2d(c, c, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv2d(c, 2, 1), nn.Conv2d(2, c, 1)
+        self.c2, self.c3 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        y = self.c1(x)
+        y = y * torch.sigmoid(self.fc2(torch.relu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
+        return self.c3(self.c2(y))

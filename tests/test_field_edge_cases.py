@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxrf
+from blocks import SEStage
 from fxrf.passes import finish
 from oracle import compare
 
@@ -266,21 +267,6 @@ def test_input_rf_cap_comes_from_each_input():
 
 
 # ---- 8. the local field and the gate warning ----------------------------------------------------------------
-
-
-class SEStage(nn.Module):
-    """conv -> squeeze-excite -> two more convs, in one 8x8 stage."""
-
-    def __init__(self, c=4):
-        super().__init__()
-        self.c1 = nn.Conv2d(c, c, 3, padding=1)
-        self.fc1, self.fc2 = nn.Conv2d(c, 2, 1), nn.Conv2d(2, c, 1)
-        self.c2, self.c3 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        y = self.c1(x)
-        y = y * torch.sigmoid(self.fc2(torch.relu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
-        return self.c3(self.c2(y))
 
 
 def test_local_field_and_gain_exclude_the_gate():

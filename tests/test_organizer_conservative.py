@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxrf
+from blocks import SEStage
 from oracle import measure
 
 
@@ -109,21 +110,6 @@ def test_gate_built_from_an_op_without_a_rule_removes_nothing(capture):
         r = fxrf.organize_stages(gm, SHAPE, macs_budget=None, strategy=strategy)
         assert _removed(r) == [], strategy
         assert sum("conservative field" in d.reason for d in r.declined if d.kind == "remove") == 3, strategy
-
-
-class SEStage(nn.Module):
-    """conv -> squeeze-excite -> two more convs, in one 8x8 stage."""
-
-    def __init__(self, c=4):
-        super().__init__()
-        self.c1 = nn.Conv2d(c, c, 3, padding=1)
-        self.fc1, self.fc2 = nn.Conv2d(c, 2, 1), nn.Conv2d(2, c, 1)
-        self.c2, self.c3 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        y = self.c1(x)
-        y = y * torch.sigmoid(self.fc2(torch.relu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
-        return self.c3(self.c2(y))
 
 
 def test_gate_induced_saturation_does_not_justify_a_removal():
