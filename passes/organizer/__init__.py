@@ -131,12 +131,15 @@ def organize_stages(model: nn.Module, example_input, *, strategy: str = "greedy"
               original=before, limits=limits(before, macs_budget, params_budget), kernel_size=kernel_size,
               max_insertions=max_insertions, selection=selection, clock=clock)
     changes, declined = [], []
+    # each analysis of a large model holds GBs of fields (vit_h_14: ~1.5 GB): none is kept past its last use
+    now, a = total(a.costs), None
     if paper:
         changes, declined = swap_paper(run, work)
     else:
         if remove_saturated:
             changes, declined, a = remove_saturated_convs(run, work)
-        inserted, refused = insert_greedy(run, work, a)
+            now, a = total(a.costs), None
+        inserted, refused = insert_greedy(run, work, now)
         changes, declined = changes + inserted, declined + refused
     if any(c.kind == "remove" for c in changes):  # a removal can leave act_(Identity(act_(x))): two in-place
         for m in work.modules():  # writes to one tensor that backward needs; out of place computes the same

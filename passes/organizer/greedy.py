@@ -26,6 +26,7 @@ def remove_saturated(run: Run, gm: fx.GraphModule) -> tuple[list, list, Analysis
     """
     changes, cutoff, clock = [], run.cutoff, run.clock
     while True:
+        a = None  # the last round's analysis goes before the next one is made
         a = run.analyze(gm)
         kept: dict = {}  # the convs this pass could not remove, with the reason
         costs = a.costs
@@ -56,16 +57,16 @@ def remove_saturated(run: Run, gm: fx.GraphModule) -> tuple[list, list, Analysis
             return changes, list(kept.values()), a
 
 
-def insert_greedy(run: Run, gm: fx.GraphModule, a: Analysis) -> tuple[list, list]:
+def insert_greedy(run: Run, gm: fx.GraphModule, now) -> tuple[list, list]:
     """Insert one conv at a time where the candidate graphs' analysis gives the highest gain (the cheaper place
-    on a tie), while the gain exceeds the threshold and the budgets hold: (changes, declined). `a`: the analysis
-    of `gm` as it is now."""
-    now = total(a.costs)
+    on a tie), while the gain exceeds the threshold and the budgets hold: (changes, declined). `now`: the cost
+    (fxrf.cost.total) of `gm` as it is now."""
     used = [now.macs, now.params]
     changes, declined = [], []
     closed: set = set()  # (stage, place) that will get nothing more: the graph there does not change any more
     own: set = set()  # the module paths of the convs inserted
     while True:
+        a = None  # the last round's analysis goes before the next one is made
         a = run.analyze(gm)
         sites, refused, closing = _open_sites(run, a, closed, own)
         declined += refused
