@@ -56,7 +56,7 @@ def compile_model(model: nn.Module, example_input, stages: bool | dict = False, 
     info = CompileInfo()
     if stages or kernels:
         from .passes.pipeline import optimize
-        res = optimize(model, example_input, stages=stages or None, kernels=kernels)
+        res = optimize(model, example_input, stages=stages or None, kernels=kernels, keep_class=False)
         info.passes, info.result, model = dict(res.steps), res, res.graph_module
     opts = {"passes": DEFAULT_GRAPH_PASSES, **(backend_options or {})}
     if "options" in torch_compile_kwargs:  # torch.compile(options=...) is the backend's options here too

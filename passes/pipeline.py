@@ -12,8 +12,10 @@ order is readable top to bottom in `optimize`, like inductor's `post_grad_passes
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
+import torch.fx as fx
 import torch.nn as nn
 
 from fxrf.analysis import Analysis, analyze
@@ -39,6 +41,11 @@ class OptimizeResult(PassResult):
 
     steps: dict = field(default_factory=dict)
     before: Analysis | None = field(default=None, repr=False)
+    model: nn.Module | None = field(default=None, repr=False)  # the user's class, changed module by module, or
+    # graph_module where a change is not local to a module (form_why says which)
+    plan: dict | None = None  # the structure plan that `fxrf.apply` makes again on a fresh model (form "module")
+    form: str = "graph"  # "module": `model` is the user's own class; "graph": the emitted GraphModule
+    form_why: str | None = None  # why the user's class could not be kept (form "graph")
 
     @property
     def after(self) -> Analysis | None:
@@ -67,7 +74,8 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
              kernels: str | dict | None = None, alpha: float = DEFAULT_ALPHA, include=None, exclude=None,
              device: str = "cpu", batch: int = 1, latency=None, calibration=None,
              calibration_batches: int = CALIBRATION_BATCHES, holdout_batches: int = HOLDOUT_BATCHES,
-             goal: str = DEFAULT_GOAL, measure: int | None = None, progress=None) -> OptimizeResult:
+             goal: str = DEFAULT_GOAL, measure: int | None = None, keep_class: bool = True,
+             progress=None) -> OptimizeResult:
     """Rewrite `model` (never modified) by the steps asked for, in order: `stages` (organize_stages: True or its
     keyword arguments, e.g. {"strategy": "paper"}), then `kernels` (decompose: a recipe such as "auto" or "DW+PW",
     or its keyword arguments, e.g. {"recipe": "auto", "objective": "latency"}). `alpha`, `include` / `exclude`
@@ -86,6 +94,10 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
     measure: rounds of whole-model timing (compiled, `latency`'s mode, in alternation: the model, the result and a
     second instance of the model, whose ratio to the first is the resolution of a ratio on this machine) reported
     in summary["latency"]; None: MEASURE_ROUNDS with goal="speed", 0 (nothing timed) otherwise.
+    keep_class: hand the result back as `model`'s own class where every change is local to a module (user_model.py):
+    `result.model` is then a copy of `model` changed by module surgery (same class, methods and output type) and
+    `result.plan` the structure plan `fxrf.apply` makes again on a fresh model; `result.form` says which form
+    `result.model` has ("module" or "graph", the emitted GraphModule) and `result.form_why` why not "module".
     progress: a context-manager factory called with a description around each step (the CLI's line on stderr).
     """
     organize, decompose_opts = _options(stages, "stages"), _options(kernels, "kernels", "recipe")
@@ -153,7 +165,25 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
     summary["calibration"] = calibrated
     summary["function_preserved"] = _preserved(steps) or (timed is not None and timed.get("kept") == "model")
     summary["goal"], summary["latency"] = goal, timed
-    return OptimizeResult(current, changes, summary, declined, after, steps=steps, before=before)
+    from .user_model import Lifted
+    lifted = Lifted(None, None, "keep_class=False")
+    if keep_class:
+        with step("handing back the model's own class"):
+            lifted = _lift(model, current, steps, example_input,
+                           reverted=timed is not None and timed.get("kept") == "model")
+    summary["form"] = {"form": "module" if lifted.model is not None else "graph", "why": lifted.why}
+    return OptimizeResult(current, changes, summary, declined, after, steps=steps, before=before,
+                          model=lifted.model if lifted.model is not None else current, plan=lifted.plan,
+                          form="module" if lifted.model is not None else "graph", form_why=lifted.why)
+
+
+def _lift(model, current, steps: dict, example_input, *, reverted: bool):
+    """The result as `model`'s own class (user_model.py), or why not; a reverted result is a copy of `model`."""
+    from .user_model import PLAN_VERSION, Lifted, _qualified, lift
+    if reverted and not isinstance(model, fx.GraphModule):
+        return Lifted(copy.deepcopy(model), {"fxrf_plan": PLAN_VERSION, "class": _qualified(type(model)),
+                                             "changes": []})
+    return lift(model, current, steps, example_input)
 
 
 @dataclass(frozen=True)
@@ -171,8 +201,6 @@ def _measure(model, result, before: Analysis, latency, rounds: int) -> dict:
     """The model, the result and a second instance of the model, compiled (the LatencyModel's mode) and timed in
     alternation for `rounds` rounds: each one's time, the result's per-round ratio to the model (median), and the
     noise: how far from 1 the two instances of one model are, the smallest ratio this machine resolves now."""
-    import copy
-
     from .latency import input_shape, paired_ratio
     shape = input_shape(before.graph_module, "fxrf.optimize(measure=...)", "pass measure=0")
     # copies in eval mode, as deployed (the result is returned in the model's mode, untouched)
