@@ -314,7 +314,8 @@ def apply(model: nn.Module, plan) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise InputError(f"fxrf.apply needs the model instance, built as before optimizing, not "
                          f"{type(model).__name__}")
-    if plan.get("class") and plan["class"] != _qualified(type(model)):
+    # by class name: a class defined in a script is __main__.Net there and script.Net when imported
+    if plan.get("class") and plan["class"].rpartition(".")[2] != type(model).__qualname__.rpartition(".")[2]:
         raise InputError(f"the plan was made for {plan['class']}, not {_qualified(type(model))}: build that model "
                          f"(with the same constructor arguments) and apply the plan to it")
     out = copy.deepcopy(model)
