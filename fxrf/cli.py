@@ -197,6 +197,11 @@ def _optimize_checks(args):
     if len([o for o in outs if not o.lower().endswith(".pt2")]) > 1 or \
             len([o for o in outs if o.lower().endswith(".pt2")]) > 1:
         raise UsageError("--out takes at most one .pt (or .safetensors) and one .pt2 file")
+    if args.finetune and not (args.train or args.calibrate):
+        raise UsageError("--finetune needs data to train on: --train DATA (or --calibrate DATA, used when --train is "
+                         "not given)")
+    if args.train and not args.finetune:
+        raise UsageError("--train DATA is the fine-tuning data: give --finetune EPOCHS with it")
     if args.emit_source and not args.emit_source.endswith(".py"):
         raise UsageError(f"--emit-source {args.emit_source}: use a .py file name")
     _check_writable(args)
@@ -246,10 +251,17 @@ def _cmd_optimize(args) -> int:
     if args.kernels:
         kernels = {"recipe": args.kernels}  # the decomposer's defaults for what is not given
         kernels.update({k: v for k, v in (("objective", args.objective), ("verify", args.verify)) if v is not None})
-    calibration = load_batches(args.calibrate, "--calibrate") if args.calibrate else None
+    # (a .npz's 'y' labels are read where these batches are also the fine-tuning data; calibration ignores them)
+    calibration = load_batches(args.calibrate, "--calibrate", labels=bool(args.finetune and not args.train)) \
+        if args.calibrate else None
+    finetune = None
+    if args.finetune:
+        finetune = {"epochs": args.finetune, "seed": args.seed,
+                    "data": load_batches(args.train, "--train", labels=True) if args.train else calibration}
     try:
         result = optimize(model, shape, stages=stages, kernels=kernels, alpha=args.alpha, include=args.include,
                           exclude=args.exclude, device=args.device, batch=args.batch, calibration=calibration,
+                          finetune=finetune,
                           **{k: v for k, v in (("goal", args.goal), ("measure", args.measure)) if v is not None},
                           progress=lambda what: progress(f"{what} of {args.model}"))
     except InputError as e:
@@ -270,11 +282,14 @@ def _cmd_optimize(args) -> int:
         doc = result.to_dict()
         doc["before_after"] = before_after(before, after)
         doc["calibration"] = result.summary["calibration"]
+        doc["finetune"] = result.summary["finetune"]
         doc["goal"], doc["latency"] = result.summary["goal"], result.summary["latency"]
         doc["written"] = written
         print(json.dumps(doc, indent=1, default=str))
     else:
         print(optimize_summary(result, dry_run=args.dry_run))
+        if result.summary["finetune"]:
+            print(_finetune_line(result.summary["finetune"]))
     if written:
         print(f"wrote {', '.join(written)}")
         pt = [p for p in written if not p.lower().endswith(".pt2")]
@@ -285,6 +300,17 @@ def _cmd_optimize(args) -> int:
     elif args.dry_run:  # with --json, stdout holds the JSON document alone
         print("dry run: nothing written", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _finetune_line(t: dict) -> str:
+    """--finetune's figures on the held-out data: before, after (the state kept) and which epoch that is."""
+    if t["metric"] is None:
+        return f"fine-tuned {t['epochs']} epoch(s), last epoch kept: nothing validated ({t['validated_on']})"
+    what = "accuracy" if t["metric"] == "accuracy" else "top-1 agreement with MODEL"
+    kept = "the starting state: no epoch measured better" if t["kept_epoch"] == 0 else \
+        f"epoch {t['kept_epoch']} of {t['epochs']}"
+    return (f"fine-tuned {t['epochs']} epoch(s): validation {what} {t['before'] * 100:.2f}% -> {t['after'] * 100:.2f}% "
+            f"(kept {kept}; measured on {t['validated_on']})")
 
 
 def _class_name(model) -> str:
@@ -393,6 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "fit of each decomposed block, norms re-estimated; 8 batches fit, 2 more held out to report "
                          "how close it computes to the model): a .pt tensor of inputs (N, ...), a .npz (its 'x' array or "
                          "its only one), or file.py:fn / package.module:fn returning an iterable of batches")
+    op.add_argument("--finetune", type=_positive_int, metavar="EPOCHS",
+                    help="after calibration, fine-tune the result against MODEL (knowledge distillation, "
+                         "fxrf.distill) for EPOCHS epochs on --train DATA (default: the --calibrate data; labels "
+                         "used where it has them: a .npz's 'y', (input, label) batches), keeping the epoch that "
+                         "measured best on 10%% of it held out, the starting state included")
+    op.add_argument("--train", metavar="DATA", help="--finetune's data, in --calibrate's forms (a .npz may add "
+                                                    "'y': integer labels)")
     op.add_argument("--weights", metavar="CKPT", help="a state_dict of MODEL to load before the passes (.safetensors, "
                                                        "or torch.load with weights_only=True)")
     op.add_argument("--seed", type=_int, default=0, help="seed for the model's random init (default 0)")

@@ -207,11 +207,13 @@ def load_weights(model, path: str) -> None:
         raise UsageError(f"--weights: {path} does not fit the model: {', '.join(parts)}")
 
 
-def load_batches(spec: str, option: str, batch_size: int = 32) -> list:
+def load_batches(spec: str, option: str, batch_size: int = 32, labels: bool = False) -> list:
     """Input batches from a file or a factory: a .pt tensor (N, ...) or .npz array cut into batches of
-    `batch_size`, or what `file.py:fn` / `package.module:fn` returns (an iterable of batches, taken as is)."""
+    `batch_size`, or what `file.py:fn` / `package.module:fn` returns (an iterable of batches, taken as is).
+    labels: a .npz's integer 'y' array (one class per input, beside 'x') too, as (input, label) batches."""
     import torch
     ext = os.path.splitext(spec)[1].lower()
+    y = None
     if ext in (".pt", ".pth", ".npz", ".npy"):
         if not os.path.isfile(spec):
             raise UsageError(f"{option} {spec}: no such file")
@@ -228,6 +230,8 @@ def load_batches(spec: str, option: str, batch_size: int = 32) -> list:
                         if "x" not in keys and len(keys) != 1:
                             raise UsageError(f"{option} {spec}: name the inputs array 'x' (found {', '.join(keys)})")
                         arr = z["x" if "x" in keys else keys[0]]
+                        if labels and "x" in keys and "y" in keys:
+                            y = torch.from_numpy(np.asarray(z["y"]))
                 x = torch.from_numpy(np.asarray(arr))
         except UsageError:
             raise
@@ -237,6 +241,11 @@ def load_batches(spec: str, option: str, batch_size: int = 32) -> list:
             raise UsageError(f"{option} {spec}: expected a tensor of inputs (N, ...), got "
                              f"{type(x).__name__ if not isinstance(x, torch.Tensor) else tuple(x.shape)}")
         x = x.float() if not x.is_floating_point() else x
+        if y is not None:
+            if y.shape != x.shape[:1] or y.is_floating_point() or y.dtype == torch.bool:
+                raise UsageError(f"{option} {spec}: 'y' must hold one integer class label per input ({len(x)}), got "
+                                 f"{y.dtype} {tuple(y.shape)}")
+            return list(zip(x.split(batch_size), y.long().split(batch_size)))
         return list(x.split(batch_size))
     if ":" not in spec:
         raise UsageError(f"{option} {spec}: give a .pt / .npz file of inputs, or file.py:fn returning batches")

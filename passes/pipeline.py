@@ -75,7 +75,7 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
              device: str = "cpu", batch: int = 1, latency=None, calibration=None,
              calibration_batches: int = CALIBRATION_BATCHES, holdout_batches: int = HOLDOUT_BATCHES,
              goal: str = DEFAULT_GOAL, measure: int | None = None, keep_class: bool = True,
-             progress=None) -> OptimizeResult:
+             progress=None, finetune: dict | None = None) -> OptimizeResult:
     """Rewrite `model` (never modified) by the steps asked for, in order: `stages` (organize_stages: True or its
     keyword arguments, e.g. {"strategy": "paper"}), then `kernels` (decompose: a recipe such as "auto" or "DW+PW",
     or its keyword arguments, e.g. {"recipe": "auto", "objective": "latency"}). `alpha`, `include` / `exclude`
@@ -87,6 +87,11 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
     summary["calibration"], how close the result computes to `model` right after the weight transfer and after the
     calibration (relative output error, top-1 agreement). Without them, summary["calibration"] is None and a
     result whose function changed needs calibration or fine-tuning before use.
+    finetune: {"epochs": N, "data": batches, ...} (any other keys are fxrf.distill's keyword arguments) fine-tunes
+    the result after calibration against `model` (the teacher) by knowledge distillation on `data` (inputs or
+    (input, label) batches; default: `calibration`), keeping the state that measured best on data held out of it,
+    the calibrated one included; summary["finetune"] has the validation figures before and after and the epoch
+    kept (FitResult.validation_summary). None: no fine-tuning.
     goal: "paper" (default): the steps as asked, the paper's 3DRF-driven layout, which may cost time; "speed": the
     steps priced in measured latency on `device` at `batch` (the decomposer's objective="latency" for recipe "auto",
     the organizer's latency_budget=1.0, unless given), and the result kept only if it is measured faster than the
@@ -143,6 +148,14 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
     if data is not None:
         with step("calibrating"):
             current, calibrated = _calibrate(model, example_input, steps, current, data, fold_after)
+    tuned = None
+    if finetune is not None:  # distillation from `model`, after calibration; the result stays where it was
+        from fxrf.training.distill import distill, finetune_options
+        opts = finetune_options(finetune, calibration)
+        with step(f"fine-tuning against the model ({opts['epochs']} epoch(s))"):
+            where = next((p.device for p in current.parameters()), None)
+            fit = distill(current, model, opts.pop("data"), **opts)
+            current, tuned = fit.model.to(where) if where is not None else fit.model, fit.validation_summary()
     with step("analysing the result"):  # one spatial cap for both, so their fields compare (the organizer's)
         before = analyze(model, example_input, alpha=alpha, spatial_cap=cap)
         after = analyze(current, example_input, alpha=alpha, spatial_cap=cap)
@@ -163,6 +176,7 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
             changes = []
     summary = {name: r.summary for name, r in steps.items()}
     summary["calibration"] = calibrated
+    summary["finetune"] = tuned
     summary["function_preserved"] = _preserved(steps) or (timed is not None and timed.get("kept") == "model")
     summary["goal"], summary["latency"] = goal, timed
     from .user_model import Lifted
