@@ -31,8 +31,8 @@ import sys
 
 from .errors import FxrfError, InputError, UsageError
 from .metric import DEFAULT_ALPHA
-from .progress import progress
-from .sources import first_line, load_batches, load_model, load_weights
+from .progress import progress, show
+from .sources import first_line, load_batches, load_model, load_weights, plain
 
 MODEL_HELP = "torchvision:NAME | fxrf:NAME | timm:NAME | file.py:factory | package.module:factory"
 
@@ -262,7 +262,7 @@ def _cmd_optimize(args) -> int:
         result = optimize(model, shape, stages=stages, kernels=kernels, alpha=args.alpha, include=args.include,
                           exclude=args.exclude, device=args.device, batch=args.batch, calibration=calibration,
                           finetune=finetune,
-                          **{k: v for k, v in (("goal", args.goal), ("measure", args.measure)) if v is not None},
+                          goal=_goal(args), **({} if args.measure is None else {"measure": args.measure}),
                           progress=lambda what: progress(f"{what} of {args.model}"))
     except InputError as e:
         raise UsageError(str(e).splitlines()[0]) from e
@@ -280,7 +280,7 @@ def _cmd_optimize(args) -> int:
             raise UsageError(f"cannot save the result: {first_line(e)}") from e
     if args.json:
         doc = result.to_dict()
-        doc["before_after"] = before_after(before, after)
+        doc["before_after"] = before_after(before, after, result.summary["latency"])
         doc["calibration"] = result.summary["calibration"]
         doc["finetune"] = result.summary["finetune"]
         doc["goal"], doc["latency"] = result.summary["goal"], result.summary["latency"]
@@ -311,6 +311,15 @@ def _finetune_line(t: dict) -> str:
         f"epoch {t['kept_epoch']} of {t['epochs']}"
     return (f"fine-tuned {t['epochs']} epoch(s): validation {what} {t['before'] * 100:.2f}% -> {t['after'] * 100:.2f}% "
             f"(kept {kept}; measured on {t['validated_on']})")
+
+
+def _goal(args) -> str:
+    """--goal, else speed for --kernels alone (a user who asks only for kernels wants a faster model: it is
+    measured, and kept only if faster) unless --measure 0 turns timing off; paper with --stages (the 3DRF-driven
+    layout as asked)."""
+    if args.goal is not None:
+        return args.goal
+    return "speed" if args.kernels and not args.stages and args.measure != 0 else "paper"
 
 
 def _class_name(model) -> str:
@@ -400,13 +409,15 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--device", default="cpu", help="--objective latency / --latency-budget: where to time, cpu or "
                                                     "cuda (default cpu)")
     op.add_argument("--goal", metavar="paper|speed",
-                    help="paper (default): the 3DRF-driven layout asked for, which may cost time; speed: the steps "
-                         "priced in latency measured on --device at --batch and the result kept only if the whole "
-                         "model is measured faster than MODEL (else MODEL comes back unchanged)")
+                    help="speed (the default with --kernels alone): the steps priced in latency measured on "
+                         "--device at --batch and the result kept only if the whole model is measured faster than "
+                         "MODEL compiled (else MODEL comes back unchanged); paper (the default with --stages, or "
+                         "with --measure 0): the 3DRF-driven layout asked for, which may cost time")
     op.add_argument("--measure", type=_rounds, metavar="N",
-                    help="time MODEL and the result, compiled, in alternation for N rounds (with a second instance "
-                         "of MODEL as the resolution) and print both times beside params and MACs (--goal speed: "
-                         "5 unless given)")
+                    help="time MODEL and the result, eager and compiled, each in alternation for N rounds (with a "
+                         "second instance of MODEL as the resolution) and print both beside params and MACs; a "
+                         "result slower than MODEL beyond that resolution is flagged on a line of its own "
+                         "(--goal speed: 5 unless given; --goal paper: 0, nothing timed, unless given)")
     op.add_argument("--batch", type=_positive_int, default=1, help="--objective latency / --latency-budget: the "
                                                                    "batch size to time at (default 1)")
     op.add_argument("--include", action="append", metavar="GLOB",
@@ -450,12 +461,13 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
         if not getattr(args, "run", None):
             raise UsageError("a command is required: analyze, optimize or models (see `fxrf --help`)")
-        return args.run(args)
+        with show():  # progress bars / lines on stderr for the long steps (fxrf.progress; FXRF_PROGRESS=0: none)
+            return args.run(args)
     except UsageError as e:
-        print(f"fxrf: error: {e}", file=sys.stderr)
+        print(f"fxrf: error: {plain(str(e))}", file=sys.stderr)
         return 2
     except FxrfError as e:
-        print(f"fxrf: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        print(f"fxrf: {type(e).__name__}: {first_line(e) if str(e).strip() else ''}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `fxrf analyze ... | head`
         return 0
@@ -465,7 +477,7 @@ def main(argv=None) -> int:
     except Exception as e:  # a bug in fxrf or in the model: one line; FXRF_TRACEBACK=1 shows where
         if os.environ.get("FXRF_TRACEBACK"):
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first_line(e) if str(e).strip() else ""
         print(f"fxrf: internal error: {type(e).__name__}: {first} (FXRF_TRACEBACK=1 shows the traceback; please "
               f"report it)", file=sys.stderr)
         return 1

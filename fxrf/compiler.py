@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from .backend import FxrfBackend, GraphReport, make_backend
+from .progress import progress
 
 __all__ = ["compile_model", "CompileInfo", "DEFAULT_GRAPH_PASSES"]
 
@@ -62,13 +63,23 @@ def compile_model(model: nn.Module, example_input, stages: bool | dict = False, 
     if "options" in torch_compile_kwargs:  # torch.compile(options=...) is the backend's options here too
         opts.update(torch_compile_kwargs.pop("options"))
     info.backend = make_backend(**opts)
-    compiled = torch.compile(model, backend=info.backend, **torch_compile_kwargs)
+    compiled = torch.compile(model, backend=_announced(info.backend), **torch_compile_kwargs)
     compiled.fxrf = info
     if warmup:
         x = example_input if isinstance(example_input, torch.Tensor) else _example_tensor(model, example_input)
         with torch.no_grad():
             compiled(x)
     return compiled
+
+
+def _announced(backend: FxrfBackend):
+    """`backend` with a line on stderr before and after each graph it compiles: the first call compiles, which
+    takes seconds to minutes (fxrf.progress: shown under FXRF_PROGRESS=1 or progress.show(), else quiet)."""
+    def compile_graph(gm, example_inputs, **kwargs):  # kwargs: torch.compile's mode / options, passed on
+        with progress(f"fxrf.compile: compiling a graph of {len(gm.graph.nodes)} nodes (the first call)",
+                      announce=True):
+            return backend(gm, example_inputs, **kwargs)
+    return compile_graph
 
 
 def _example_tensor(model: nn.Module, shape) -> torch.Tensor:

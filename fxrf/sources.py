@@ -30,7 +30,7 @@ def load_model(spec: str, kwargs: dict | None = None):
     except UsageError:
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first_line(e) if str(e).strip() else ""
         raise UsageError(f"building {spec!r} failed: {type(e).__name__}: {first}") from e
     if not isinstance(model, nn.Module):
         raise UsageError(f"{spec!r} returned a {type(model).__name__}, not an nn.Module")
@@ -107,8 +107,18 @@ def _factory(spec: str, kwargs: dict) -> Callable:
     return lambda: fn(**kwargs)
 
 
+ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]")  # colour and cursor codes (CSI, 2-byte escapes)
+
+
+def plain(text: str) -> str:
+    """`text` without ANSI escape codes: torch (dynamo, inductor) colours parts of its exception messages, which a
+    one-line message must not carry into a log or a captured stderr."""
+    return ANSI.sub("", text)
+
+
 def first_line(e: BaseException) -> str:
-    text = str(e).strip()
+    """An exception's message as one line of plain text: its first non-empty line, ANSI codes stripped."""
+    text = plain(str(e)).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
 

@@ -34,6 +34,7 @@ fake one; the default runs the module: warm-up, then the median of timed calls).
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -49,6 +50,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxrf.errors import InputError
+from fxrf.progress import bar, tick
 
 from .blocks import Pattern, Recipe, build, emit, model_pattern, parse, signature
 
@@ -269,6 +271,17 @@ class LatencyModel:
     def __repr__(self) -> str:
         return f"LatencyModel({self.key!r}, batch={self.batch}, mode={self.mode!r})"
 
+    def in_mode(self, mode: str) -> "LatencyModel":
+        """This model in `mode` ("eager" or "compile"): the same device, batch, cache and timers (itself when
+        `mode` is its own). Figures are keyed by mode, so both share one cache."""
+        if mode not in MODES:
+            raise InputError(f"latency: mode {mode!r} is unknown; use {' or '.join(MODES)}")
+        if mode == self.mode:
+            return self
+        other = copy.copy(self)
+        other.mode, other.calls = mode, 0
+        return other
+
     def probe(self, recipe: Recipe | str, conv: nn.Conv2d, in_shape: tuple, pattern: Pattern = Pattern(),
               shift: int = 0) -> Probe:
         recipe = parse(recipe)
@@ -302,6 +315,7 @@ class LatencyModel:
         if not _seconds(figures.get(key)):  # missing, or damaged (a string, NaN, negative): measure again
             figures[key] = float(measure())
             self.calls += 1
+            tick("timed")  # the step this timing is part of counts it (fxrf.progress)
             self._save(key, figures[key])
         return figures[key]
 
@@ -324,7 +338,8 @@ class LatencyModel:
         x = torch.randn(next(iter(probes.values())).in_shape, device=self.device)
         fns = {k: self._callable(m, x) for k, m in models.items()}
         times: dict = {k: [] for k in models}
-        for _ in range(rounds):
+        what = f"timing {', '.join(models)} in alternation ({self.mode}, {self.device}, batch {self.batch})"
+        for _ in bar(range(rounds), what, unit="rounds"):  # the first round compiles (mode "compile")
             for k, fn in fns.items():
                 times[k].append(self._checked(self.model_timer(fn, x, probes[k]), probes[k]))
         self.calls += len(models) * rounds

@@ -21,6 +21,7 @@ import torch.nn as nn
 from fxrf.analysis import Analysis, analyze
 from fxrf.errors import InputError
 from fxrf.metric import DEFAULT_ALPHA
+from fxrf.progress import progress as default_progress
 
 from . import PassResult
 
@@ -95,15 +96,19 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
     goal: "paper" (default): the steps as asked, the paper's 3DRF-driven layout, which may cost time; "speed": the
     steps priced in measured latency on `device` at `batch` (the decomposer's objective="latency" for recipe "auto",
     the organizer's latency_budget=1.0, unless given), and the result kept only if it is measured faster than the
-    model, else the model comes back unchanged (summary["latency"]["kept"] says which, and why).
-    measure: rounds of whole-model timing (compiled, `latency`'s mode, in alternation: the model, the result and a
-    second instance of the model, whose ratio to the first is the resolution of a ratio on this machine) reported
-    in summary["latency"]; None: MEASURE_ROUNDS with goal="speed", 0 (nothing timed) otherwise.
+    model in the mode deployed (`latency`'s, compiled by default), else the model comes back unchanged
+    (summary["latency"]["kept"] says which, and why).
+    measure: rounds of whole-model timing, eager and compiled, each in alternation (the model, the result and a
+    second instance of the model, whose ratio to the first is the resolution of a ratio on this machine),
+    reported in summary["latency"] (per mode in ["modes"]; the top-level figures are `latency`'s mode, the one
+    deployed: compiled unless `latency` says otherwise; ["slower_modes"]: where the result returned is slower than
+    the model beyond the noise); None: MEASURE_ROUNDS with goal="speed", 0 (nothing timed) otherwise.
     keep_class: hand the result back as `model`'s own class where every change is local to a module (user_model.py):
     `result.model` is then a copy of `model` changed by module surgery (same class, methods and output type) and
     `result.plan` the structure plan `fxrf.apply` makes again on a fresh model; `result.form` says which form
     `result.model` has ("module" or "graph", the emitted GraphModule) and `result.form_why` why not "module".
-    progress: a context-manager factory called with a description around each step (the CLI's line on stderr).
+    progress: a context-manager factory called with a description around each step (default: fxrf.progress's
+    bar or line on stderr, shown only inside fxrf.progress.show() -- the CLI's -- or with FXRF_PROGRESS=1).
     """
     organize, decompose_opts = _options(stages, "stages"), _options(kernels, "kernels", "recipe")
     if organize is None and decompose_opts is None:
@@ -127,7 +132,7 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
     if decompose_opts is not None:  # refused before any step runs: a bad option must not cost an organizer run
         from .decomposer import CHECKED, check_options
         check_options(**{k: v for k, v in decompose_opts.items() if k in CHECKED})
-    step = progress or _quiet
+    step = progress or default_progress  # quiet unless fxrf.progress.show() or FXRF_PROGRESS=1
     data = None if calibration is None else _split(calibration, calibration_batches, holdout_batches)
     fold_after = False
     if data is not None and decompose_opts is not None:  # fit_blocks needs the original channel order: fold after
@@ -162,13 +167,15 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
     changes = [c for r in steps.values() for c in r.changes]
     declined = [d for r in steps.values() for d in r.declined]
     timed = None
-    if rounds:
-        with step(f"timing the model and the result ({rounds} rounds, in alternation)"):
-            timed = _measure(model, current, before, latency, rounds)
+    if rounds:  # both modes, each in alternation (progress: fxrf.progress bars in LatencyModel.compare)
+        timed = _measure(model, current, before, latency, rounds)
+        if not changes:  # the result has the model's own structure: a difference measured is noise, not a slowdown
+            timed["slower_modes"] = []
         if goal == "speed" and timed["result_vs_model"] >= 1:  # not measured faster: the model comes back
-            timed["kept"] = "model"
-            timed["why"] = (f"the result ran {timed['result_vs_model']:.3f}x the model's time (>= 1; noise "
-                            f"{timed['noise']:.3f}): nothing measured faster, so nothing is changed")
+            timed["kept"], timed["slower_modes"] = "model", []
+            timed["why"] = (f"the result ran {timed['result_vs_model']:.3f}x the model's time "
+                            f"{_mode_name(timed['mode'])} (>= 1; noise {timed['noise']:.3f}): nothing measured "
+                            f"faster, so nothing is changed")
             from . import private_copy
             current = private_copy(model, example_input)
             after = analyze(current, example_input, alpha=alpha, spatial_cap=cap)
@@ -211,22 +218,35 @@ class Reverted:
         return f"taken back: {self.change.describe(before, after)} ({self.reason})"
 
 
+MEASURED_MODES = ("eager", "compile")  # both timed by measure=N: what a user runs as is, and compiled
+
+
+def _mode_name(mode: str) -> str:
+    return "compiled" if mode == "compile" else mode
+
+
 def _measure(model, result, before: Analysis, latency, rounds: int) -> dict:
-    """The model, the result and a second instance of the model, compiled (the LatencyModel's mode) and timed in
-    alternation for `rounds` rounds: each one's time, the result's per-round ratio to the model (median), and the
-    noise: how far from 1 the two instances of one model are, the smallest ratio this machine resolves now."""
+    """The model, the result and a second instance of the model, timed in alternation for `rounds` rounds, eager
+    and compiled (`latency.in_mode`): per mode each one's time, the result's per-round ratio to the model (median)
+    and the noise: how far from 1 the two instances of one model are, the smallest ratio this machine resolves
+    now. The top-level figures are those of `latency`'s mode (the one deployed: what goal="speed" decides on);
+    `slower_modes` the modes where the result is slower than the model beyond the noise."""
     from .latency import input_shape, paired_ratio
     shape = input_shape(before.graph_module, "fxrf.optimize(measure=...)", "pass measure=0")
     # copies in eval mode, as deployed (the result is returned in the model's mode, untouched)
     models = {"model": copy.deepcopy(model).eval(), "result": copy.deepcopy(result).eval(),
               "model (2nd instance)": copy.deepcopy(model).eval()}
-    times = latency.compare(models, shape, rounds)
-    ratio = paired_ratio(times, "result", "model")
-    noise = abs(paired_ratio(times, "model (2nd instance)", "model") - 1)
+    modes = {}
+    for mode in MEASURED_MODES:
+        times = latency.in_mode(mode).compare(models, shape, rounds)
+        ratio = paired_ratio(times, "result", "model")
+        noise = abs(paired_ratio(times, "model (2nd instance)", "model") - 1)
+        modes[mode] = {"ms": {k: round(1e3 * sorted(v)[len(v) // 2], 4) for k, v in times.items()},
+                       "result_vs_model": round(ratio, 4), "noise": round(noise, 4), "slower": ratio > 1 + noise}
+    own = modes[latency.mode]
     return {"device": latency.device, "batch": latency.batch, "mode": latency.mode, "rounds": rounds,
-            "ms": {k: round(1e3 * sorted(v)[len(v) // 2], 4) for k, v in times.items()},
-            "result_vs_model": round(ratio, 4), "noise": round(noise, 4),
-            "slower": ratio >= 1, "kept": "result"}
+            "modes": modes, "ms": own["ms"], "result_vs_model": own["result_vs_model"], "noise": own["noise"],
+            "slower": own["slower"], "slower_modes": [m for m, d in modes.items() if d["slower"]], "kept": "result"}
 
 
 def _split(calibration, fit: int, held: int) -> tuple[list, list]:
@@ -277,14 +297,3 @@ def _calibrate(model, example_input, steps: dict, current, data, fold_after: boo
         out["norms_only"] = True
     out["transfer"], out["calibrated"] = transfer, fidelity(model, current, judge)
     return current, out
-
-
-class _quiet:
-    def __init__(self, what: str):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

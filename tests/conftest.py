@@ -12,6 +12,8 @@ sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 
 import torch  # noqa: E402
 
+os.environ["FXRF_PROGRESS"] = "0"  # no progress bars or lines in the tests' captured stderr (fxrf.progress)
+
 DEFAULT_THREADS = 2  # CI's machine has 2 cores
 
 

@@ -250,5 +250,5 @@ def test_several_inputs(tmp_path, capsys):
     # by hand: c sees 5x5 of both inputs' channels, 3 + 5 = 8 of the stage input's channels
     assert (convs["c"]["rf"]["height"], convs["c"]["rf"]["width"], convs["c"]["rf"]["channel"]) == (5, 5, 8)
     code, out, err = run(["optimize", f"{tmp_path / 'two.py'}:make", "--input", "1,3,16,16", "--input",
-                          "1,5,16,16", "--kernels", "DW+PW", "--dry-run"], capsys)
+                          "1,5,16,16", "--kernels", "DW+PW", "--goal", "paper", "--dry-run"], capsys)
     assert code == 0 and "replace c by DW+PW" in out, err

@@ -267,7 +267,7 @@ def test_cli_objective_latency_verifies_and_prints_the_times(tmp_path, capsys, m
     monkeypatch.setenv("FXRF_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "net.py").write_text(FACTORY)
     argv = ["optimize", f"{tmp_path / 'net.py'}:make", "--input", "1,3,16,16", "--kernels", "auto", "--objective",
-            "latency", "--verify", "2", "--batch", "4", "--dry-run"]
+            "latency", "--verify", "2", "--batch", "4", "--goal", "paper", "--dry-run"]
     assert main(argv + ["--json"]) == 0
     v = json.loads(capsys.readouterr().out)["kernels"]["summary"]["verified"]
     assert v["rounds"] == 2 and v["chosen"] in ("macs", "latency")

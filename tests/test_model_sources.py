@@ -180,7 +180,7 @@ def test_weights_from_safetensors_and_out_as_safetensors(tmp_path, capsys):
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
     # end to end: nothing is decomposed (a 1x1 conv and the first conv stay), so the written weights are the
     # checkpoint's own
-    code = main(["optimize", str(tmp_path / "smallnet.py") + ":make", "--input", "1,3,8,8", "--kernels", "DW+PW",
+    code = main(["optimize", str(tmp_path / "smallnet.py") + ":make", "--input", "1,3,8,8", "--kernels", "DW+PW", "--goal", "paper",
                  "--weights", str(tmp_path / "w.safetensors"), "--out", str(tmp_path / "out" / "o.safetensors")])
     assert code == 0, capsys.readouterr().err
     written = safetensors.load_file(str(tmp_path / "out" / "o.safetensors"))

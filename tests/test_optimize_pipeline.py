@@ -157,7 +157,7 @@ def test_cli_calibrate_from_a_tensor_and_an_npz(trained, tmp_path, capsys):
     np.savez(tmp_path / "x.npz", x=data.numpy())
     outs = {}
     for f in ("x.pt", "x.npz"):
-        code = main(["optimize", f"{tmp_path / 'digits_net.py'}:make", "--input", "1,1,8,8", "--kernels", "DW+PW",
+        code = main(["optimize", f"{tmp_path / 'digits_net.py'}:make", "--input", "1,1,8,8", "--kernels", "DW+PW", "--goal", "paper",
                      "--weights", str(tmp_path / "w.pt"), "--calibrate", str(tmp_path / f), "--dry-run", "--json"])
         out, err = capsys.readouterr()
         assert code == 0, err
@@ -165,7 +165,7 @@ def test_cli_calibrate_from_a_tensor_and_an_npz(trained, tmp_path, capsys):
     assert outs["x.pt"] == outs["x.npz"]
     assert outs["x.pt"]["calibrated"]["top1_agreement"] >= 0.85 and outs["x.pt"]["held_out"] == 2
     code = main(["optimize", f"{tmp_path / 'digits_net.py'}:make", "--input", "1,1,8,8", "--kernels", "DW+PW",
-                 "--dry-run"])
+                 "--goal", "paper", "--dry-run"])
     out, _ = capsys.readouterr()
     assert code == 0 and "not calibrated" in out
     code = main(["optimize", f"{tmp_path / 'digits_net.py'}:make", "--input", "1,1,8,8", "--kernels", "DW+PW", "--dry-run",
@@ -243,8 +243,9 @@ def test_the_report_flags_a_slower_result():
     r = fxrf.optimize(_vgg(), (1, 3, 32, 32), kernels="DW+PW", measure=2,
                       latency=_lm({"model": 1e-3, "result": 1.5e-3}))
     text = optimize_summary(r)
-    assert "model 1.000 ms, result 1.500 ms: 1.500x" in text
-    assert any(line.startswith("SLOWER: the result runs 1.500x") for line in text.splitlines())  # its own line
+    assert "eager: model 1.000 ms, result 1.500 ms: 1.500x" in text
+    assert any(line.startswith("slower than the input: eager 1.500x its time (noise 0.000)")
+               for line in text.splitlines())  # its own line
 
 
 def test_cli_goal_and_measure_reach_the_pipeline(monkeypatch, capsys, tmp_path):

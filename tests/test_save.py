@@ -114,8 +114,8 @@ def test_optimize_out_keeps_non_persistent_buffers(tmp_path):
     body = src[src.index("class RelativeBias"):src.index("def test_non_persistent")]
     (tmp_path / "relnet.py").write_text("import torch\nimport torch.nn as nn\n\n\n" + body
                                         + "\ndef make():\n    return RelativeBias()\n")
-    r = subprocess.run([FXRF, "optimize", "relnet.py:make", "--input", "1,3,9,9", "--kernels", "DW+PW", "--out",
-                        "out/opt.pt"], capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    r = subprocess.run([FXRF, "optimize", "relnet.py:make", "--input", "1,3,9,9", "--kernels", "DW+PW", "--goal",
+                        "paper", "--out", "out/opt.pt"], capture_output=True, text=True, env=ENV, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     torch.manual_seed(0)  # what `--seed 0` (the default) builds
     model = RelativeBias().eval()

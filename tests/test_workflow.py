@@ -110,8 +110,8 @@ def test_the_load_hint_runs(saved):
 def test_weights_are_the_checkpoints_and_deterministic(tmp_path, checkpoint, capsys):
     def run(*extra):
         out = tmp_path / f"o{len(os.listdir(tmp_path))}.pt"
-        code, _, err = cli(["optimize", "fxrf:vgg11_cifar", "--input", INPUT, "--kernels", "DW+PW", "--out", str(out),
-                            *extra], capsys)
+        code, _, err = cli(["optimize", "fxrf:vgg11_cifar", "--input", INPUT, "--kernels", "DW+PW", "--goal", "paper",
+                            "--out", str(out), *extra], capsys)
         assert code == 0, err
         return torch.load(out)
 

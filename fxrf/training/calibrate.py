@@ -51,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxrf.errors import InputError
+from fxrf.progress import bar
 
 __all__ = ["recalibrate_bn", "fit_blocks", "fidelity", "Calibration", "BlockFit"]
 
@@ -168,7 +169,7 @@ def fit_blocks(original: nn.Module, result, loader, *, batches: int = 8, ridge: 
         raise InputError("fit_blocks() got an empty loader")
     samples = sum(len(x) for x in cached)
     fits = []
-    for c in changes:
+    for c in bar(changes, "calibration: fitting the blocks by least squares", unit="changes"):
         if not (hasattr(c, "recipe") and hasattr(c, "target") and hasattr(c, "conv")):
             continue  # fold records and the like
         fits.append(_fit_one(ref, new, c, cached, ridge, shift, samples))

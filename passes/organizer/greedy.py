@@ -2,10 +2,13 @@
 its gain exceeds `threshold` and the budgets hold (the module docstring of fxrf.passes.organizer)."""
 from __future__ import annotations
 
+from itertools import count
+
 import torch.fx as fx
 
 from fxrf.analysis import Analysis
 from fxrf.cost import total
+from fxrf.progress import bar
 
 from .budget import ms, round_ms
 from .context import NOT_SELECTED, Run, fmt
@@ -25,7 +28,7 @@ def remove_saturated(run: Run, gm: fx.GraphModule) -> tuple[list, list, Analysis
     nodes after it only, so the gains of the convs still to visit stay exact.
     """
     changes, cutoff, clock = [], run.cutoff, run.clock
-    while True:
+    for _ in bar(count(), "organizer: removing the convs at or below the cutoff", unit="rounds"):
         a = None  # the last round's analysis goes before the next one is made
         a = run.analyze(gm)
         kept: dict = {}  # the convs this pass could not remove, with the reason
@@ -65,7 +68,7 @@ def insert_greedy(run: Run, gm: fx.GraphModule, now) -> tuple[list, list]:
     changes, declined = [], []
     closed: set = set()  # (stage, place) that will get nothing more: the graph there does not change any more
     own: set = set()  # the module paths of the convs inserted
-    while True:
+    for _ in bar(count(), "organizer: inserting convs, one per round", unit="rounds"):
         a = None  # the last round's analysis goes before the next one is made
         a = run.analyze(gm)
         sites, refused, closing = _open_sites(run, a, closed, own)

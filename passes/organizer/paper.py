@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import count
 
 import torch.fx as fx
 
 from fxrf.cost import total
+from fxrf.progress import bar
 
 from ..util import copy_graph_module
 from .budget import ms, round_ms
@@ -43,7 +45,7 @@ def swap_paper(run: Run, work: fx.GraphModule) -> tuple[list, list]:
     now = total(run.analyze(work).costs)
     used = (now.macs, now.params)
     changes, own, clock = [], set(), run.clock
-    while True:
+    for _ in bar(count(), "organizer (paper): swapping convs, one per round", unit="rounds"):
         a = run.analyze(work)
         victim, kept = _victim(run, a, work, own)
         if victim is None:
