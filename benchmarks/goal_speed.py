@@ -29,24 +29,8 @@ import fxrf
 from fxrf.progress import show
 
 
-class DigitsCNN(nn.Module):
-    """docs/workflow.md's digits_cnn.py: a small VGG-style CNN for 16x16 digits, three stages of convs."""
-
-    def __init__(self, num_classes: int = 10, width: int = 16):
-        super().__init__()
-        w = width
-
-        def block(cin, cout):
-            return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
-
-        self.features = nn.Sequential(*block(1, w), *block(w, w), nn.MaxPool2d(2),
-                                      *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
-                                      *block(2 * w, 4 * w), *block(4 * w, 4 * w), *block(4 * w, 4 * w),
-                                      nn.MaxPool2d(2))
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 2 * 2, num_classes))
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from workflow import DigitsCNN  # noqa: E402  (docs/workflow.md's model, defined once)
 
 
 def _torchvision(name: str):
