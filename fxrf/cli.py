@@ -5,7 +5,8 @@
     fxrf optimize MODEL --input 1,3,32,32 [--stages [--strategy greedy|paper] [--latency-budget R]]
                         [--kernels RECIPE [--objective macs|latency [--verify N]]] [--device cpu|cuda] [--batch N]
                         [--include GLOB] [--exclude GLOB] [--weights CKPT] [--seed N] [--model-arg K=V]
-                        (--out opt.pt | --out opt.safetensors | --out opt.pt2 | --dry-run) [--emit-source f.py]
+                        (--out opt.pt|opt.safetensors [--out opt.pt2] [--out opt.onnx] | --dry-run)
+                        [--emit-source f.py]
                         [--force] [--json]
     fxrf models
 
@@ -187,16 +188,21 @@ def _optimize_checks(args):
             raise UsageError(f"--kernels {args.kernels}: {str(e).splitlines()[0]}") from e
     outs = args.out or []
     if not outs and not args.dry_run:
-        raise UsageError("say where to write the result: --out optimized.pt (source + state_dict) or --out "
-                         "optimized.pt2 (torch.export), or --dry-run to only see the plan")
-    from .passes.export import SAVE_FORMATS
+        raise UsageError("say where to write the result: --out optimized.pt (source + state_dict), --out "
+                         "optimized.pt2 (torch.export) or --out optimized.onnx, or --dry-run to only see the plan")
+    from .passes.export import SAVE_FORMATS, missing_onnx_packages
+    from .passes.export.files import ONNX_INSTALL
     for out in outs:
         if os.path.splitext(out)[1].lower() not in SAVE_FORMATS:
             raise UsageError(f"--out {out}: use a .pt (source + state_dict, loads with plain torch.load), "
-                             f".safetensors (source + safetensors weights) or .pt2 (torch.export program) file name")
-    if len([o for o in outs if not o.lower().endswith(".pt2")]) > 1 or \
-            len([o for o in outs if o.lower().endswith(".pt2")]) > 1:
-        raise UsageError("--out takes at most one .pt (or .safetensors) and one .pt2 file")
+                             f".safetensors (source + safetensors weights), .pt2 (torch.export program) or .onnx "
+                             f"(ONNX model) file name")
+    kinds = [_out_kind(o) for o in outs]
+    if any(kinds.count(k) > 1 for k in kinds):
+        raise UsageError("--out takes at most one .pt (or .safetensors), one .pt2 and one .onnx file")
+    missing = missing_onnx_packages() if "onnx" in kinds else []
+    if missing:
+        raise UsageError(f"--out {outs[kinds.index('onnx')]} needs {', '.join(missing)}: {ONNX_INSTALL}")
     if args.finetune and not (args.train or args.calibrate):
         raise UsageError("--finetune needs data to train on: --train DATA (or --calibrate DATA, used when --train is "
                          "not given)")
@@ -216,19 +222,29 @@ def _check_writable(args) -> None:
         return
     try:
         for out in args.out or []:
-            pt2 = out.lower().endswith(".pt2")
-            source = _source_for(args, out) or (None if pt2 else os.path.splitext(out)[0] + ".py")
+            program = _out_kind(out) != "pt"
+            source = _source_for(args, out) or (None if program else os.path.splitext(out)[0] + ".py")
             refuse_overwrite([p for p in (source, out) if p], overwrite=args.force, companion=source)
     except SaveError as e:
         raise UsageError(first_line(e)) from e
 
 
+_OUT_KINDS = ("pt", "pt2", "onnx")  # --out's kinds, at most one file each, saved in this order
+
+
+def _out_kind(out: str) -> str:
+    """pt (source + state_dict: .pt, .pth, .safetensors), pt2 (torch.export program) or onnx."""
+    ext = os.path.splitext(out)[1].lower()
+    return {".pt2": "pt2", ".onnx": "onnx"}.get(ext, "pt")
+
+
 def _source_for(args, out: str):
-    """The --emit-source file that goes with `out`: with the .pt, or with the .pt2 when only .pt2 files are
-    written."""
-    pt2 = out.lower().endswith(".pt2")
-    return args.emit_source if (args.emit_source and pt2 == all(o.lower().endswith(".pt2") for o in args.out)) \
-        else None
+    """The --emit-source file that goes with `out`: with the .pt, else with the .pt2, else with the .onnx (the first
+    kind of _OUT_KINDS that is written)."""
+    if not args.emit_source:
+        return None
+    first = min((_OUT_KINDS.index(_out_kind(o)) for o in args.out), default=None)
+    return args.emit_source if _OUT_KINDS.index(_out_kind(out)) == first else None
 
 
 def _cmd_optimize(args) -> int:
@@ -267,15 +283,19 @@ def _cmd_optimize(args) -> int:
     except InputError as e:
         raise UsageError(str(e).splitlines()[0]) from e
     current, before, after = result.graph_module, result.before, result.after
-    written = []
+    written, notes, groups = [], [], []
     if not args.dry_run:
         from .passes.export import load_hint, save
         name = _class_name(model)
         try:
             with progress("saving"):
-                for out in sorted(args.out, key=lambda o: o.lower().endswith(".pt2")):
-                    written += save(current, out, source=_source_for(args, out), class_name=name,
-                                    example_input=shape, overwrite=args.force)
+                for out in sorted(args.out, key=lambda o: _OUT_KINDS.index(_out_kind(o))):
+                    saved = save(current, out, source=_source_for(args, out), class_name=name,
+                                 example_input=shape, overwrite=args.force)
+                    written += saved
+                    notes += saved.notes
+                    # a source alone (beside a .pt2 or .onnx) has no state_dict to load: no hint of its own
+                    groups.append([p for p in saved if _out_kind(out) == "pt" or p == out])
         except FxrfError as e:  # a file fxrf did not write, or what was written does not reload to the same outputs
             raise UsageError(f"cannot save the result: {first_line(e)}") from e
     if args.json:
@@ -285,6 +305,7 @@ def _cmd_optimize(args) -> int:
         doc["finetune"] = result.summary["finetune"]
         doc["goal"], doc["latency"] = result.summary["goal"], result.summary["latency"]
         doc["written"] = written
+        doc["notes"] = notes
         print(json.dumps(doc, indent=1, default=str))
     else:
         print(optimize_summary(result, dry_run=args.dry_run))
@@ -292,11 +313,10 @@ def _cmd_optimize(args) -> int:
             print(_finetune_line(result.summary["finetune"]))
     if written:
         print(f"wrote {', '.join(written)}")
-        pt = [p for p in written if not p.lower().endswith(".pt2")]
-        pt2 = [p for p in written if p.lower().endswith(".pt2")]
-        for group in (pt, pt2):
-            if group and (group is pt2 or len(group) > 1):  # a source alone (with a .pt2) has no state_dict
-                print(f"load it with: {load_hint(group, _class_name(model))}")
+        for note in notes:  # a batch fixed at the example's, and why
+            print(note)
+        for group in groups:
+            print(f"load it with: {load_hint(group, _class_name(model))}")
     elif args.dry_run:  # with --json, stdout holds the JSON document alone
         print("dry run: nothing written", file=sys.stderr if args.json else sys.stdout)
     return 0
@@ -442,9 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--seed", type=_int, default=0, help="seed for the model's random init (default 0)")
     op.add_argument("--out", action="append", metavar="PATH",
                     help="where to write the result: X.pt writes X.py (the class) and X.pt (its state_dict); "
-                         "X.safetensors the same with safetensors weights; X.pt2 a torch.export program; give both "
-                         "to get both. Each is reloaded and checked against the result before it is put in place")
-    op.add_argument("--emit-source", metavar="FILE.py", help="where the class goes (default: next to the .pt)")
+                         "X.safetensors the same with safetensors weights; X.pt2 a torch.export program and X.onnx "
+                         "an ONNX model (pip install 'fxrf[onnx]'), both with a dynamic batch where the model allows; "
+                         "repeat it for several (at most one of each kind). Each is reloaded and checked against the "
+                         "result (onnxruntime for .onnx) before it is put in place")
+    op.add_argument("--emit-source", metavar="FILE.py",
+                    help="where the class goes (default: next to the .pt; with only a .pt2 or .onnx, none)")
     op.add_argument("--force", action="store_true", help="let --out / --emit-source replace files fxrf did not "
                                                           "write (without it they are refused)")
     op.add_argument("--dry-run", action="store_true", help="print the planned changes, write nothing")

@@ -26,28 +26,30 @@ it. An exported graph's output structure (a ModelOutput, a dict) is rebuilt by n
 
 `save` writes what a fresh process loads with plain torch (what `fxrf optimize --out` writes): for a `.pt` path
 the source next to it (`net.py`) plus the class's state_dict (`net.pt`, plain tensors); for `.safetensors` the
-same with the weights as safetensors; for a `.pt2` path a `torch.export` program. It reloads what it wrote and
-compares outputs before putting the files in place (a SaveError otherwise), and never replaces a file fxrf did not
-write (every source it writes starts with the line MARKER) unless overwrite=True. `load_hint` is the one line of
-Python that loads them back:
+same with the weights as safetensors; for a `.pt2` path a `torch.export` program and for `.onnx` an ONNX model, both
+of any nn.Module and with a dynamic batch where the model exports so. It reloads what it wrote and compares outputs
+(a program also at a second batch size, an ONNX model run by onnxruntime) before putting the files in place (a
+SaveError otherwise), and never replaces a file fxrf did not write (every source it writes starts with the line
+MARKER) unless overwrite=True. `load_hint` is the one line of Python that loads them back; it imports a source by
+its path, under a name that no other saved result shares:
 
     >>> d = tempfile.mkdtemp()
-    >>> save(gm, os.path.join(d, "net.pt"), class_name="Net") == [os.path.join(d, "net.py"), os.path.join(d, "net.pt")]
+    >>> paths = save(gm, os.path.join(d, "net.pt"), class_name="Net")
+    >>> paths == [os.path.join(d, "net.py"), os.path.join(d, "net.pt")]
     True
-    >>> import sys; sys.path.insert(0, d)
-    >>> from net import Net
-    >>> m = Net(); m.load_state_dict(torch.load(os.path.join(d, "net.pt"), weights_only=True))
-    <All keys matched successfully>
-    >>> torch.equal(m(x), gm(x))
+    >>> scope = {}; exec(load_hint(paths, "Net"), scope)
+    >>> torch.equal(scope["model"](x), gm(x))
     True
-    >>> sys.path.remove(d)
 
-One job per module: `emit` (the source), `saving` (save: stage, reload, compare, put in place; load_hint), `files`
-(the formats, fxrf's mark on what it wrote, the overwrite refusal, reading weights back).
+One job per module: `emit` (the source), `saving` (save: stage, reload, compare, put in place), `programs` (the
+.pt2 and .onnx exports with their dynamic batch, and running them back), `hints` (load_hint), `files` (the formats,
+fxrf's mark on what it wrote, the overwrite refusal, reading weights back).
 """
 from .emit import emit_source
-from .files import MARKER, SAVE_FORMATS, fxrf_wrote, load_weights_file, refuse_overwrite
-from .saving import load_hint, save
+from .files import MARKER, PROGRAM_FORMATS, SAVE_FORMATS, fxrf_wrote, load_weights_file, missing_onnx_packages, \
+    refuse_overwrite
+from .hints import load_hint
+from .saving import Saved, save
 
-__all__ = ["emit_source", "save", "load_hint", "load_weights_file", "fxrf_wrote", "refuse_overwrite", "SAVE_FORMATS",
-           "MARKER"]
+__all__ = ["emit_source", "save", "Saved", "load_hint", "load_weights_file", "fxrf_wrote", "refuse_overwrite",
+           "missing_onnx_packages", "SAVE_FORMATS", "PROGRAM_FORMATS", "MARKER"]

@@ -1,8 +1,9 @@
 """Which files `save` writes and which of them fxrf may replace: the formats, the mark every written file carries,
-the refusal to overwrite anything else, and reading a weights file back (safetensors or torch.load with
-weights_only=True)."""
+the refusal to overwrite anything else, reading a weights file back (safetensors or torch.load with
+weights_only=True), and the optional packages the formats need."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import zipfile
@@ -12,10 +13,19 @@ import torch
 
 from fxrf.errors import SaveError
 
-# state_dict + source (torch.save, torch.save, safetensors); a torch.export program
-SAVE_FORMATS = (".pt", ".pth", ".safetensors", ".pt2")
+# state_dict + source (torch.save, torch.save, safetensors); a torch.export program; an ONNX model
+SAVE_FORMATS = (".pt", ".pth", ".safetensors", ".pt2", ".onnx")
+PROGRAM_FORMATS = (".pt2", ".onnx")  # one file holding architecture and weights: any nn.Module can be written so
 MARKER = "# fxrf-generated"  # the first line of every source fxrf writes: fxrf may overwrite such a file
-MARKER_KEY = "fxrf"  # the same mark in a .safetensors file's metadata and a .pt2 archive's extra files
+MARKER_KEY = "fxrf"  # the same mark in a .safetensors file's / .onnx model's metadata and a .pt2 archive's extra files
+IMPORTS_KEY = "fxrf_imports"  # a .pt2's extra file naming the modules that define its output type (load_hint's)
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # torch.onnx's exporter needs the first two; the check the third
+ONNX_INSTALL = "pip install 'fxrf[onnx]'"
+
+
+def missing_onnx_packages() -> list:
+    """The packages of ONNX_PACKAGES that are not installed (found without importing them)."""
+    return [p for p in ONNX_PACKAGES if importlib.util.find_spec(p) is None]
 
 
 def _safetensors():
@@ -39,9 +49,10 @@ def load_weights_file(path: str) -> dict:
 
 def fxrf_wrote(path: str, companion: str | None = None) -> bool:
     """Whether the existing file `path` is one fxrf wrote (and may therefore overwrite):
-    a .py whose first line starts with MARKER; a .pt2 holding the extra file `fxrf`; a .safetensors whose metadata
-    has the key `fxrf`; a .pt/.pth whose companion source (`companion`, default the .py beside it) starts with
-    MARKER and names it as its weights (torch.save files carry no metadata of their own)."""
+    a .py whose first line starts with MARKER; a .pt2 holding the extra file `fxrf`; a .safetensors or .onnx whose
+    metadata has the key `fxrf` (an .onnx is read with the onnx package: without it, none is fxrf's); a .pt/.pth
+    whose companion source (`companion`, default the .py beside it) starts with MARKER and names it as its weights
+    (torch.save files carry no metadata of their own)."""
     path = str(path)
     ext = Path(path).suffix.lower()
     try:
@@ -56,6 +67,15 @@ def fxrf_wrote(path: str, companion: str | None = None) -> bool:
                 n = int.from_bytes(fh.read(8), "little")
                 head = json.loads(fh.read(n)) if 0 < n < 100_000_000 else {}
             return MARKER_KEY in (head.get("__metadata__") or {})
+        if ext == ".onnx":
+            if importlib.util.find_spec("onnx") is None:
+                return False
+            import onnx
+            try:
+                props = onnx.load(path, load_external_data=False).metadata_props
+            except Exception:  # not a protobuf at all (onnx raises protobuf's DecodeError, not a ValueError)
+                return False
+            return any(p.key == MARKER_KEY for p in props)
         companion = companion or str(Path(path).with_suffix(".py"))
         with open(companion, encoding="utf-8", errors="replace") as fh:
             first = fh.readline()
