@@ -284,18 +284,28 @@ def _cmd_optimize(args) -> int:
         raise UsageError(str(e).splitlines()[0]) from e
     current, before, after = result.graph_module, result.before, result.after
     written, notes, groups = [], [], []
+    form = _form(args, result)
     if not args.dry_run:
         from .passes.export import load_hint, save
+        from .passes.export.module_form import module_hint, save_module
         name = _class_name(model)
         try:
             with progress("saving"):
                 for out in sorted(args.out, key=lambda o: _OUT_KINDS.index(_out_kind(o))):
-                    saved = save(current, out, source=_source_for(args, out), class_name=name,
-                                 example_input=shape, overwrite=args.force)
+                    if form == "module" and _out_kind(out) == "pt":  # the user's class: weights + structure plan
+                        saved = save_module(result.model, model, result.plan, out, example_input=shape,
+                                            overwrite=args.force)
+                        written += saved
+                        groups.append((saved, module_hint(saved, _build_expr(args), "fxrf.sources")))
+                        continue
+                    saved = save(result.model if form == "module" else current, out,
+                                 source=_source_for(args, out), class_name=name, example_input=shape,
+                                 overwrite=args.force)
                     written += saved
                     notes += saved.notes
                     # a source alone (beside a .pt2 or .onnx) has no state_dict to load: no hint of its own
-                    groups.append([p for p in saved if _out_kind(out) == "pt" or p == out])
+                    group = [p for p in saved if _out_kind(out) == "pt" or p == out]
+                    groups.append((group, load_hint(group, name)))
         except FxrfError as e:  # a file fxrf did not write, or what was written does not reload to the same outputs
             raise UsageError(f"cannot save the result: {first_line(e)}") from e
     if args.json:
@@ -305,6 +315,7 @@ def _cmd_optimize(args) -> int:
         doc["finetune"] = result.summary["finetune"]
         doc["goal"], doc["latency"] = result.summary["goal"], result.summary["latency"]
         doc["written"] = written
+        doc["form"] = {"written": None if args.dry_run else form, **result.summary["form"]}
         doc["notes"] = notes
         print(json.dumps(doc, indent=1, default=str))
     else:
@@ -315,11 +326,38 @@ def _cmd_optimize(args) -> int:
         print(f"wrote {', '.join(written)}")
         for note in notes:  # a batch fixed at the example's, and why
             print(note)
-        for group in groups:
-            print(f"load it with: {load_hint(group, _class_name(model))}")
+        print(_form_line(form, result, model))
+        for _, hint in groups:
+            print(f"load it with: {hint}")
     elif args.dry_run:  # with --json, stdout holds the JSON document alone
         print("dry run: nothing written", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _form(args, result) -> str:
+    """--form: "module" (the model's own class, weights + structure plan) where every change is local to a module,
+    else "graph" (the GraphModule's source + weights); --emit-source asks for the graph form."""
+    if args.form == "module" and result.form != "module":
+        raise UsageError(f"--form module: the result cannot be the model's own class: {result.form_why}; use "
+                         f"--form graph (or auto)")
+    if args.form == "graph" or args.emit_source:
+        return "graph"
+    return result.form
+
+
+def _form_line(form: str, result, model) -> str:
+    cls = type(model).__name__
+    if form == "module":
+        return (f"written as {cls} itself (its own class, methods and outputs; the weights and a structure plan "
+                f"that fxrf.apply makes again on a freshly built {cls}): every change is local to a module")
+    why = "asked for (--form graph / --emit-source)" if result.form == "module" else result.form_why
+    return f"written as a GraphModule (emitted source + weights), not as {cls}: {why}"
+
+
+def _build_expr(args) -> str:
+    """The Python that builds MODEL again, as the command line named it."""
+    kwargs = parse_model_args(args.model_arg)
+    return f"fxrf.sources.load_model({args.model!r}" + (f", {kwargs!r})" if kwargs else ")")
 
 
 def _finetune_line(t: dict) -> str:
@@ -466,6 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "an ONNX model (pip install 'fxrf[onnx]'), both with a dynamic batch where the model allows; "
                          "repeat it for several (at most one of each kind). Each is reloaded and checked against the "
                          "result (onnxruntime for .onnx) before it is put in place")
+    op.add_argument("--form", choices=("auto", "module", "graph"), default="auto",
+                    help="what --out X.pt/.safetensors holds: module = MODEL's own class (the weights + X.plan.json, "
+                         "a structure plan fxrf.apply makes again on a fresh MODEL), graph = the GraphModule's source "
+                         "X.py + weights; auto (default): module where every change is local to a module")
     op.add_argument("--emit-source", metavar="FILE.py",
                     help="where the class goes (default: next to the .pt; with only a .pt2 or .onnx, none)")
     op.add_argument("--force", action="store_true", help="let --out / --emit-source replace files fxrf did not "

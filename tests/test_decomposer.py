@@ -451,7 +451,7 @@ def test_cli_optimize_kernels(tmp_path, capsys):
     # --out d.pt writes d.py (the class) and d.pt (its state_dict, read by the default torch.load)
     out = tmp_path / "d.pt"
     assert cli_main(["optimize", "fxrf:vgg16_opt_table6", "--input", "1,3,32,32", "--kernels", "DW+PW",
-                     "--goal", "paper", "--out", str(out), "--json"]) == 0
+                     "--goal", "paper", "--form", "graph", "--out", str(out), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out.split("\nwrote ")[0])
     assert doc["kernels"]["summary"]["params_after"] == 1115082
     spec = importlib.util.spec_from_file_location("cli_d", tmp_path / "d.py")

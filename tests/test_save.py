@@ -115,7 +115,7 @@ def test_optimize_out_keeps_non_persistent_buffers(tmp_path):
     (tmp_path / "relnet.py").write_text("import torch\nimport torch.nn as nn\n\n\n" + body
                                         + "\ndef make():\n    return RelativeBias()\n")
     r = subprocess.run([FXRF, "optimize", "relnet.py:make", "--input", "1,3,9,9", "--kernels", "DW+PW", "--goal",
-                        "paper", "--out", "out/opt.pt"], capture_output=True, text=True, env=ENV, cwd=tmp_path)
+                        "paper", "--form", "graph", "--out", "out/opt.pt"], capture_output=True, text=True, env=ENV, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     torch.manual_seed(0)  # what `--seed 0` (the default) builds
     model = RelativeBias().eval()
@@ -290,7 +290,7 @@ def test_optimize_refuses_to_replace_the_models_source_or_checkpoint(tmp_path):
     exec(USER_SOURCE, exec_scope)  # noqa: S102  (the user's file: its factory, for a fitting checkpoint)
     torch.save(exec_scope["make"]().state_dict(), tmp_path / "mynet_ckpt.pt")
     ckpt = (tmp_path / "mynet_ckpt.pt").read_bytes()
-    base = [FXRF, "optimize", "mynet.py:make", "--input", "1,3,16,16", "--kernels", "DW+PW"]
+    base = [FXRF, "optimize", "mynet.py:make", "--input", "1,3,16,16", "--kernels", "DW+PW", "--form", "graph"]
     for extra in (["--out", "mynet.pt"], ["--weights", "mynet_ckpt.pt", "--out", "mynet_ckpt.pt"]):
         r = subprocess.run(base + extra, capture_output=True, text=True, env=ENV, cwd=tmp_path)
         assert r.returncode == 2, r.stderr

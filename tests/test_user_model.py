@@ -164,3 +164,65 @@ def test_apply_refuses_a_plan_for_another_class_and_a_missing_path():
         fxrf.apply(nn.Sequential(nn.Conv2d(3, 8, 3)), r.plan)
     with pytest.raises(InputError, match="not an fxrf structure plan"):
         fxrf.apply(net, {"changes": []})
+
+
+# -- the command line: what --out writes in each form ----------------------------------------------------------------
+
+
+def _hints(stdout: str) -> list:
+    return [line[len("load it with: "):] for line in stdout.splitlines() if line.startswith("load it with: ")]
+
+
+def test_cli_writes_the_models_own_class_and_a_fresh_process_loads_it(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from fxrf.cli import main
+    args = ["optimize", "fxrf:vgg11_cifar", "--input", "1,3,32,32", "--kernels", "DW+PW", "--goal", "paper",
+            "--out", "o.pt", "--out", "o.pt2"]
+    import os
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert main(args) == 0
+        out = capsys.readouterr().out
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["o.plan.json", "o.pt", "o.pt2"]
+        assert "written as VGG itself" in out
+        assert main(args) == 0  # again: fxrf wrote both files, so it may replace them without --force
+        out = capsys.readouterr().out
+    finally:
+        os.chdir(cwd)
+    module_hint, program_hint = _hints(out)
+    # a fresh process: the hint's model is the user's class; it computes what the .pt2 program (the same result,
+    # exported by torch.export) computes, at two batch sizes
+    code = (f"{module_hint}\n{program_hint.replace('model =', 'program =')}\n"
+            "import torch; torch.manual_seed(0)\n"
+            "assert type(model).__name__ == 'VGG', type(model)\n"
+            "for b in (1, 3):\n"
+            "    x = torch.randn(b, 3, 32, 32)\n"
+            "    with torch.no_grad(): assert torch.allclose(model(x), program(x), atol=1e-5)\n"
+            "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_cli_form_graph_writes_the_emitted_source(tmp_path, capsys):
+    from fxrf.cli import main
+    assert main(["optimize", "fxrf:vgg11_cifar", "--input", "1,3,32,32", "--kernels", "DW+PW", "--goal", "paper",
+                 "--form", "graph", "--out", str(tmp_path / "g.pt")]) == 0
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.pt", "g.py"]
+    assert "written as a GraphModule" in out and "asked for" in out
+
+
+def test_cli_form_module_refused_in_one_line_when_a_change_is_not_local(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    (tmp_path / "hf.py").write_text(
+        "import transformers\n\n\ndef make():\n    return transformers.ResNetForImageClassification(transformers."
+        "ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 64], depths=[1, 1, 2, 2], num_labels=3)).eval()\n")
+    from fxrf.cli import main
+    code = main(["optimize", f"{tmp_path / 'hf.py'}:make", "--input", "1,3,64,64", "--stages", "--form", "module",
+                 "--out", str(tmp_path / "o.pt")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--form module" in err and "not a module" in err and "Traceback" not in err
+    assert not (tmp_path / "o.pt").exists()

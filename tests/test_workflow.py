@@ -66,7 +66,7 @@ def saved(tmp_path_factory, checkpoint):
     old = sys.stdout
     sys.stdout = out
     try:
-        code = main(["optimize", "fxrf:vgg11_cifar", "--input", INPUT, "--stages", "--kernels", "DW+PW",
+        code = main(["optimize", "fxrf:vgg11_cifar", "--input", INPUT, "--stages", "--kernels", "DW+PW", "--form", "graph",
                      "--weights", str(checkpoint), "--out", str(d / "opt.pt"), "--out", str(d / "opt.pt2")])
     finally:
         sys.stdout = old
@@ -110,7 +110,7 @@ def test_the_load_hint_runs(saved):
 def test_weights_are_the_checkpoints_and_deterministic(tmp_path, checkpoint, capsys):
     def run(*extra):
         out = tmp_path / f"o{len(os.listdir(tmp_path))}.pt"
-        code, _, err = cli(["optimize", "fxrf:vgg11_cifar", "--input", INPUT, "--kernels", "DW+PW", "--goal", "paper",
+        code, _, err = cli(["optimize", "fxrf:vgg11_cifar", "--input", INPUT, "--kernels", "DW+PW", "--goal", "paper", "--form", "graph",
                             "--out", str(out), *extra], capsys)
         assert code == 0, err
         return torch.load(out)

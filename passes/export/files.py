@@ -76,7 +76,18 @@ def fxrf_wrote(path: str, companion: str | None = None) -> bool:
             except Exception:  # not a protobuf at all (onnx raises protobuf's DecodeError, not a ValueError)
                 return False
             return any(p.key == MARKER_KEY for p in props)
-        companion = companion or str(Path(path).with_suffix(".py"))
+        if path.lower().endswith(".plan.json"):  # a structure plan (module_form.py)
+            with open(path, encoding="utf-8") as fh:
+                return "fxrf_plan" in json.load(fh)
+        plan = companion if companion and companion.endswith(".plan.json") else \
+            str(Path(path).with_suffix(".plan.json"))
+        if os.path.exists(plan):  # weights of the user's class (module_form.py): the plan beside them names them
+            with open(plan, encoding="utf-8") as fh:
+                doc = json.load(fh)
+            if "fxrf_plan" in doc and doc.get("weights") == os.path.basename(path):
+                return True
+        companion = companion if companion and not companion.endswith(".plan.json") else \
+            str(Path(path).with_suffix(".py"))
         with open(companion, encoding="utf-8", errors="replace") as fh:
             first = fh.readline()
         return first.startswith(MARKER) and f"(weights: {os.path.basename(path)})" in first

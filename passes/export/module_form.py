@@ -47,14 +47,16 @@ def save_module(model: nn.Module, original: nn.Module, plan: dict, path, *, exam
     before putting them in place (SaveError otherwise, nothing written). Returns the paths written."""
     from fxrf.passes.user_model import apply
 
-    from .saving import _compare, _run
+    from .saving import _compare, _device, _example, _run
     path = str(path)
     ext = Path(path).suffix.lower()
     if ext not in WEIGHT_FORMATS:
         raise SaveError(f"cannot write the model's weights to {path!r}: use a .pt or .safetensors file name")
     targets = [path, plan_path(path)]
-    refuse_overwrite(targets, overwrite=overwrite)
-    x = _input(model, example_input)
+    refuse_overwrite(targets, overwrite=overwrite, companion=targets[1])
+    if example_input is None:
+        raise SaveError("save_module needs example_input (a tensor or a shape) to check what it writes")
+    x = _example(model, example_input)
     expected = _run(model, x, "the model")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=Path(path).parent, prefix=".fxrf-save-") as tmp:
@@ -74,27 +76,19 @@ def save_module(model: nn.Module, original: nn.Module, plan: dict, path, *, exam
         except RuntimeError as e:
             raise SaveError(f"the saved weights do not load into {type(original).__name__} with the plan "
                             f"applied: {str(e).splitlines()[0]}") from e
-        _compare(expected, _run(back.to(x.device if isinstance(x, torch.Tensor) else "cpu"), x, path), path)
+        _compare(expected, _run(back.to(_device(x)), x, path), path,
+                 "report it: the plan does not rebuild this model")
         for p in targets:
             shutil.move(staged[p], p)
     return targets
 
 
-def _input(model: nn.Module, example_input):
-    if isinstance(example_input, torch.Tensor):
-        return example_input
-    t = next(iter(model.state_dict().values()), None)
-    device = t.device if t is not None else torch.device("cpu")
-    if example_input is None:
-        raise SaveError("save_module needs example_input (a tensor or a shape) to check what it writes")
-    return torch.randn(*example_input, generator=torch.Generator().manual_seed(0)).to(device)
-
-
-def module_hint(paths, build: str) -> str:
+def module_hint(paths, build: str, imports: str = "") -> str:
     """One line that loads what save_module wrote: `build` is the expression that builds the original model
     (e.g. `torchvision.models.resnet50()`, or fxrf.sources.load_model("SPEC") for the CLI's model spec)."""
     weights = next(p for p in paths if not p.endswith(".plan.json"))
     plan = next(p for p in paths if p.endswith(".plan.json"))
     load = (f'__import__("safetensors.torch").torch.load_file("{weights}")' if weights.endswith(".safetensors")
             else f'torch.load("{weights}", weights_only=True)')
-    return f'import torch, fxrf; model = fxrf.apply({build}, "{plan}"); model.load_state_dict({load})'
+    return (f'import torch, fxrf{", " + imports if imports else ""}; model = fxrf.apply({build}, "{plan}"); '
+            f'model.load_state_dict({load}); model.eval()')
