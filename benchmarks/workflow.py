@@ -164,9 +164,10 @@ def main(argv=None) -> None:
     p.add_argument("--measure", type=int, default=5)
     p.add_argument("--epochs", type=int, default=8, help="teacher training epochs")
     p.add_argument("--finetune", type=int, default=3, help="fine-tune epochs (fxrf.distill's defaults)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (timings on a shared machine: 1)")
     p.add_argument("--json")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     rows = []
     for name in args.models.split(","):
         torch.manual_seed(0)
