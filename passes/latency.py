@@ -319,19 +319,19 @@ class LatencyModel:
             self._save(key, figures[key])
         return figures[key]
 
-    def compare(self, models: dict, in_shape: tuple, rounds: int = 5) -> dict:
+    def compare(self, models: dict, in_shape: tuple, rounds: int = 5, *, fresh: bool = False) -> dict:
         """{label: (seconds per call in round 1, round 2, ...)} of whole models timed in alternation: round r
         times every model once, in turn, so the models of one round see the same machine state, which separately
         cached figures taken minutes apart do not (on a shared CPU the load moves a block's time by 2-3x).
         Compare per round (`paired_ratio`). Cached as one entry keyed by every model's structure: the same
-        comparison again times nothing."""
+        comparison again times nothing, unless `fresh` (a measurement of this run is asked for: timed, then cached)."""
         if not models:
             return {}
         rounds = max(1, int(rounds))
         probes = {k: self._model_probe(m, in_shape, k) for k, m in models.items()}
         key = json.dumps(["compare-rounds", rounds] + [[k, p.key()] for k, p in probes.items()])
         figures = self._load()
-        got = figures.get(key)
+        got = None if fresh else figures.get(key)
         if (isinstance(got, dict) and set(got) == set(models)
                 and all(isinstance(v, list) and len(v) == rounds and all(map(_seconds, v)) for v in got.values())):
             return {k: tuple(v) for k, v in got.items()}

@@ -183,6 +183,7 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
             after = analyze(current, example_input, alpha=alpha, spatial_cap=cap)
             declined += [Reverted(c, timed["why"]) for c in changes]
             changes = []
+            calibrated = tuned = None  # they were of the result, which is not what comes back
     summary = {name: r.summary for name, r in steps.items()}
     summary["calibration"] = calibrated
     summary["finetune"] = tuned
@@ -240,7 +241,7 @@ def _measure(model, result, before: Analysis, latency, rounds: int) -> dict:
               "model (2nd instance)": copy.deepcopy(model).eval()}
     modes = {}
     for mode in MEASURED_MODES:
-        times = latency.in_mode(mode).compare(models, shape, rounds)
+        times = latency.in_mode(mode).compare(models, shape, rounds, fresh=True)
         ratio = paired_ratio(times, "result", "model")
         noise = abs(paired_ratio(times, "model (2nd instance)", "model") - 1)
         modes[mode] = {"ms": {k: round(1e3 * sorted(v)[len(v) // 2], 4) for k, v in times.items()},

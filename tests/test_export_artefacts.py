@@ -157,7 +157,8 @@ def test_two_opt_pt_from_two_folders_load_side_by_side_in_one_fresh_process(tmp_
               "b": _file_model(tmp_path / "netb.py", width=6, pool=2, features=24)}
     hints = {}
     for k in models:
-        code = main(["optimize", str(tmp_path / f"net{k}.py:make"), "--input", "1,3,12,12", "--kernels", "DW+PW", "--form", "graph",
+        code = main(["optimize", str(tmp_path / f"net{k}.py:make"), "--input", "1,3,12,12", "--kernels", "DW+PW",
+                     "--goal", "paper", "--form", "graph",
                      "--out", str(tmp_path / k / "opt.pt")])
         out = capsys.readouterr().out
         assert code == 0
@@ -264,7 +265,8 @@ def test_missing_onnx_packages_name_the_extra(tmp_path, monkeypatch, capsys):
 def test_cli_writes_one_of_each_kind_and_prints_a_hint_for_each(tmp_path, capsys):
     model = _file_model(tmp_path / "netc.py", width=5, pool=1, features=5)
     outs = [str(tmp_path / "o" / f"opt{ext}") for ext in (".onnx", ".pt2", ".pt")]
-    code = main(["optimize", str(tmp_path / "netc.py:make"), "--input", "1,3,12,12", "--kernels", "DW+PW", "--form", "graph",
+    code = main(["optimize", str(tmp_path / "netc.py:make"), "--input", "1,3,12,12", "--kernels", "DW+PW",
+                 "--goal", "paper", "--form", "graph",
                  *[a for o in outs for a in ("--out", o)]])
     out = capsys.readouterr().out
     assert code == 0

@@ -235,7 +235,7 @@ def npz(path, n=96, seed=0, labels=True):
     return str(path)
 
 
-OPT = ["optimize", f"{EXAMPLE}:make", "--input", "1,3,16,16", "--kernels", "DW+PW", "--dry-run"]
+OPT = ["optimize", f"{EXAMPLE}:make", "--input", "1,3,16,16", "--kernels", "DW+PW", "--goal", "paper", "--dry-run"]
 
 
 def test_cli_fine_tunes_on_the_calibration_data_with_its_labels(tmp_path, capsys):

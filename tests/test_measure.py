@@ -116,7 +116,7 @@ class StubLatency:
     def time(self, *args, **kwargs):  # the decomposer prices its blocks with the latency model given
         return 1e-3
 
-    def compare(self, models, shape, rounds):
+    def compare(self, models, shape, rounds, fresh=False):
         return {k: (self.result_s[self.mode] if k == "result" else 1e-3,) * rounds for k in models}
 
 
