@@ -28,6 +28,7 @@ import importlib
 import inspect
 import json
 import math
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from fxrf.errors import InputError
 
 from .util import call_counts
 
-__all__ = ["Roll", "Lifted", "lift", "apply", "load_plan", "write_plan", "PLAN_VERSION"]
+__all__ = ["Roll", "Lifted", "lift", "apply", "load_plan", "write_plan", "dumps_plan", "PLAN_VERSION"]
 
 PLAN_VERSION = 1
 BASE = "base"  # an appended-to module's own name inside the Sequential that wraps it
@@ -350,8 +351,16 @@ def apply(model: nn.Module, plan) -> nn.Module:
     return out
 
 
+def dumps_plan(plan: dict) -> str:
+    """The plan as JSON, one line per module's field, lists of numbers kept on one line ([3, 3], not five lines)."""
+    text = json.dumps(plan, indent=1)
+    scalar = r"(?:-?[0-9.eE+-]+|true|false|null)"
+    return re.sub(rf"\[\s+({scalar}(?:,\s+{scalar})*)\s+\]",
+                  lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]", text) + "\n"
+
+
 def write_plan(plan: dict, path) -> None:
-    Path(path).write_text(json.dumps(plan, indent=1) + "\n")
+    Path(path).write_text(dumps_plan(plan))
 
 
 def load_plan(path) -> dict:

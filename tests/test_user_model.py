@@ -47,7 +47,9 @@ def _check_module_form(model, shape, r):
     assert type(r.model) is type(model) and r.plan is not None and r.form_why is None
     x = torch.randn(2, *shape[1:])
     _same(_eval_out(r.graph_module, x), _eval_out(r.model, x))
-    plan = json.loads(json.dumps(r.plan))  # what is written to disk
+    from fxrf.passes.user_model import dumps_plan
+    plan = json.loads(dumps_plan(r.plan))  # what is written to disk
+    assert plan == json.loads(json.dumps(r.plan))
     fresh = fxrf.apply(copy.deepcopy(model), plan)
     fresh.load_state_dict(r.model.state_dict())
     _same(_eval_out(r.model, x), _eval_out(fresh, x))

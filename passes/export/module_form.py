@@ -45,7 +45,7 @@ def save_module(model: nn.Module, original: nn.Module, plan: dict, path, *, exam
     """Write `model` (the user's class, changed by the plan) as its state_dict at `path` (.pt/.pth: torch.save,
     plain tensors; .safetensors) and `plan` beside it; reload both onto a copy of `original` and compare outputs
     before putting them in place (SaveError otherwise, nothing written). Returns the paths written."""
-    from fxrf.passes.user_model import apply
+    from fxrf.passes.user_model import apply, dumps_plan
 
     from .saving import _compare, _device, _example, _run
     path = str(path)
@@ -68,8 +68,7 @@ def save_module(model: nn.Module, original: nn.Module, plan: dict, path, *, exam
             _safetensors().save_file(sd, staged[path], metadata={MARKER_KEY: "written by fxrf.passes.export"})
         else:
             torch.save(sd, staged[path])
-        Path(staged[targets[1]]).write_text(json.dumps({**plan, "weights": os.path.basename(path)}, indent=1)
-                                            + "\n")
+        Path(staged[targets[1]]).write_text(dumps_plan({**plan, "weights": os.path.basename(path)}))
         back = apply(copy.deepcopy(original), staged[targets[1]])
         try:
             back.load_state_dict(load_weights_file(staged[path]), strict=True)
