@@ -330,6 +330,8 @@ def _cmd_optimize(args) -> int:
         for _, hint in groups:
             print(f"load it with: {hint}")
     elif args.dry_run:  # with --json, stdout holds the JSON document alone
+        if not args.json:
+            print("would be " + _form_line(form, result, model))
         print("dry run: nothing written", file=sys.stderr if args.json else sys.stdout)
     return 0
 
