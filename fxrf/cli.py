@@ -277,6 +277,7 @@ def _cmd_optimize(args) -> int:
     try:
         result = optimize(model, shape, stages=stages, kernels=kernels, alpha=args.alpha, include=args.include,
                           exclude=args.exclude, device=args.device, batch=args.batch, calibration=calibration,
+                          latency=_latency(args),
                           finetune=finetune,
                           goal=_goal(args), **({} if args.measure is None else {"measure": args.measure}),
                           progress=lambda what: progress(f"{what} of {args.model}"))
@@ -354,6 +355,17 @@ def _form_line(form: str, result, model) -> str:
                 f"that fxrf.apply makes again on a freshly built {cls}): every change is local to a module")
     why = "asked for (--form graph / --emit-source)" if result.form == "module" else result.form_why
     return f"written as a GraphModule (emitted source + weights), not as {cls}: {why}"
+
+
+def _latency(args):
+    """--mode eager: a LatencyModel that times eager (the pipeline makes a compiled one when none is given)."""
+    if args.mode == "compile":
+        return None
+    from .passes.latency import LatencyModel
+    try:
+        return LatencyModel(args.device, args.batch, mode="eager")
+    except InputError as e:
+        raise UsageError(first_line(e)) from e
 
 
 def _build_expr(args) -> str:
@@ -480,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(--goal speed: 5 unless given; --goal paper: 0, nothing timed, unless given)")
     op.add_argument("--batch", type=_positive_int, default=1, help="--objective latency / --latency-budget: the "
                                                                    "batch size to time at (default 1)")
+    op.add_argument("--mode", choices=("compile", "eager"), default="compile",
+                    help="how the model is deployed, so how it is timed: compile (torch.compile, default) or eager; "
+                         "--goal speed keeps the result only if it is faster in this mode")
     op.add_argument("--include", action="append", metavar="GLOB",
                     help="only convs whose module path matches this glob may change (repeatable; `layer4` covers "
                          "everything under it; a stage gets a new conv only if all its convs are included)")

@@ -166,6 +166,12 @@ def test_cli_goal_defaults(fake_timer, tmp_path, capsys):
     # --kernels alone: speed; compiled (deployed) slower, so the model came back
     assert doc["goal"] == "speed" and doc["latency"]["kept"] == "model"
     assert set(doc["before_after"]["latency"]["modes"]) == {"eager", "compile"}
+    # --mode eager: deployed eager, so decided eager, where the clock makes the result 0.5x the model: kept
+    code, out, err = _cli(base + ["--kernels", "DW+PW", "--measure", "1", "--mode", "eager"], capsys)
+    doc = json.loads(out)
+    assert code == 0, err
+    assert doc["latency"]["mode"] == "eager" and doc["latency"]["kept"] == "result"
+    assert doc["latency"]["result_vs_model"] == 0.5
     code, out, err = _cli(base + ["--kernels", "DW+PW", "--measure", "0"], capsys)
     assert code == 0 and json.loads(out)["goal"] == "paper" and json.loads(out)["latency"] is None
     code, out, err = _cli(base + ["--stages", "--kernels", "DW+PW"], capsys)
