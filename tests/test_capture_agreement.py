@@ -95,6 +95,19 @@ def test_dilated_reflect_padding_is_listed_and_contains_autograd():
         assert a.unsupported
 
 
+def test_dilated_conv_on_a_map_a_valid_pool_shrank_is_listed_and_contains_autograd():
+    """Found by the random draw: a 2x2 max pool at stride 1 takes 6 px to 5, then a 3x3 conv at dilation 3 and
+    padding 3. By hand, its centre neuron's taps at -1 and 5 are padding, so it sees pool output 2 alone, i.e. stage
+    pixels 2-3 (2 px); offsets -3..4 clipped by the 6-px stage map would claim all 6. The window is declined
+    (listed, conservative) rather than counted as exact."""
+    torch.manual_seed(0)
+    specs = [("pool", ("max", 2, 1, False, 1)), ("conv", (2, 3, 3, 1, 1, "zeros"))]
+    model = CaptureCNN(2, 6, specs).eval()
+    assert model.specs == specs
+    for a in agree(model, (1, 2, 6, 6)).values():
+        assert a.unsupported
+
+
 def test_every_known_bad_kind_has_a_case():
     assert KNOWN_BAD.keys() <= CASES.keys()
 

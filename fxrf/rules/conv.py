@@ -153,6 +153,21 @@ def keeps_taps(f, kernel, stride, padding, dilation, out_sizes) -> None:
             raise Decline("padding that puts neurons beyond the stage map of a field with holes (a dilated window)")
 
 
+def pads_inside(f, kernel, padding, dilation, in_sizes) -> None:
+    """Decline a padded window with holes (a dilated one, or any over a field with holes) on a map that covers less
+    than its stage's input (a valid pool or conv shrank it): a tap in its padding stands at a reference offset that
+    can still lie inside the stage map, so clipping by the stage map would count pixels no tap reads. Example: a
+    2x2 max pool (stride 1) takes 6 px to 5, then a 3x3 conv at dilation 3 and padding 3: the centre neuron's taps
+    -1 and 5 are padding, it sees 2 px, while offsets -3..4 around it clip to the whole 6-px map."""
+    if f is None or f.size is None:
+        return
+    for k, p, dl, j, w0, n in zip(kernel, padding, dilation, f.jump, f.size, in_sizes):
+        holes = f.taps is not None or (k > 1 and dl * j != 1)
+        if holes and p and n * j < w0:
+            raise Decline("a padded window with holes on a map smaller than its stage's input (a dilated window "
+                          "after a valid pool or conv)")
+
+
 def _slide(f, in_shape, kernel, stride, padding, dilation, out_shape):
     """A window over the last len(kernel) tensor axes, whichever of them are spatial or channel-like."""
     d, rank = len(kernel), len(in_shape)
@@ -163,6 +178,7 @@ def _slide(f, in_shape, kernel, stride, padding, dilation, out_shape):
         k, s, p, dl = params.pop(axis, (1, 1, 0, 1))
         sp_k.append(k), sp_s.append(s), sp_p.append(p), sp_d.append(dl)
     keeps_taps(f, sp_k, sp_s, sp_p, sp_d, [out_shape[a] if a is not None else 1 for a in f.sp])
+    pads_inside(f, sp_k, sp_p, sp_d, [in_shape[a] if a is not None else 1 for a in f.sp])
     f = field.window(f, sp_k, sp_s, sp_p, sp_d)
     for axis, (k, s, p, dl) in params.items():  # a conv run across a channel-like axis (ECA's conv1d)
         f = field.channel_window(f, f.idx_axis(axis), k, s, p, dl, out_shape[axis])
