@@ -24,8 +24,6 @@ which and why, and the emitted GraphModule is what the user gets.
 from __future__ import annotations
 
 import copy
-import importlib
-import inspect
 import json
 import math
 import re
@@ -39,12 +37,14 @@ import torch.nn as nn
 
 from fxrf.errors import InputError
 
+from .export.emit import _resolve, init_kwargs, same_build
 from .util import call_counts
 
 __all__ = ["Roll", "Lifted", "lift", "apply", "load_plan", "write_plan", "dumps_plan", "PLAN_VERSION"]
 
 PLAN_VERSION = 1
 BASE = "base"  # an appended-to module's own name inside the Sequential that wraps it
+OPS = ("identity", "replace", "append", "prepend")  # what a plan's change does at its module path
 
 
 class Roll(nn.Module):
@@ -227,7 +227,7 @@ def _spec(m: nn.Module, name: str, model: nn.Module) -> dict:
     """{"name", "class", "kwargs"} that rebuild `m` (its type, hyper-parameters and parameter shapes), or
     {"name", "like": path} for a module of the model's own (an activation copied from the model)."""
     kwargs = _kwargs(m)
-    if kwargs is not None and _resolve(_qualified(type(m))) is type(m) and _rebuilds(type(m), kwargs, m):
+    if kwargs is not None and _class_of(_qualified(type(m))) is type(m) and _rebuilds(type(m), kwargs, m):
         return {"name": name, "class": _qualified(type(m)), "kwargs": kwargs}
     if not list(m.parameters()) and not list(m.buffers()):
         for path, other in model.named_modules():
@@ -238,39 +238,23 @@ def _spec(m: nn.Module, name: str, model: nn.Module) -> dict:
 
 
 def _kwargs(m: nn.Module) -> dict | None:
-    """Constructor arguments read back from same-named attributes (the usual nn.Module convention); None when one
-    is not JSON (a module, a tensor, a callable)."""
+    """Its constructor arguments (export/emit.py's `init_kwargs`) as JSON values, tuples as lists; None when one is
+    not JSON (a module, a callable, a non-finite float)."""
     out = {}
-    for p in list(inspect.signature(type(m).__init__).parameters.values())[1:]:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in ("device", "dtype"):
-            continue
-        if p.name == "bias" and isinstance(getattr(m, "bias", None), (torch.Tensor, type(None))):
-            out["bias"] = getattr(m, "bias", None) is not None
-            continue
-        if not hasattr(m, p.name):
-            if p.default is p.empty:
-                return None
-            continue
-        v = getattr(m, p.name)
-        if isinstance(v, tuple):
-            v = list(v)
-        if isinstance(v, float) and not math.isfinite(v):
+    for k, v in init_kwargs(m).items():
+        v = list(v) if isinstance(v, tuple) else v
+        if not isinstance(v, (bool, int, float, str, list, type(None))) or (isinstance(v, float)
+                                                                             and not math.isfinite(v)):
             return None
-        if not isinstance(v, (bool, int, float, str, list, type(None))):
-            return None
-        out[p.name] = v
+        out[k] = v
     return out
 
 
-def _resolve(qualified: str):
-    module, _, name = qualified.rpartition(".")
-    try:
-        obj = importlib.import_module(module)
-        for part in name.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError):
-        return None
-    return obj
+def _class_of(qualified: str):
+    """The object `module.qualname` names (the module being the longest importable prefix), or None."""
+    parts = qualified.split(".")
+    return next((obj for i in range(len(parts) - 1, 0, -1)
+                 if (obj := _resolve(".".join(parts[:i]), ".".join(parts[i:]))) is not None), None)
 
 
 def _rebuilds(cls: type, kwargs: dict, m: nn.Module) -> bool:
@@ -279,9 +263,7 @@ def _rebuilds(cls: type, kwargs: dict, m: nn.Module) -> bool:
             built = cls(**kwargs)
     except Exception:
         return False
-    return (built.extra_repr() == m.extra_repr()
-            and {k: tuple(v.shape) for k, v in built.state_dict().items()}
-            == {k: tuple(v.shape) for k, v in m.state_dict().items()})
+    return same_build(built, m)
 
 
 def _build(spec: dict, model: nn.Module, like: nn.Module) -> nn.Module:
@@ -289,7 +271,7 @@ def _build(spec: dict, model: nn.Module, like: nn.Module) -> nn.Module:
     if "like" in spec:
         m = copy.deepcopy(model.get_submodule(spec["like"]))
     else:
-        cls = _resolve(spec["class"])
+        cls = _class_of(spec["class"])
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
             raise InputError(f"the plan names {spec['class']!r} for {spec['name']}, which is not an nn.Module class "
                              f"importable here: install what defines it")
@@ -327,26 +309,20 @@ def apply(model: nn.Module, plan) -> nn.Module:
         except AttributeError:
             raise InputError(f"the plan changes {path!r}, which this model does not have: build the model with the "
                              f"constructor arguments it was optimized with") from None
+        if op not in OPS:
+            raise InputError(f"the plan's change at {path!r} has op {op!r}: fxrf knows {', '.join(OPS)}")
+        made = [(spec["name"], _build(spec, out, old)) for spec in change.get("modules", ())]
+        if op == "append" and getattr(old, "_fxrf_appended", False):  # after what was appended: it grows
+            for name, m in made:
+                old.add_module(name, m)
+            continue
         if op == "identity":
             new = nn.Identity()
-        elif op == "replace":
-            new = nn.Sequential(OrderedDict((s["name"], _build(s, out, old)) for s in change["modules"]))
-            new.train(old.training)
-        elif op == "prepend":
-            new = nn.Sequential(OrderedDict([(s["name"], _build(s, out, old)) for s in change["modules"]]
-                                            + [(BASE, old)]))
-            new.train(old.training)
-        elif op == "append":
-            if isinstance(old, nn.Sequential) and getattr(old, "_fxrf_appended", False):
-                for s in change["modules"]:
-                    old.add_module(s["name"], _build(s, out, old))
-                continue
-            new = nn.Sequential(OrderedDict([(BASE, old)] + [(s["name"], _build(s, out, old))
-                                                            for s in change["modules"]]))
-            new._fxrf_appended = True  # (a second append after its last child grows it)
-            new.train(old.training)
         else:
-            raise InputError(f"the plan's change at {path!r} has op {op!r}: fxrf knows identity, replace, append, prepend")
+            layers = {"replace": made, "prepend": made + [(BASE, old)], "append": [(BASE, old)] + made}[op]
+            new = nn.Sequential(OrderedDict(layers)).train(old.training)
+            if op == "append":
+                new._fxrf_appended = True  # (a second append after its last child grows it)
         out.set_submodule(path, new)
     return out
 
@@ -397,41 +373,28 @@ def _load(built: nn.Module, result: fx.GraphModule, where: dict, changes: list) 
 
 
 def _same_function(result: fx.GraphModule, built: nn.Module, example_input) -> None:
-    """The surgery is right only if the copy computes what the result computes (eval mode, a random input)."""
-    from torch.utils._pytree import tree_flatten
+    """The surgery is right only if the copy computes what the result computes (eval mode, a random input), tensor
+    leaf by tensor leaf: the copy returns the user's own output type, the graph may return a plain one."""
+    from torch.utils._pytree import tree_leaves
 
-    from fxrf.trace import _as_shapes
-    device = next((t.device for t in result.state_dict().values()), torch.device("cpu"))
-    shapes = _as_shapes(example_input)
-    given = tree_flatten(example_input)[0] if any(isinstance(t, torch.Tensor) for t in
-                                                  tree_flatten(example_input)[0]) else None
-    g = torch.Generator().manual_seed(0)
-    xs = given if given is not None and len(given) == len(shapes) else [
-        (torch.randn(m.shape, generator=g) if m.dtype.is_floating_point else torch.zeros(m.shape, dtype=m.dtype))
-        .to(device=device, dtype=m.dtype) for m in shapes]
+    from fxrf.errors import SaveError
+
+    from .export.programs import eval_mode
+    from .export.saving import _compare_leaves, _example
+    xs = _example(result, example_input)
     outs = []
     for m in (result, built):
-        modes = [(k, k.training) for k in m.modules()]
-        for k, _ in modes:
-            k.training = False
         try:
-            with torch.no_grad():
+            with eval_mode(m), torch.no_grad():
                 outs.append(m(*xs))
         except Exception as e:
             raise _NotLocal(f"the model changed module by module does not run: {type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
-        finally:
-            for k, t in modes:
-                k.training = t
-    # the values, leaf by leaf: the copy returns the user's own output type, the graph may return a plain one
-    a = [t for t in tree_flatten(outs[0])[0] if isinstance(t, torch.Tensor)]
-    b = [t for t in tree_flatten(outs[1])[0] if isinstance(t, torch.Tensor)]
-    if len(a) != len(b) or not a:
-        raise _NotLocal(f"the model changed module by module returns {len(b)} tensors where the result returns "
-                        f"{len(a)}")
-    for i, (u, v) in enumerate(zip(a, b)):
-        if u.shape != v.shape or not torch.allclose(u.double(), v.double(), rtol=1e-4,
-                                                     atol=1e-5 * (1 + float(u.abs().max()) if u.numel() else 1)):
-            diff = float((u.double() - v.double()).abs().max()) if u.shape == v.shape else "shape"
-            raise _NotLocal(f"the model changed module by module does not compute what the result computes "
-                            f"(output {i}: max abs difference {diff})")
+    got = [t for t in tree_leaves(outs[1]) if isinstance(t, torch.Tensor)]
+    if not got:
+        raise _NotLocal("the model changed module by module returns no tensor to compare with the result's")
+    try:
+        _compare_leaves(outs[0], got, "the changed copy of the model")
+    except SaveError as e:
+        raise _NotLocal(f"the model changed module by module does not compute what the result computes "
+                        f"({str(e).splitlines()[0]})") from None

@@ -270,20 +270,32 @@ _ARGUMENTS = {
 }
 
 
-def _init_arguments(m: nn.Module) -> str:
-    """Constructor arguments read back from same-named attributes (the usual nn.Module convention)."""
-    args = []
+def init_kwargs(m: nn.Module) -> dict:
+    """Constructor arguments read back from same-named attributes (the usual nn.Module convention), by name."""
+    out = {}
     known = next((f(m) for cls, f in _ARGUMENTS.items() if isinstance(m, cls)), {})
     for p in list(inspect.signature(type(m).__init__).parameters.values())[1:]:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in ("device", "dtype"):
             continue
         if p.name in known:
-            args.append(f"{p.name}={known[p.name]!r}")
+            out[p.name] = known[p.name]
         elif hasattr(m, p.name) and not isinstance(getattr(m, p.name), (nn.Module, torch.Tensor)):
-            args.append(f"{p.name}={getattr(m, p.name)!r}")
+            out[p.name] = getattr(m, p.name)
         elif p.name == "bias" and isinstance(getattr(m, "bias", None), (torch.Tensor, type(None))):
-            args.append(f"bias={getattr(m, 'bias', None) is not None}")
-    return ", ".join(args)
+            out["bias"] = getattr(m, "bias", None) is not None
+    return out
+
+
+def _init_arguments(m: nn.Module) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in init_kwargs(m).items())
+
+
+def same_build(built: nn.Module, m: nn.Module) -> bool:
+    """Whether `built` (a fresh construction, e.g. on the meta device) is `m` rebuilt: its type, hyper-parameters and
+    parameter shapes."""
+    return (type(built) is type(m) and built.extra_repr() == m.extra_repr()
+            and {k: tuple(v.shape) for k, v in built.state_dict().items()}
+            == {k: tuple(v.shape) for k, v in m.state_dict().items()})
 
 
 def _rebuilds(expr: str, m: nn.Module, extra_module: str | None = None) -> bool:
@@ -296,6 +308,4 @@ def _rebuilds(expr: str, m: nn.Module, extra_module: str | None = None) -> bool:
             built = eval(expr, env)  # noqa: S307 (our own expression, from the module's repr)
     except Exception:
         return False
-    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
-    return (type(built) is type(m) and built.extra_repr() == m.extra_repr()
-            and {k: tuple(v.shape) for k, v in built.state_dict().items()} == shapes)
+    return same_build(built, m)
