@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-import torch.fx as fx
 import torch.nn as nn
 
 from fxrf.analysis import Analysis, analyze
@@ -45,12 +44,16 @@ class OptimizeResult(PassResult):
     model: nn.Module | None = field(default=None, repr=False)  # the user's class, changed module by module, or
     # graph_module where a change is not local to a module (form_why says which)
     plan: dict | None = None  # the structure plan that `fxrf.apply` makes again on a fresh model (form "module")
-    form: str = "graph"  # "module": `model` is the user's own class; "graph": the emitted GraphModule
     form_why: str | None = None  # why the user's class could not be kept (form "graph")
 
     @property
     def after(self) -> Analysis | None:
         return self.analysis
+
+    @property
+    def form(self) -> str:
+        """"module": `model` is the user's own class (it has a plan); "graph": the emitted GraphModule."""
+        return "module" if self.plan is not None else "graph"
 
     def to_dict(self) -> dict:
         return {name: r.to_dict() for name, r in self.steps.items()}
@@ -189,25 +192,16 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
     summary["finetune"] = tuned
     summary["function_preserved"] = _preserved(steps) or (timed is not None and timed.get("kept") == "model")
     summary["goal"], summary["latency"] = goal, timed
-    from .user_model import Lifted
+    from .user_model import Lifted, lift
     lifted = Lifted(None, None, "keep_class=False")
     if keep_class:
-        with step("handing back the model's own class"):
-            lifted = _lift(model, current, steps, example_input,
-                           reverted=timed is not None and timed.get("kept") == "model")
-    summary["form"] = {"form": "module" if lifted.model is not None else "graph", "why": lifted.why}
+        with step("handing back the model's own class"):  # a result taken back has no step's change to make
+            reverted = timed is not None and timed.get("kept") == "model"
+            lifted = lift(model, current, {} if reverted else steps, example_input)
+    summary["form"] = {"form": "module" if lifted.plan is not None else "graph", "why": lifted.why}
     return OptimizeResult(current, changes, summary, declined, after, steps=steps, before=before,
                           model=lifted.model if lifted.model is not None else current, plan=lifted.plan,
-                          form="module" if lifted.model is not None else "graph", form_why=lifted.why)
-
-
-def _lift(model, current, steps: dict, example_input, *, reverted: bool):
-    """The result as `model`'s own class (user_model.py), or why not; a reverted result is a copy of `model`."""
-    from .user_model import PLAN_VERSION, Lifted, _qualified, lift
-    if reverted and not isinstance(model, fx.GraphModule):
-        return Lifted(copy.deepcopy(model), {"fxrf_plan": PLAN_VERSION, "class": _qualified(type(model)),
-                                             "changes": []})
-    return lift(model, current, steps, example_input)
+                          form_why=lifted.why)
 
 
 @dataclass(frozen=True)
