@@ -288,7 +288,8 @@ def _cmd_optimize(args) -> int:
     form = _form(args, result)
     if not args.dry_run:
         from .passes.export import load_hint, save
-        from .passes.export.module_form import module_hint, save_module
+        from .passes.export.hints import module_hint
+        from .passes.export.module_form import save_module
         name = _class_name(model)
         try:
             with progress("saving"):
@@ -483,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--goal", metavar="paper|speed",
                     help="speed (the default with --kernels alone): the steps priced in latency measured on "
                          "--device at --batch and the result kept only if the whole model is measured faster than "
-                         "MODEL compiled (else MODEL comes back unchanged); paper (the default with --stages, or "
+                         "MODEL, by more than the noise, in --mode (else MODEL comes back unchanged); paper (the default with --stages, or "
                          "with --measure 0): the 3DRF-driven layout asked for, which may cost time")
     op.add_argument("--measure", type=_rounds, metavar="N",
                     help="time MODEL and the result, eager and compiled, each in alternation for N rounds (with a "

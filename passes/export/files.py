@@ -51,8 +51,9 @@ def fxrf_wrote(path: str, companion: str | None = None) -> bool:
     """Whether the existing file `path` is one fxrf wrote (and may therefore overwrite):
     a .py whose first line starts with MARKER; a .pt2 holding the extra file `fxrf`; a .safetensors or .onnx whose
     metadata has the key `fxrf` (an .onnx is read with the onnx package: without it, none is fxrf's); a .pt/.pth
-    whose companion source (`companion`, default the .py beside it) starts with MARKER and names it as its weights
-    (torch.save files carry no metadata of their own)."""
+    whose companion source (`companion`, default the .py beside it) starts with MARKER and names it as its weights,
+    or whose structure plan beside it (`NAME.plan.json`, the user's class's form) names it (torch.save files carry
+    no metadata of their own); a .plan.json that is a structure plan."""
     path = str(path)
     ext = Path(path).suffix.lower()
     try:
@@ -77,22 +78,25 @@ def fxrf_wrote(path: str, companion: str | None = None) -> bool:
                 return False
             return any(p.key == MARKER_KEY for p in props)
         if path.lower().endswith(".plan.json"):  # a structure plan (module_form.py)
-            with open(path, encoding="utf-8") as fh:
-                return "fxrf_plan" in json.load(fh)
-        plan = companion if companion and companion.endswith(".plan.json") else \
-            str(Path(path).with_suffix(".plan.json"))
-        if os.path.exists(plan):  # weights of the user's class (module_form.py): the plan beside them names them
-            with open(plan, encoding="utf-8") as fh:
-                doc = json.load(fh)
-            if "fxrf_plan" in doc and doc.get("weights") == os.path.basename(path):
-                return True
-        companion = companion if companion and not companion.endswith(".plan.json") else \
-            str(Path(path).with_suffix(".py"))
+            return "fxrf_plan" in _json_object(path)
+        plan = _json_object(str(Path(path).with_suffix(".plan.json")))  # the user's class's weights: named by it
+        if "fxrf_plan" in plan and plan.get("weights") == os.path.basename(path):
+            return True
+        companion = companion or str(Path(path).with_suffix(".py"))
         with open(companion, encoding="utf-8", errors="replace") as fh:
             first = fh.readline()
         return first.startswith(MARKER) and f"(weights: {os.path.basename(path)})" in first
     except (OSError, ValueError, zipfile.BadZipFile):
         return False
+
+
+def _json_object(path: str) -> dict:
+    """The JSON object in `path`; {} when there is none (no file, or JSON that is not an object)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        doc = json.load(fh)
+    return doc if isinstance(doc, dict) else {}
 
 
 def refuse_overwrite(paths, *, overwrite: bool = False, companion: str | None = None) -> None:

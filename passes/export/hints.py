@@ -38,6 +38,19 @@ def load_hint(paths, class_name: str) -> str:
     return f"{load}model.load_state_dict(torch.load({_q(weights)})); model.eval()"
 
 
+def module_hint(paths, build: str, imports: str = "") -> str:
+    """One line that loads what module_form.save_module wrote (the user's class: weights + structure plan): `build`
+    is the expression that builds the original model (e.g. `torchvision.models.resnet50()`), `imports` what it
+    needs imported (e.g. "fxrf.sources")."""
+    weights = next(p for p in paths if not p.endswith(".plan.json"))
+    plan = next(p for p in paths if p.endswith(".plan.json"))
+    head = f"import torch, fxrf{', ' + imports if imports else ''}; "
+    load = f"torch.load({_q(weights)}, weights_only=True)"
+    if weights.lower().endswith(".safetensors"):
+        head, load = f"{head}from safetensors.torch import load_file; ", f"load_file({_q(weights)})"
+    return f"{head}model = fxrf.apply({build}, {_q(plan)}); model.load_state_dict({load}); model.eval()"
+
+
 def module_name(source: str) -> str:
     """The module name a hint imports `source` as: its stem and a digest of its absolute path (two `opt.py` in two
     folders get two names; the same file always the same one)."""

@@ -1,7 +1,7 @@
 """save_module: write a result that is the user's own class (user_model.py) as that class's weights (.pt or
 .safetensors) plus its structure plan (`NAME.plan.json` beside them); before anything is put in place, a copy of
 the original model gets the plan from the staged file and the weights from the staged file, and must compute what
-the result computes. `module_hint`: the one line that loads them back in a fresh process.
+the result computes. (hints.py's `module_hint` is the one line that loads them back in a fresh process.)
 
     >>> import os, tempfile, torch, torch.nn as nn, fxrf
     >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
@@ -16,21 +16,18 @@ the result computes. `module_hint`: the one line that loads them back in a fresh
 """
 from __future__ import annotations
 
-import copy
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 from fxrf.errors import SaveError
 
-from .files import MARKER_KEY, load_weights_file, refuse_overwrite
+from .files import load_weights_file, refuse_overwrite
 
-__all__ = ["plan_path", "save_module", "module_hint"]
+__all__ = ["plan_path", "save_module"]
 
 WEIGHT_FORMATS = (".pt", ".pth", ".safetensors")
 
@@ -47,13 +44,13 @@ def save_module(model: nn.Module, original: nn.Module, plan: dict, path, *, exam
     before putting them in place (SaveError otherwise, nothing written). Returns the paths written."""
     from fxrf.passes.user_model import apply, dumps_plan
 
-    from .saving import _compare, _device, _example, _run
+    from .saving import _compare, _device, _example, _run, _write_weights
     path = str(path)
     ext = Path(path).suffix.lower()
     if ext not in WEIGHT_FORMATS:
         raise SaveError(f"cannot write the model's weights to {path!r}: use a .pt or .safetensors file name")
     targets = [path, plan_path(path)]
-    refuse_overwrite(targets, overwrite=overwrite, companion=targets[1])
+    refuse_overwrite(targets, overwrite=overwrite)
     if example_input is None:
         raise SaveError("save_module needs example_input (a tensor or a shape) to check what it writes")
     x = _example(model, example_input)
@@ -63,13 +60,9 @@ def save_module(model: nn.Module, original: nn.Module, plan: dict, path, *, exam
         staged = {p: os.path.join(tmp, f"{i}{''.join(Path(p).suffixes[-2:]) or '.x'}") for i, p in enumerate(targets)}
         sd = {k: v.detach().to("cpu" if ext == ".safetensors" else v.device).clone().contiguous()
               for k, v in model.state_dict().items()}
-        if ext == ".safetensors":
-            from .files import _safetensors
-            _safetensors().save_file(sd, staged[path], metadata={MARKER_KEY: "written by fxrf.passes.export"})
-        else:
-            torch.save(sd, staged[path])
+        _write_weights(sd, staged[path], ext)
         Path(staged[targets[1]]).write_text(dumps_plan({**plan, "weights": os.path.basename(path)}))
-        back = apply(copy.deepcopy(original), staged[targets[1]])
+        back = apply(original, staged[targets[1]])  # (a copy: apply never modifies its model)
         try:
             back.load_state_dict(load_weights_file(staged[path]), strict=True)
         except RuntimeError as e:
@@ -80,14 +73,3 @@ def save_module(model: nn.Module, original: nn.Module, plan: dict, path, *, exam
         for p in targets:
             shutil.move(staged[p], p)
     return targets
-
-
-def module_hint(paths, build: str, imports: str = "") -> str:
-    """One line that loads what save_module wrote: `build` is the expression that builds the original model
-    (e.g. `torchvision.models.resnet50()`, or fxrf.sources.load_model("SPEC") for the CLI's model spec)."""
-    weights = next(p for p in paths if not p.endswith(".plan.json"))
-    plan = next(p for p in paths if p.endswith(".plan.json"))
-    load = (f'__import__("safetensors.torch").torch.load_file("{weights}")' if weights.endswith(".safetensors")
-            else f'torch.load("{weights}", weights_only=True)')
-    return (f'import torch, fxrf{", " + imports if imports else ""}; model = fxrf.apply({build}, "{plan}"); '
-            f'model.load_state_dict({load}); model.eval()')
