@@ -53,6 +53,8 @@ import torch.nn.functional as F
 from fxrf.errors import InputError
 from fxrf.progress import bar
 
+from .distill import _find_logits
+
 __all__ = ["recalibrate_bn", "fit_blocks", "fidelity", "Calibration", "BlockFit"]
 
 
@@ -380,20 +382,16 @@ def fidelity(reference: nn.Module, model: nn.Module, batches) -> dict:
 
 
 def logits_of(out) -> torch.Tensor:
-    """The tensor to compare of a model's output: itself, a ModelOutput's / dict's `logits` (else its first tensor),
-    a tuple's first tensor."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict) or hasattr(out, "keys"):
-        if "logits" in out.keys():
-            return out["logits"]
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        for v in out:
-            if isinstance(v, torch.Tensor):
-                return v
-    raise InputError(f"cannot find the logits in a model output of type {type(out).__name__}: return a tensor, a "
-                     f"dict or ModelOutput with 'logits', or a tuple whose first tensor is them")
+    """The tensor to compare of a model's output: distill's lookup (itself, a ModelOutput's / dict's `logits`, a
+    `logits` attribute, a tuple's first tensor), and a mapping of several tensors without `logits` read at its
+    first tensor."""
+    got = _find_logits(out)
+    if got is None and hasattr(out, "keys"):
+        got = next((v for v in out.values() if isinstance(v, torch.Tensor)), None)
+    if got is None:
+        raise InputError(f"cannot find the logits in a model output of type {type(out).__name__}: return a tensor, a "
+                         f"dict or ModelOutput with 'logits', or a tuple whose first tensor is them")
+    return got
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
