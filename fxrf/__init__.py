@@ -16,6 +16,7 @@ from .passes.organizer import organize_stages  # noqa: E402
 from .passes.decomposer import decompose  # noqa: E402
 from .passes.pipeline import OptimizeResult, optimize  # noqa: E402
 from .passes.user_model import apply  # noqa: E402
+from .passes.prune import PruneResult, prune  # noqa: E402
 from .training.distill import distill  # noqa: E402
 
 
@@ -26,7 +27,7 @@ def __getattr__(name):  # fxrf.compile loads torch._dynamo (seconds): only when 
     raise AttributeError(f"module 'fxrf' has no attribute {name!r}")
 
 
-__all__ = ["compile", "optimize", "OptimizeResult", "apply", "organize_stages", "decompose", "distill", "analyze", "trace", "rf_rule", "op", "Op", "OpTable",
+__all__ = ["compile", "optimize", "OptimizeResult", "apply", "prune", "PruneResult", "organize_stages", "decompose", "distill", "analyze", "trace", "rf_rule", "op", "Op", "OpTable",
            "DEFAULT_OPS", "Decline", "DuplicateRuleError", "Analysis", "NodeRecord", "RF", "Stage", "META_KEY",
            "FxrfError", "TraceError", "InputError", "UnsupportedOpError", "AnalysisError"]
 __version__ = "0.1.0"

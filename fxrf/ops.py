@@ -10,7 +10,8 @@ applies to a node and the traits the passes ask about:
 - `cost(call) -> (macs, extra_macs)` with a cost `kind` (None: 0 MACs, kind "other");
 - `traits`: "per_element" (out[c, x] = f(in[c, x])), "per_channel" (acts on each channel alone, any parameters
   indexed by channel along dim 0: permutations fold through it), "activation", "idempotent" (f(f(x)) = f(x)),
-  "channel_permutation" (moves channels and nothing else);
+  "channel_permutation" (moves channels and nothing else), "channel_blocks" (output channel c is made of a block of
+  input channels and of nothing else, as pixel_shuffle's r*r: removing the block with c is exact; fxrf.prune);
 - `spec(call) -> ConvSpec`: set for conv-like ops, which then get a kernel type and a 3DRF gain.
 
 All three rules take one `Call`: the node, its module (call_module only), its arguments with every tensor given
@@ -45,7 +46,8 @@ import torch.nn as nn
 
 from .errors import DuplicateRuleError
 
-TRAITS = frozenset({"per_element", "per_channel", "activation", "idempotent", "channel_permutation"})
+TRAITS = frozenset({"per_element", "per_channel", "activation", "idempotent", "channel_permutation",
+                    "channel_blocks"})
 KINDS = ("conv", "linear", "norm", "activation", "pool", "elementwise", "other")  # cost kinds
 
 

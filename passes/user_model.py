@@ -44,7 +44,7 @@ __all__ = ["Roll", "Lifted", "lift", "apply", "load_plan", "write_plan", "dumps_
 
 PLAN_VERSION = 1
 BASE = "base"  # an appended-to module's own name inside the Sequential that wraps it
-OPS = ("identity", "replace", "append", "prepend")  # what a plan's change does at its module path
+OPS = ("identity", "replace", "append", "prepend", "resize")  # what a plan's change does at its module path
 
 
 class Roll(nn.Module):
@@ -315,6 +315,9 @@ def apply(model: nn.Module, plan) -> nn.Module:
         if op == "append" and getattr(old, "_fxrf_appended", False):  # after what was appended: it grows
             for name, m in made:
                 old.add_module(name, m)
+            continue
+        if op == "resize":  # the same module with other channel counts (fxrf.prune)
+            out.set_submodule(path, made[0])
             continue
         if op == "identity":
             new = nn.Identity()

@@ -195,7 +195,7 @@ def _resize_reads(mode: str, align: bool, n: int, o: int):
 
 
 # pixel_shuffle(r): out channel c at (y, x) reads in channel c*r*r + (y%r)*r + x%r at (y//r, x//r).
-@op(nn.PixelShuffle, F.pixel_shuffle)
+@op(nn.PixelShuffle, F.pixel_shuffle, traits={"channel_blocks"})
 def pixel_shuffle(ctx: Ctx):
     x = ctx.args[0]
     r = ctx.param("upscale_factor", 1, "upscale_factor")
