@@ -317,7 +317,7 @@ def apply(model: nn.Module, plan) -> nn.Module:
                 old.add_module(name, m)
             continue
         if op == "resize":  # the same module with other channel counts (fxrf.prune)
-            out.set_submodule(path, made[0])
+            out.set_submodule(path, made[0][1])
             continue
         if op == "identity":
             new = nn.Identity()

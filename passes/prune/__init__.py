@@ -60,6 +60,7 @@ class PruneResult(PassResult):
     form_why: str | None = None
     groups: Groups | None = field(default=None, repr=False)
     amount: float = 0.0
+    removed: list = field(default_factory=list, repr=False)  # the classes removed (keys of groups.members)
 
     @property
     def form(self) -> str:
@@ -128,7 +129,8 @@ def prune(model: nn.Module, example_input, *, amount: float | None = None, macs:
                "params_before": before["params"], "params_after": after["params"],
                "macs_before": before["macs"], "macs_after": after["macs"],
                "calibration": None if calibration is None else {"batch_norms": "re-estimated"}}
-    return PruneResult(pruned_gm, changes, summary, declined, after_analysis, out_model, plan, why, groups, rate)
+    return PruneResult(pruned_gm, changes, summary, declined, after_analysis, out_model, plan, why, groups, rate,
+                       classes)
 
 
 def _chosen(groups: Groups, include, exclude) -> list:
