@@ -77,8 +77,10 @@ def prune(model: nn.Module, example_input, *, amount: float | None = None, macs:
     model's MACs / parameters to keep (the rate found by bisection, one rate for all families). importance: "l1"
     (the mean |weight| of the producers' filters; the smallest go) or "random" (a control, seeded by `seed`).
     include / exclude: module-path globs; a family is pruned only if one of its producers is included and none
-    excluded. calibration: input batches (or (input, label) batches); with them every batch norm is re-estimated on
-    the first `calibration_batches`.
+    excluded. calibration: input batches (or (input, label) batches); with them every conv or linear that lost
+    input channels is refit by least squares to what the original layer computed (refit.py), on the first
+    `calibration_batches` (the next one held out: a fit that does not lower the layer's error there is dropped),
+    then every batch norm is re-estimated; summary["calibration"] lists each fit.
     The result is checked before it is returned: it must compute what the original computes with every input
     column that reads a removed channel set to zero (eval mode, a random input). A family for which that fails
     (the model's code fixes a channel count) is left whole and listed in `declined`.
@@ -115,9 +117,9 @@ def prune(model: nn.Module, example_input, *, amount: float | None = None, macs:
         why = ("the model was captured by torch.export: its module paths are not the graph's" if keep_class
                else "keep_class=False")
     out_model = user if user is not None else pruned_gm
+    calibrated = None
     if calibration is not None:
-        from fxrf.training.calibrate import recalibrate_bn
-        out_model = recalibrate_bn(out_model, calibration, batches=calibration_batches)
+        calibrated = _calibrate(gm, out_model, groups, cut, calibration, calibration_batches, seed)
     from fxrf.analysis import analyze
     after_analysis = analyze(pruned_gm, example_input)
     after = {"macs": sum(c.macs for c in after_analysis.costs.values()),
@@ -128,9 +130,33 @@ def prune(model: nn.Module, example_input, *, amount: float | None = None, macs:
                "removed_classes": len(classes), "removed_channels": sum(c.channels_removed for c in changes),
                "params_before": before["params"], "params_after": after["params"],
                "macs_before": before["macs"], "macs_after": after["macs"],
-               "calibration": None if calibration is None else {"batch_norms": "re-estimated"}}
+               "calibration": calibrated}
     return PruneResult(pruned_gm, changes, summary, declined, after_analysis, out_model, plan, why, groups, rate,
                        classes)
+
+
+def _calibrate(original, pruned, groups: Groups, cut: dict, data, batches: int, seed: int) -> dict:
+    """In place on `pruned`: every conv/linear that lost input channels refit by least squares to the original's
+    outputs (refit.py; a fit that does not help on a held-out batch is dropped), then every batch norm re-estimated."""
+    from fxrf.training.calibrate import input_batches, recalibrate_bn
+
+    from ..export.programs import eval_mode
+    from .refit import refit
+    xs = input_batches(data, batches + 1)
+    order = [n.target for n in original.graph.nodes if n.op == "call_module"]
+    layers = {}
+    for path in dict.fromkeys(order):
+        d, use = cut.get(path), groups.uses.get(path)
+        if d and d["in"] and use is not None and use.kind in ("conv", "linear"):
+            m = original.get_submodule(path)
+            n = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+            layers[path] = [o for o in range(n) if o not in set(d["out"])]
+    with eval_mode(original), eval_mode(pruned):
+        fits = refit(original, pruned, layers, xs, seed=seed) if len(xs) > 1 else []
+    recalibrate_bn(pruned, xs[:batches], batches=min(batches, len(xs)), inplace=True)
+    return {"batch_norms": "re-estimated", "refit": [
+        {"layer": f.path, "error_before": round(f.error_before, 4), "error_after": round(f.error_after, 4),
+         "kept": f.kept} for f in fits]}
 
 
 def _chosen(groups: Groups, include, exclude) -> list:
