@@ -2,7 +2,8 @@
 
     fxrf analyze MODEL --input 1,3,224,224 [--alpha 3] [--json] [--out report.json] [--strict]
                        [--plot fig.png] [--graph out.dot|out.graphml] [--depth N] [--width W] [--model-arg K=V]
-    fxrf optimize MODEL --input 1,3,32,32 [--stages [--strategy greedy|paper] [--latency-budget R]]
+    fxrf optimize MODEL --input 1,3,32,32 [--prune AMOUNT|macs=F|params=F [--importance l1|random]]
+                        [--stages [--strategy greedy|paper] [--latency-budget R]]
                         [--kernels RECIPE [--objective macs|latency [--verify N]]] [--device cpu|cuda] [--batch N]
                         [--include GLOB] [--exclude GLOB] [--weights CKPT] [--seed N] [--model-arg K=V]
                         (--out opt.pt|opt.safetensors [--out opt.pt2] [--out opt.onnx] | --dry-run)
@@ -175,8 +176,12 @@ def _cmd_analyze(args) -> int:
 
 def _optimize_checks(args):
     """Everything about the arguments that can be refused before building the model."""
-    if not args.stages and not args.kernels:
-        raise UsageError("say what to optimize: --stages, --kernels RECIPE, or both")
+    if not args.stages and not args.kernels and args.prune is None:
+        raise UsageError("say what to optimize: --stages, --kernels RECIPE, --prune AMOUNT, or several")
+    if args.prune is not None:
+        _prune_spec(args.prune)
+    if args.importance is not None and args.prune is None:
+        raise UsageError("--importance ranks the channels --prune removes: use it with --prune")
     if not args.stages and args.latency_budget is not None:
         raise UsageError("--latency-budget limits the stage organizer: use it with --stages")
     if args.kernels:  # the decomposer's own check, before the model is built (the pipeline repeats it: cheap)
@@ -267,6 +272,11 @@ def _cmd_optimize(args) -> int:
     if args.kernels:
         kernels = {"recipe": args.kernels}  # the decomposer's defaults for what is not given
         kernels.update({k: v for k, v in (("objective", args.objective), ("verify", args.verify)) if v is not None})
+    prune = None
+    if args.prune is not None:
+        prune = _prune_spec(args.prune)
+        if args.importance is not None:
+            prune["importance"] = args.importance
     # (a .npz's 'y' labels are read where these batches are also the fine-tuning data; calibration ignores them)
     calibration = load_batches(args.calibrate, "--calibrate", labels=bool(args.finetune and not args.train)) \
         if args.calibrate else None
@@ -275,7 +285,8 @@ def _cmd_optimize(args) -> int:
         finetune = {"epochs": args.finetune, "seed": args.seed,
                     "data": load_batches(args.train, "--train", labels=True) if args.train else calibration}
     try:
-        result = optimize(model, shape, stages=stages, kernels=kernels, alpha=args.alpha, include=args.include,
+        result = optimize(model, shape, stages=stages, kernels=kernels, prune=prune, alpha=args.alpha,
+                          include=args.include,
                           exclude=args.exclude, device=args.device, batch=args.batch, calibration=calibration,
                           latency=_latency(args),
                           finetune=finetune,
@@ -392,7 +403,22 @@ def _goal(args) -> str:
     layout as asked)."""
     if args.goal is not None:
         return args.goal
-    return "speed" if args.kernels and not args.stages and args.measure != 0 else "paper"
+    return "speed" if (args.kernels or args.prune is not None) and not args.stages and args.measure != 0 else "paper"
+
+
+def _prune_spec(text: str) -> dict:
+    """--prune 0.3 (the fraction of each layer's channels to remove), macs=0.5 or params=0.5 (the fraction of the
+    model's to keep)."""
+    key, _, value = text.rpartition("=")
+    key = key.strip() or "amount"
+    try:
+        v = float(value)
+    except ValueError:
+        v = None
+    if key not in ("amount", "macs", "params") or v is None or not (0 <= v < 1 if key == "amount" else 0 < v < 1):
+        raise UsageError(f"--prune {text}: give the fraction of channels to remove (0.3), or macs=F / params=F, the "
+                         f"fraction of the model's MACs / parameters to keep (0 < F < 1)")
+    return {key: v}
 
 
 def _class_name(model) -> str:
@@ -481,6 +507,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: decompose's, 5; 0: no check)")
     op.add_argument("--device", default="cpu", help="--objective latency / --latency-budget: where to time, cpu or "
                                                     "cuda (default cpu)")
+    op.add_argument("--prune", metavar="AMOUNT",
+                    help="structural channel pruning (fxrf.prune), run first: 0.3 removes 30%% of each layer's "
+                         "channels with everything coupled to them; macs=0.5 / params=0.5 keeps that fraction of "
+                         "the model's MACs / parameters. With --calibrate, the thinned layers are refit by least "
+                         "squares")
+    op.add_argument("--importance", choices=("l1", "random"),
+                    help="--prune: which channels go first: l1 (the smallest mean |weight|, the default) or random")
     op.add_argument("--goal", metavar="paper|speed",
                     help="speed (the default with --kernels alone): the steps priced in latency measured on "
                          "--device at --batch and the result kept only if the whole model is measured faster than "

@@ -89,8 +89,8 @@ def before_after_table(d: dict) -> list:
     lines.append("convs: conv layers in the stage (a decomposed block counts each of its convs)")
     if moved:
         lines += ["3DRF: measured against the stage's input (w0 x channels) in each model; (of ..., was ...): that "
-                  "stage's input changed", "  (a strided conv decomposed moves the stage boundary), so its two 3DRFs "
-                  "have different references"]
+                  "stage's input changed", "  (pruned channels, or a strided conv decomposed that moves the stage "
+                  "boundary), so its two 3DRFs have different references"]
     else:
         lines.append("3DRF: measured against the stage's input (w0 x channels), the same in both models")
     if any(s["saturated_before"] or s["saturated_after"] for s in d["stages"]):
@@ -105,7 +105,11 @@ def optimize_summary(result, dry_run: bool = False) -> str:
     lines = []
     for key, r in steps.items():
         s = r.summary
-        if key == "stages":
+        if key == "prune":
+            lines.append(f"prune ({s['importance']}, rate {s['amount']:.3g}): {s['removed_channels']} channel(s) "
+                         f"removed in {len(r.changes)} famil{'y' if len(r.changes) == 1 else 'ies'}; "
+                         f"{len(r.declined)} place(s) keep their channels (PruneResult.declined)")
+        elif key == "stages":
             lines.append(f"stages ({s['strategy']}): {s['inserted']} conv(s) inserted, {s['removed']} removed"
                          + ("" if s["function_preserved"] else "; removals change the function (fine-tune after)"))
             if s.get("latency"):
@@ -145,7 +149,8 @@ def calibration_lines(summary: dict) -> list:
         top1 = f", top-1 agreement {d['top1_agreement'] * 100:.1f}%" if d.get("top1_agreement") is not None else ""
         return f"relative output error {d['relative_error']:.4g}{top1}"
 
-    what = "blocks fitted by least squares, norms re-estimated" if not c.get("norms_only") else "norms re-estimated"
+    what = ("thinned layers refit by least squares, norms re-estimated" if c.get("pruned") else
+            "blocks fitted by least squares, norms re-estimated" if not c.get("norms_only") else "norms re-estimated")
     return [f"calibration ({what}; {c['batches']} batch(es), compared on {c['measured_on']}):",
             f"  after the transfer: {f(c['transfer'])}",
             f"  calibrated:         {f(c['calibrated'])}"]

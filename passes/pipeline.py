@@ -24,7 +24,7 @@ from fxrf.progress import progress as default_progress
 
 from . import PassResult
 
-STEPS = ("stages", "kernels")  # the order the steps run in
+STEPS = ("prune", "stages", "kernels")  # the order the steps run in
 GOALS = ("paper", "speed")  # what the asked steps are for: the 3DRF-driven layout as asked, or a faster model
 DEFAULT_GOAL = "paper"
 MEASURE_ROUNDS = 5  # whole-model timing rounds, in alternation, when goal="speed" measures by default
@@ -75,12 +75,14 @@ def _options(value, what: str, default_key: str | None = None) -> dict | None:
 
 
 def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = None,
-             kernels: str | dict | None = None, alpha: float = DEFAULT_ALPHA, include=None, exclude=None,
+             kernels: str | dict | None = None, prune: float | dict | None = None, alpha: float = DEFAULT_ALPHA, include=None, exclude=None,
              device: str = "cpu", batch: int = 1, latency=None, calibration=None,
              calibration_batches: int = CALIBRATION_BATCHES, holdout_batches: int = HOLDOUT_BATCHES,
              goal: str = DEFAULT_GOAL, measure: int | None = None, keep_class: bool = True,
              progress=None, finetune: dict | None = None) -> OptimizeResult:
-    """Rewrite `model` (never modified) by the steps asked for, in order: `stages` (organize_stages: True or its
+    """Rewrite `model` (never modified) by the steps asked for, in order: `prune` (fxrf.prune: the fraction of
+    channels to remove, or its keyword arguments, e.g. {"macs": 0.5}; it runs on the user's model and the later
+    steps on its result, with `calibration` refitting the layers it thinned), `stages` (organize_stages: True or its
     keyword arguments, e.g. {"strategy": "paper"}), then `kernels` (decompose: a recipe such as "auto" or "DW+PW",
     or its keyword arguments, e.g. {"recipe": "auto", "objective": "latency"}). `alpha`, `include` / `exclude`
     (module-path globs), `device`, `batch` and `latency` (a LatencyModel) are given to every step that takes them.
@@ -114,9 +116,11 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
     bar or line on stderr, shown only inside fxrf.progress.show() -- the CLI's -- or with FXRF_PROGRESS=1).
     """
     organize, decompose_opts = _options(stages, "stages"), _options(kernels, "kernels", "recipe")
-    if organize is None and decompose_opts is None:
+    prune_opts = {"amount": prune} if isinstance(prune, (int, float)) and not isinstance(prune, bool) else \
+        _options(prune, "prune")
+    if organize is None and decompose_opts is None and prune_opts is None:
         raise InputError("say what to optimize: stages=True (the organizer), kernels='auto' or a recipe (the "
-                         "decomposer), or both")
+                         "decomposer), prune=0.3 (channel pruning), or several")
     if goal not in GOALS:
         raise InputError(f"goal {goal!r} is unknown; use {' or '.join(map(repr, GOALS))}")
     rounds = (MEASURE_ROUNDS if goal == "speed" else 0) if measure is None else measure
@@ -142,6 +146,15 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
         fold_after, decompose_opts["fold"] = decompose_opts.get("fold", True), False
     shared = {"include": include, "exclude": exclude, "device": device, "batch": batch, "latency": latency}
     current, steps, cap = model, {}, True
+    if prune_opts is not None:  # on the user's model: the steps after it edit the pruned copy of the user's class
+        from .prune import prune as prune_pass
+        opts = {"include": include, "exclude": exclude, **prune_opts}
+        if data is not None:
+            opts.setdefault("calibration", data[0])
+            opts.setdefault("calibration_batches", max(1, len(data[0]) - 1))
+        with step("pruning channels"):
+            r = prune_pass(current, example_input, **opts)
+        current, steps["prune"] = r.model, r
     if organize is not None:
         from .organizer import organize_stages
         with step(f"organizing the stages ({organize.get('strategy', 'greedy')})"):
@@ -192,16 +205,35 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
     summary["finetune"] = tuned
     summary["function_preserved"] = _preserved(steps) or (timed is not None and timed.get("kept") == "model")
     summary["goal"], summary["latency"] = goal, timed
-    from .user_model import Lifted, lift
+    from .user_model import Lifted
     lifted = Lifted(None, None, "keep_class=False")
     if keep_class:
         with step("handing back the model's own class"):  # a result taken back has no step's change to make
             reverted = timed is not None and timed.get("kept") == "model"
-            lifted = lift(model, current, {} if reverted else steps, example_input)
+            lifted = _lift(model, current, {} if reverted else steps, example_input)
     summary["form"] = {"form": "module" if lifted.plan is not None else "graph", "why": lifted.why}
     return OptimizeResult(current, changes, summary, declined, after, steps=steps, before=before,
                           model=lifted.model if lifted.model is not None else current, plan=lifted.plan,
                           form_why=lifted.why)
+
+
+def _lift(model, current, steps: dict, example_input):
+    """The user's class back: the pruner's module form (its own plan), then the other steps' changes lifted onto it
+    (user_model.lift), the two plans one after the other."""
+    from .user_model import Lifted, lift
+    pruned = steps.get("prune")
+    if pruned is None:
+        return lift(model, current, steps, example_input)
+    if pruned.plan is None:
+        return Lifted(None, None, pruned.form_why)
+    rest = {k: v for k, v in steps.items() if k != "prune"}
+    if not rest:
+        return Lifted(current, pruned.plan, None)
+    lifted = lift(pruned.model, current, rest, example_input)
+    if lifted.plan is None:
+        return lifted
+    plan = dict(lifted.plan, changes=pruned.plan["changes"] + lifted.plan["changes"], **{"class": pruned.plan["class"]})
+    return Lifted(lifted.model, plan, None)
 
 
 @dataclass(frozen=True)
@@ -265,7 +297,7 @@ def _preserved(steps: dict) -> bool:
     for name, r in steps.items():
         if name == "stages" and not r.summary.get("function_preserved", True):
             return False
-        if name == "kernels" and r.changes:
+        if name in ("kernels", "prune") and r.changes:
             return False
     return True
 
@@ -280,7 +312,8 @@ def _calibrate(model, example_input, steps: dict, current, data, fold_after: boo
     out = {"batches": len(fit), "held_out": len(held), "measured_on": "held-out batches" if held else
            "the calibration batches themselves (give more batches than calibration_batches to hold some out)"}
     if "kernels" in steps:
-        source = steps["stages"].graph_module if "stages" in steps else model  # what decompose was given
+        source = steps["stages"].graph_module if "stages" in steps else \
+            steps["prune"].model if "prune" in steps else model  # what decompose was given
         c = fit_blocks(source, steps["kernels"], fit, batches=len(fit))
         current = c.graph_module
         out.update(blocks=c.summary["blocks"], fitted=c.summary["fitted"],
@@ -289,6 +322,9 @@ def _calibrate(model, example_input, steps: dict, current, data, fold_after: boo
             from .fold import fold_permutations
             folded = fold_permutations(current, example_input)
             current, out["folds"] = folded.graph_module, folded.summary
+    elif "prune" in steps and "stages" not in steps:  # the pruner calibrated its result (least squares, norms)
+        out.update(steps["prune"].summary["calibration"] or {})
+        out["pruned"] = True
     else:
         current = recalibrate_bn(current, fit, batches=len(fit))
         out["norms_only"] = True

@@ -48,6 +48,13 @@ class PruneChange:
     classes_after: int
     channels_removed: int
 
+    def describe(self, before=None, after=None) -> str:
+        who = ", ".join(self.producers[:3]) + (f" and {len(self.producers) - 3} more" if len(self.producers) > 3
+                                                 else "")
+        return (f"{who}: {self.classes_before} -> {self.classes_after} channels"
+                + (f" ({self.channels_removed} output channels removed in all)" if len(self.producers) > 1 else "")
+                + f"; {len(self.modules)} module(s) sliced")
+
 
 @dataclass
 class PruneResult(PassResult):
