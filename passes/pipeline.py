@@ -149,7 +149,8 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
     if prune_opts is not None:  # on the user's model: the steps after it edit the pruned copy of the user's class
         from .prune import prune as prune_pass
         opts = {"include": include, "exclude": exclude, **prune_opts}
-        if data is not None:
+        if data is not None and (organize is not None or decompose_opts is not None):
+            # calibrated before the next step reads it (alone, it is calibrated below, where the report compares)
             opts.setdefault("calibration", data[0])
             opts.setdefault("calibration_batches", max(1, len(data[0]) - 1))
         with step("pruning channels"):
@@ -322,9 +323,10 @@ def _calibrate(model, example_input, steps: dict, current, data, fold_after: boo
             from .fold import fold_permutations
             folded = fold_permutations(current, example_input)
             current, out["folds"] = folded.graph_module, folded.summary
-    elif "prune" in steps and "stages" not in steps:  # the pruner calibrated its result (least squares, norms)
-        out.update(steps["prune"].summary["calibration"] or {})
-        out["pruned"] = True
+    elif list(steps) == ["prune"]:  # the thinned layers refit by least squares, the norms re-estimated
+        from .prune import calibrate
+        current, fits = calibrate(steps["prune"], current, fit)
+        out.update(fits, pruned=True)
     else:
         current = recalibrate_bn(current, fit, batches=len(fit))
         out["norms_only"] = True

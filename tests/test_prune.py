@@ -369,3 +369,65 @@ def test_nothing_to_prune_gives_the_model_back_and_says_why():
     r = fxrf.prune(net, (1, 3, 8, 8), amount=0.5)
     assert r.summary["removed_classes"] == 0 and r.model[0].out_channels == 4
     assert any("model output" in d["reason"] for d in r.declined)
+
+
+# -- in the pipeline and on the command line ---------------------------------------------------------------------
+
+
+def test_optimize_prunes_then_decomposes_and_one_plan_rebuilds_both():
+    net = small_net()
+    batches = [torch.randn(16, 3, 16, 16) for _ in range(4)]
+    r = fxrf.optimize(net, (1, 3, 16, 16), prune=0.5, kernels="DW+PW", calibration=batches)
+    assert list(r.steps) == ["prune", "kernels"] and r.form == "module" and type(r.model) is nn.Sequential
+    assert [c["op"] for c in r.plan["changes"]].count("resize") >= 3  # the pruner's, then the decomposer's
+    assert "replace" in [c["op"] for c in r.plan["changes"]]
+    fresh = fxrf.apply(small_net(), r.plan)
+    fresh.load_state_dict(r.model.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), r.model.eval()(x))
+        torch.testing.assert_close(r.model(x), r.graph_module.eval()(x), rtol=1e-4, atol=1e-5)
+    from fxrf.optimize_report import optimize_summary
+    text = optimize_summary(r)
+    assert text.startswith("prune (l1, rate 0.5):") and "kernels (DW+PW)" in text
+
+
+def test_optimize_prune_alone_reports_its_own_calibration():
+    batches = [torch.randn(16, 3, 16, 16) for _ in range(4)]
+    r = fxrf.optimize(small_net(), (1, 3, 16, 16), prune={"macs": 0.5}, calibration=batches)
+    c = r.summary["calibration"]
+    assert c["pruned"] and c["batch_norms"] == "re-estimated" and c["refit"]
+    assert c["calibrated"]["relative_error"] < c["transfer"]["relative_error"]  # the refit brought it closer
+
+
+def test_cli_prune_writes_the_class_and_a_fresh_process_reloads_it(tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    from fxrf.cli import main
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert main(["optimize", "fxrf:vgg11_cifar", "--input", "1,3,32,32", "--prune", "macs=0.5", "--measure", "0",
+                     "--out", "p.pt"]) == 0
+        out = capsys.readouterr().out
+    finally:
+        os.chdir(cwd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.plan.json", "p.pt"]
+    assert out.startswith("prune (l1") and "written as VGG itself" in out
+    hint = next(line[len("load it with: "):] for line in out.splitlines() if line.startswith("load it with: "))
+    code = (f"{hint}\nimport torch\nassert type(model).__name__ == 'VGG'\n"
+            "print(sum(m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    import torchvision  # noqa: F401  (vgg11_cifar's convs: 64+128+256*2+512*4 = 2752 channels before)
+    assert int(done.stdout.strip()) < 2752
+
+
+@pytest.mark.parametrize("spec", ["1.5", "macs=0", "flops=0.5", "x"])
+def test_cli_bad_prune_spec_is_one_line(spec, capsys):
+    from fxrf.cli import main
+    assert main(["optimize", "fxrf:vgg11_cifar", "--input", "1,3,32,32", "--prune", spec, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"--prune {spec}" in err and "Traceback" not in err

@@ -68,6 +68,8 @@ class PruneResult(PassResult):
     groups: Groups | None = field(default=None, repr=False)
     amount: float = 0.0
     removed: list = field(default_factory=list, repr=False)  # the classes removed (keys of groups.members)
+    cut: dict = field(default_factory=dict, repr=False)  # {module path: {"out": [...], "in": [...]}}: what went
+    source: nn.Module | None = field(default=None, repr=False)  # the unpruned graph the paths refer to
 
     @property
     def form(self) -> str:
@@ -139,7 +141,17 @@ def prune(model: nn.Module, example_input, *, amount: float | None = None, macs:
                "macs_before": before["macs"], "macs_after": after["macs"],
                "calibration": calibrated}
     return PruneResult(pruned_gm, changes, summary, declined, after_analysis, out_model, plan, why, groups, rate,
-                       classes)
+                       classes, cut, gm)
+
+
+def calibrate(result: PruneResult, model: nn.Module, data, *, batches: int | None = None, seed: int = 0):
+    """(a calibrated copy of `model`, the fits): `model` being `result.model` or a copy of it, calibrated as
+    prune(calibration=...) does, on `data` (its first `batches` batches, all by default; one more held out)."""
+    from fxrf.training.calibrate import input_batches
+    xs = input_batches(data, 10 ** 6 if batches is None else batches)
+    out = copy.deepcopy(model)
+    fits = _calibrate(result.source, out, result.groups, result.cut, xs, max(1, len(xs) - 1), seed)
+    return out, fits
 
 
 def _calibrate(original, pruned, groups: Groups, cut: dict, data, batches: int, seed: int) -> dict:
