@@ -117,11 +117,14 @@ def prune(model: nn.Module, example_input, *, amount: float | None = None, macs:
     cut = removal(groups, classes)
     pruned_gm = copy.deepcopy(gm)
     remove(pruned_gm, groups, cut)
+    for n in pruned_gm.graph.nodes:  # torch.export's recorded shapes are the unpruned ones: propagate afresh
+        n.meta.pop("val", None)
+        n.meta.pop("tensor_meta", None)
     user, plan, why = None, None, None
     if keep_class and gm.meta.get("fxrf_capture") != "export" and not isinstance(model, torch.fx.GraphModule):
         user, why = ctx.module_form(cut)
         if user is not None:
-            plan = _plan(model, user, cut)
+            plan = _plan(model, user, cut, groups)
     else:
         why = ("the model was captured by torch.export: its module paths are not the graph's" if keep_class
                else "keep_class=False")
@@ -245,7 +248,7 @@ class _Context:
         for c in sorted(chosen, key=lambda c: -self.score[c]):  # give back the best classes first
             outs = defaultdict(int)
             for p, role, _ in self.groups.members[c]:
-                if role == "out" or self.groups.uses[p].kind in ("dw", "norm", "prelu"):
+                if role == "out" or self.groups.uses[p].kind in ("dw", "norm", "prelu", "attr"):
                     outs[p] += 1
             if any(left.get(p, math.inf) - k < 1 for p, k in outs.items()):
                 drop.discard(c)
@@ -388,12 +391,14 @@ def _differs(ref: nn.Module, new: nn.Module, example_input) -> str | None:
     return None
 
 
-def _plan(model: nn.Module, user: nn.Module, cut: dict) -> dict | None:
+def _plan(model: nn.Module, user: nn.Module, cut: dict, groups: Groups) -> dict | None:
     """The structure plan: each sliced module rebuilt from its class and new constructor arguments."""
     from ..user_model import PLAN_VERSION, _NotLocal, _qualified, _spec
+    from .surgery import owner
     changes = []
+    paths = sorted({owner(p)[0] if groups.uses[p].kind == "attr" else p for p in cut})
     try:
-        for path in sorted(cut):
+        for path in paths:
             changes.append({"path": path, "op": "resize", "modules": [_spec(user.get_submodule(path), path, user)]})
     except _NotLocal:
         return None

@@ -18,6 +18,7 @@ union-find's class 0 and is listed with the reason (`Groups.declined`).
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -47,7 +48,8 @@ _SLICEABLE = {"conv": ({"weight", "bias"}, set()), "linear": ({"weight", "bias"}
 @dataclass(frozen=True)
 class Use:
     """How one module's channels are removed: kind "conv" / "linear" (a producer: output rows `out`, input
-    columns `inp`), "dw" (a depthwise conv: group g goes with input channel g), "norm" / "prelu" (entries)."""
+    columns `inp`), "dw" (a depthwise conv: group g goes with input channel g), "norm" / "prelu" (entries), "attr"
+    (a parameter or buffer a functional per-channel op reads: rows along dim 0; `path` is the tensor's)."""
 
     path: str
     kind: str
@@ -286,6 +288,8 @@ class _Walk:
         self.canon[node] = _unflat(out, outs)
         if mod is not None and isinstance(node, fx.Node):
             self._entries(node, mod, env)
+        elif isinstance(node, fx.Node):
+            self._attributes(node, op, env)
 
     @staticmethod
     def _splits_channels(ins, out) -> bool:
@@ -389,6 +393,25 @@ class _Walk:
         if reads is not None:
             self.reads[node.target].append(reads)
         self.uses[node.target] = Use(node.target, kind, getattr(mod, "groups", 1))
+
+    def _attributes(self, node, op, env):
+        """Parameters and buffers a functional call reads (get_attr: timm's BatchNormAct2d calls F.batch_norm
+        with its own running_mean): a per-channel op indexes them by channel along dim 0, so entry j goes with
+        input channel j; anything else that reads a model tensor pins the channels it touches."""
+        attrs = [a for a in node.all_input_nodes if a.op == "get_attr" and isinstance(self.w.shapes.get(a), TMeta)
+                 and math.prod(self.w.shapes[a].shape) > 1]
+        if not attrs:
+            return
+        x = self.w._inputs(node)[0] if node.all_input_nodes else None
+        v = self.w.shapes.get(x)
+        per_channel = op is not None and "per_channel" in op.traits and isinstance(v, TMeta) and len(v.shape) > 1
+        for a in attrs:
+            if per_channel and tuple(self.w.shapes[a].shape) == (v.shape[1],) and a is not x:
+                reads = self._input(node, env, 1)
+                if reads is not None:
+                    self.reads[a.target].append(reads)
+                    self.uses[a.target] = Use(a.target, "attr")
+            # (other constants were frozen where they were read: their class is FROZEN)
 
     @staticmethod
     def _sliceable(mod, kind) -> bool:

@@ -44,9 +44,12 @@ def remove(root: nn.Module, groups: Groups, cut: dict) -> None:
     """Slice `root`'s modules (in place: give it a copy) as `cut` (from `removal`) says."""
     for path, d in cut.items():
         use = groups.uses.get(path)
-        m = root.get_submodule(path)
         if use is None:
             raise FxrfError(f"fxrf.prune: {path} has channels to remove but no slicing rule (a bug in fxrf)")
+        if use.kind == "attr":
+            _attribute(root, path, d["in"])
+            continue
+        m = root.get_submodule(path)
         if use.kind == "conv":
             _conv(m, d["out"], d["in"])
         elif use.kind == "linear":
@@ -70,6 +73,22 @@ def remove(root: nn.Module, groups: Groups, cut: dict) -> None:
                 m.num_parameters = len(keep)
             else:
                 m.num_features = len(keep)
+
+
+def owner(path: str) -> tuple[str, str]:
+    """(module path, attribute name) of a tensor's path."""
+    mod, _, name = path.rpartition(".")
+    return mod, name
+
+
+def _attribute(root: nn.Module, path: str, drop) -> None:
+    mod_path, name = owner(path)
+    m = root.get_submodule(mod_path)
+    t = getattr(m, name)
+    keep = _keep(len(t), drop)
+    setattr(m, name, _param(t, t[keep]) if isinstance(t, nn.Parameter) else t[keep].clone())
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):  # its constructor argument, read back by a plan
+        m.num_features = len(keep)
 
 
 def _conv(m: nn.Module, drop_out, drop_in) -> None:
