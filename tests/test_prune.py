@@ -83,7 +83,7 @@ def check_classes(model, shape, groups, classes):
     channels the class names for that module (the convs and linears that read them hold their outputs, so a change
     reaches only what is coupled by position)."""
     x = torch.randn(*shape)
-    paths = sorted(groups.uses)
+    paths = sorted(p for p, u in groups.uses.items() if u.kind != "attr")  # (modules; attrs are tensors)
     producers = [p for p in paths if groups.uses[p].kind in ("conv", "linear")]
     base, outs = module_inputs(model, paths, producers, x)
     for c in classes:
@@ -115,9 +115,9 @@ def zeroed_by_hand(model, groups, classes):
     with torch.no_grad():
         for c in classes:
             for p, role, j in groups.members[c]:
-                m = ref.get_submodule(p)
                 if role != "in" or groups.uses[p].kind not in ("conv", "linear"):
                     continue
+                m = ref.get_submodule(p)
                 if isinstance(m, nn.Linear):
                     m.weight[:, j] = 0
                 else:
@@ -431,3 +431,36 @@ def test_cli_bad_prune_spec_is_one_line(spec, capsys):
     assert main(["optimize", "fxrf:vgg11_cifar", "--input", "1,3,32,32", "--prune", spec, "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert f"--prune {spec}" in err and "Traceback" not in err
+
+
+class FunctionalBN(nn.BatchNorm2d):
+    """Traced into F.batch_norm on its own buffers (as timm's BatchNormAct2d is): get_attr nodes, no module call."""
+
+    def forward(self, x):
+        return F.relu(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps))
+
+
+def test_a_functional_norm_s_parameters_are_sliced_with_their_channel():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), FunctionalBN(8), nn.Conv2d(8, 4, 1)).eval()
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+    r = fxrf.prune(net, (1, 3, 8, 8), amount=0.5)
+    assert (r.model[0].out_channels, r.model[1].running_mean.shape[0], r.model[1].num_features) == (4, 4, 4)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(r.model(x), zeroed_by_hand(net, r.groups, r.removed)(x), rtol=1e-4, atol=1e-5)
+    fresh = fxrf.apply(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), FunctionalBN(8), nn.Conv2d(8, 4, 1)), r.plan)
+    fresh.load_state_dict(r.model.state_dict())  # the plan rebuilt the norm at its pruned size
+
+
+def test_an_exported_model_prunes_in_graph_form():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=3)
+    model = transformers.ResNetForImageClassification(cfg).eval()
+    r = fxrf.prune(model, (1, 3, 32, 32), amount=0.5)  # captured by torch.export: no module paths of the model's
+    assert r.form == "graph" and "torch.export" in r.form_why
+    assert r.summary["macs_after"] < 0.6 * r.summary["macs_before"]
+    out = r.model(torch.randn(1, 3, 32, 32))
+    assert type(out).__name__ == "ImageClassifierOutputWithNoAttention" and out.logits.shape == (1, 3)
