@@ -128,6 +128,12 @@ def optimize_summary(result, dry_run: bool = False) -> str:
         sel = s.get("selection") or {}
         if sel.get("include") or sel.get("exclude"):
             lines.append(f"  only convs matching include {sel.get('include') or ['*']}, exclude {sel.get('exclude')}")
+    ch = result.summary.get("choice")
+    if ch:
+        lines.append(f"chose {ch['chosen']}: timed with the model in alternation ({MODE_NAMES.get(ch['mode'], ch['mode'])}"
+                     f", {ch['device']}, batch {ch['batch']}, {ch['rounds']} rounds): "
+                     + ", ".join(f"{k} {v:.3f}x" for k, v in ch["ratios"].items())
+                     + f" the model's time (noise {ch['noise']:.3f})")
     lines += calibration_lines(result.summary)
     lines += latency_lines(result.summary)
     lines += ["", ("planned changes (dry run):" if dry_run else "before and after:")]

@@ -102,7 +102,9 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
     steps priced in measured latency on `device` at `batch` (the decomposer's objective="latency" for recipe "auto",
     the organizer's latency_budget=1.0, unless given), and the result kept only if it is measured faster than the
     model in the mode deployed (`latency`'s, compiled by default), else the model comes back unchanged
-    (summary["latency"]["kept"] says which, and why).
+    (summary["latency"]["kept"] says which, and why). With both `prune` and `kernels` (and no `stages`), "speed"
+    chooses between the rewrites: the pruned model, the decomposed model and the pruned model decomposed are timed
+    with the model in alternation, and the fastest goes on (summary["choice"]: each one's time ratio, the noise).
     measure: rounds of whole-model timing, eager and compiled, each in alternation (the model, the result and a
     second instance of the model, whose ratio to the first is the resolution of a ratio on this machine),
     reported in summary["latency"] (per mode in ["modes"]; the top-level figures are `latency`'s mode, the one
@@ -145,8 +147,12 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
     if data is not None and decompose_opts is not None:  # fit_blocks needs the original channel order: fold after
         fold_after, decompose_opts["fold"] = decompose_opts.get("fold", True), False
     shared = {"include": include, "exclude": exclude, "device": device, "batch": batch, "latency": latency}
-    current, steps, cap = model, {}, True
-    if prune_opts is not None:  # on the user's model: the steps after it edit the pruned copy of the user's class
+    current, steps, cap, choice = model, {}, True, None
+    if goal == "speed" and prune_opts is not None and decompose_opts is not None and organize is None:
+        # two rewrites for one goal: each alone and both, timed against the model; the fastest goes on
+        current, steps, choice = _choose(model, example_input, prune_opts, decompose_opts, shared, data, latency,
+                                         rounds, step)
+    if choice is None and prune_opts is not None:  # on the user's model: the steps after it edit its pruned copy
         from .prune import prune as prune_pass
         opts = {"include": include, "exclude": exclude, **prune_opts}
         if data is not None and (organize is not None or decompose_opts is not None):
@@ -156,12 +162,12 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
         with step("pruning channels"):
             r = prune_pass(current, example_input, **opts)
         current, steps["prune"] = r.model, r
-    if organize is not None:
+    if choice is None and organize is not None:
         from .organizer import organize_stages
         with step(f"organizing the stages ({organize.get('strategy', 'greedy')})"):
             r = organize_stages(current, example_input, **{"alpha": alpha, **shared, **organize})
         current, steps["stages"], cap = r.graph_module, r, r.summary.get("spatial_cap", True)
-    if decompose_opts is not None:
+    if choice is None and decompose_opts is not None:
         from .decomposer import DEFAULT_RECIPE, decompose
         with step(f"decomposing the kernels ({decompose_opts.get('recipe', DEFAULT_RECIPE)})"):
             r = decompose(current, example_input, **{**shared, **decompose_opts})
@@ -205,7 +211,7 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
     summary["calibration"] = calibrated
     summary["finetune"] = tuned
     summary["function_preserved"] = _preserved(steps) or (timed is not None and timed.get("kept") == "model")
-    summary["goal"], summary["latency"] = goal, timed
+    summary["goal"], summary["latency"], summary["choice"] = goal, timed, choice
     from .user_model import Lifted
     lifted = Lifted(None, None, "keep_class=False")
     if keep_class:
@@ -216,6 +222,44 @@ def optimize(model: nn.Module, example_input, *, stages: bool | dict | None = No
     return OptimizeResult(current, changes, summary, declined, after, steps=steps, before=before,
                           model=lifted.model if lifted.model is not None else current, plan=lifted.plan,
                           form_why=lifted.why)
+
+
+def _choose(model, example_input, prune_opts, decompose_opts, shared, data, latency, rounds, step):
+    """goal="speed" given both prune and kernels: the pruned model, the decomposed model and the pruned model
+    decomposed, timed with the model (and a second instance of it: the noise) in alternation in the deployed
+    mode; (the fastest one's output, its steps, what was measured)."""
+    import dataclasses
+
+    from .decomposer import DEFAULT_RECIPE, decompose
+    from .latency import paired_ratio
+    from .prune import calibrate, prune as prune_pass
+    with step("pruning channels"):
+        rp = prune_pass(model, example_input, **{"include": shared["include"], "exclude": shared["exclude"],
+                                                 **prune_opts})
+    thin = rp if data is None else dataclasses.replace(rp, model=calibrate(rp, rp.model, data[0])[0])
+    with step(f"decomposing the kernels ({decompose_opts.get('recipe', DEFAULT_RECIPE)}), of the model and of the "
+              f"pruned model"):
+        rk = decompose(model, example_input, **{**shared, **decompose_opts})
+        rb = decompose(thin.model, example_input, **{**shared, **decompose_opts})
+    cands = {"prune": ({"prune": rp}, rp.model), "kernels": ({"kernels": rk}, rk.graph_module),
+             "prune+kernels": ({"prune": thin, "kernels": rb}, rb.graph_module)}
+    shape = (latency.batch,) + tuple(_first_input(example_input)[1:])
+    models = {"model": copy.deepcopy(model).eval(), "model (2nd instance)": copy.deepcopy(model).eval()}
+    models.update({k: copy.deepcopy(m).eval() for k, (_, m) in cands.items()})
+    times = latency.compare(models, shape, rounds, fresh=True)
+    ratios = {k: round(paired_ratio(times, k, "model"), 4) for k in cands}
+    noise = round(abs(paired_ratio(times, "model (2nd instance)", "model") - 1), 4)
+    chosen = min(ratios, key=ratios.get)
+    choice = {"mode": latency.mode, "device": latency.device, "batch": latency.batch, "rounds": rounds,
+              "ratios": ratios, "noise": noise, "chosen": chosen,
+              "ms": {k: round(1e3 * sorted(v)[len(v) // 2], 4) for k, v in times.items()}}
+    return cands[chosen][1], cands[chosen][0], choice
+
+
+def _first_input(example_input) -> tuple:
+    """The shape of the (first) example input."""
+    from fxrf.trace import _as_shapes
+    return tuple(_as_shapes(example_input)[0].shape)
 
 
 def _lift(model, current, steps: dict, example_input):

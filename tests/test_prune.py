@@ -464,3 +464,16 @@ def test_an_exported_model_prunes_in_graph_form():
     assert r.summary["macs_after"] < 0.6 * r.summary["macs_before"]
     out = r.model(torch.randn(1, 3, 32, 32))
     assert type(out).__name__ == "ImageClassifierOutputWithNoAttention" and out.logits.shape == (1, 3)
+
+
+def test_goal_speed_chooses_between_pruning_and_decomposing_by_measured_time():
+    net = small_net()
+    r = fxrf.optimize(net, (1, 3, 16, 16), prune={"macs": 0.5}, kernels="DW+PW", goal="speed", measure=1)
+    ch = r.summary["choice"]
+    assert set(ch["ratios"]) == {"prune", "kernels", "prune+kernels"}
+    assert ch["chosen"] == min(ch["ratios"], key=ch["ratios"].get)  # the fastest measured goes on
+    want = {"prune": ["prune"], "kernels": ["kernels"], "prune+kernels": ["prune", "kernels"]}[ch["chosen"]]
+    kept = r.summary["latency"]["kept"] == "result"
+    assert list(r.steps) == want and (not kept or r.changes)
+    from fxrf.optimize_report import optimize_summary
+    assert f"chose {ch['chosen']}: timed with the model in alternation" in optimize_summary(r)
