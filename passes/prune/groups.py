@@ -210,19 +210,16 @@ class _Walk:
             if isinstance(node, Version):
                 self._step(node, node.inputs + [node.node])
             elif node.op == "placeholder" and isinstance(v, TMeta):
-                self._constant(node, v, _input_sp(node, v.shape, self.dims), "a model input")
+                self.canon[node] = self._frozen_field(v.shape, _input_sp(node, v.shape, self.dims))  # the input
             elif node.op == "get_attr" and isinstance(v, TMeta):
-                if np.prod(v.shape) > 1:
-                    self._constant(node, v, None, "a constant tensor")
+                if math.prod(v.shape) > 1:  # a constant tensor (a scalar one touches no channel)
+                    self.canon[node] = self._frozen_field(v.shape)
             elif node.op in ("call_module", "call_function", "call_method") and _is_tensorish(v):
                 self._step(node, list(w._inputs(node)) + list(node.all_input_nodes))
         out = next(n for n in self.gm.graph.nodes if n.op == "output")
         self._freeze_all(out.all_input_nodes, out, "it reaches the model output")
         self._close()
         return self._groups()
-
-    def _constant(self, node, v, sp, what):
-        self.canon[node] = self._frozen_field(v.shape, sp)
 
     def _frozen_field(self, shape, sp=None) -> _Canon:
         """A tensor whose every channel is frozen: one reach, class FROZEN."""
