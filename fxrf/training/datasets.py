@@ -5,6 +5,11 @@
   [N, 1, 40] (one channel, for nn.Conv1d).
 - scikit-learn's 8x8 digits (`sklearn.datasets.load_digits`, 1,797 images shipped inside the wheel), used at their
   native 8x8 size, scaled to [0, 1]: tensors [N, 1, 8, 8].
+- same-distance (`same_distance`, generated here): two binary patches on a noisy map, the second exactly `k` pixels
+  from the first along a random axis direction; is it the same code? A task where the receptive field provably
+  matters: every code has the same number of lit pixels (brightness tells nothing), and the pair can be anywhere,
+  so some unit must see both patches, k + patch pixels apart end to end. `SameDistanceStream` draws fresh samples
+  every epoch (a fixed small set is memorised).
 
 Both splits are stratified: the training set holds exactly `n_train // 10` samples of every class, so a small
 training set (the benchmarks keep the baselines below saturation that way) stays balanced. Generated MNIST-1D
@@ -35,7 +40,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..errors import InputError
 
-__all__ = ["Split", "mnist1d", "digits", "loaders", "cache_dir", "describe", "MNIST1D_LENGTH"]
+__all__ = ["Split", "mnist1d", "digits", "same_distance", "SameDistanceStream", "loaders", "cache_dir", "describe",
+           "MNIST1D_LENGTH"]
 
 MNIST1D_LENGTH = 40  # the generator's final_seq_length (its default)
 CLASSES = 10
@@ -180,6 +186,94 @@ def digits(n_train: int = 500, n_test: int | None = None, *, seed: int = 0, size
     info = {"source": "sklearn.datasets.load_digits", "pool": len(y),
             "scale": "1/16, " + ("native 8x8" if size == 8 else f"bilinear 8x8 -> {size}x{size}")}
     return _stratified(x, y, n_train, n_test, seed, "digits", info)
+
+
+def _codes(patch: int, codes: int, seed: int) -> np.ndarray:
+    """`codes` distinct patch x patch binary patterns, each with patch*patch // 2 lit pixels."""
+    import itertools
+    n, lit = patch * patch, patch * patch // 2
+    every = list(itertools.combinations(range(n), lit))
+    if codes < 2 or codes > len(every):
+        raise InputError(f"codes must be between 2 and {len(every)} for {patch}x{patch} patches, got {codes}")
+    rng = np.random.default_rng(seed)
+    out = np.zeros((codes, n), dtype=np.float32)
+    for i, j in enumerate(rng.choice(len(every), size=codes, replace=False)):
+        out[i, list(every[j])] = 1.0
+    return out.reshape(codes, patch, patch)
+
+
+def _same_distance_draw(n: int, k: int, size: int, patch: int, table: np.ndarray, noise: float, rng) -> tuple:
+    """n images [n, 1, size, size] and labels (1: the two patches hold the same code)."""
+    codes = len(table)
+    a = rng.integers(codes, size=n)
+    same = rng.random(n) < 0.5
+    b = np.where(same, a, (a + rng.integers(1, codes, size=n)) % codes)
+    direction = rng.integers(4, size=n)  # +x, -x, +y, -y: the second patch's origin is the first's + k along it
+    dy = np.where(direction == 2, k, np.where(direction == 3, -k, 0))
+    dx = np.where(direction == 0, k, np.where(direction == 1, -k, 0))
+    span = size - patch  # origins 0..span
+    y0 = rng.integers(np.maximum(0, -dy), span - np.maximum(0, dy) + 1)
+    x0 = rng.integers(np.maximum(0, -dx), span - np.maximum(0, dx) + 1)
+    x = rng.normal(0.0, noise, size=(n, 1, size, size)).astype(np.float32) if noise else \
+        np.zeros((n, 1, size, size), dtype=np.float32)
+    for i in range(n):
+        x[i, 0, y0[i]:y0[i] + patch, x0[i]:x0[i] + patch] += table[a[i]]
+        x[i, 0, y0[i] + dy[i]:y0[i] + dy[i] + patch, x0[i] + dx[i]:x0[i] + dx[i] + patch] += table[b[i]]
+    return x, same.astype(np.int64)
+
+
+def _check_same_distance(k, size, patch) -> None:
+    for name, v in (("k", k), ("size", size), ("patch", patch)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise InputError(f"{name} must be a positive integer, got {v!r}")
+    if k < patch or k + patch > size:
+        raise InputError(f"k={k} must be at least the patch ({patch}: the patches must not overlap) and k + patch "
+                         f"at most the map ({size})")
+
+
+def same_distance(k: int, n_train: int = 2000, n_test: int = 2000, *, size: int = 24, patch: int = 3,
+                  codes: int = 4, noise: float = 0.1, seed: int = 0, data_seed: int = 42) -> Split:
+    """The same-distance task at distance `k` (fixed train and test sets; for training on fresh samples every epoch
+    use `SameDistanceStream` and keep this split's test set). Images [N, 1, size, size]; two classes (1: same code).
+    The codes depend on `data_seed` only, so every k and seed share them; the samples on `seed`.
+
+    >>> s = same_distance(8, n_train=100, n_test=50, seed=0)
+    >>> s.train.tensors[0].shape, s.classes, s.info["k"]
+    (torch.Size([100, 1, 24, 24]), 2, 8)
+    """
+    _check_same_distance(k, size, patch)
+    _check_sizes(n_train, n_test)
+    table = _codes(patch, codes, data_seed)
+    rng = np.random.default_rng([data_seed, seed, k])
+    xtr, ytr = _same_distance_draw(n_train, k, size, patch, table, noise, rng)
+    xte, yte = _same_distance_draw(n_test, k, size, patch, table, noise, np.random.default_rng([data_seed, 10 ** 6 + seed, k]))
+    info = {"k": k, "size": size, "patch": patch, "codes": codes, "noise": noise, "seed": seed,
+            "data_seed": data_seed, "lit": int(table[0].sum())}
+    return Split(TensorDataset(torch.from_numpy(xtr), torch.from_numpy(ytr)),
+                 TensorDataset(torch.from_numpy(xte), torch.from_numpy(yte)), "same_distance", 2, info)
+
+
+class SameDistanceStream:
+    """Training batches of the same-distance task drawn afresh every epoch (iterate it once per epoch), like a
+    DataLoader of (input, label) batches: epoch e draws from seed (seed, e)."""
+
+    def __init__(self, k: int, *, batch_size: int = 64, batches: int = 30, size: int = 24, patch: int = 3,
+                 codes: int = 4, noise: float = 0.1, seed: int = 0, data_seed: int = 42):
+        _check_same_distance(k, size, patch)
+        self.k, self.batch_size, self.batches, self.size, self.patch = k, batch_size, batches, size, patch
+        self.noise, self.seed, self.data_seed = noise, seed, data_seed
+        self.table = _codes(patch, codes, data_seed)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.data_seed, self.seed, self.k, 2 ** 20 + self.epoch])
+        self.epoch += 1
+        for _ in range(self.batches):
+            x, y = _same_distance_draw(self.batch_size, self.k, self.size, self.patch, self.table, self.noise, rng)
+            yield torch.from_numpy(x), torch.from_numpy(y)
 
 
 def loaders(split: Split, batch_size: int = 128, *, seed: int = 0, test_batch_size: int = 1024,
