@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 POSITIONS = 2048  # patches sampled per batch and layer (enough rows for a C*k*k-wide fit, bounded memory)
+MAX_WIDTH = 8192  # the widest fit: its normal equations hold MAX_WIDTH^2 doubles (512 MiB); wider layers keep
+# their sliced weights (a VGG classifier's 25088 inputs would need 5 GB)
 
 
 @dataclass(frozen=True)
@@ -64,13 +66,17 @@ def _capture(model, path, xs, output: bool):
 def refit(original: nn.Module, pruned: nn.Module, layers: dict, batches: list, *, ridge: float = 1e-4,
           seed: int = 0) -> list:
     """Refit `pruned`'s layers in place. layers: {path: kept output indices}, in graph order; batches: input
-    tensors, the last held out to judge each fit. Only standard convs (groups=1, 2-D) and linears are fit."""
+    tensors, the last held out to judge each fit. Only standard convs (groups=1, 2-D, zero padding) and linears
+    narrower than MAX_WIDTH inputs are fit."""
     fit_on, judge = batches[:-1] or batches, batches[-1:]
     gen = torch.Generator().manual_seed(seed)
     out = []
     for path, keep in layers.items():
         m = pruned.get_submodule(path)
-        if not (isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)):
+        if not (isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1
+                                             and m.padding_mode == "zeros")):  # (unfold pads with zeros)
+            continue
+        if m.weight[0].numel() + 1 > MAX_WIDTH:
             continue
         xs = _capture(pruned, path, fit_on, output=False)
         ys = _capture(original, path, fit_on, output=True)
