@@ -54,7 +54,7 @@ def test_an_unwritable_cache_still_returns_the_data(tmp_path, monkeypatch):
 def test_same_distance_places_two_equal_weight_codes_exactly_k_apart():
     from fxrf.training.datasets import _codes, same_distance
     k, patch = 7, 3
-    s = same_distance(k, n_train=300, n_test=10, noise=0.0, seed=3, patch=patch)
+    s = same_distance(k, n_train=300, n_test=10, noise=0.0, seed=3, patch=patch, distractors=0)
     x, y = s.train.tensors
     table = _codes(patch, 4, 42)
     lit = int(table[0].sum())
@@ -69,6 +69,20 @@ def test_same_distance_places_two_equal_weight_codes_exactly_k_apart():
                  ((p[0] == q[0] and abs(p[1] - q[1]) == k) or (p[1] == q[1] and abs(p[0] - q[0]) == k))]
         assert any((p[2] == q[2]) == bool(label) for p, q in pairs), (label, found)
     assert 0.4 < float(y.float().mean()) < 0.6
+
+
+def test_a_distractor_is_never_k_from_another_patch():
+    from fxrf.training.datasets import _codes, same_distance
+    k, patch = 6, 3
+    table = _codes(patch, 4, 42)
+    x = same_distance(k, n_train=200, n_test=10, noise=0.0, seed=1).train.tensors[0]
+    for img in x[:, 0].numpy():
+        assert img.sum() == 3 * table[0].sum()  # three patches of equal weight
+        found = [(i, j) for i in range(img.shape[0] - patch + 1) for j in range(img.shape[1] - patch + 1)
+                 if any(np.array_equal(img[i:i + patch, j:j + patch], t) for t in table)]
+        pairs = [(p, q) for p in found for q in found if p < q and
+                 ((p[0] == q[0] and abs(p[1] - q[1]) == k) or (p[1] == q[1] and abs(p[0] - q[0]) == k))]
+        assert len(pairs) == 1  # the pair, and no other
 
 
 def test_same_distance_defeats_a_linear_model_on_pixels():

@@ -6,9 +6,10 @@
 - scikit-learn's 8x8 digits (`sklearn.datasets.load_digits`, 1,797 images shipped inside the wheel), used at their
   native 8x8 size, scaled to [0, 1]: tensors [N, 1, 8, 8].
 - same-distance (`same_distance`, generated here): two binary patches on a noisy map, the second exactly `k` pixels
-  from the first along a random axis direction; is it the same code? A task where the receptive field provably
-  matters: every code has the same number of lit pixels (brightness tells nothing), and the pair can be anywhere,
-  so some unit must see both patches, k + patch pixels apart end to end. `SameDistanceStream` draws fresh samples
+  from the first along a random axis direction, and a distractor patch elsewhere (never k from another); do the
+  two hold the same code? A task where the receptive field matters: every code has the same number of lit pixels
+  (brightness tells nothing), which codes occur says nothing (the distractor), and the pair can be anywhere, so
+  some unit must see both patches, k + patch pixels end to end. `SameDistanceStream` draws fresh samples
   every epoch (a fixed small set is memorised).
 
 Both splits are stratified: the training set holds exactly `n_train // 10` samples of every class, so a small
@@ -202,8 +203,12 @@ def _codes(patch: int, codes: int, seed: int) -> np.ndarray:
     return out.reshape(codes, patch, patch)
 
 
-def _same_distance_draw(n: int, k: int, size: int, patch: int, table: np.ndarray, noise: float, rng) -> tuple:
-    """n images [n, 1, size, size] and labels (1: the two patches hold the same code)."""
+def _same_distance_draw(n: int, k: int, size: int, patch: int, table: np.ndarray, noise: float, rng,
+                        distractors: int = 1) -> tuple:
+    """n images [n, 1, size, size] and labels (1: the two patches k apart hold the same code), plus `distractors`
+    patches of random codes elsewhere, none of them k from another patch along an axis and none overlapping: with
+    them, which codes occur in an image says nothing about the pair (without them, "one code type present" would
+    give the label away to a global pool of local code detectors)."""
     codes = len(table)
     a = rng.integers(codes, size=n)
     same = rng.random(n) < 0.5
@@ -217,8 +222,21 @@ def _same_distance_draw(n: int, k: int, size: int, patch: int, table: np.ndarray
     x = rng.normal(0.0, noise, size=(n, 1, size, size)).astype(np.float32) if noise else \
         np.zeros((n, 1, size, size), dtype=np.float32)
     for i in range(n):
-        x[i, 0, y0[i]:y0[i] + patch, x0[i]:x0[i] + patch] += table[a[i]]
-        x[i, 0, y0[i] + dy[i]:y0[i] + dy[i] + patch, x0[i] + dx[i]:x0[i] + dx[i] + patch] += table[b[i]]
+        placed = [(int(y0[i]), int(x0[i])), (int(y0[i] + dy[i]), int(x0[i] + dx[i]))]
+        for (y, xx), c in zip(placed, (a[i], b[i])):
+            x[i, 0, y:y + patch, xx:xx + patch] += table[c]
+        for _ in range(distractors):
+            for _try in range(100):
+                y, xx = (int(v) for v in rng.integers(0, span + 1, size=2))
+                if all(max(abs(y - py), abs(xx - px)) >= patch and not ((y == py and abs(xx - px) == k) or
+                                                                        (xx == px and abs(y - py) == k))
+                       for py, px in placed):
+                    placed.append((y, xx))
+                    x[i, 0, y:y + patch, xx:xx + patch] += table[rng.integers(codes)]
+                    break
+            else:
+                raise InputError(f"no room for {distractors} distractor(s) on a {size}x{size} map at k={k}: give a "
+                                 f"larger size or fewer distractors")
     return x, same.astype(np.int64)
 
 
@@ -232,7 +250,8 @@ def _check_same_distance(k, size, patch) -> None:
 
 
 def same_distance(k: int, n_train: int = 2000, n_test: int = 2000, *, size: int = 24, patch: int = 3,
-                  codes: int = 4, noise: float = 0.1, seed: int = 0, data_seed: int = 42) -> Split:
+                  codes: int = 4, noise: float = 0.1, distractors: int = 1, seed: int = 0,
+                  data_seed: int = 42) -> Split:
     """The same-distance task at distance `k` (fixed train and test sets; for training on fresh samples every epoch
     use `SameDistanceStream` and keep this split's test set). Images [N, 1, size, size]; two classes (1: same code).
     The codes depend on `data_seed` only, so every k and seed share them; the samples on `seed`.
@@ -245,9 +264,11 @@ def same_distance(k: int, n_train: int = 2000, n_test: int = 2000, *, size: int 
     _check_sizes(n_train, n_test)
     table = _codes(patch, codes, data_seed)
     rng = np.random.default_rng([data_seed, seed, k])
-    xtr, ytr = _same_distance_draw(n_train, k, size, patch, table, noise, rng)
-    xte, yte = _same_distance_draw(n_test, k, size, patch, table, noise, np.random.default_rng([data_seed, 10 ** 6 + seed, k]))
-    info = {"k": k, "size": size, "patch": patch, "codes": codes, "noise": noise, "seed": seed,
+    xtr, ytr = _same_distance_draw(n_train, k, size, patch, table, noise, rng, distractors)
+    xte, yte = _same_distance_draw(n_test, k, size, patch, table, noise,
+                                   np.random.default_rng([data_seed, 10 ** 6 + seed, k]), distractors)
+    info = {"k": k, "size": size, "patch": patch, "codes": codes, "noise": noise, "distractors": distractors,
+            "seed": seed,
             "data_seed": data_seed, "lit": int(table[0].sum())}
     return Split(TensorDataset(torch.from_numpy(xtr), torch.from_numpy(ytr)),
                  TensorDataset(torch.from_numpy(xte), torch.from_numpy(yte)), "same_distance", 2, info)
@@ -258,8 +279,9 @@ class SameDistanceStream:
     DataLoader of (input, label) batches: epoch e draws from seed (seed, e)."""
 
     def __init__(self, k: int, *, batch_size: int = 64, batches: int = 30, size: int = 24, patch: int = 3,
-                 codes: int = 4, noise: float = 0.1, seed: int = 0, data_seed: int = 42):
+                 codes: int = 4, noise: float = 0.1, distractors: int = 1, seed: int = 0, data_seed: int = 42):
         _check_same_distance(k, size, patch)
+        self.distractors = distractors
         self.k, self.batch_size, self.batches, self.size, self.patch = k, batch_size, batches, size, patch
         self.noise, self.seed, self.data_seed = noise, seed, data_seed
         self.table = _codes(patch, codes, data_seed)
@@ -272,7 +294,8 @@ class SameDistanceStream:
         rng = np.random.default_rng([self.data_seed, self.seed, self.k, 2 ** 20 + self.epoch])
         self.epoch += 1
         for _ in range(self.batches):
-            x, y = _same_distance_draw(self.batch_size, self.k, self.size, self.patch, self.table, self.noise, rng)
+            x, y = _same_distance_draw(self.batch_size, self.k, self.size, self.patch, self.table, self.noise, rng,
+                                       self.distractors)
             yield torch.from_numpy(x), torch.from_numpy(y)
 
 
