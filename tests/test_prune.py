@@ -477,3 +477,27 @@ def test_goal_speed_chooses_between_pruning_and_decomposing_by_measured_time():
     assert list(r.steps) == want and (not kept or r.changes)
     from fxrf.optimize_report import optimize_summary
     assert f"chose {ch['chosen']}: timed with the model in alternation" in optimize_summary(r)
+
+
+class ChannelsLastMLP(nn.Module):
+    """A Swin/ConvNeXt block's shape: NHWC after a LayerNorm (frozen: it mixes channels), then an MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.norm = nn.Conv2d(3, 8, 2, 2), nn.LayerNorm(8)
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        y = self.norm(self.stem(x).permute(0, 2, 3, 1))
+        y = y + self.fc2(F.gelu(self.fc1(y)))
+        return y.mean((1, 2))
+
+
+def test_the_hidden_channels_of_an_mlp_after_a_frozen_norm_are_prunable():
+    # the norm's output is frozen but stays channels-last (N H W C): fc1's 32 outputs are 32 classes, each with
+    # fc2's input column of the same index
+    g = groups_of(ChannelsLastMLP().eval(), (1, 3, 8, 8))
+    assert set(g.members[class_with(g, ("fc1", "out", 7))]) == {("fc1", "out", 7), ("fc2", "in", 7)}
+    assert len(g.members) == 32
+    r = fxrf.prune(ChannelsLastMLP().eval(), (1, 3, 8, 8), amount=0.5)
+    assert (r.model.fc1.out_features, r.model.fc2.in_features, r.model.fc2.out_features) == (16, 16, 8)

@@ -250,6 +250,8 @@ class _Walk:
         except _Frozen as e:
             if isinstance(node, fx.Node) and node.target in self.ids:  # a producer called before: its channels too
                 self.uf.union([FROZEN, *self.ids[node.target].tolist()])
+            if self._producer_kind(node, mod) is not None:  # its own channels stay: listed even if its inputs did
+                self.declined.append((node.name, str(e)))
             return self._freeze_node(node, keys, str(e))
         declined = w._declined.get(node)
         if declined is not None:
@@ -290,10 +292,16 @@ class _Walk:
 
     @staticmethod
     def _splits_channels(ins, out) -> bool:
-        """Whether an output has more channel-like axes than its inputs (a view into groups or heads), which a
-        position-by-position map cannot follow once a channel is gone."""
-        n_in = max((g.idx.ndim for f in ins for g in _flat_fields(f) if g is not None), default=0)
-        return any(g is not None and g.idx.ndim > n_in and g.idx.size > 1 for g in _flat_fields(out)) and n_in > 0
+        """Whether an output has more channel-like axes than its inputs and some input channel axis is no longer
+        one of them: a view into groups or heads (C -> 2 x C/2), which a position-by-position map cannot follow once
+        a channel is gone. (A window partition that only moves map axes among the channel-like ones keeps C.)"""
+        fields = [g for f in ins for g in _flat_fields(f) if g is not None]
+        if not fields:
+            return False
+        n_in = max(g.idx.ndim for g in fields)
+        sizes = {n for g in fields for n in g.idx.shape}
+        return any(g is not None and g.idx.ndim > n_in and g.idx.size > 1 and not sizes <= set(g.idx.shape)
+                   for g in _flat_fields(out))
 
     def _apply(self, node, mod, op, env):
         w = self.w
@@ -422,10 +430,17 @@ class _Walk:
     def _freeze_node(self, node, keys, reason):
         self._freeze_all(keys, node, reason)
         v = self.w.shapes.get(node)
+        # where the map is: as in an input of the same shape, else of the same rank (the walker's conservative
+        # field does the same): a LayerNorm or a strided slice over N H W C keeps channels last
+        ins = [(tuple(self.w.shapes[k].shape), c.field.sp) for k in keys if k in self.canon
+               and isinstance(self.w.shapes.get(k), TMeta) for c in _flat(self.canon[k])]
         outs = []
         for o in (v,) if isinstance(v, TMeta) else (v if _is_tensorish(v) else ()):
             if isinstance(o, TMeta):
-                outs.append(self._frozen_field(o.shape))
+                shape = tuple(o.shape)
+                sp = next((sp for s, sp in ins if s == shape), next((sp for s, sp in ins if len(s) == len(shape)
+                                                                     and len(sp) == self.dims), None))
+                outs.append(self._frozen_field(shape, sp))
             else:
                 outs.append(None)
         self.canon[node] = outs[0] if isinstance(v, TMeta) else tuple(outs)
