@@ -84,7 +84,9 @@ def prune(model: nn.Module, example_input, *, amount: float | None = None, macs:
     Give one of: `amount`, the fraction of each family's channel classes to remove (a family: the classes that
     touch the same modules, one layer's channels, or a residual stream's); `macs` / `params`, the fraction of the
     model's MACs / parameters to keep (the rate found by bisection, one rate for all families). importance: "l1"
-    (the mean |weight| of the producers' filters; the smallest go) or "random" (a control, seeded by `seed`).
+    (the mean |weight| of the producers' filters, times the mean gamma / sigma of the batch norms the class passes
+    through, so that a scale moved between a filter and its norm changes nothing; the smallest go) or "random" (a
+    control, seeded by `seed`).
     include / exclude: module-path globs; a family is pruned only if one of its producers is included and none
     excluded. calibration: input batches (or (input, label) batches); with them every conv or linear that lost
     input channels is refit by least squares to what the original layer computed (refit.py), on the first
@@ -158,24 +160,34 @@ def calibrate(result: PruneResult, model: nn.Module, data, *, batches: int | Non
 
 
 def _calibrate(original, pruned, groups: Groups, cut: dict, data, batches: int, seed: int) -> dict:
-    """In place on `pruned`: every conv/linear that lost input channels refit by least squares to the original's
-    outputs (refit.py; a fit that does not help on a held-out batch is dropped), then every batch norm re-estimated."""
-    from fxrf.training.calibrate import input_batches, recalibrate_bn
+    """In place on `pruned`: walking the modules in graph order, every conv/linear that lost input channels refit
+    by least squares to the original's outputs (refit.py; a fit that does not help on a held-out batch is dropped)
+    and every batch norm re-estimated, each before the layers after it are fit."""
+    from fxrf.training.calibrate import input_batches
 
     from ..export.programs import eval_mode
     from .refit import refit
     xs = input_batches(data, batches + 1)
-    order = [n.target for n in original.graph.nodes if n.op == "call_module"]
-    layers = {}
+    order = []
+    for n in original.graph.nodes:  # each module where the graph first reads it (a call, or its tensors)
+        if n.op == "call_module":
+            order.append(n.target)
+        elif n.op == "get_attr":
+            order.append(n.target.rpartition(".")[0])
+    steps = []
     for path in dict.fromkeys(order):
+        try:
+            m = original.get_submodule(path)
+        except AttributeError:
+            continue
         d, use = cut.get(path), groups.uses.get(path)
         if d and d["in"] and use is not None and use.kind in ("conv", "linear"):
-            m = original.get_submodule(path)
             n = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-            layers[path] = [o for o in range(n) if o not in set(d["out"])]
+            steps.append((path, [o for o in range(n) if o not in set(d["out"])]))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            steps.append((path, None))
     with eval_mode(original), eval_mode(pruned):
-        fits = refit(original, pruned, layers, xs, seed=seed) if len(xs) > 1 else []
-    recalibrate_bn(pruned, xs[:batches], batches=min(batches, len(xs)), inplace=True)
+        fits = refit(original, pruned, steps, xs, seed=seed)
     return {"batch_norms": "re-estimated", "refit": [
         {"layer": f.path, "error_before": round(f.error_before, 4), "error_after": round(f.error_after, 4),
          "kept": f.kept} for f in fits]}
@@ -227,10 +239,29 @@ class _Context:
             return dict(zip(self.candidates, r))
         out = {}
         for c in self.candidates:
-            vals = [float(self.gm.get_submodule(p).weight[o].detach().abs().mean()) for p, role, o in self.groups.members[c]
-                    if role == "out"]
-            out[c] = sum(vals) / len(vals)
+            filters, norms = [], []
+            for p, role, i in self.groups.members[c]:
+                if role == "out":
+                    filters.append(float(self.gm.get_submodule(p).weight[i].detach().abs().mean()))
+                elif self.groups.uses[p].kind in ("norm", "attr"):
+                    norms.append(self._norm_scale(p, i))
+            norms = [n for n in norms if n is not None]
+            # a norm after the filter rescales it by gamma / sigma: scored together, the score does not change
+            # when a scale moves between a filter and its norm (which computes the same function)
+            out[c] = sum(filters) / len(filters) * (sum(norms) / len(norms) if norms else 1.0)
         return out
+
+    def _norm_scale(self, path, j) -> float | None:
+        """|gamma_j| / sqrt(var_j + eps) of the batch norm at `path` (a module, or a buffer a functional norm
+        reads: its owner), or None where it has no running variance."""
+        from .surgery import owner
+        m = self.gm.get_submodule(path if self.groups.uses[path].kind == "norm" else owner(path)[0])
+        var = getattr(m, "running_var", None)
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm) or var is None:
+            return None
+        w = m.weight
+        g = 1.0 if w is None else abs(float(w[j]))
+        return g / math.sqrt(float(var[j]) + m.eps)
 
     def pick(self, rate: float) -> list:
         """The lowest-scoring round(rate * n) classes of each family, leaving every producer at least one."""

@@ -6,6 +6,8 @@ For a layer y = W x + b (a conv read as a matrix over its unfolded patches), wit
 inputs, the fit is W' = (X^T X + lambda I)^-1 X^T Y (ridge lambda = `ridge` times the mean diagonal). The layers
 are fit in graph order, each on the inputs the layers fit before it produce, so an error made early is corrected
 downstream. A fit that does not lower the layer's error on a held-out batch is dropped (it did not help).
+Batch norms are re-estimated in the same walk, each before the first layer after it is fit: a fit made before a
+norm upstream of it changed would be a fit to activations the model no longer computes.
 """
 from __future__ import annotations
 
@@ -18,6 +20,14 @@ import torch.nn.functional as F
 POSITIONS = 2048  # patches sampled per batch and layer (enough rows for a C*k*k-wide fit, bounded memory)
 MAX_WIDTH = 8192  # the widest fit: its normal equations hold MAX_WIDTH^2 doubles (512 MiB); wider layers keep
 # their sliced weights (a VGG classifier's 25088 inputs would need 5 GB)
+
+
+def fittable(m: nn.Module) -> bool:
+    """A linear, or a standard 1-D/2-D conv with zero padding (unfold pads with zeros), not too wide."""
+    if not (isinstance(m, nn.Linear) or (isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1
+                                         and m.padding_mode == "zeros")):
+        return False
+    return m.weight[0].numel() + 1 <= MAX_WIDTH
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,9 @@ def _rows(m: nn.Module, x: torch.Tensor, gen: torch.Generator | None, pick=None)
     batch sampled with `gen` (or the positions `pick` chose before)."""
     if isinstance(m, nn.Linear):
         r = x.reshape(-1, x.shape[-1])
+    elif isinstance(m, nn.Conv1d):  # a 1-D conv is a 2-D one over [N, C, L, 1]
+        r = F.unfold(x[..., None], (m.kernel_size[0], 1), (m.dilation[0], 1), (m.padding[0], 0), (m.stride[0], 1))
+        r = r.transpose(1, 2).reshape(-1, m.weight[0].numel())
     else:
         r = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2).reshape(-1, m.weight[0].numel())
     if pick is None:
@@ -63,21 +76,24 @@ def _capture(model, path, xs, output: bool):
 
 
 @torch.no_grad()
-def refit(original: nn.Module, pruned: nn.Module, layers: dict, batches: list, *, ridge: float = 1e-4,
+def refit(original: nn.Module, pruned: nn.Module, order: list, batches: list, *, ridge: float = 1e-4,
           seed: int = 0) -> list:
-    """Refit `pruned`'s layers in place. layers: {path: kept output indices}, in graph order; batches: input
-    tensors, the last held out to judge each fit. Only standard convs (groups=1, 2-D, zero padding) and linears
-    narrower than MAX_WIDTH inputs are fit."""
+    """Calibrate `pruned` in place, module by module in graph order. order: (path, kept output indices) for a
+    layer to refit, (path, None) for a batch norm to re-estimate; batches: input tensors, the last held out to judge
+    each fit (`fittable` layers only). A norm is re-estimated before any layer after it is fit, never after: a fit
+    made on activations that a later re-estimation upstream changes would be a fit to something else."""
     fit_on, judge = batches[:-1] or batches, batches[-1:]
     gen = torch.Generator().manual_seed(seed)
-    out = []
-    for path, keep in layers.items():
+    out, norms = [], []
+    for path, keep in order:
+        if keep is None:
+            norms.append(path)
+            continue
         m = pruned.get_submodule(path)
-        if not (isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1
-                                             and m.padding_mode == "zeros")):  # (unfold pads with zeros)
+        if not fittable(m):
             continue
-        if m.weight[0].numel() + 1 > MAX_WIDTH:
-            continue
+        _reestimate(pruned, norms, batches[:-1] or batches)
+        norms = []
         xs = _capture(pruned, path, fit_on, output=False)
         ys = _capture(original, path, fit_on, output=True)
         n = m.weight[0].numel() + 1
@@ -93,10 +109,10 @@ def refit(original: nn.Module, pruned: nn.Module, layers: dict, batches: list, *
         w = torch.linalg.solve(a + lam * torch.eye(n, dtype=a.dtype), b).T.float()  # (out, in*k*k + 1)
         before = _error(original, pruned, path, keep, judge)
         old_w, old_b = m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone()
-        m.weight.copy_(w[:, :-1].reshape(m.weight.shape))
         if m.bias is not None:
+            m.weight.copy_(w[:, :-1].reshape(m.weight.shape))
             m.bias.copy_(w[:, -1])
-        elif w[:, -1].abs().max() > 0:  # no bias to hold the offset: fit again without the ones column
+        else:  # no bias to hold the offset: the fit without the ones column
             w2 = torch.linalg.solve(a[:-1, :-1] + lam * torch.eye(n - 1, dtype=a.dtype), b[:-1]).T.float()
             m.weight.copy_(w2.reshape(m.weight.shape))
         after = _error(original, pruned, path, keep, judge)
@@ -106,7 +122,28 @@ def refit(original: nn.Module, pruned: nn.Module, layers: dict, batches: list, *
             if old_b is not None:
                 m.bias.copy_(old_b)
         out.append(Refit(path, before, after, kept))
+    _reestimate(pruned, norms, batches[:-1] or batches)
     return out
+
+
+def _reestimate(model: nn.Module, paths: list, xs: list) -> None:
+    """The running statistics of the batch norms at `paths` (and only those) estimated afresh on `xs` (a cumulative
+    average, as fxrf.training.calibrate.recalibrate_bn does), the rest of the model as it is."""
+    norms = [model.get_submodule(p) for p in paths]
+    norms = [bn for bn in norms if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats]
+    if not norms:
+        return
+    saved = [(bn.momentum, bn.training) for bn in norms]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.training = True
+    try:
+        for x in xs:
+            model(x)
+    finally:
+        for bn, (mom, training) in zip(norms, saved):
+            bn.momentum, bn.training = mom, training
 
 
 def _error(original, pruned, path, keep, judge) -> float:
