@@ -260,7 +260,7 @@ class _Context:
         if not isinstance(m, nn.modules.batchnorm._BatchNorm) or var is None:
             return None
         w = m.weight
-        g = 1.0 if w is None else abs(float(w[j]))
+        g = 1.0 if w is None else abs(float(w[j].detach()))
         return g / math.sqrt(float(var[j]) + m.eps)
 
     def pick(self, rate: float) -> list:
