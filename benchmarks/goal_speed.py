@@ -10,6 +10,8 @@ than its input beyond the noise in either mode (it must not be in the mode deplo
     FXRF_CACHE_DIR=out/cache python benchmarks/goal_speed.py --models digits vgg16_cifar --batches 1 --rounds 2 \
         --threads 1
     python benchmarks/goal_speed.py --json out/goal_speed.json --device cuda
+    python benchmarks/goal_speed.py --models vgg16_cifar resnet50 --batches 1 --prune 0.5 --objective macs \
+        --threads 1           # goal speed's choice between pruning, decomposing and both
 
 Models: vgg16_cifar (fxrf.models, 32x32), mobilenet_v2 and resnet50 (torchvision, random weights, 224x224), and
 the digits CNN of docs/workflow.md (16x16, one channel). Random weights: timing does not depend on the values.
@@ -53,12 +55,15 @@ MODELS = {  # name -> (factory, input shape without the batch)
 }
 
 
-def run_one(name: str, batch: int, rounds: int, device: str) -> dict:
+def run_one(name: str, batch: int, rounds: int, device: str, prune: float | None = None,
+            objective: str | None = None) -> dict:
     factory, chw = MODELS[name]
     torch.manual_seed(0)
     model = factory().eval()
     t0 = time.perf_counter()
-    r = fxrf.optimize(model, (1, *chw), kernels="auto", goal="speed", batch=batch, measure=rounds, device=device)
+    kernels = {"recipe": "auto", **({"objective": objective} if objective else {})}
+    r = fxrf.optimize(model, (1, *chw), kernels=kernels, goal="speed", batch=batch, measure=rounds, device=device,
+                      prune=None if prune is None else {"macs": prune})
     t = r.summary["latency"]
     modes = t["modes"]
     kept = t["kept"]
@@ -69,14 +74,17 @@ def run_one(name: str, batch: int, rounds: int, device: str) -> dict:
             "eager": modes["eager"]["result_vs_model"], "compiled": modes["compile"]["result_vs_model"],
             "noise_eager": modes["eager"]["noise"], "noise_compiled": modes["compile"]["noise"],
             "ms": {m: d["ms"] for m, d in modes.items()}, "returned_slower": returned_slower,
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "choice": r.summary.get("choice"), "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def _row(d: dict) -> str:
     slow = ", ".join("compiled" if m == "compile" else m for m in d["returned_slower"]) or "no"
+    ch = d.get("choice")
+    pick = "" if not ch else ("  chose " + ch["chosen"] + " (" + ", ".join(f"{k} {v:.3f}" for k, v in
+                                                                         ch["ratios"].items()) + ")")
     return (f"{d['model']:<13} {d['batch']:>5}  {d['kept']:<6} {d['replaced']:>8}  {d['eager']:>6.3f}  "
             f"{d['compiled']:>8.3f}  {d['noise_eager']:>5.3f}/{d['noise_compiled']:<5.3f}  {slow:<15} "
-            f"{d['seconds']:>6.0f}")
+            f"{d['seconds']:>6.0f}{pick}")
 
 
 HEADER = (f"{'model':<13} {'batch':>5}  {'kept':<6} {'replaced':>8}  {'eager':>6}  {'compiled':>8}  "
@@ -92,6 +100,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's); on a CPU shared with "
                                                 "other jobs, fewer threads than cores avoids threads spinning on "
                                                 "each other (100x slower calls measured on a loaded 2-core machine)")
+    p.add_argument("--prune", type=float, metavar="MACS",
+                   help="also prune to this fraction of the MACs: goal speed then chooses between pruning, "
+                        "decomposing and both by measured time (the 'chose' column: each one's compiled ratio)")
+    p.add_argument("--objective", choices=("macs", "latency"),
+                   help="the decomposer's objective (default: goal speed's, latency; macs skips its block search)")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)
     if args.threads:
@@ -106,7 +119,7 @@ def main(argv=None) -> int:
     with show():  # progress on stderr: bars on a terminal, a line per long step when piped
         for name in args.models:
             for batch in args.batches:
-                d = run_one(name, batch, args.rounds, args.device)
+                d = run_one(name, batch, args.rounds, args.device, args.prune, args.objective)
                 rows.append(d)
                 print(_row(d), flush=True)
     if args.json:
