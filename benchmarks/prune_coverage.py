@@ -328,6 +328,14 @@ def versions() -> dict:
         except ImportError:
             out[mod] = None
     out["machine"] = f"{platform.machine()}, {os.cpu_count()} cpus"
+    try:  # the fxrf code measured: the repository's commit, "+" if the working tree differs from it
+        here = os.path.dirname(os.path.abspath(__file__))
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True)
+        out["fxrf_commit"] = head.stdout.strip() + ("+" if dirty.stdout.strip() else "") or None
+    except OSError:
+        out["fxrf_commit"] = None
     return out
 
 
@@ -514,9 +522,11 @@ def render(result: dict) -> str:
                                               if result.get("resumed") else "")
             + f", started {result['started']}, finished {result.get('finished', '-')}; amount / pruning_ratio "
             f"{result['amount']}; time limit {result['timeout_s']:.0f} s per model and side; python {v['python']}, "
-            f"torch {v['torch']}, torchvision {v['torchvision']}, torch-pruning {v['torch_pruning']}, timm "
+            f"fxrf {v.get('fxrf_commit') or 'commit not recorded'}, torch {v['torch']}, torchvision {v['torchvision']}, torch-pruning {v['torch_pruning']}, timm "
             f"{v['timm']}, transformers {v['transformers']}, {v['machine']}, one thread.", ""]
-    return "\n".join(head + table(result["rows"]) + ["", "Totals:", ""] + totals(result["rows"])) + "\n"
+    order = {n: i for i, n in enumerate(model_names())}  # a resumed run appends: the rows in the usual order
+    rows = sorted(result["rows"], key=lambda r: order.get(r["model"], len(order)))
+    return "\n".join(head + table(rows) + ["", "Totals:", ""] + totals(rows)) + "\n"
 
 
 def main(argv=None) -> None:
