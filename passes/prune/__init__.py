@@ -226,8 +226,9 @@ class _Context:
         from fxrf.analysis import analyze
         a = analyze(gm, example_input)
         self.node_macs = {}
+        by_name = {x.name: x for x in gm.graph.nodes}
         for name, cost in a.costs.items():
-            n = next((x for x in gm.graph.nodes if x.name == name), None)
+            n = by_name.get(name)
             if n is not None and n.op == "call_module":
                 self.node_macs[n.target] = self.node_macs.get(n.target, 0) + cost.macs
         self.other_macs = sum(c.macs for c in a.costs.values()) - sum(self.node_macs.values())
