@@ -318,6 +318,99 @@ def predictions(results: list) -> list:
     return out
 
 
+# ------------------------------------------------------------------------------------- the latency search's cost
+
+
+SEARCH_CHILD = r"""
+import json, os, sys, time
+t0 = time.perf_counter()
+import torch, torchvision, fxrf
+from fxrf.passes.latency import LatencyModel
+name, batch, px, verify, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+torch.set_num_threads(threads)
+model = getattr(torchvision.models, name)(weights=None).eval()
+lm = LatencyModel("cpu", batch, "compile")
+t1 = time.perf_counter()
+r = fxrf.decompose(model, (1, 3, px, px), recipe="auto", objective="latency", latency=lm, verify=verify)
+t2 = time.perf_counter()
+v = r.summary.get("verified") or {}
+print(json.dumps({"search_s": t2 - t1, "process_s": t2 - t0, "timings": lm.calls, "fxrf": fxrf.__file__,
+                  "assignment": [list(s.blocks) for s in r.stages if s.blocks], "chosen": v.get("chosen"),
+                  "vs_original": {k: m["vs_original"] for k, m in v.get("models", {}).items()},
+                  "scaled_error": {k: m["scaled_error"] for k, m in v.get("models", {}).items()}}))
+"""
+
+WARM_CHILD = r"""
+import torch
+torch.set_num_threads(1)
+f = torch.compile(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()), dynamic=False)
+with torch.no_grad():
+    f(torch.randn(1, 3, 8, 8))
+"""
+
+
+def _tree(ref: str, where: str) -> str:
+    """The fxrf sources of git `ref` unpacked under `where`, laid out as the package imports them (fxrf/ and
+    fxrf/passes -> passes/); returns the directory to put first on PYTHONPATH."""
+    import subprocess
+    import tarfile
+    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    archive = os.path.join(where, "src.tar")
+    subprocess.run(["git", "archive", "-o", archive, ref, "fxrf", "passes"], cwd=root, check=True)
+    with tarfile.open(archive) as t:
+        t.extractall(where, filter="data")
+    os.symlink(os.path.join(where, "passes"), os.path.join(where, "fxrf", "passes"))
+    return where
+
+
+def search_runs(name: str, batches: list, px: int, verify: int, threads: int, runs: int, before: str | None,
+                progress) -> list:
+    """Seconds of decompose(torchvision NAME, objective="latency") from cold caches, each run in a new process:
+    a fresh FXRF_CACHE_DIR and a fresh TORCHINDUCTOR_CACHE_DIR holding only what inductor builds once per
+    machine (its precompiled headers, from one tiny compile made first, timed apart as `warm_s`). With `before`
+    (a git ref), that code's search is run too, in alternation with this one (before, after, before, ...), so both
+    see the same machine load."""
+    import shutil
+    import subprocess
+    import tempfile
+    work = tempfile.mkdtemp(prefix="fxrf-search-")
+    template = os.path.join(work, "inductor")
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=template, OMP_NUM_THREADS=str(threads), FXRF_PROGRESS="1")
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", WARM_CHILD], env=env, check=True, capture_output=True)
+    warm_s = time.perf_counter() - t0
+    progress(f"search: inductor's once-per-machine build (precompiled headers) {warm_s:.1f} s")
+    sides = [("after", None)] if before is None else [("before", _tree(before, os.path.join(work, "before"))),
+                                                      ("after", None)]
+    rows = []
+    for batch in batches:
+        for i in range(runs):
+            for side, path in sides:
+                run_dir = tempfile.mkdtemp(dir=work)
+                ind = os.path.join(run_dir, "inductor")
+                shutil.copytree(template, ind)
+                e = dict(env, FXRF_CACHE_DIR=os.path.join(run_dir, "fxrf"), TORCHINDUCTOR_CACHE_DIR=ind)
+                if path:
+                    e["PYTHONPATH"] = path + os.pathsep + e.get("PYTHONPATH", "")
+                load = _load()
+                progress(f"search: {name} b{batch} {side} run {i + 1}/{runs} (load {load})")
+                out = subprocess.run([sys.executable, "-c", SEARCH_CHILD, name, str(batch), str(px), str(verify),
+                                      str(threads)], env=e, capture_output=True, text=True)
+                if out.returncode:
+                    raise RuntimeError(f"search child failed: {out.stderr[-2000:]}")
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                r.update(model=name, batch=batch, px=px, side=side, run=i + 1, warm_s=round(warm_s, 1),
+                         load_before=load, load_after=_load(), threads=threads,
+                         progress=[ln for ln in out.stderr.splitlines() if ln.startswith("fxrf:")])
+                rows.append(r)
+                progress(f"  {side}: {r['search_s']:.1f} s search ({r['process_s']:.1f} s process), "
+                         f"{r['timings']} timings, chose {r['chosen']}, {r['assignment']}")
+                shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------- roofline, RPW
 
 
@@ -560,6 +653,12 @@ def main(argv=None) -> int:
                    help="time the ways to do the DW+RPW channel rotation against none (compiled)")
     p.add_argument("--latency-cache", metavar="PATH", help="the latency model's cache file (default: "
                    "$FXRF_CACHE_DIR, $XDG_CACHE_HOME/fxrf or ~/.cache/fxrf, latency-v2.json)")
+    p.add_argument("--search", metavar="MODEL", help="time decompose(torchvision MODEL, objective='latency') from "
+                   "cold caches at each --batch, each run in a new process (e.g. resnet18), and nothing else")
+    p.add_argument("--search-before", metavar="REF", help="with --search: also run git REF's code, in alternation")
+    p.add_argument("--search-runs", type=int, default=1, help="with --search: runs per side and batch (default 1)")
+    p.add_argument("--search-verify", type=int, default=5, help="with --search: decompose's verify (default 5)")
+    p.add_argument("--px", type=int, default=224, help="with --search: the input's height and width (default 224)")
     p.add_argument("--list", action="store_true", help="print the model names and exit")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when a target is missed")
     args = p.parse_args(argv)
@@ -579,6 +678,8 @@ def main(argv=None) -> int:
         doc.setdefault("paired", [])
         _report(doc, args)
         return 0
+    if args.search:
+        return _search_main(args, argv)
     args.iters = args.iters or (10 if args.quick else 30)
     args.budget = args.budget if args.budget is not None else (4.0 if args.quick else 10.0)
     args.inductor = {"freezing": True} if args.freezing else {}
@@ -650,6 +751,32 @@ def main(argv=None) -> int:
     _report(doc, args)
     missed = [c for c in doc["checks"] if not c["ok"]]
     return 1 if args.strict and missed else 0
+
+
+def _search_main(args, argv) -> int:
+    """--search: the latency search's cost from cold caches (`search_runs`), printed and written to --json."""
+    def progress(msg):
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    threads = args.threads or 1
+    torch.set_num_threads(threads)
+    batches = [int(b) for b in args.batch.split(",") if b.strip()]
+    doc = {"command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
+           "machine": machine("cpu"), "load_average_start": _load()}
+    doc["search"] = search_runs(args.search, batches, args.px, args.search_verify, threads, args.search_runs,
+                                args.search_before, progress)
+    doc["load_average_end"] = _load()
+    print(f"decompose({args.search}, objective='latency') from cold caches, {threads} thread(s), "
+          f"load {doc['load_average_start']} -> {doc['load_average_end']}")
+    print(f"{'side':<7} {'batch':>5} {'run':>3} {'search s':>9} {'process s':>9} {'timings':>7}  chosen   assignment")
+    for r in doc["search"]:
+        print(f"{r['side']:<7} {r['batch']:>5} {r['run']:>3} {r['search_s']:>9.1f} {r['process_s']:>9.1f} "
+              f"{r['timings']:>7}  {str(r['chosen']):<8} {r['assignment']}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+    return 0
 
 
 def _report(doc: dict, args) -> None:

@@ -52,7 +52,7 @@ import torch.nn as nn
 from fxrf.errors import InputError
 from fxrf.progress import bar, tick
 
-from .blocks import Pattern, Recipe, build, emit, model_pattern, parse, signature
+from .blocks import CATALOG, Pattern, Recipe, build, emit, model_pattern, parse, signature
 
 MODES = ("eager", "compile")
 _CONV = "S"  # the catalog's recipe for a conv kept as it is: `time_conv` times it
@@ -78,6 +78,25 @@ class Probe:
 
 
 Timer = Callable[[Callable, torch.Tensor, Probe], float]
+
+
+def unrotated(recipe: Recipe | str, catalog=CATALOG) -> Recipe:
+    """The block a rotating recipe builds without its rotation: the catalog kind with the same steps but the roll,
+    at the same groups and expansion (DW+RPW-g4-o50 -> DW+GPW-g4); the recipe itself where it does not rotate or
+    no kind matches. A rotating block at shift 0 builds exactly that block, so both share one timing; with a shift
+    it is that block plus a copy, so that block's time is a lower bound of its own (`LatencyModel.bound`).
+
+        >>> unrotated("DW+RPW-g4-o33").name, unrotated("DW+PW").name
+        ('DW+GPW-g4', 'DW+PW')
+    """
+    recipe = parse(recipe, catalog)
+    if not recipe.kind.rotates:
+        return recipe
+    steps = tuple(s for s in recipe.kind.steps if s.op != "roll")
+    for kind in catalog:
+        if kind.steps == steps and not kind.rotates and set(kind.params) <= set(recipe.kind.params):
+            return Recipe(kind, **{f: getattr(recipe, f) for f in kind.params})
+    return recipe
 
 
 def cache_dir() -> Path:
@@ -197,11 +216,46 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def default_timer(iters: int = 20, warmup: int = 2, budget_s: float = 0.5, stat: str = "min") -> Timer:
-    """A timer running the module: `warmup` calls (more, up to 4, until two agree within 25%), then up to `iters`
-    timed calls or `budget_s` seconds (3 at least); their minimum (stat="min") or median, in seconds. CUDA:
-    events, synchronised. The minimum by default: on a shared machine other processes only ever add time to a
-    call, so the least disturbed call is the best estimate of the block's own cost (and needs few calls)."""
+SETTLE = 0.02  # a timing stops once another call would not move it by more than this (`settled`)
+
+
+def settled(times: list, stat: str = "min", rel: float = SETTLE) -> bool:
+    """The stopping rule of `default_timer`: whether the estimate from `times` (seconds of calls so far) is tight.
+    "min": the three lowest calls lie within `rel` of each other (the minimum was reached three times; other
+    processes only add time, so a lower call would need a quieter moment than three have seen). "median": the
+    distribution-free confidence interval of the median, [x_(j), x_(n+1-j)] of the sorted calls with j the
+    largest for which a binomial(n, 1/2) falls below j with probability <= 4% (92% coverage or more), lies
+    within +-`rel` of the median; 5 calls at least (j = 1 there: the interval is the range).
+
+        >>> settled([1.0, 1.3, 1.01, 1.015]), settled([1.0, 1.3, 1.1])
+        (True, False)
+        >>> settled([1.0, 1.01, 0.99, 1.0, 1.005], "median"), settled([1.0, 1.2, 0.99, 1.0, 1.005], "median")
+        (True, False)
+    """
+    if stat == "min":
+        low = sorted(times)[:3]
+        return len(low) == 3 and low[-1] <= low[0] * (1 + rel)
+    n = len(times)
+    if n < 5:
+        return False
+    xs, j, below = sorted(times), 0, 0.0
+    while True:  # the largest j with P(binomial(n, 1/2) < j) <= 4%
+        below += math.comb(n, j) / 2 ** n
+        if below > 0.04:
+            break
+        j += 1
+    j = max(j, 1)
+    med = statistics.median(xs)
+    return xs[n - j] - med <= rel * med and med - xs[j - 1] <= rel * med
+
+
+def default_timer(iters: int = 20, warmup: int = 2, budget_s: float = 0.5, stat: str = "min",
+                  rel: float = SETTLE) -> Timer:
+    """A timer running the module: `warmup` calls (more, up to 4, until two agree within 25%), then timed calls
+    until the estimate has settled (`settled`: 3 calls at least, `rel`), or `iters` calls, or `budget_s` seconds;
+    their minimum (stat="min") or median, in seconds. CUDA: events, synchronised. The minimum by default: on a
+    shared machine other processes only ever add time to a call, so the least disturbed call is the best
+    estimate of the block's own cost (and needs few calls)."""
     pick = {"min": min, "median": statistics.median}[stat]
 
     def timer(fn: Callable, x: torch.Tensor, probe: Probe) -> float:
@@ -229,7 +283,7 @@ def default_timer(iters: int = 20, warmup: int = 2, budget_s: float = 0.5, stat:
                     t0 = time.perf_counter()
                     fn(x)
                     times.append(time.perf_counter() - t0)
-                if i + 1 >= 3 and time.perf_counter() - start > budget_s:
+                if i + 1 >= 3 and (settled(times, stat, rel) or time.perf_counter() - start > budget_s):
                     break
         return pick(times)
     return timer
@@ -285,6 +339,8 @@ class LatencyModel:
     def probe(self, recipe: Recipe | str, conv: nn.Conv2d, in_shape: tuple, pattern: Pattern = Pattern(),
               shift: int = 0) -> Probe:
         recipe = parse(recipe)
+        if recipe.kind.rotates and not shift:
+            recipe = unrotated(recipe)  # the same module: one timing for both (time each distinct block once)
         return Probe(recipe.name, int(shift) if recipe.kind.rotates else 0, signature(conv),
                      (self.batch,) + tuple(in_shape[1:]), pattern.signature, self.mode, self.key)
 
@@ -292,8 +348,31 @@ class LatencyModel:
              shift: int = 0) -> float:
         """Seconds per call of `recipe` replacing `conv` (followed by the model's norm and activation) on an input
         of `in_shape` (its batch replaced by this model's batch); measured once per key, then read back."""
+        recipe = parse(recipe)
+        if recipe.kind.rotates and not shift:
+            recipe = unrotated(recipe)  # the module it builds (its probe's recipe)
         probe = self.probe(recipe, conv, in_shape, pattern, shift)
-        return self._cached(probe, lambda: self._measure(parse(recipe), conv, pattern, probe))
+        return self._cached(probe, lambda: self._measure(recipe, conv, pattern, probe))
+
+    def known(self, recipe: Recipe | str, conv: nn.Conv2d, in_shape: tuple, pattern: Pattern = Pattern(),
+              shift: int = 0) -> float | None:
+        """The figure `time` would return if it is measured already (cached), else None; times nothing."""
+        v = self._load().get(self.probe(recipe, conv, in_shape, pattern, shift).key())
+        return float(v) if _seconds(v) else None
+
+    def bound(self, recipe: Recipe | str, conv: nn.Conv2d, in_shape: tuple, pattern: Pattern = Pattern(),
+              shift: int = 0) -> tuple[float, bool]:
+        """(seconds, exact): the block's figure if it is measured already, else, for a rotated block (shift > 0),
+        the time of the same block without its rotation (`unrotated`, timed if need be), which it can only exceed
+        (the same kernels plus a copy), with exact False; else the block is timed (exact True). The search ranks
+        by these and times a rotated block only when its bound puts it in front (plan.py)."""
+        recipe = parse(recipe)
+        got = self.known(recipe, conv, in_shape, pattern, shift)
+        if got is not None:
+            return got, True
+        if recipe.kind.rotates and shift and unrotated(recipe).name != recipe.name:
+            return self.time(unrotated(recipe), conv, in_shape, pattern), False
+        return self.time(recipe, conv, in_shape, pattern, shift), True
 
     def time_conv(self, conv: nn.Conv2d, in_shape: tuple, pattern: Pattern = Pattern()) -> float:
         """Seconds per call of `conv` alone, then the model's norm and activation (`pattern`: `conv_pattern(gm)`),

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxrf.analysis import Analysis, analyze
+from fxrf.progress import bar
 
 from .. import finish
 from ..blocks import measure
@@ -87,6 +88,8 @@ class _Option(NamedTuple):
     params: int
     time_ms: float | None  # objective="latency": the stage's predicted time
     scope: tuple  # (key, plan): what the quality check applies, and the cache key of its verdicts
+    pending: tuple = ()  # objective="latency": (recipe, conv, site, shift) of the blocks whose time in `rank` is
+    #                      only a lower bound (LatencyModel.bound): to be timed before this option can be checked
 
 
 def _usable(assignment: _Assignment, stage: _Stage) -> list:
@@ -102,22 +105,42 @@ def _search(run: Run, gm: fx.GraphModule, objective: str) -> tuple[dict, dict]:
     """(plan, tried): per stage, the first assignment in the objective's order whose blocks are compact and whose
     stage meets quality (a Trial logged per assignment tried). Quality is read from one analysis of the model with
     an option's `scope` applied, on a copy whose parameters live on the meta device, once per scope and only when a
-    stage's search reaches it."""
+    stage's search reaches it. objective="latency": a rotated block not timed yet is ranked by a lower bound of
+    its time (`LatencyModel.bound`) and timed only when an assignment using it comes first: the options are then
+    ranked again, so the first one checked is the first by measured time, as if everything had been timed."""
     stages = _stages(run)
     labels = _label_plans(stages) if objective == "macs" else None
     quality = _quality(run, gm)
     plan, tried = {}, {}
-    for stage in stages:
-        options = _timed(run, stage) if objective == "latency" else _costed(run, stage, labels)
-        log = []
-        for o in sorted(options, key=lambda o: o.rank):
-            compact = all(measure(u, c, s.in_shape, run.pattern).compact
-                          for u, c, s in zip(o.used, stage.convs, stage.sites) if not u.keeps)
-            ok = None if not compact else True if all(u.keeps for u in o.used) else quality(*o.scope)[stage.index]
-            log.append(Trial(o.label, o.macs, o.params, ok, compact, o.time_ms))
-            if ok:
-                plan.update({s.node: u for s, u in zip(stage.sites, o.used)})
+    lm, steps = run.latency, stages
+    if objective == "latency":  # a bar on stderr (fxrf.progress), its block timings counted in it ("timed")
+        steps = bar(stages, f"latency search ({lm.mode}, {lm.device}, batch {lm.batch})", unit="stages")
+    for stage in steps:
+        log, checked = [], set()
+        while True:
+            options = _timed(run, stage) if objective == "latency" else _costed(run, stage, labels)
+            chosen, again = None, False
+            for o in sorted(options, key=lambda o: o.rank):
+                if o.pending:  # its rank is a lower bound: time what it needs, then rank again
+                    for recipe, conv, site, shift in o.pending:
+                        lm.time(recipe, conv, site.in_shape, run.pattern, shift)
+                    again = True
+                    break
+                if o.scope[0] in checked:
+                    continue
+                checked.add(o.scope[0])
+                compact = all(measure(u, c, s.in_shape, run.pattern).compact
+                              for u, c, s in zip(o.used, stage.convs, stage.sites) if not u.keeps)
+                ok = None if not compact else True if all(u.keeps for u in o.used) else \
+                    quality(*o.scope)[stage.index]
+                log.append(Trial(o.label, o.macs, o.params, ok, compact, o.time_ms))
+                if ok:
+                    chosen = o
+                    break
+            if not again:
                 break
+        if chosen is not None:
+            plan.update({s.node: u for s, u in zip(stage.sites, chosen.used)})
         tried[stage.index] = tuple(log)
     return plan, tried
 
@@ -174,7 +197,9 @@ def _timed(run: Run, stage: _Stage) -> list[_Option]:
     """objective="latency": each compact assignment pruned to the blocks the latency model times faster than the
     conv they replace (with the DW+RPW rotation as `_apply` would emit it: none for the first rotated block of a
     stage), S elsewhere; ranked by the stage's predicted time, then MACs. Pruning changes the assignment, so each
-    pruned one is checked on its own: its scope is this stage alone."""
+    pruned one is checked on its own: its scope is this stage alone. A rotated block not timed yet counts at a
+    lower bound of its time (`LatencyModel.bound`): a bound at or above the conv's prunes it for sure; below, the
+    block is kept provisionally and listed in the option's `pending`."""
     ss, convs, pattern = stage.sites, stage.convs, run.pattern
     conv_s = [run.latency.time(KEEP, c, s.in_shape, pattern) for c, s in zip(convs, ss)]
     options, seen = [], set()
@@ -182,15 +207,17 @@ def _timed(run: Run, stage: _Stage) -> list[_Option]:
         used = _usable(assignment, stage)
         if any(not u.keeps and not measure(u, c, s.in_shape, pattern).compact for u, c, s in zip(used, convs, ss)):
             continue  # not compact: no pruning can make it so, and timing it would be wasted
-        pruned, times, rotated = [], [], False
+        pruned, times, rotated, pending = [], [], False, []
         for u, c, s, t_conv in zip(used, convs, ss, conv_s):
             t = t_conv
             if not u.keeps:
                 shift = u.shift(c) if rotated else 0
-                t_block = run.latency.time(u, c, s.in_shape, pattern, shift)
+                t_block, exact = run.latency.bound(u, c, s.in_shape, pattern, shift)
                 if t_block < t_conv:
                     t = t_block
                     rotated = rotated or u.kind.rotates
+                    if not exact:
+                        pending.append((u, c, s, shift))
                 else:
                     u = KEEP
             pruned.append(u)
@@ -204,5 +231,6 @@ def _timed(run: Run, stage: _Stage) -> list[_Option]:
         macs, params = _cost(run, stage, pruned)
         scope = ((stage.index, key), {s.node: u for s, u in zip(ss, pruned)})
         t = sum(times)
-        options.append(_Option((t, macs, order), label, tuple(pruned), macs, params, round(t * 1e3, 4), scope))
+        options.append(_Option((t, macs, order), label, tuple(pruned), macs, params, round(t * 1e3, 4), scope,
+                               tuple(pending)))
     return options

@@ -1,0 +1,173 @@
+"""The latency search's cost (passes/latency.py, passes/decomposer/plan.py): each distinct block timed once across
+the model, a rotation at shift 0 sharing its unrotated block's timing, rotated blocks timed only when their lower
+bound puts them in front, the timer's stopping rule, and the progress line. Fake timers throughout: no real
+timing is asserted here (benchmarks/bench_models.py --search measures the search)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxrf
+from fxrf.passes.blocks import parse
+from fxrf.passes.latency import LatencyModel, settled, unrotated
+from fxrf.progress import show
+
+SHAPE = (1, 3, 16, 16)
+
+
+def _net(repeat: int = 3) -> nn.Module:
+    """A stem, then `repeat` identical 16 -> 16 convs at 16 px, a pool, and 16 -> 32 then 32 -> 32 at 8 px."""
+    def cbr(i, o):
+        return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
+    layers = cbr(3, 16)
+    for _ in range(repeat):
+        layers += cbr(16, 16)
+    return nn.Sequential(*layers, nn.MaxPool2d(2), *cbr(16, 32), *cbr(32, 32)).eval()
+
+
+class Table:
+    """Seconds by recipe (`other` for the rest), plus `rotation` for a rotated block (shift > 0); records probes."""
+
+    def __init__(self, table: dict, other: float = 0.5, rotation: float = 0.05):
+        self.table, self.other, self.rotation, self.probes = table, other, rotation, []
+
+    def __call__(self, fn, x, probe) -> float:
+        self.probes.append(probe)
+        if probe.recipe == "model":
+            return 1e-3
+        base = self.table.get(probe.recipe, self.other) + (self.rotation if probe.shift else 0.0)
+        return base * probe.in_shape[2] * probe.in_shape[3] * 1e-6
+
+
+def test_unrotated_is_the_catalog_block_without_the_roll():
+    assert unrotated("DW+RPW-g8-o50").name == "DW+GPW-g8"
+    assert unrotated("DW+GPW-g2") == parse("DW+GPW-g2") and unrotated("S").name == "S"
+
+
+def test_each_distinct_block_is_timed_once_across_the_model():
+    # five identical 16 -> 16 sites: every block at that site is timed once, not five times
+    timer = Table({"S": 1.0, "DW+PW": 0.3})
+    lm = LatencyModel("cpu", batch=1, mode="eager", cache=None, timer=timer)
+    fxrf.decompose(_net(repeat=5), SHAPE, objective="latency", latency=lm, verify=0)
+    keys = [p.key() for p in timer.probes]
+    assert len(keys) == len(set(keys)) == lm.calls
+    same_site = [p for p in timer.probes if p.in_shape == (1, 16, 16, 16) and p.conv[:2] == (16, 16)]
+    assert len({(p.recipe, p.shift) for p in same_site}) == len(same_site)
+
+
+def test_a_rotation_at_shift_0_shares_the_unrotated_blocks_timing():
+    timer = Table({"S": 1.0})
+    lm = LatencyModel("cpu", batch=1, mode="eager", cache=None, timer=timer)
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    t_gpw = lm.time("DW+GPW-g4", conv, (1, 16, 8, 8))
+    assert lm.time("DW+RPW-g4-o50", conv, (1, 16, 8, 8)) == t_gpw  # shift 0: the same module, no new timing
+    assert lm.time("DW+RPW-g4-o33", conv, (1, 16, 8, 8), shift=0) == t_gpw
+    assert lm.calls == 1 and [p.recipe for p in timer.probes] == ["DW+GPW-g4"]
+    lm.time("DW+RPW-g4-o50", conv, (1, 16, 8, 8), shift=2)  # rotated: a copy more, timed on its own
+    assert lm.calls == 2 and (timer.probes[-1].recipe, timer.probes[-1].shift) == ("DW+RPW-g4-o50", 2)
+
+
+def test_bound_is_the_unrotated_time_until_the_rotated_block_is_timed():
+    timer = Table({"DW+GPW-g4": 0.4}, rotation=0.1)
+    lm = LatencyModel("cpu", batch=1, mode="eager", cache=None, timer=timer)
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    t, exact = lm.bound("DW+RPW-g4-o50", conv, (1, 16, 8, 8), shift=2)
+    assert (t, exact) == (pytest.approx(0.4 * 64e-6), False) and lm.calls == 1  # only the unrotated block timed
+    lm.time("DW+RPW-g4-o50", conv, (1, 16, 8, 8), shift=2)
+    assert lm.bound("DW+RPW-g4-o50", conv, (1, 16, 8, 8), shift=2) == (pytest.approx(0.6 * 64e-6), True)  # `other` + rotation
+    assert lm.known("DW+PW", conv, (1, 16, 8, 8)) is None and lm.calls == 2  # `known` times nothing
+
+
+
+
+@pytest.mark.parametrize("table", [
+    {"S": 1.0, "DW+PW": 0.9, "DW+GPW-g8": 0.2, "DW+GPW-g4": 0.3},   # grouped blocks fast: rotated ones contend
+    {"S": 1.0, "DW+PW": 0.2},                                       # DW+PW far ahead: no rotation needs timing
+    {"S": 1.0, "DW+GPW-g2": 0.25, "GC+shuffle-g4": 0.6},
+])
+def test_lazy_rotated_timings_choose_what_timing_everything_chooses(table):
+    # the same figures, all timed first (a cache filled by timing every block the search could ask for) or timed
+    # as the search goes: the same plan, and the lazy search times no more blocks
+    lazy_timer = Table(table)
+    lazy = LatencyModel("cpu", batch=1, mode="eager", cache=None, timer=lazy_timer)
+    r_lazy = fxrf.decompose(_net(), SHAPE, objective="latency", latency=lazy, verify=0)
+
+    full_timer = Table(table)
+    full = LatencyModel("cpu", batch=1, mode="eager", cache=None, timer=full_timer)
+    _time_everything(full)
+    r_full = fxrf.decompose(_net(), SHAPE, objective="latency", latency=full, verify=0)
+    assert [(c.conv, c.recipe, c.shift) for c in r_lazy.changes] == [(c.conv, c.recipe, c.shift)
+                                                                     for c in r_full.changes]
+    assert [s.blocks for s in r_lazy.stages] == [s.blocks for s in r_full.stages]
+    assert lazy.calls <= full.calls
+
+
+def _time_everything(lm: LatencyModel) -> None:
+    """Every candidate at every eligible site of _net, at shift 0 and at the shift `_apply` gives a rotated block."""
+    from fxrf.passes.blocks import model_pattern
+    from fxrf.passes.decomposer import check_options, eligible_sites
+    from fxrf.trace import trace
+    gm = trace(_net(), SHAPE)
+    a = fxrf.analyze(gm, SHAPE)
+    pattern = model_pattern(gm)
+    for site in eligible_sites(gm, a):
+        conv = gm.get_submodule(site.target)
+        lm.time("S", conv, site.in_shape, pattern)
+        for r in check_options().candidates:
+            if r.inapplicable(conv):
+                continue
+            lm.time(r, conv, site.in_shape, pattern)
+            if r.kind.rotates:
+                lm.time(r, conv, site.in_shape, pattern, r.shift(conv))
+
+
+def test_the_lazy_search_skips_rotations_that_cannot_win():
+    # DW+PW far faster than anything grouped: no rotated block can come first, so none is timed
+    timer = Table({"S": 1.0, "DW+PW": 0.1}, other=0.8)
+    lm = LatencyModel("cpu", batch=1, mode="eager", cache=None, timer=timer)
+    r = fxrf.decompose(_net(), SHAPE, objective="latency", latency=lm, verify=0)
+    assert {c.recipe for c in r.changes} == {"DW+PW"}
+    assert not any(p.shift for p in timer.probes)
+
+
+@pytest.mark.parametrize("times, stat, expected", [
+    ([1.0, 1.01, 1.015], "min", True),            # the three lowest within 2%
+    ([1.0, 1.5, 1.03], "min", False),              # the third lowest 3% above the minimum
+    ([1.0, 2.0, 1.02, 3.0, 1.005], "min", True),   # slow calls do not matter to the minimum
+    ([1.0, 1.01], "min", False),                   # three calls at least
+    ([1.0, 1.0, 1.0, 1.0], "median", False),       # five calls at least
+    ([1.0, 1.01, 0.99, 1.0, 1.015], "median", True),   # n = 5: the interval is the range, within 2%
+    ([1.0, 1.01, 0.99, 1.0, 1.1], "median", False),   # one call 10% up: the range is not tight
+    # n = 8: the interval is [x(2), x(7)] (P(binomial(8, 1/2) < 2) = 9/256 <= 4%): an outlier each side left out
+    ([0.5, 1.0, 1.01, 0.99, 1.0, 1.0, 1.01, 2.0], "median", True),
+])
+def test_the_timers_stopping_rule(times, stat, expected):
+    assert settled(times, stat) is expected
+
+
+def test_the_default_timer_stops_once_settled(monkeypatch):
+    # a module whose calls all take the same (fake) time: the timer stops at the third timed call, not at 20
+    import fxrf.passes.latency as L
+    clock = {"t": 0.0}
+    monkeypatch.setattr(L.time, "perf_counter", lambda: clock["t"])
+    calls = []
+
+    def fn(x):
+        calls.append(1)
+        clock["t"] += 1e-3
+    t = L.default_timer(iters=20, warmup=2, budget_s=10.0)(fn, torch.zeros(1), None)
+    assert t == pytest.approx(1e-3) and len(calls) == 2 + 3
+
+
+def test_the_search_shows_progress_on_stderr(capsys, monkeypatch):
+    monkeypatch.delenv("FXRF_PROGRESS", raising=False)
+    monkeypatch.setattr("fxrf.progress.AFTER", 0.0)
+    lm = LatencyModel("cpu", batch=1, mode="eager", cache=None, timer=Table({"S": 1.0, "DW+PW": 0.3}))
+    with show():
+        fxrf.decompose(_net(), SHAPE, objective="latency", latency=lm, verify=0)
+    err = capsys.readouterr().err
+    assert "fxrf: latency search (eager, cpu, batch 1): 2 stages in" in err and f"({lm.calls} timed)" in err
+    monkeypatch.setenv("FXRF_PROGRESS", "0")  # the usual switch silences it
+    fxrf.decompose(_net(), SHAPE, objective="latency", latency=lm, verify=0)
+    assert capsys.readouterr().err == ""
