@@ -400,11 +400,15 @@ def search_runs(name: str, batches: list, px: int, verify: int, threads: int, ru
                     e["PYTHONPATH"] = path + os.pathsep + e.get("PYTHONPATH", "")
                 load = _load()
                 progress(f"search: {name} b{batch} {side} run {i + 1}/{runs} (load {load})")
+                # cwd: a temp dir, so that `python -c` (which puts its cwd first on sys.path) imports the fxrf of
+                # PYTHONPATH (before) or the installed one (after), never a checkout it happens to run in
                 out = subprocess.run([sys.executable, "-c", SEARCH_CHILD, name, str(batch), str(px), str(verify),
-                                      str(threads)], env=e, capture_output=True, text=True)
+                                      str(threads)], env=e, capture_output=True, text=True, cwd=run_dir)
                 if out.returncode:
                     raise RuntimeError(f"search child failed: {out.stderr[-2000:]}")
                 r = json.loads(out.stdout.strip().splitlines()[-1])
+                if (path is not None) != r["fxrf"].startswith(work):
+                    raise RuntimeError(f"the {side} run imported fxrf from {r['fxrf']}")
                 r.update(model=name, batch=batch, px=px, side=side, run=i + 1, warm_s=round(warm_s, 1),
                          load_before=load, load_after=_load(), threads=threads,
                          progress=[ln for ln in out.stderr.splitlines() if ln.startswith("fxrf:")])

@@ -52,7 +52,7 @@ import torch.nn as nn
 from fxrf.errors import InputError
 from fxrf.progress import bar, tick
 
-from .blocks import CATALOG, Pattern, Recipe, build, emit, model_pattern, parse, signature
+from .blocks import CATALOG, Kind, Pattern, Recipe, build, emit, model_pattern, parse, signature
 
 MODES = ("eager", "compile")
 _CONV = "S"  # the catalog's recipe for a conv kept as it is: `time_conv` times it
@@ -80,23 +80,35 @@ class Probe:
 Timer = Callable[[Callable, torch.Tensor, Probe], float]
 
 
-def unrotated(recipe: Recipe | str, catalog=CATALOG) -> Recipe:
-    """The block a rotating recipe builds without its rotation: the catalog kind with the same steps but the roll,
-    at the same groups and expansion (DW+RPW-g4-o50 -> DW+GPW-g4); the recipe itself where it does not rotate or
-    no kind matches. A rotating block at shift 0 builds exactly that block, so both share one timing; with a shift
-    it is that block plus a copy, so that block's time is a lower bound of its own (`LatencyModel.bound`).
+PERMUTATIONS = ("roll", "shuffle")  # block steps that only move channels: a copy, no arithmetic
 
-        >>> unrotated("DW+RPW-g4-o33").name, unrotated("DW+PW").name
-        ('DW+GPW-g4', 'DW+PW')
+
+def unpermuted(recipe: Recipe | str, catalog=CATALOG) -> Recipe:
+    """The block `recipe` builds without its channel permutations (its roll and shuffle steps): the catalog kind
+    with those steps, at the same groups and expansion (DW+RPW-g4-o50 -> DW+GPW-g4), else a kind made for the
+    purpose ("GC+shuffle-g4 without shuffle": the grouped conv alone); the recipe itself where it has none. A
+    permutation is a copy (read and write one activation) or an index map fused into a neighbour, so the block
+    without it is never slower: its time is a lower bound of the block's (`LatencyModel.bound`). A DW+RPW block
+    at shift 0 builds no roll, so it is exactly its unpermuted block (`LatencyModel.time` shares the figure).
+
+        >>> unpermuted("DW+RPW-g4-o33").name, unpermuted("GC+shuffle-g8").name, unpermuted("DW+PW").name
+        ('DW+GPW-g4', 'GC+shuffle-g8 without shuffle', 'DW+PW')
     """
     recipe = parse(recipe, catalog)
-    if not recipe.kind.rotates:
+    steps = tuple(s for s in recipe.kind.steps if s.op not in PERMUTATIONS)
+    if steps == recipe.kind.steps:
         return recipe
-    steps = tuple(s for s in recipe.kind.steps if s.op != "roll")
     for kind in catalog:
-        if kind.steps == steps and not kind.rotates and set(kind.params) <= set(recipe.kind.params):
+        if kind.steps == steps and set(kind.params) <= set(recipe.kind.params):
             return Recipe(kind, **{f: getattr(recipe, f) for f in kind.params})
-    return recipe
+    dropped = sorted({s.op for s in recipe.kind.steps if s.op in PERMUTATIONS})
+    kind = Kind(f"{recipe.name} without {' and '.join(dropped)}", (), steps, None, "")
+    return Recipe(kind, groups=recipe.groups, overlap=recipe.overlap, expansion=recipe.expansion)
+
+
+def _permutes(recipe: Recipe, shift: int) -> bool:
+    """Whether the block `recipe` builds at `shift` has a permutation step (a roll builds only at shift > 0)."""
+    return any(s.op == "shuffle" or (s.op == "roll" and shift) for s in recipe.kind.steps)
 
 
 def cache_dir() -> Path:
@@ -340,7 +352,7 @@ class LatencyModel:
               shift: int = 0) -> Probe:
         recipe = parse(recipe)
         if recipe.kind.rotates and not shift:
-            recipe = unrotated(recipe)  # the same module: one timing for both (time each distinct block once)
+            recipe = unpermuted(recipe)  # the same module: one timing for both (time each distinct block once)
         return Probe(recipe.name, int(shift) if recipe.kind.rotates else 0, signature(conv),
                      (self.batch,) + tuple(in_shape[1:]), pattern.signature, self.mode, self.key)
 
@@ -350,7 +362,7 @@ class LatencyModel:
         of `in_shape` (its batch replaced by this model's batch); measured once per key, then read back."""
         recipe = parse(recipe)
         if recipe.kind.rotates and not shift:
-            recipe = unrotated(recipe)  # the module it builds (its probe's recipe)
+            recipe = unpermuted(recipe)  # the module it builds (its probe's recipe)
         probe = self.probe(recipe, conv, in_shape, pattern, shift)
         return self._cached(probe, lambda: self._measure(recipe, conv, pattern, probe))
 
@@ -362,16 +374,17 @@ class LatencyModel:
 
     def bound(self, recipe: Recipe | str, conv: nn.Conv2d, in_shape: tuple, pattern: Pattern = Pattern(),
               shift: int = 0) -> tuple[float, bool]:
-        """(seconds, exact): the block's figure if it is measured already, else, for a rotated block (shift > 0),
-        the time of the same block without its rotation (`unrotated`, timed if need be), which it can only exceed
-        (the same kernels plus a copy), with exact False; else the block is timed (exact True). The search ranks
-        by these and times a rotated block only when its bound puts it in front (plan.py)."""
+        """(seconds, exact): the block's figure if it is measured already; else, for a block with a channel
+        permutation (a roll at shift > 0, a shuffle), the time of the same block without it (`unpermuted`, timed
+        if need be: a cheap compile, its kernels mostly those of blocks timed already), which the block can only
+        exceed, with exact False; else the block is timed (exact True). The search ranks by these and times such
+        a block only when its bound puts it in front (plan.py)."""
         recipe = parse(recipe)
         got = self.known(recipe, conv, in_shape, pattern, shift)
         if got is not None:
             return got, True
-        if recipe.kind.rotates and shift and unrotated(recipe).name != recipe.name:
-            return self.time(unrotated(recipe), conv, in_shape, pattern), False
+        if _permutes(recipe, shift):
+            return self.time(unpermuted(recipe), conv, in_shape, pattern), False
         return self.time(recipe, conv, in_shape, pattern, shift), True
 
     def time_conv(self, conv: nn.Conv2d, in_shape: tuple, pattern: Pattern = Pattern()) -> float:

@@ -1,6 +1,6 @@
 """The latency search's cost (passes/latency.py, passes/decomposer/plan.py): each distinct block timed once across
-the model, a rotation at shift 0 sharing its unrotated block's timing, rotated blocks timed only when their lower
-bound puts them in front, the timer's stopping rule, and the progress line. Fake timers throughout: no real
+the model, a rotation at shift 0 sharing its unpermuted block's timing, blocks with a channel permutation (a roll,
+a shuffle) timed only when their lower bound puts them in front, the timer's stopping rule, and the progress line. Fake timers throughout: no real
 timing is asserted here (benchmarks/bench_models.py --search measures the search)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import fxrf
 from fxrf.passes.blocks import parse
-from fxrf.passes.latency import LatencyModel, settled, unrotated
+from fxrf.passes.latency import LatencyModel, settled, unpermuted
 from fxrf.progress import show
 
 SHAPE = (1, 3, 16, 16)
@@ -27,7 +27,8 @@ def _net(repeat: int = 3) -> nn.Module:
 
 
 class Table:
-    """Seconds by recipe (`other` for the rest), plus `rotation` for a rotated block (shift > 0); records probes."""
+    """Seconds by recipe (`other` for the rest), plus `rotation` for a permutation (a roll at shift > 0, a shuffle):
+    a block "R without shuffle" takes R's time without it, as a real block would. Records the probes."""
 
     def __init__(self, table: dict, other: float = 0.5, rotation: float = 0.05):
         self.table, self.other, self.rotation, self.probes = table, other, rotation, []
@@ -36,13 +37,22 @@ class Table:
         self.probes.append(probe)
         if probe.recipe == "model":
             return 1e-3
-        base = self.table.get(probe.recipe, self.other) + (self.rotation if probe.shift else 0.0)
+        name, _, dropped = probe.recipe.partition(" without ")
+        permutes = not dropped and (probe.shift or "shuffle" in name)
+        base = self.table.get(name, self.other) + (self.rotation if permutes else 0.0)
         return base * probe.in_shape[2] * probe.in_shape[3] * 1e-6
 
 
-def test_unrotated_is_the_catalog_block_without_the_roll():
-    assert unrotated("DW+RPW-g8-o50").name == "DW+GPW-g8"
-    assert unrotated("DW+GPW-g2") == parse("DW+GPW-g2") and unrotated("S").name == "S"
+def test_unpermuted_is_the_block_without_its_roll_or_shuffle():
+    assert unpermuted("DW+RPW-g8-o50").name == "DW+GPW-g8"  # a catalog kind where one matches
+    assert unpermuted("DW+GPW-g2") == parse("DW+GPW-g2") and unpermuted("S").name == "S"
+    gc = unpermuted("GC+shuffle-g4")  # else a kind made for it: the grouped conv alone
+    assert gc.name == "GC+shuffle-g4 without shuffle" and gc.groups == 4
+    assert [s.op for s in gc.kind.steps] == ["conv"]
+    from fxrf.passes.latency import site_module
+    gm = site_module(gc, nn.Conv2d(8, 16, 3, padding=1))
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["block.gc"]
+    assert gm.get_submodule("block.gc").groups == 4 and gm(torch.rand(1, 8, 5, 5)).shape == (1, 16, 5, 5)
 
 
 def test_each_distinct_block_is_timed_once_across_the_model():
@@ -56,7 +66,7 @@ def test_each_distinct_block_is_timed_once_across_the_model():
     assert len({(p.recipe, p.shift) for p in same_site}) == len(same_site)
 
 
-def test_a_rotation_at_shift_0_shares_the_unrotated_blocks_timing():
+def test_a_rotation_at_shift_0_shares_the_unpermuted_blocks_timing():
     timer = Table({"S": 1.0})
     lm = LatencyModel("cpu", batch=1, mode="eager", cache=None, timer=timer)
     conv = nn.Conv2d(16, 16, 3, padding=1)
@@ -68,15 +78,17 @@ def test_a_rotation_at_shift_0_shares_the_unrotated_blocks_timing():
     assert lm.calls == 2 and (timer.probes[-1].recipe, timer.probes[-1].shift) == ("DW+RPW-g4-o50", 2)
 
 
-def test_bound_is_the_unrotated_time_until_the_rotated_block_is_timed():
+def test_bound_is_the_unpermuted_time_until_the_block_is_timed():
     timer = Table({"DW+GPW-g4": 0.4}, rotation=0.1)
     lm = LatencyModel("cpu", batch=1, mode="eager", cache=None, timer=timer)
     conv = nn.Conv2d(16, 16, 3, padding=1)
     t, exact = lm.bound("DW+RPW-g4-o50", conv, (1, 16, 8, 8), shift=2)
-    assert (t, exact) == (pytest.approx(0.4 * 64e-6), False) and lm.calls == 1  # only the unrotated block timed
+    assert (t, exact) == (pytest.approx(0.4 * 64e-6), False) and lm.calls == 1  # only the unpermuted block timed
     lm.time("DW+RPW-g4-o50", conv, (1, 16, 8, 8), shift=2)
     assert lm.bound("DW+RPW-g4-o50", conv, (1, 16, 8, 8), shift=2) == (pytest.approx(0.6 * 64e-6), True)  # `other` + rotation
     assert lm.known("DW+PW", conv, (1, 16, 8, 8)) is None and lm.calls == 2  # `known` times nothing
+    t, exact = lm.bound("GC+shuffle-g4", conv, (1, 16, 8, 8))  # a shuffle: bounded by the grouped conv alone
+    assert (t, exact) == (pytest.approx(0.5 * 64e-6), False) and timer.probes[-1].recipe.endswith("without shuffle")
 
 
 
@@ -85,6 +97,7 @@ def test_bound_is_the_unrotated_time_until_the_rotated_block_is_timed():
     {"S": 1.0, "DW+PW": 0.9, "DW+GPW-g8": 0.2, "DW+GPW-g4": 0.3},   # grouped blocks fast: rotated ones contend
     {"S": 1.0, "DW+PW": 0.2},                                       # DW+PW far ahead: no rotation needs timing
     {"S": 1.0, "DW+GPW-g2": 0.25, "GC+shuffle-g4": 0.6},
+    {"S": 1.0, "DW+PW": 0.5, "GC+shuffle-g8": 0.2, "GC+shuffle-g4": 0.22},  # shuffles contend
 ])
 def test_lazy_rotated_timings_choose_what_timing_everything_chooses(table):
     # the same figures, all timed first (a cache filled by timing every block the search could ask for) or timed
@@ -122,13 +135,14 @@ def _time_everything(lm: LatencyModel) -> None:
                 lm.time(r, conv, site.in_shape, pattern, r.shift(conv))
 
 
-def test_the_lazy_search_skips_rotations_that_cannot_win():
-    # DW+PW far faster than anything grouped: no rotated block can come first, so none is timed
+def test_the_lazy_search_skips_permutations_that_cannot_win():
+    # DW+PW far faster than anything grouped: no rotated or shuffled block can come first, so none is timed
     timer = Table({"S": 1.0, "DW+PW": 0.1}, other=0.8)
     lm = LatencyModel("cpu", batch=1, mode="eager", cache=None, timer=timer)
     r = fxrf.decompose(_net(), SHAPE, objective="latency", latency=lm, verify=0)
     assert {c.recipe for c in r.changes} == {"DW+PW"}
     assert not any(p.shift for p in timer.probes)
+    assert not any(p.recipe.startswith("GC+shuffle") and "without" not in p.recipe for p in timer.probes)
 
 
 @pytest.mark.parametrize("times, stat, expected", [
