@@ -370,12 +370,13 @@ def _tree(ref: str, where: str) -> str:
 
 
 def search_runs(name: str, batches: list, px: int, verify: int, threads: int, runs: int, before: str | None,
-                progress) -> list:
+                progress, done: Callable[[list], None] = lambda rows: None) -> list:
     """Seconds of decompose(torchvision NAME, objective="latency") from cold caches, each run in a new process:
     a fresh FXRF_CACHE_DIR and a fresh TORCHINDUCTOR_CACHE_DIR holding only what inductor builds once per
     machine (its precompiled headers, from one tiny compile made first, timed apart as `warm_s`). With `before`
     (a git ref), that code's search is run too, in alternation with this one (before, after, before, ...), so both
-    see the same machine load."""
+    see the same machine load. `done(rows)` is called after every run (the JSON is rewritten: an interrupted run
+    keeps what it measured)."""
     import shutil
     import subprocess
     import tempfile
@@ -413,6 +414,7 @@ def search_runs(name: str, batches: list, px: int, verify: int, threads: int, ru
                          load_before=load, load_after=_load(), threads=threads,
                          progress=[ln for ln in out.stderr.splitlines() if ln.startswith("fxrf:")])
                 rows.append(r)
+                done(rows)
                 progress(f"  {side}: {r['search_s']:.1f} s search ({r['process_s']:.1f} s process), "
                          f"{r['timings']} timings, chose {r['chosen']}, {r['assignment']}")
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -789,8 +791,15 @@ def _search_main(args, argv) -> int:
     batches = [int(b) for b in args.batch.split(",") if b.strip()]
     doc = {"command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
            "machine": machine("cpu"), "load_average_start": _load()}
-    doc["search"] = search_runs(args.search, batches, args.px, args.search_verify, threads, args.search_runs,
-                                args.search_before, progress)
+    def write(rows):
+        doc["search"] = rows
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump(doc, f, indent=1)
+
+    search_runs(args.search, batches, args.px, args.search_verify, threads, args.search_runs, args.search_before,
+                progress, write)
     doc["load_average_end"] = _load()
     print(f"decompose({args.search}, objective='latency') from cold caches, {threads} thread(s), "
           f"load {doc['load_average_start']} -> {doc['load_average_end']}")
@@ -798,10 +807,9 @@ def _search_main(args, argv) -> int:
     for r in doc["search"]:
         print(f"{r['side']:<7} {r['batch']:>5} {r['run']:>3} {r['search_s']:>9.1f} {r['process_s']:>9.1f} "
               f"{r['timings']:>7}  {str(r['chosen']):<8} {r['assignment']}")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
+        for line in r["progress"]:
+            print(f"        {line}")
+    write(doc["search"])
     return 0
 
 
