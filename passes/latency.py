@@ -13,7 +13,9 @@ backend's `roll_as_cat` graph pass, as `fxrf.compile` deploys), on the CPU (the 
 Figures are cached in one JSON file (`cache_path()`: $FXRF_CACHE_DIR, else $XDG_CACHE_HOME/fxrf, else
 ~/.cache/fxrf), keyed by the device (CPU model, ISA level and torch threads, or the CUDA device's name and
 capability), the torch version, the mode, the batch, the block (recipe and rotation), the conv's signature, the
-input shape and the model's norm/activation kinds: a second run with the same keys times nothing.
+input shape and the model's norm/activation kinds: a second run with the same keys times nothing. A block that
+builds the same module as another (a rotation at shift 0) shares its figure; a block with a channel permutation
+has a lower bound, its block without it (`unpermuted`, `LatencyModel.bound`), which the search ranks by first.
 
 Whole models are timed too (`time_model`, cached by structure, `fingerprint`), and `compare` times several in
 alternation, round by round, so that `paired_ratio` compares them under one machine state: the decomposer's
@@ -21,7 +23,7 @@ whole-model check (decompose(objective="latency", verify=N)) and the organizer's
 compiled CPU site gets a channels-last input, as inductor lays out every conv of a CPU graph.
 
 The timer is injectable: `timer(module, x, probe) -> seconds`, `probe` a `Probe` naming what is timed (tests pass a
-fake one; the default runs the module: warm-up, then the median of timed calls).
+fake one; the default runs the module: warm-up, then timed calls until the estimate settles, `settled`).
 
     >>> import torch.nn as nn
     >>> fake = lambda module, x, probe: 1e-3 if probe.recipe == "S" else 4e-4
