@@ -105,9 +105,10 @@ def _search(run: Run, gm: fx.GraphModule, objective: str) -> tuple[dict, dict]:
     """(plan, tried): per stage, the first assignment in the objective's order whose blocks are compact and whose
     stage meets quality (a Trial logged per assignment tried). Quality is read from one analysis of the model with
     an option's `scope` applied, on a copy whose parameters live on the meta device, once per scope and only when a
-    stage's search reaches it. objective="latency": a rotated block not timed yet is ranked by a lower bound of
-    its time (`LatencyModel.bound`) and timed only when an assignment using it comes first: the options are then
-    ranked again, so the first one checked is the first by measured time, as if everything had been timed."""
+    stage's search reaches it. objective="latency": a block with a channel permutation (rotated, shuffled) not
+    timed yet is ranked by a lower bound of its time (`LatencyModel.bound`) and timed only when an assignment
+    using it comes first: the options are then ranked again, so the first one checked is the first by measured
+    time, as if everything had been timed."""
     stages = _stages(run)
     labels = _label_plans(stages) if objective == "macs" else None
     quality = _quality(run, gm)
@@ -197,9 +198,9 @@ def _timed(run: Run, stage: _Stage) -> list[_Option]:
     """objective="latency": each compact assignment pruned to the blocks the latency model times faster than the
     conv they replace (with the DW+RPW rotation as `_apply` would emit it: none for the first rotated block of a
     stage), S elsewhere; ranked by the stage's predicted time, then MACs. Pruning changes the assignment, so each
-    pruned one is checked on its own: its scope is this stage alone. A rotated block not timed yet counts at a
-    lower bound of its time (`LatencyModel.bound`): a bound at or above the conv's prunes it for sure; below, the
-    block is kept provisionally and listed in the option's `pending`."""
+    pruned one is checked on its own: its scope is this stage alone. A rotated or shuffled block not timed yet
+    counts at a lower bound of its time (`LatencyModel.bound`): a bound at or above the conv's prunes it for
+    sure; below, the block is kept provisionally and listed in the option's `pending`."""
     ss, convs, pattern = stage.sites, stage.convs, run.pattern
     conv_s = [run.latency.time(KEEP, c, s.in_shape, pattern) for c, s in zip(convs, ss)]
     options, seen = [], set()
