@@ -44,6 +44,12 @@ after every measurement, so an interrupted run keeps what it measured.
     python benchmarks/bench_models.py --compiled-only --roofline vgg16-opt \
         --models vgg16-opt,vgg16-opt/auto-macs,vgg16-opt/auto-latency  # latency-aware auto and the roofline
 
+--search MODEL: what decompose(torchvision MODEL, objective="latency") costs from cold caches, each run in a new
+process (fresh FXRF_CACHE_DIR and TORCHINDUCTOR_CACHE_DIR), with --search-before REF in alternation with git REF's
+code. Each auto row's scaled whole-model prediction is checked against +-10% (PREDICTION_TARGET).
+
+    python benchmarks/bench_models.py --search resnet18 --search-before HEAD~5 --batch 1 --threads 1
+
 Exit status 0 unless --strict is given and a target is missed.
 """
 from __future__ import annotations
