@@ -9,6 +9,17 @@ from .report import rf_text, si, stage_summaries
 
 
 MODE_NAMES = {"eager": "eager", "compile": "compiled"}  # LatencyModel's modes as the report writes them
+# What docs/accuracy.md's round two (benchmarks/evidence.py: early stopping on a validation split, 10 paired seeds,
+# equal-cost controls, Holm-corrected) measured about each step, printed under the step so that nobody takes a
+# rewrite's accuracy on the paper's word. Keep in step with that page's verdict table.
+EVIDENCE = {
+    "stages": "evidence (docs/accuracy.md): on three small tasks this organizer's layouts were not resolved better "
+              "than a random layout with as many convs (best case +11.0 +- 7.4 points, Holm p 0.06), and its "
+              "insertions added nothing resolved over its removals; train and compare the layout before keeping it",
+    "kernels": "evidence (docs/accuracy.md): at a DW+PW decomposition's MACs, fxrf.prune (--prune macs=F) was as "
+               "accurate or more (same-distance task: +3.1 points) and a thinner standard net trained from scratch "
+               "as accurate or more (digits: +2.4); keep these blocks where they are measured faster",
+}
 
 
 def before_after(before, after, latency: dict | None = None) -> dict:
@@ -125,6 +136,8 @@ def optimize_summary(result, dry_run: bool = False) -> str:
                              + ", ".join(f"{k} {m['ms']:.3f} ms" for k, m in v["models"].items())
                              + f"; kept: {v['chosen']}")
         lines += ["  " + c.describe(before, r.analysis or after) for c in r.changes]
+        if key in EVIDENCE and r.changes:
+            lines.append("  " + EVIDENCE[key])
         sel = s.get("selection") or {}
         if sel.get("include") or sel.get("exclude"):
             lines.append(f"  only convs matching include {sel.get('include') or ['*']}, exclude {sel.get('exclude')}")
