@@ -158,8 +158,11 @@ class Field:
         counts = self._counts
         if len(counts) == 1:
             return spatial, int(counts[0]), float(counts[0])
-        per_reach = np.bincount(self.idx.ravel(), minlength=len(self.bits))
-        return spatial, int(counts.min()), float(np.dot(per_reach, counts)) / self.idx.size
+        return spatial, int(counts.min()), float(np.dot(self._per_reach, counts)) / self.idx.size
+
+    @functools.cached_property
+    def _per_reach(self) -> np.ndarray:  # channels per reach (mix sets it: it knows them without counting)
+        return np.bincount(self.idx.ravel(), minlength=len(self.bits))
 
     @functools.cached_property
     def _counts(self) -> np.ndarray:  # cached: BN and activations pass the same Field object on
@@ -369,19 +372,44 @@ def mix(f: Field | None, out_channels: int, groups: int = 1, axis: int = -1) -> 
         out = np.zeros(lead + (out_channels,), dtype=np.int64)
         return Field(bits, spans, _frozen(out if not lead else np.moveaxis(out, -1, axis)), f.jump, f.sp, taps,
                      f.size)
-    rows = np.sort(idx.reshape(-1, cin // groups), axis=1)  # one row per (leading position, group)
-    memo: dict = {}  # equal rows are unioned once (a dict on the bytes: np.unique(axis=0) sorts structs, slowly)
-    out_rows = np.fromiter((memo.setdefault(r.tobytes(), len(memo)) for r in rows), dtype=np.int64,
-                           count=len(rows))
+    if idx.strides[-1] == 0:  # each row one reach (a mix's broadcast output): its reaches in order of first use
+        col = idx[..., ::cin // groups].reshape(-1)
+        vals, at, inv = np.unique(col, return_index=True, return_inverse=True)
+        order = np.argsort(at, kind="stable")
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order))
+        return _mixed(f, rank[inv.reshape(-1)], [[int(v)] for v in vals[order]], lead, groups, per_out, axis)
+    rows = np.ascontiguousarray(idx).reshape(-1, cin // groups)  # one row per (leading position, group)
+    # Equal rows are unioned once (a dict on the bytes: np.unique(axis=0) sorts structs, slowly). Rows equal as
+    # they stand are found first and only those distinct rows are sorted: tokens of a ViT repeat one row hundreds
+    # of times, and sorting every row was most of the walk there. Output reaches keep the order of first use.
+    raw: dict = {}
+    raw_of = np.fromiter((raw.setdefault(r.tobytes(), len(raw)) for r in rows), dtype=np.int64, count=len(rows))
+    firsts = np.flatnonzero(np.diff(np.maximum.accumulate(raw_of), prepend=-1) > 0)  # ids count up from 0
+    memo: dict = {}
+    lut = np.fromiter((memo.setdefault(r.tobytes(), len(memo)) for r in np.sort(rows[firsts], axis=1)),
+                      dtype=np.int64, count=len(firsts))
+    out_rows = lut[raw_of]
     first = {}
-    for i, j in enumerate(out_rows.tolist()):
-        first.setdefault(j, i)
-    groups_of = [np.unique(rows[first[j]]).tolist() for j in range(len(memo))]
+    for i, j in enumerate(lut.tolist()):
+        first.setdefault(j, firsts[i])
+    return _mixed(f, out_rows, [np.unique(rows[first[j]]).tolist() for j in range(len(memo))], lead, groups,
+                  per_out, axis)
+
+
+def _mixed(f: Field, out_rows: np.ndarray, groups_of: list, lead: tuple, groups: int, per_out: int, axis: int):
+    """mix's output: reach j unions `groups_of[j]`; row r (a leading position and group) has reach out_rows[r]."""
     bits = _frozen(np.stack([_or(f.bits[g]) for g in groups_of]))
     spans = _frozen(np.stack([_hull(f.spans[g]) for g in groups_of]))
-    out = np.repeat(out_rows.reshape(-1).astype(np.int64), per_out).reshape(lead + (out_channels,))
-    return Field(bits, spans, _frozen(np.moveaxis(out, -1, axis)), f.jump, f.sp, _union_taps(f.taps, groups_of),
-                 f.size)
+    if groups == 1:  # every output channel of a row has the row's reach: a broadcast view, nothing written
+        out = np.broadcast_to(out_rows[:, None], (len(out_rows), per_out)).reshape(lead + (per_out,))
+    else:
+        out = np.empty((len(out_rows), per_out), dtype=np.int64)
+        out[:] = out_rows[:, None]  # (np.repeat is several times slower for long rows)
+        out = out.reshape(lead + (groups * per_out,))
+    g = Field(bits, spans, _frozen(np.moveaxis(out, -1, axis)), f.jump, f.sp, _union_taps(f.taps, groups_of), f.size)
+    g.__dict__["_per_reach"] = np.bincount(out_rows, minlength=len(bits)) * per_out  # known here: no pass over idx
+    return g
 
 
 def channel_window(f: Field | None, axis: int, kernel: int, stride: int, padding: int, dilation: int,
@@ -438,13 +466,24 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
             spans = _frozen(_union_spans(many[1], np.broadcast_to(one[1], many[1].shape)))
             continue
         codes = idx.astype(np.int64) * len(f.bits) + b
-        uniq, inv = np.unique(codes.ravel(), return_inverse=True)
+        uniq, inv = _unique(codes.ravel(), len(bits) * len(f.bits))
         ia, ib = uniq // len(f.bits), uniq % len(f.bits)
         bits = bits[ia] | f.bits[ib]
         taps = None if taps is None else tuple(_frozen(a[ia] | c[ib]) for a, c in zip(taps, f.taps))
         spans, idx = _frozen(_union_spans(spans[ia], f.spans[ib])), inv.reshape(shape)
     return Field(_frozen(bits) if bits.flags.writeable else bits, spans, _frozen(_contiguous(idx)), jump, sp,
                  taps, acc.size)
+
+
+def _unique(codes: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(codes, return_inverse=True) for codes in [0, bound): by a table, not a sort, while it is small."""
+    if bound > 4 * codes.size + 1024:
+        return np.unique(codes, return_inverse=True)
+    seen = np.zeros(bound, dtype=bool)
+    seen[codes] = True
+    uniq = np.flatnonzero(seen)
+    rank = np.cumsum(seen) - 1
+    return uniq, rank[codes]
 
 
 def cat(fields: Sequence[Field | None], axis: int, sizes: Sequence[int]) -> Field | None:
