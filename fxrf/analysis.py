@@ -23,7 +23,7 @@ from .naming import module_path  # noqa: F401  (re-exported)
 from .ops import OpTable, TMeta
 from .records import META_KEY, RF, Analysis, NodeRecord, Stage, map_size, path_of  # noqa: F401  (re-exported)
 from .trace import InputSpec, _as_shapes, trace_with_values
-from .walk import _Walker
+from .walk import _Walker, extend  # noqa: F401  (extend: re-exported)
 
 
 def analyze(model: nn.Module, example_input: InputSpec, *, alpha: float = DEFAULT_ALPHA, strict: bool = False,

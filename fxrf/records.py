@@ -83,6 +83,8 @@ class Analysis:
     unsupported: list  # (node name, target, reason)
     spatial_cap: bool = True  # False: spatial extents (and so volumes and gains) are not capped at w_0
     warnings: list = dc_field(default_factory=list)  # one line each, e.g. a gain 0 that rests on a gate
+    # the walk that made it (fxrf.walk): its fields per node, which fxrf.analysis.extend starts from
+    _walk: object = dc_field(default=None, repr=False, compare=False)
 
     def record(self, name: str) -> NodeRecord:
         """The record of a node, by its fx node name (`layer1_0_conv1`) or by module path (`layer1.0.conv1`: the

@@ -21,7 +21,7 @@ from .rules import default_sp
 from .rules.elementwise import broadcast_merge
 from .rules.layout import getitem
 from .shapes import fetch_attr
-from .stages import _channel_shape, _input_sp, _is_tensorish, _nothing, _reference, find_stages
+from .stages import _SLICES, _channel_shape, _input_sp, _is_tensorish, _nothing, _reference, find_stages
 
 # op names that only regroup axes row-major: a pair of them that gives back the shape gives back the field
 _RESHAPES = frozenset({"reshape", "flatten", "unflatten", "squeeze", "unsqueeze"})
@@ -223,7 +223,7 @@ class _Walker:
                     mod, rule = self._ctx_and_rule(node)
                     inp_env[node] = self._apply(node, mod, rule, inp_env)
         self._by_name = {n.name: n for n in order if not isinstance(n, Version)}
-        stage_of, stages, starts, context = find_stages(self, order, inp_env)
+        stage_of, stages, starts, context, members = find_stages(self, order, inp_env)
         st_env: dict = {}
         loc_env: dict = {}  # the same, with gates and global context seeing nothing (NodeRecord.local_rf)
         offsets = {}
@@ -274,8 +274,12 @@ class _Walker:
                     f"{r.name}: gain 0 rests on gate-induced saturation (a squeeze-excite gate or global context "
                     f"earlier in stage {r.stage} already sees the whole stage input); through the local path its "
                     f"gain is {r.local_gain:.3g} (NodeRecord.local_gain)")
-        return Analysis(gm, model_name, tuple(self.input_shape), self.alpha, stages, records, self.unsupported,
-                        self.spatial_cap, self.warnings)
+        out = Analysis(gm, model_name, tuple(self.input_shape), self.alpha, stages, records, self.unsupported,
+                       self.spatial_cap, self.warnings)
+        # what `extend` reads to give the records of convs inserted into this graph without walking it again
+        self.envs = (inp_env, st_env, loc_env, stage_of, stages, starts, context, members)
+        out._walk = self
+        return out
 
     @contextlib.contextmanager
     def _naming(self, node):
@@ -376,3 +380,67 @@ def _rule_key(node, mod) -> str:
     if isinstance(node.target, str):
         return repr(node.target)
     return op_name(node)
+
+
+def extend(base: Analysis, gm: fx.GraphModule, chain: list) -> dict | None:
+    """{name: NodeRecord} of `chain`, nodes inserted into `base`'s graph (giving `gm`) right after one of its nodes
+    p, each reading the one before (the first reads p) and nothing else, the last one's output replacing p's for
+    its consumers: what `fxrf.analyze(gm)` records for them, without walking the rest of the graph again.
+
+    Exact where the chain leaves the rest unchanged upstream of it and does not change p's map: every chain node
+    keeps p's shape, map axes and pixel grid (an identity conv, a norm, an activation), so no stage changes, the
+    chain joins p's stage, and its fields follow from p's fields in `base` alone. None where that cannot be shown
+    (the caller analyses `gm` whole); the organizer's tests compare both on random and torchvision models."""
+    w0 = base._walk
+    if w0 is None or not chain:
+        return None
+    inp0, st0, loc0, stage_of0, stages, starts0, context0, members0 = w0.envs
+    by_name = {n.name: n for n in w0._by_name.values()}
+    p = chain[0].args[0] if chain[0].args else None
+    old = by_name.get(getattr(p, "name", None))
+    if not isinstance(p, fx.Node) or old is None or old not in members0 or old in context0:
+        return None
+    v = w0.shapes.get(old)
+    s = stage_of0.get(old)
+    if not isinstance(v, TMeta) or s is None or not isinstance(inp0.get(old), Field):
+        return None
+    modules = {n.target: gm.get_submodule(n.target) for n in chain if n.op == "call_module"}
+    w = _Walker(gm, {p: v}, [TMeta(w0.input_shape, v.dtype)], modules, w0.alpha, w0.strict, w0.table)
+    w.spatial_cap, w.constants, w.constant_names = w0.spatial_cap, w0.constants, w0.constant_names
+    w._input_caps = w0._input_caps
+    w._summaries = dict(w0._summaries)  # p's are done; new ones must not outlive their fields in base's cache
+    prev = p
+    for n in chain:  # a plain chain: each reads the one before and nothing else; no view, no slice, no write that
+        if n.op not in ("call_module", "call_function", "call_method") or n.all_input_nodes != [prev]:
+            return None
+        mod, op = w._ctx_and_rule(n)
+        if op is None or op.name in _RESHAPES or op.name in _SLICES:
+            return None
+        if mutates(n, mod) and (prev is p or w._ctx_and_rule(prev)[1].kind not in ("conv", "norm")):
+            return None  # could reach p's storage (only a conv's or a norm's output is surely a fresh tensor)
+        prev = n
+    from .shapes import evaluate
+    for n in chain:
+        w.shapes[n] = evaluate(n, gm, w.shapes, modules, w.table)
+        if not isinstance(w.shapes[n], TMeta) or tuple(w.shapes[n].shape) != tuple(v.shape):
+            return None
+    inp, st, loc = {p: inp0[old]}, {p: st0.get(old)}, {p: loc0.get(old)}
+    stage_of, prev = {p: s}, p
+    for n in chain:
+        mod, op = w._ctx_and_rule(n)
+        with w._naming(n):
+            inp[n] = w._apply(n, mod, op, inp)
+        f = inp[n]
+        if not isinstance(f, Field) or f.sp != inp[p].sp or f.jump != inp[p].jump:
+            return None  # another map or pixel grid: the stages could change
+        stage_of[n] = s  # the same map as p's input: p's stage, not a start (fxrf.stages)
+        with w._naming(n):
+            st[n] = w._apply(n, mod, op, st, stage_of, s)
+            loc[n] = st[n] if loc[prev] is st[prev] else w._apply(n, mod, op, loc, stage_of, s)
+        prev = n
+    from .trace import annotate
+    annotate(gm, {n: w.shapes[n] for n in chain})  # as analyze does: costs read them
+    out = {}
+    for n in chain:
+        out[n.name] = n.meta[META_KEY] = w._record(n, w.shapes[n], stage_of, stages, st, inp, set(), loc)
+    return out

@@ -61,6 +61,7 @@ from .. import finish, private_copy
 from ..select import Selection
 from ..util import copy_graph_module
 from .budget import start_clock
+from . import context
 from .context import DEFAULT_MACS_BUDGET, DEFAULT_THRESHOLD, STRATEGIES, Run, check_options, convs_per_stage, limits
 from .greedy import insert_greedy
 from .greedy import remove_saturated as remove_saturated_convs
@@ -129,17 +130,19 @@ def organize_stages(model: nn.Module, example_input, *, strategy: str = "greedy"
     before, convs_before = total(a.costs), convs_per_stage(a)
     run = Run(example_input=example_input, alpha=alpha, cap=cap, threshold=threshold, cutoff=cutoff,
               original=before, limits=limits(before, macs_budget, params_budget), kernel_size=kernel_size,
-              max_insertions=max_insertions, selection=selection, clock=clock)
+              max_insertions=max_insertions, selection=selection, clock=clock, incremental=context.INCREMENTAL)
     changes, declined = [], []
-    # each analysis of a large model holds GBs of fields (vit_h_14: ~1.5 GB): none is kept past its last use
-    now, a = total(a.costs), None
+    # each analysis of a large model holds GBs of fields (vit_h_14: ~1.5 GB): none is kept past its last use, and
+    # one is handed on only to the next step that reads the same graph
+    now, a = total(a.costs), (a if run.incremental else None)
     if paper:
-        changes, declined = swap_paper(run, work)
+        changes, declined = swap_paper(run, work, a)
     else:
         if remove_saturated:
-            changes, declined, a = remove_saturated_convs(run, work)
-            now, a = total(a.costs), None
-        inserted, refused = insert_greedy(run, work, now)
+            changes, declined, a = remove_saturated_convs(run, work, a)
+            now, a = total(a.costs), (a if run.incremental else None)
+        inserted, refused = insert_greedy(run, work, now, a)
+        a = None
         changes, declined = changes + inserted, declined + refused
     if any(c.kind == "remove" for c in changes):  # a removal can leave act_(Identity(act_(x))): two in-place
         for m in work.modules():  # writes to one tensor that backward needs; out of place computes the same

@@ -26,6 +26,11 @@ DEFAULT_MACS_BUDGET = 1.25  # at most +25% MACs over the input model (the paper'
 
 NOT_SELECTED = "left alone: include/exclude do not select it"
 
+# Reuse what an analysis already knows: a candidate conv's records from its point's fields (fxrf.analysis.extend),
+# a round's analysis for the next round while the graph has not changed. False: analyse every graph whole, which
+# gives the same result, slower (tests/test_incremental.py compares the two).
+INCREMENTAL = True
+
 
 @dataclass(frozen=True)
 class Run:
@@ -43,6 +48,7 @@ class Run:
     max_insertions: int  # greedy: the most convs inserted; paper: the most swaps
     selection: Selection
     clock: Any = None  # budget.Clock: the latency budget's running prediction (the one mutable part)
+    incremental: bool = True  # INCREMENTAL when the run started
 
     def analyze(self, gm) -> Analysis:
         return analyze(gm, self.example_input, alpha=self.alpha, spatial_cap=self.cap)

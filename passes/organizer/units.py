@@ -7,6 +7,11 @@ import copy
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.fx._lazy_graph_module import _LazyGraphModule
+
+from fxrf.analysis import Analysis, extend
+from fxrf.cost import _cost
+from fxrf.ops import default_table
 
 from ..surgery import add_modules, free_prefix, insert_after
 from ..util import identity_norm
@@ -49,20 +54,40 @@ def _unit_modules(site: Site, meta: bool) -> dict:
     return out
 
 
-def score(run: Run, gm: fx.GraphModule, sites: dict, place: str) -> list:
+def score(run: Run, gm: fx.GraphModule, sites: dict, place: str, a: Analysis | None = None) -> list:
     """One candidate conv per stage (`sites`: {stage: Site}), all in one copy of the graph (stages are
-    independent: each stage's fields are referenced to its own input), analysed once:
-    [(gain, MACs, stage, place, params)]."""
+    independent: each stage's fields are referenced to its own input): [(gain, MACs, stage, place, params)].
+
+    a: the analysis of `gm`. Each candidate's records then follow from its point's fields there
+    (`fxrf.analysis.extend`: a conv and its norm and activation, not a walk of the whole model); without it, or
+    where extend cannot vouch for its result, the trial graph is analysed whole (the same records)."""
     if not sites:
         return []
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}), type_expr=None)
-    trial = fx.GraphModule(gm, graph)  # shares the modules; the candidates' modules live on the meta device
+    # shares the modules; the candidates' modules live on the meta device; lazy: no code generated, none is run
+    trial = _LazyGraphModule(gm, graph)
     units = {s: insert_unit(trial, site, meta=True) for s, site in sites.items()}
-    t = run.analyze(trial)
-    costs = t.costs
+    records = {} if a is None or not run.incremental else {s: extend(a, trial, nodes) for s, nodes in units.items()}
+    if not records or any(r is None for r in records.values()):
+        t = run.analyze(trial)
+        records = {s: {n.name: t.get(n.name) for n in nodes} for s, nodes in units.items()}
+        costs = t.costs
+    else:
+        costs = _costs(trial, [n for nodes in units.values() for n in nodes])
     rows = []
     for s, nodes in units.items():
         mine = [costs[n.name] for n in nodes if n.name in costs]
-        rows.append((t.record(nodes[0].name).gain, sum(c.macs for c in mine), s, place, sum(c.params for c in mine)))
+        rows.append((records[s][nodes[0].name].gain, sum(c.macs for c in mine), s, place,
+                     sum(c.params for c in mine)))
     return rows
+
+
+def _costs(trial: fx.GraphModule, nodes: list) -> dict:
+    """fxrf.cost.model_cost(trial) of the candidates' nodes alone: each reads only the one before, and its
+    parameters are its own new module's, so no other node can own them (model_cost counts a tensor once)."""
+    table = default_table()
+    params = {n.name: sum(p.numel() for p in trial.get_submodule(n.target).parameters())
+              if n.op == "call_module" else 0 for n in nodes}
+    costs = {n.name: _cost(trial, n, params, table) for n in nodes}
+    return {name: c for name, c in costs.items() if c is not None}
