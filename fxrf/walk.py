@@ -303,7 +303,9 @@ class _Walker:
     # -- records ------------------------------------------------------------------------------------------------
 
     def _summary(self, f: Field, cap, sizes) -> RF:
-        key = (id(f), tuple(cap), sizes)  # per-channel ops (BN, ReLU) hand the same Field on: summarise it once
+        # per-channel ops (BN, ReLU) hand the same Field on: summarise it once (keyed by the Field itself, which
+        # hashes by identity: an id could be reused by a later Field once this one is gone, as extend's can be)
+        key = (f, tuple(cap), sizes)
         rf = self._summaries.get(key)
         if rf is None:
             spatial, cmin, cmean = f.summary(tuple(cap), sizes, self.spatial_cap)

@@ -63,13 +63,16 @@ def score(run: Run, gm: fx.GraphModule, sites: dict, place: str, a: Analysis | N
     where extend cannot vouch for its result, the trial graph is analysed whole (the same records)."""
     if not sites:
         return []
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}), type_expr=None)
-    # shares the modules; the candidates' modules live on the meta device; lazy: no code generated, none is run
-    trial = _LazyGraphModule(gm, graph)
-    units = {s: insert_unit(trial, site, meta=True) for s, site in sites.items()}
-    records = {} if a is None or not run.incremental else {s: extend(a, trial, nodes) for s, nodes in units.items()}
-    if not records or any(r is None for r in records.values()):
+    records = None
+    if a is not None and run.incremental:  # the candidates alone, after their points: extend needs no more
+        trial, units = _candidates(gm, sites)
+        records = {s: extend(a, trial, nodes) for s, nodes in units.items()}
+    if records is None or any(r is None for r in records.values()):
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(gm.graph, {}), type_expr=None)
+        # shares the modules; the candidates' modules live on the meta device; lazy: no code generated, none is run
+        trial = _LazyGraphModule(gm, graph)
+        units = {s: insert_unit(trial, site, meta=True) for s, site in sites.items()}
         t = run.analyze(trial)
         records = {s: {n.name: t.get(n.name) for n in nodes} for s, nodes in units.items()}
         costs = t.costs
@@ -81,6 +84,22 @@ def score(run: Run, gm: fx.GraphModule, sites: dict, place: str, a: Analysis | N
         rows.append((records[s][nodes[0].name].gain, sum(c.macs for c in mine), s, place,
                      sum(c.params for c in mine)))
     return rows
+
+
+def _candidates(gm: fx.GraphModule, sites: dict) -> tuple[fx.GraphModule, dict]:
+    """A graph of the candidates alone: per site, its point (a placeholder of the point's name and meta, shapes
+    included) and the unit after it; and {stage: the unit's nodes}. Copying the whole graph for each round of
+    trials cost more than the trials themselves."""
+    points = {n.name: n for n in gm.graph.nodes}
+    graph = fx.Graph()
+    trial = _LazyGraphModule(nn.Module(), graph)
+    units = {}
+    for s, site in sites.items():
+        ph = graph.create_node("placeholder", site.point, name=site.point)
+        ph.meta = dict(points[site.point].meta)
+        units[s] = insert_unit(trial, site, meta=True)
+    graph.output(None)
+    return trial, units
 
 
 def _costs(trial: fx.GraphModule, nodes: list) -> dict:
