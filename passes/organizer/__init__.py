@@ -54,7 +54,8 @@ from __future__ import annotations
 import torch.nn as nn
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
-from fxrf.analysis import analyze
+from fxrf.analysis import analyze, rebind
+from fxrf.shapes import reuse_meta_runs
 from fxrf.cost import total
 from fxrf.metric import DEFAULT_ALPHA
 
@@ -84,6 +85,7 @@ def _lazy(gm):
     return out
 
 
+@reuse_meta_runs()  # one model analysed many times: its attention modules run on meta tensors once
 def organize_stages(model: nn.Module, example_input, *, strategy: str = "greedy", alpha: float = DEFAULT_ALPHA,
                     threshold: float | None = None, macs_budget: float | None = DEFAULT_MACS_BUDGET,
                     params_budget: float | None = None, remove_saturated: bool = True,
@@ -146,21 +148,24 @@ def organize_stages(model: nn.Module, example_input, *, strategy: str = "greedy"
     now, a = total(a.costs), (a if run.incremental else None)
     if paper:
         changes, declined = swap_paper(run, work, a)
+        a = None
     else:
         if remove_saturated:
             changes, declined, a = remove_saturated_convs(run, work, a)
             now, a = total(a.costs), (a if run.incremental else None)
-        inserted, refused = insert_greedy(run, work, now, a)
-        a = None
+        inserted, refused, a = insert_greedy(run, work, now, a)
         changes, declined = changes + inserted, declined + refused
     if any(c.kind == "remove" for c in changes):  # a removal can leave act_(Identity(act_(x))): two in-place
+        a = None  # (the flags change what the analysis reads: analyse again)
         for m in work.modules():  # writes to one tensor that backward needs; out of place computes the same
             if getattr(m, "inplace", None) is True:
                 m.inplace = False
     finish(work)
     # under the input model's class name (deep copies of a GraphModule are all called "GraphModule")
     work = copy_graph_module(work, params="shared", class_name=type(model).__name__)
-    a = analyze(work, example_input, alpha=alpha, spatial_cap=cap)
+    # the last round's analysis, when finish left its graph as it was (nothing dead): the same records
+    a = None if a is None or not run.incremental else rebind(a, work, type(model).__name__)
+    a = a if a is not None else analyze(work, example_input, alpha=alpha, spatial_cap=cap)
     after = total(a.costs)
     stage_convs = convs_per_stage(a)
     summary = {

@@ -60,10 +60,11 @@ def remove_saturated(run: Run, gm: fx.GraphModule, a: Analysis | None = None) ->
         a = None  # the graph changed; this analysis goes before the next one is made
 
 
-def insert_greedy(run: Run, gm: fx.GraphModule, now, a: Analysis | None = None) -> tuple[list, list]:
+def insert_greedy(run: Run, gm: fx.GraphModule, now, a: Analysis | None = None) -> tuple[list, list, Analysis]:
     """Insert one conv at a time where the candidate graphs' analysis gives the highest gain (the cheaper place
-    on a tie), while the gain exceeds the threshold and the budgets hold: (changes, declined). `now`: the cost
-    (fxrf.cost.total) of `gm` as it is now; a: its analysis, if the caller has one."""
+    on a tie), while the gain exceeds the threshold and the budgets hold: (changes, declined, the analysis of `gm`
+    as it is at the end, or None). `now`: the cost (fxrf.cost.total) of `gm` as it is now; a: its analysis, if the
+    caller has one."""
     used = [now.macs, now.params]
     changes, declined = [], []
     closed: set = set()  # (stage, place) that will get nothing more: the graph there does not change any more
@@ -74,11 +75,11 @@ def insert_greedy(run: Run, gm: fx.GraphModule, now, a: Analysis | None = None) 
         declined += refused
         closed |= closing
         if not sites:
-            return changes, declined
+            return changes, declined, (a if run.incremental else None)
         rows = []  # (gain, MACs, stage, place, params): one trial graph per place, every stage at once
         for place in PLACES:
             rows += score(run, gm, {s: x for (s, p), x in sites.items() if p == place}, place, a)
-        a = None  # the graph changes next (or nothing does and the loop ends): the next round analyses it
+        last, a = a, None  # the graph changes next (or nothing does and the loop ends): the next round analyses it
         for gain, macs, s, place, params in sorted(rows, key=lambda r: (-(r[0] if r[0] is not None else -1),) + r[1:4]):
             site, where = sites[s, place], PLACES[place]
             why, t = _why_not(run, (gain, macs, params), site, used=used, inserted=len(changes))
@@ -101,7 +102,7 @@ def insert_greedy(run: Run, gm: fx.GraphModule, now, a: Analysis | None = None) 
                                   None if run.clock is None else round_ms(t)))
             break  # the graph changed: analyse again
         else:
-            return changes, declined
+            return changes, declined, (last if run.incremental else None)
 
 
 def _open_sites(run: Run, a: Analysis, closed: set, own: set) -> tuple[dict, list, set]:
