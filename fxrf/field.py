@@ -93,7 +93,8 @@ class Field:
                 idx = lut[idx]
                 bits, spans = _frozen(bits[keep]), _frozen(spans[keep])
                 taps = _rows(self.taps, keep)
-        return Field(bits, spans, _frozen(_contiguous(idx)), self.jump if jump is None else tuple(jump),
+        idx = _uniform(idx.shape) if len(bits) == 1 else _contiguous(idx)
+        return Field(bits, spans, _frozen(idx), self.jump if jump is None else tuple(jump),
                      self.sp if sp is None else tuple(sp), taps, self.size)
 
     def sets(self) -> list[frozenset]:
@@ -167,6 +168,12 @@ class Field:
     @functools.cached_property
     def _counts(self) -> np.ndarray:  # cached: BN and activations pass the same Field object on
         return np.bitwise_count(self.bits).sum(axis=1, dtype=np.int64)
+
+
+def _uniform(shape: tuple) -> np.ndarray:
+    """The index of a one-reach field: zeros, as a read-only broadcast view (nothing allocated; a window partition
+    of a ViT map has millions of channel positions, and a permute of such an index would copy all of them)."""
+    return np.broadcast_to(np.zeros((), dtype=np.int64), tuple(shape))
 
 
 def _contiguous(a: np.ndarray) -> np.ndarray:
@@ -369,7 +376,7 @@ def mix(f: Field | None, out_channels: int, groups: int = 1, axis: int = -1) -> 
         bits = f.bits if len(f.bits) == 1 else _frozen(_or(f.bits)[None])
         spans = f.spans if len(f.bits) == 1 else _frozen(_hull(f.spans)[None])
         taps = f.taps if len(f.bits) == 1 else _union_taps(f.taps, [range(len(f.bits))])
-        out = np.zeros(lead + (out_channels,), dtype=np.int64)
+        out = _uniform(lead + (out_channels,))
         return Field(bits, spans, _frozen(out if not lead else np.moveaxis(out, -1, axis)), f.jump, f.sp, taps,
                      f.size)
     if idx.strides[-1] == 0:  # each row one reach (a mix's broadcast output): its reaches in order of first use
@@ -423,8 +430,8 @@ def channel_window(f: Field | None, axis: int, kernel: int, stride: int, padding
     valid = (pos >= 0) & (pos < n)
     lead = idx.shape[:-1]
     if len(f.bits) == 1:  # every tap sees the one reach
-        out = np.zeros(lead + (out_size,), dtype=np.int64)
-        return f.replace(idx=_frozen(np.ascontiguousarray(np.moveaxis(out, -1, axis))))
+        ax = axis % (len(lead) + 1)
+        return f.replace(idx=_frozen(_uniform(lead[:ax] + (out_size,) + lead[ax:])))
     taps = np.where(valid, idx.reshape(-1, n)[:, np.clip(pos, 0, n - 1)], -1)  # (rows, out, k): reach per tap
     taps = np.sort(taps.reshape(-1, kernel), axis=1)
     keys, inv = np.unique(taps, axis=0, return_inverse=True)
@@ -471,8 +478,8 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
         bits = bits[ia] | f.bits[ib]
         taps = None if taps is None else tuple(_frozen(a[ia] | c[ib]) for a, c in zip(taps, f.taps))
         spans, idx = _frozen(_union_spans(spans[ia], f.spans[ib])), inv.reshape(shape)
-    return Field(_frozen(bits) if bits.flags.writeable else bits, spans, _frozen(_contiguous(idx)), jump, sp,
-                 taps, acc.size)
+    idx = _uniform(np.shape(idx)) if len(bits) == 1 else _contiguous(idx)
+    return Field(_frozen(bits) if bits.flags.writeable else bits, spans, _frozen(idx), jump, sp, taps, acc.size)
 
 
 def _unique(codes: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
@@ -573,5 +580,4 @@ def everything(fields: Sequence[Field | None], sizes: Sequence[Sequence[int]], c
     taps = _all_taps(live)
     if taps is not None:
         taps = tuple(_frozen(np.concatenate([t[k] for t in taps]).any(axis=0)[None]) for k in range(live[0].dims))
-    return Field(_frozen(bits), _frozen(spans), _frozen(np.zeros(channel_shape, dtype=np.int64)), jump, sp, taps,
-                 live[0].size)
+    return Field(_frozen(bits), _frozen(spans), _frozen(_uniform(channel_shape)), jump, sp, taps, live[0].size)
