@@ -24,7 +24,7 @@ from .ops import OpTable, TMeta
 from .records import META_KEY, RF, Analysis, NodeRecord, Stage, map_size, path_of  # noqa: F401  (re-exported)
 from .shapes import fetch_attr
 from .trace import CAPTURE_KEY, InputSpec, _as_shapes, annotate, trace_with_values
-from .walk import _Walker, extend  # noqa: F401  (extend: re-exported)
+from .walk import _Walker, extend, reanalyze  # noqa: F401  (re-exported)
 
 
 def analyze(model: nn.Module, example_input: InputSpec, *, alpha: float = DEFAULT_ALPHA, strict: bool = False,

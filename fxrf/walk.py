@@ -45,6 +45,11 @@ class _Walker:
         self._declined: dict = {}
         self._subs: dict = {}  # node -> {input node: the in-place node whose result it reads instead}
         self.warnings: list = []
+        self._phase = 1  # which walk is running: 1 (model input) or 3 (stage input)
+        self._declined1: dict = {}  # what step 1 declined, and step 3's reasons (reanalyze replays them)
+        self._reasons3: dict = {}
+        self.base = None  # reanalyze: the walk of this graph before `fresh` nodes were inserted into it
+        self.fresh: set = set()
 
     # -- step 1 and 3: the rules ------------------------------------------------------------------------------
 
@@ -168,6 +173,8 @@ class _Walker:
 
     def _conservative(self, ctx: Call, reason: str, key=None):
         node = ctx.node
+        if self._phase == 3:
+            self._reasons3.setdefault(node if key is None else key, reason)
         if (node if key is None else key) not in self._declined:
             self._declined[node if key is None else key] = reason
             if self.strict:
@@ -209,6 +216,9 @@ class _Walker:
         layouts = {n: _input_sp(n, self.shapes[n].shape, self.dims) for n in refs}
         words = F_.words_for(sum(math.prod(_channel_shape(self.shapes[n].shape, layouts[n])) for n in refs))
         self._input_caps = []  # (first channel, end channel, map size) of each model input, for input_rf's cap
+        base = self.base
+        if base is not None:  # reanalyze: a node whose inputs hold the very fields they held before keeps its own
+            inp0, st0, loc0, stage_of0, stages0, starts0, context0, _ = base.envs
         for node in order:  # step 1: fields referenced to the model input
             v = self.shapes[node]
             with self._naming(node.write or node.node if isinstance(node, Version) else node):
@@ -218,12 +228,25 @@ class _Walker:
                     f = _reference(v.shape, self.dims, offset, words=words, sp=layouts[node])  # hull: classic RF
                     self._input_caps.append((offset, offset + f.channels, map_size(f, v.shape)))
                     offset += f.channels
-                    inp_env[node] = f
+                    inp_env[node] = inp0[node] if base is not None and node in inp0 else f
                 elif node.op in ("call_module", "call_function", "call_method") and _is_tensorish(v):
+                    if base is not None and node in inp0 and self._kept(node, ((inp_env, inp0),)):
+                        inp_env[node] = inp0[node]
+                        if node in base._declined1:
+                            self._declined.setdefault(node, base._declined1[node])
+                        continue
                     mod, rule = self._ctx_and_rule(node)
                     inp_env[node] = self._apply(node, mod, rule, inp_env)
+        self._declined1 = dict(self._declined)
+        self._phase = 3
         self._by_name = {n.name: n for n in order if not isinstance(n, Version)}
         stage_of, stages, starts, context, members = find_stages(self, order, inp_env)
+
+        def same_stage(node):  # the same stage (or none) as in the base walk, and the same role in it
+            s, s0 = stage_of.get(node), stage_of0.get(node)
+            return ((s is None and s0 is None) or (s is not None and s0 is not None and stages[s] == stages0[s0])) \
+                and (node in context) == (node in context0) and (node in starts) == (node in starts0) \
+                and all((stage_of.get(m) == s) == (stage_of0.get(m) == s0) for m in self._inputs(node))
         st_env: dict = {}
         loc_env: dict = {}  # the same, with gates and global context seeing nothing (NodeRecord.local_rf)
         offsets = {}
@@ -247,11 +270,20 @@ class _Walker:
                     loc_env[node] = self._version(node, loc_env, stage_of, s)
                 continue
             with self._naming(node):
+                kept = base is not None and node in st0 and same_stage(node)
                 if node in starts:
                     stage = stages[stage_of[node]]
-                    st_env[node] = loc_env[node] = _reference(v.shape, self.dims, offsets[node.name],
-                                                              inp_env.get(node), F_.words_for(stage.channels),
-                                                              stage.resolution)
+                    if kept and offsets[node.name] == base.offsets.get(node.name) and \
+                            getattr(inp_env.get(node), "sp", None) == getattr(inp0.get(node), "sp", None):
+                        st_env[node] = loc_env[node] = st0[node]
+                    else:
+                        st_env[node] = loc_env[node] = _reference(v.shape, self.dims, offsets[node.name],
+                                                                  inp_env.get(node), F_.words_for(stage.channels),
+                                                                  stage.resolution)
+                elif kept and self._kept(node, ((st_env, st0), (loc_env, loc0))):
+                    st_env[node], loc_env[node] = st0[node], loc0[node]
+                    if node in base._reasons3:
+                        self._declined.setdefault(node, base._reasons3[node])
                 elif node.op in ("call_module", "call_function", "call_method"):
                     mod, rule = self._ctx_and_rule(node)
                     st_env[node] = self._apply(node, mod, rule, st_env, stage_of, stage_of.get(node))
@@ -262,7 +294,12 @@ class _Walker:
                 if node in context:
                     loc_env[node] = _nothing(st_env.get(node))
                 if isinstance(v, TMeta) and node.name not in self.constant_names:
-                    records.append(self._record(node, v, stage_of, stages, st_env, inp_env, starts, loc_env))
+                    if kept and (node in self._declined) == (node in base._declined) and \
+                            node in base.records and self._kept(node, ((st_env, st0), (loc_env, loc0), (inp_env, inp0)),
+                                                              own=True):
+                        records.append(base.records[node])  # the same fields, inputs and stage: the same record
+                    else:
+                        records.append(self._record(node, v, stage_of, stages, st_env, inp_env, starts, loc_env))
         for node, reason in self._declined.items():  # a Version: the write that made it conservative
             node = node.write if isinstance(node, Version) else node
             self.unsupported.append((node.name, _target_str(gm, node), reason))
@@ -276,10 +313,28 @@ class _Walker:
                     f"gain is {r.local_gain:.3g} (NodeRecord.local_gain)")
         out = Analysis(gm, model_name, tuple(self.input_shape), self.alpha, stages, records, self.unsupported,
                        self.spatial_cap, self.warnings)
-        # what `extend` reads to give the records of convs inserted into this graph without walking it again
+        # what `extend` and `reanalyze` read to analyse this graph with a few nodes more without walking it again
         self.envs = (inp_env, st_env, loc_env, stage_of, stages, starts, context, members)
+        self.offsets = offsets
+        self.records = {self._by_name[r.name]: r for r in records}
+        if base is not None:  # the base's summaries of fields no longer held go (and so does the base)
+            held = {id(f) for env in (inp_env, st_env, loc_env) for f in env.values()}
+            self._summaries = {k: r for k, r in self._summaries.items() if id(k[0]) in held}
+            self.base = None
         out._walk = self
         return out
+
+    def _kept(self, node, envs, own=False) -> bool:
+        """reanalyze: whether `node` computes what it computed in the base walk: not inserted, reading the same
+        in-place versions, and each of its inputs holding the very Field objects it held there, in each of `envs`
+        ((this walk's env, the base's)); own: `node`'s own fields too."""
+        base = self.base
+        if node in self.fresh or not _same_subs(self._subs.get(node), base._subs.get(node)):
+            return False
+        ins = self._inputs(node)
+        if any(isinstance(m, Version) for m in ins):
+            return False
+        return all(env.get(m) is env0.get(m) for env, env0 in envs for m in (ins + [node] if own else ins))
 
     @contextlib.contextmanager
     def _naming(self, node):
@@ -355,6 +410,13 @@ class _Walker:
             if got:
                 return tuple(max(x) for x in zip(*got))
         return caps[0][2] if caps and len(caps[0][2]) == f.dims else tuple(self.input_shape[2:])
+
+
+def _same_subs(a: dict | None, b: dict | None) -> bool:
+    """Whether two walks' in-place substitutions of one node name the same nodes and versions."""
+    if not a or not b:
+        return not a and not b
+    return {k.name: v.name for k, v in a.items()} == {k.name: v.name for k, v in b.items()}
 
 
 def _op_label(node, mod) -> str:
@@ -446,3 +508,41 @@ def extend(base: Analysis, gm: fx.GraphModule, chain: list) -> dict | None:
     for n in chain:
         out[n.name] = n.meta[META_KEY] = w._record(n, w.shapes[n], stage_of, stages, st, inp, set(), loc)
     return out
+
+
+def reanalyze(base: Analysis, gm: fx.GraphModule, fresh, name: str | None = None) -> Analysis | None:
+    """`fxrf.analyze` of `gm` (the same records, stages, fields, warnings), where `gm` is `base.graph_module` after
+    the nodes `fresh` were inserted into it in place (nothing removed, modules unchanged), without walking it all
+    again: shapes are `base`'s but for the fresh nodes (and their consumers, checked unchanged); a node keeps its
+    fields (and record) from `base` where it is not fresh, reads the same in-place versions, sits in the same stage
+    and its inputs hold the very Field objects they held there. What a fresh node changes is walked again: the
+    fields downstream of it referenced to the model input, those referenced to its stage's input downstream of it,
+    and their records. None where the graph is not `base`'s plus `fresh` (analyse it whole).
+
+    `base` is left as it was, but its graph is `gm`'s: use it no more. tests/test_incremental.py compares this with
+    whole analyses."""
+    w0 = base._walk
+    fresh = set(fresh)
+    if w0 is None or w0.gm is not gm:
+        return None
+    nodes = [n for n in gm.graph.nodes if n.op != "output"]
+    old = {n for n in w0.shapes if isinstance(n, fx.Node) and n.op != "output"}
+    if {n for n in nodes if n not in fresh} != old or not fresh <= set(nodes):
+        return None
+    from .shapes import evaluate
+    modules = dict(gm.named_modules())
+    shapes = {n: v for n, v in w0.shapes.items() if isinstance(n, fx.Node)}
+    for n in nodes:
+        if n in fresh:
+            shapes[n] = evaluate(n, gm, shapes, modules, w0.table)
+    for n in nodes:  # a consumer of a fresh node computes what it computed before, or shapes would change further
+        if n not in fresh and any(m in fresh for m in n.all_input_nodes):
+            if evaluate(n, gm, shapes, modules, w0.table) != shapes[n]:
+                return None
+    from .trace import annotate
+    annotate(gm, {n: shapes[n] for n in fresh})
+    w = _Walker(gm, shapes, [TMeta(w0.input_shape, torch.float32)], modules, w0.alpha, w0.strict, w0.table)
+    w.spatial_cap, w.constants, w.constant_names = w0.spatial_cap, w0.constants, w0.constant_names
+    w._summaries = dict(w0._summaries)
+    w.base, w.fresh = w0, fresh
+    return w.run(name or base.model)

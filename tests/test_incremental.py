@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
 import fxrf
-from fxrf.analysis import extend
+from fxrf.analysis import extend, reanalyze
 from fxrf.passes.organizer import context
 from fxrf.passes.organizer.sites import sites as stage_sites
 from fxrf.passes.organizer.units import insert_unit
@@ -81,6 +81,54 @@ def test_extend_equals_a_whole_analysis_torchvision(name):
     model = tv_models.build(name)
     size = tv_models.input_size(name, model)
     assert _check_every_site(model, (1, 3, size, size)) >= 1
+
+
+def _same_analysis(got, want):
+    assert got is not None
+    assert (got.stages, got.unsupported, got.warnings, got.model, got.input_shape) == \
+        (want.stages, want.unsupported, want.warnings, want.model, want.input_shape)
+    assert [r.name for r in got.records] == [r.name for r in want.records]
+    for r, q in zip(got.records, want.records):
+        _same_record(r, q)
+
+
+def _check_reanalyze(model, shape, **kw):
+    """reanalyze after the organizer's unit at every site == a whole analysis of the graph with the unit."""
+    a = fxrf.analyze(model, shape, **kw)
+    checked = 0
+    for stage in a.stages:
+        for place, site in stage_sites(a, stage, 3).items():
+            if isinstance(site, str):
+                continue
+            gm = fxrf.trace(model, shape)
+            base = fxrf.analyze(gm, shape, **kw)
+            nodes = insert_unit(gm, site, meta=True)
+            got = reanalyze(base, gm, nodes)
+            _same_analysis(got, fxrf.analyze(gm, shape, **kw))
+            checked += 1
+    return checked
+
+
+@FAST
+@given(random_cnns())
+def test_reanalyze_equals_a_whole_analysis_random_cnns(case):
+    model, shape = case
+    try:
+        with torch.no_grad():
+            model(torch.zeros(shape))
+    except RuntimeError:
+        assume(False)
+    n = _check_reanalyze(model, shape)
+    event(f"sites checked: {min(n, 3)}{'+' if n >= 3 else ''}")
+    _check_reanalyze(model, shape, spatial_cap=False)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "densenet121",
+                                  "convnext_tiny", "vit_b_16", "swin_t", "inception_v3"])
+def test_reanalyze_equals_a_whole_analysis_torchvision(name):
+    model = tv_models.build(name)
+    size = tv_models.input_size(name, model)
+    assert _check_reanalyze(model, (1, 3, size, size)) >= 1
 
 
 def _chain(gm, point, modules, calls=()):

@@ -6,7 +6,7 @@ from itertools import count
 
 import torch.fx as fx
 
-from fxrf.analysis import Analysis
+from fxrf.analysis import Analysis, reanalyze
 from fxrf.cost import total
 from fxrf.progress import bar
 
@@ -88,6 +88,8 @@ def insert_greedy(run: Run, gm: fx.GraphModule, now, a: Analysis | None = None) 
                 closed.add((s, place))
                 continue
             nodes = insert_unit(gm, site)
+            # the next round's analysis: walked again only downstream of the new unit (None: a whole one)
+            a, last = (reanalyze(last, gm, nodes) if run.incremental else None), None
             own.add(nodes[0].target)
             if place == "end":  # a conv inside the block now would come before this one and change its gain
                 closed.add((s, "branch"))
@@ -100,7 +102,7 @@ def insert_greedy(run: Run, gm: fx.GraphModule, now, a: Analysis | None = None) 
                                   f"{run.threshold}" + (f"; {site.note}" if site.note else ""),
                                   tuple(n.name for n in nodes), site.point, params, macs, place,
                                   None if run.clock is None else round_ms(t)))
-            break  # the graph changed: analyse again
+            break  # the graph changed: the next round reads its analysis
         else:
             return changes, declined, (last if run.incremental else None)
 
