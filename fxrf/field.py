@@ -390,8 +390,7 @@ def mix(f: Field | None, out_channels: int, groups: int = 1, axis: int = -1) -> 
     # Equal rows are unioned once (a dict on the bytes: np.unique(axis=0) sorts structs, slowly). Rows equal as
     # they stand are found first and only those distinct rows are sorted: tokens of a ViT repeat one row hundreds
     # of times, and sorting every row was most of the walk there. Output reaches keep the order of first use.
-    raw: dict = {}
-    raw_of = np.fromiter((raw.setdefault(r.tobytes(), len(raw)) for r in rows), dtype=np.int64, count=len(rows))
+    raw_of = _row_ids(rows)
     firsts = np.flatnonzero(np.diff(np.maximum.accumulate(raw_of), prepend=-1) > 0)  # ids count up from 0
     memo: dict = {}
     lut = np.fromiter((memo.setdefault(r.tobytes(), len(memo)) for r in np.sort(rows[firsts], axis=1)),
@@ -402,6 +401,25 @@ def mix(f: Field | None, out_channels: int, groups: int = 1, axis: int = -1) -> 
         first.setdefault(j, firsts[i])
     return _mixed(f, out_rows, [np.unique(rows[first[j]]).tolist() for j in range(len(memo))], lead, groups,
                   per_out, axis)
+
+
+def _row_ids(rows: np.ndarray, passes: int = 4) -> np.ndarray:
+    """Per row, the number of the first row equal to it among the distinct rows, numbered in order of first
+    occurrence. The first few distinct rows are matched by whole-array comparisons (a ViT's tokens: one row and the
+    class token's), the rest through a dict on their bytes."""
+    ids = np.full(len(rows), -1, dtype=np.int64)
+    k = 0
+    for _ in range(passes):
+        free = np.flatnonzero(ids < 0)
+        if not len(free):
+            return ids
+        ids[free[(rows[free] == rows[free[0]]).all(axis=1)]] = k
+        k += 1
+    free = np.flatnonzero(ids < 0)
+    memo: dict = {}
+    ids[free] = np.fromiter((memo.setdefault(r.tobytes(), len(memo)) for r in rows[free]), dtype=np.int64,
+                            count=len(free)) + k
+    return ids
 
 
 def _mixed(f: Field, out_rows: np.ndarray, groups_of: list, lead: tuple, groups: int, per_out: int, axis: int):
@@ -457,6 +475,7 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
         live = [f.replace(taps=t) for f, t in zip(live, all_taps)]
     acc = live[0]
     bits, spans, idx, taps = acc.bits, acc.spans, np.broadcast_to(acc.idx, shape), acc.taps
+    per_reach = None  # channels per reach of `idx`, where pairing counted them
     for f in live[1:]:
         if f.bits is bits and f.spans is spans and f.idx is acc.idx:  # add(x, x)
             continue
@@ -464,7 +483,9 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
         if len(bits) == 1 and len(f.bits) == 1:
             bits, spans = bits | f.bits, _frozen(_hull(np.concatenate([spans, f.spans]))[None])
             taps = None if taps is None else tuple(_frozen(a | c) for a, c in zip(taps, f.taps))
+            per_reach = None
             continue
+        per_reach = None
         if len(bits) == 1 or len(f.bits) == 1:  # one side uniform (residual adds): broadcast, no pairing
             one, many, idx = ((bits, spans, taps), (f.bits, f.spans, f.taps), b) if len(bits) == 1 else \
                 ((f.bits, f.spans, f.taps), (bits, spans, taps), idx)
@@ -473,24 +494,28 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
             spans = _frozen(_union_spans(many[1], np.broadcast_to(one[1], many[1].shape)))
             continue
         codes = idx.astype(np.int64) * len(f.bits) + b
-        uniq, inv = _unique(codes.ravel(), len(bits) * len(f.bits))
+        uniq, inv, per_reach = _unique(codes.ravel(), len(bits) * len(f.bits))
         ia, ib = uniq // len(f.bits), uniq % len(f.bits)
         bits = bits[ia] | f.bits[ib]
         taps = None if taps is None else tuple(_frozen(a[ia] | c[ib]) for a, c in zip(taps, f.taps))
         spans, idx = _frozen(_union_spans(spans[ia], f.spans[ib])), inv.reshape(shape)
     idx = _uniform(np.shape(idx)) if len(bits) == 1 else _contiguous(idx)
-    return Field(_frozen(bits) if bits.flags.writeable else bits, spans, _frozen(idx), jump, sp, taps, acc.size)
+    out = Field(_frozen(bits) if bits.flags.writeable else bits, spans, _frozen(idx), jump, sp, taps, acc.size)
+    if per_reach is not None and len(per_reach) == len(out.bits):  # counted while pairing: no pass over idx
+        out.__dict__["_per_reach"] = per_reach
+    return out
 
 
-def _unique(codes: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
-    """np.unique(codes, return_inverse=True) for codes in [0, bound): by a table, not a sort, while it is small."""
+def _unique(codes: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """np.unique(codes, return_inverse=True) for codes in [0, bound), by a table rather than a sort while it is
+    small, and then also how often each value occurs (else None)."""
     if bound > 4 * codes.size + 1024:
-        return np.unique(codes, return_inverse=True)
-    seen = np.zeros(bound, dtype=bool)
-    seen[codes] = True
+        return np.unique(codes, return_inverse=True) + (None,)
+    counts = np.bincount(codes, minlength=bound)
+    seen = counts > 0
     uniq = np.flatnonzero(seen)
     rank = np.cumsum(seen) - 1
-    return uniq, rank[codes]
+    return uniq, rank[codes], counts[uniq]
 
 
 def cat(fields: Sequence[Field | None], axis: int, sizes: Sequence[int]) -> Field | None:
