@@ -169,7 +169,8 @@ def _result(r):
     """Everything organize_stages returns, comparable."""
     a = r.analysis
     return (r.changes, r.declined, r.summary, r.graph_module.code, type(r.graph_module).__name__, a.model,
-            a.stages, a.unsupported, a.warnings, [(x, _field(x.field), _field(x.input_field)) for x in a.records])
+            a.stages, a.unsupported, a.warnings, [(x, _field(x.field), _field(x.input_field)) for x in a.records],
+            a.costs)
 
 
 def _both(monkeypatch, model, shape, **kw):

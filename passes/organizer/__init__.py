@@ -51,12 +51,16 @@ The paper strategy on CIFAR VGG16 (13 convs, Table 3's VGG16-opt: 5.10M params, 
 """
 from __future__ import annotations
 
+import dataclasses
+
+import torch.fx as fx
 import torch.nn as nn
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from fxrf.analysis import analyze, rebind
 from fxrf.shapes import reuse_meta_runs
-from fxrf.cost import total
+from fxrf.cost import _as_meta, _cost, _params_by_node, total
+from fxrf.ops import default_table
 from fxrf.metric import DEFAULT_ALPHA
 
 from .. import finish, private_copy
@@ -75,6 +79,41 @@ from .result import Change, Declined, OrganizerResult
 # greedy and paper (the two strategies), budget (the latency clock).
 __all__ = ["organize_stages", "Change", "Declined", "OrganizerResult", "DEFAULT_THRESHOLD", "DEFAULT_MACS_BUDGET",
            "STRATEGIES"]
+
+
+def _signatures(gm) -> dict:
+    """{node name: everything fxrf.cost reads of the node but the parameters it owns}: its call, its module and the
+    shapes of its arguments and output."""
+    meta = lambda v: _as_meta(gm, v)  # noqa: E731
+    return {n.name: (n.op, n.target, gm.get_submodule(n.target) if n.op == "call_module" else None,
+                     fx.node.map_aggregate(n.args, meta), fx.node.map_aggregate(n.kwargs, meta), meta(n))
+            for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")}
+
+
+def _costs(gm, costs: dict, signatures: dict) -> dict:
+    """fxrf.cost.model_cost(gm), taking each node's cost from `costs` (the input model's) where the node is the
+    same call on the same shapes (`signatures`: the input model's): only its parameters are counted again (which
+    node owns a shared tensor can change). A ViT's attention modules are costed by running them, twice otherwise."""
+    table = default_table()
+    params = _params_by_node(gm, table)
+    now = _signatures(gm)
+    out = {}
+    for n in gm.graph.nodes:
+        old = costs.get(n.name)
+        if old is not None and n.name in now and _same(now[n.name], signatures.get(n.name)):
+            c = dataclasses.replace(old, params=params.get(n.name, 0))
+        else:
+            c = _cost(gm, n, params, table)
+        if c is not None:
+            out[n.name] = c
+    return out
+
+
+def _same(a, b) -> bool:
+    try:
+        return a is not None and b is not None and a[2] is b[2] and a[:2] == b[:2] and a[3:] == b[3:]
+    except RuntimeError:  # a tensor among the arguments: compare as unequal
+        return False
 
 
 def _lazy(gm):
@@ -139,6 +178,7 @@ def organize_stages(model: nn.Module, example_input, *, strategy: str = "greedy"
     clock = None if latency_budget is None else start_clock(work, a, latency_budget, lm=latency, device=device,
                                                             batch=batch)
     before, convs_before = total(a.costs), convs_per_stage(a)
+    seen = (a.costs, _signatures(work)) if context.INCREMENTAL else None  # to reuse for the result's costs
     run = Run(example_input=example_input, alpha=alpha, cap=cap, threshold=threshold, cutoff=cutoff,
               original=before, limits=limits(before, macs_budget, params_budget), kernel_size=kernel_size,
               max_insertions=max_insertions, selection=selection, clock=clock, incremental=context.INCREMENTAL)
@@ -166,6 +206,8 @@ def organize_stages(model: nn.Module, example_input, *, strategy: str = "greedy"
     # the last round's analysis, when finish left its graph as it was (nothing dead): the same records
     a = None if a is None or not run.incremental else rebind(a, work, type(model).__name__)
     a = a if a is not None else analyze(work, example_input, alpha=alpha, spatial_cap=cap)
+    if seen is not None:
+        a.__dict__["costs"] = _costs(work, *seen)  # (Analysis.costs is a cached property)
     after = total(a.costs)
     stage_convs = convs_per_stage(a)
     summary = {
