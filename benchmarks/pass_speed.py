@@ -8,8 +8,10 @@ model in the table's order: analyze 4 times (the figure: the median of the last 
 pays torch.fx's one-time costs for its module classes, kept in the JSON as analyze_first), then organize_stages
 once and decompose(recipe="auto") once. `--python` adds a second interpreter (another checkout's virtual
 environment, e.g. the code before a change): both are run for each model, alternating, `--rounds` times, and the
-table shows each one's median, so both sides see the same machine load. Only the public API is used, so any
-checkout's fxrf can be measured by this script.
+table shows each one's median, so both sides see the same machine load. A second table sets
+`fxrf.analyze(GraphModule)` against one eager forward of resnet50 (random weights) at 224 px on the same single
+thread, also in a fresh process per round and interpreter (benchmarks/analysis_speed.py has the full study). Only
+the public API is used, so any checkout's fxrf can be measured by this script.
 
     python benchmarks/pass_speed.py                              # the table for this checkout
     python benchmarks/pass_speed.py --python ../base/.venv/bin/python --label-other before --label after
@@ -30,6 +32,7 @@ import time
 MODELS = ("resnet50", "resnet152", "efficientnet_v2_l", "vit_b_16", "vit_h_14")
 SIZE = 224
 STEPS = ("analyze", "organize_stages", "decompose_auto")
+RATIO = "resnet50-ratio"  # the analyze / forward measurement's key
 ANALYZE_CALLS = 4  # analyze: the first call on a model also pays torch.fx's one-time costs for its module classes
 
 
@@ -65,9 +68,43 @@ def measure(name: str) -> dict:
     return out
 
 
+def measure_ratio(calls: int = 20) -> dict:
+    """analyze from a traced GraphModule against one eager forward, resnet50 at 224 px, batch 1, in this process on
+    one thread: medians of `calls` timed calls each, after warm-up (benchmarks/analysis_speed.py measures more)."""
+    import torch
+    import torchvision
+
+    import fxrf
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50().eval()
+    shape = (1, 3, SIZE, SIZE)
+    gm = fxrf.trace(model, shape)
+    x = torch.randn(shape)
+
+    def forward():
+        with torch.no_grad():
+            model(x)
+
+    out = {"model": "resnet50", "fxrf": os.path.dirname(fxrf.__file__)}
+    for key, fn in (("analyze_gm", lambda: fxrf.analyze(gm, shape)), ("forward", forward)):
+        for _ in range(5):
+            fn()
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[key] = statistics.median(times)
+    out["ratio"] = out["analyze_gm"] / out["forward"]
+    return out
+
+
 def run_child(python: str, name: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    p = subprocess.run([python, os.path.abspath(__file__), "--child", name], capture_output=True, text=True, env=env)
+    flag = "--child-ratio" if name == RATIO else "--child"
+    p = subprocess.run([python, os.path.abspath(__file__), flag, name], capture_output=True, text=True, env=env)
     lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
     if p.returncode or not lines:
         return {"model": name, "error": (p.stderr.strip().splitlines() or ["no output"])[-1]}
@@ -83,10 +120,15 @@ def main(argv=None) -> int:
     p.add_argument("--label", default="this", help="this interpreter's column label (default 'this')")
     p.add_argument("--label-other", default="other", help="--python's column label (default 'other')")
     p.add_argument("--json", metavar="PATH", help="also write every measurement to PATH")
+    p.add_argument("--no-ratio", action="store_true", help="skip the analyze / forward table")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--child-ratio", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(measure(args.child)))
+        return 0
+    if args.child_ratio:
+        print(json.dumps(measure_ratio()))
         return 0
 
     sides = [(args.label, sys.executable)] + ([(args.label_other, args.python)] if args.python else [])
@@ -96,12 +138,14 @@ def main(argv=None) -> int:
         print(f"  {label}: {python}")
     runs: dict = {label: {} for label, _ in sides}
     failed = False
-    for name in args.models.split(","):
+    names = args.models.split(",") + ([] if args.no_ratio else [RATIO])
+    for name in names:
         for r in range(args.rounds):
             for label, python in (sides if r % 2 == 0 else sides[::-1]):  # alternate who goes first
                 got = run_child(python, name)
                 runs[label].setdefault(name, []).append(got)
-                shown = got.get("error") or "  ".join(f"{s} {got[s]:.2f} s" for s in STEPS)
+                keys = ("analyze_gm", "forward") if name == RATIO else STEPS
+                shown = got.get("error") or "  ".join(f"{s} {got[s]:.3f} s" for s in keys)
                 print(f"  {name} [{label}] round {r + 1}: {shown}", file=sys.stderr, flush=True)
 
     def cell(rows, step):
@@ -120,6 +164,18 @@ def main(argv=None) -> int:
         failed |= any("error" in x for rs in rows.values() for x in rs)
         print(f"| {name} | {nodes} | " + " | ".join(cell(rows[label], step) for step in STEPS
                                                      for label, _ in sides) + " |")
+    if not args.no_ratio:
+        print(f"\nfxrf.analyze(GraphModule) against one eager forward, resnet50, {SIZE} px, batch 1, one thread "
+              f"(medians of 20 calls each, in one process per round)")
+        print("| fxrf | analyze(gm) | eager forward | ratio |")
+        print("|---|---:|---:|---:|")
+        for label, _ in sides:
+            ok = [x for x in runs[label][RATIO] if "error" not in x]
+            if ok:
+                med = {k: statistics.median(x[k] for x in ok) for k in ("analyze_gm", "forward", "ratio")}
+                print(f"| {label} | {med['analyze_gm'] * 1e3:.1f} ms | {med['forward'] * 1e3:.1f} ms | "
+                      f"{med['ratio']:.3f}x |")
+            failed |= len(ok) < len(runs[label][RATIO])
     for label, _ in sides:
         errors = [x for rs in runs[label].values() for x in rs if "error" in x]
         for x in errors:
