@@ -167,6 +167,8 @@ class Field:
 
     @functools.cached_property
     def _counts(self) -> np.ndarray:  # cached: BN and activations pass the same Field object on
+        if len(self.bits) == 1:  # (most fields of a CNN: numpy's per-call overhead is most of the cost)
+            return np.array([sum(w.bit_count() for w in self.bits[0].tolist())], dtype=np.int64)
         return np.bitwise_count(self.bits).sum(axis=1, dtype=np.int64)
 
 
@@ -236,6 +238,11 @@ def _shift_or(t: np.ndarray, offsets) -> np.ndarray:
 def _hull(spans: np.ndarray) -> np.ndarray:
     """The smallest bounds containing every row: min of the lo columns, max of the hi columns (rows that see no
     pixel left out, unless all are such)."""
+    if len(spans) <= 2:  # the same in plain Python: a residual add of two one-reach fields, a window of one
+        rows = spans.tolist()
+        live = [r for r in rows if not any(r[k] > r[k + 1] for k in range(0, len(r), 2))]
+        rows = live if live else rows
+        return np.array([min(c) if k % 2 == 0 else max(c) for k, c in enumerate(zip(*rows))], dtype=spans.dtype)
     empty = _empty_rows(spans)
     if empty.any() and not empty.all():
         spans = spans[~empty]
@@ -277,6 +284,11 @@ def _empty_rows(spans: np.ndarray) -> np.ndarray:
 def _shifted(f: Field, lo_add: Sequence, hi_add: Sequence, jump: tuple | None = None) -> Field:
     if not any(lo_add) and not any(hi_add):
         return f if jump is None else f.replace(jump=jump)
+    if len(f.spans) == 1:  # one reach: the same arithmetic in plain Python (numpy's call overhead dominates)
+        row = f.spans[0].tolist()
+        if not any(row[2 * k] > row[2 * k + 1] for k in range(len(lo_add))):
+            row = [v + float(d) for v, d in zip(row, (x for pair in zip(lo_add, hi_add) for x in pair))]
+        return f.replace(spans=_frozen(np.array([row])), jump=f.jump if jump is None else jump)
     add = np.empty(2 * len(lo_add))
     add[0::2], add[1::2] = lo_add, hi_add
     spans = f.spans + add
