@@ -121,6 +121,16 @@ class Analysis:
                 out[r.path] = r
         return out
 
+    @functools.cached_property
+    def _nodes(self) -> dict:
+        """{node name: node} of the graph (for passes that look nodes up by the names in the records)."""
+        return {n.name: n for n in self.graph_module.graph.nodes}
+
+    @functools.cached_property
+    def _modules(self) -> dict:
+        """The graph module's named_modules() as a dict, read once per analysis."""
+        return dict(self.graph_module.named_modules())
+
     def convs(self) -> list:
         return [r for r in self.records if r.kernel is not None]
 

@@ -530,7 +530,8 @@ def reanalyze(base: Analysis, gm: fx.GraphModule, fresh, name: str | None = None
     if {n for n in nodes if n not in fresh} != old or not fresh <= set(nodes):
         return None
     from .shapes import evaluate
-    modules = dict(gm.named_modules())
+    modules = dict(w0.modules)  # the base's, and the fresh nodes' (named_modules() of a big model costs)
+    modules.update({n.target: gm.get_submodule(n.target) for n in fresh if n.op == "call_module"})
     shapes = {n: v for n, v in w0.shapes.items() if isinstance(n, fx.Node)}
     for n in nodes:
         if n in fresh:

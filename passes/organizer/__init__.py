@@ -58,10 +58,10 @@ import torch.nn as nn
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from fxrf.analysis import analyze, rebind
-from fxrf.shapes import reuse_meta_runs
 from fxrf.cost import _as_meta, _cost, _params_by_node, total
-from fxrf.ops import default_table
 from fxrf.metric import DEFAULT_ALPHA
+from fxrf.ops import default_table
+from fxrf.shapes import reuse_meta_runs
 
 from .. import finish, private_copy
 from ..select import Selection

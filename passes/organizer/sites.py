@@ -68,7 +68,7 @@ def sites(a: Analysis, stage: Stage, kernel_size: int | None) -> dict:
     exits = [n for n in members if n in maps and any(u not in inside for u in n.users)]  # graph order: not a set's
     if not exits:
         return {"end": "no value of the stage is used after it"}
-    view = _StageNodes(a, stage, rec, convs, dict(gm.named_modules()))
+    view = _StageNodes(a, stage, rec, convs, a._modules)
     candidates = [n for n in reversed(members) if n in maps and _channels_first(rec[n.name], stage)]
     cuts = _Cuts(exits, inside)  # asked lazily: the search stops near the stage's end (_is_cut walks the stage)
     end = next((p for p in candidates if cuts[p]), None)
