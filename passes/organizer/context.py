@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fxrf.analysis import Analysis, analyze
@@ -49,6 +49,9 @@ class Run:
     selection: Selection
     clock: Any = None  # budget.Clock: the latency budget's running prediction (the one mutable part)
     incremental: bool = True  # INCREMENTAL when the run started
+    # units.score's rows by candidate, with the stage field of its point they were computed from (a later round
+    # whose analysis kept that very Field, in the same stage, gets the same row)
+    scored: dict = field(default_factory=dict)
 
     def analyze(self, gm) -> Analysis:
         return analyze(gm, self.example_input, alpha=self.alpha, spatial_cap=self.cap)

@@ -3,6 +3,7 @@ graph, and the candidates scored: one per stage, all in one trial graph, analyse
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 import torch.fx as fx
@@ -61,6 +62,38 @@ def score(run: Run, gm: fx.GraphModule, sites: dict, place: str, a: Analysis | N
     a: the analysis of `gm`. Each candidate's records then follow from its point's fields there
     (`fxrf.analysis.extend`: a conv and its norm and activation, not a walk of the whole model); without it, or
     where extend cannot vouch for its result, the trial graph is analysed whole (the same records)."""
+    if not sites:
+        return []
+    known, keys = {}, {}
+    if a is not None and run.incremental and a._walk is not None:
+        for s, site in sites.items():  # a candidate whose point holds the Field it held, in the same stage: its
+            keys[s] = (_key(site, place), _point(a, site))  # gain follows from that field: the row it had
+            hit = run.scored.get(keys[s][0])
+            if hit is not None and hit[0][0] is keys[s][1][0] and hit[0][1] == keys[s][1][1]:
+                known[s] = hit[1]
+    rows = _score(run, gm, {s: x for s, x in sites.items() if s not in known}, place, a)
+    for row in rows:
+        if row[2] in keys:
+            run.scored[keys[row[2]][0]] = (keys[row[2]][1], row)
+    rows = {row[2]: row for row in rows} | known
+    return [rows[s] for s in sites]
+
+
+def _point(a: Analysis, site: Site) -> tuple:
+    """(the Field of the site's point referenced to its stage's input, that Stage): all a candidate's gain reads."""
+    r = a.get(site.point)
+    node = a._walk._by_name.get(site.point)
+    return a._walk.envs[1].get(node), (a.stages[r.stage] if r is not None and r.stage is not None else None)
+
+
+def _key(site: Site, place: str) -> tuple:
+    """A candidate as score sees it: the site (its activation by what it calls: a new Activation every round)."""
+    act = site.act
+    return (place, dataclasses.replace(site, act=None),
+            None if act is None else (act.op, act.target, repr(act.args), repr(act.kwargs), act.module))
+
+
+def _score(run: Run, gm: fx.GraphModule, sites: dict, place: str, a: Analysis | None) -> list:
     if not sites:
         return []
     records = None
