@@ -27,12 +27,13 @@ Each measured callable is warmed up (``--warmup`` calls at least, more until two
 25%: a CPU forward's first calls are many times slower than the rest), then timed ``--repeat`` times
 (``--repeat-slow`` times when the last warm-up call took longer than --slow-s seconds, e.g. the 1024 px forward and
 torchscan); the median is the figure, min and max show the spread. The garbage collector stays on (as in real
-use) and is run before each item. torch's thread count is left at its default and printed. The warm-up and timing
-loop is benchmarks/timing.py's, shared with bench_models.py.
+use) and is run before each item. torch's thread count is left at its default (or set by --threads) and printed.
+The warm-up and timing loop is benchmarks/timing.py's, shared with bench_models.py.
 
     python benchmarks/analysis_speed.py                    # the table, a minute or two on a laptop CPU
     python benchmarks/analysis_speed.py --json speed.json  # also write the figures
     python benchmarks/analysis_speed.py --profile 25       # plus a cProfile of analyze(gm) at 224 px
+    OMP_NUM_THREADS=1 python benchmarks/analysis_speed.py --threads 1 --no-torchscan   # all on one thread
 
 Exit status 0 unless --strict is given and a target is missed.
 """
@@ -114,7 +115,11 @@ def main(argv=None) -> int:
     p.add_argument("--profile", type=int, metavar="N", default=0,
                    help="print the N most expensive functions (cumulative) of analyze(gm) at 224 px")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when a target is missed")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default 0: torch's default); 1 puts the forward on the analysis' one thread")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import torchvision
 
@@ -123,8 +128,8 @@ def main(argv=None) -> int:
     print(f"machine: processor={info['processor']!r} cpu_count={info['cpu_count']} {info['cpu_model'] or ''} | "
           f"{info['platform']}")
     print(f"python {info['python']}, torch {info['torch']}, torchvision {torchvision.__version__}, "
-          f"fxrf {info['fxrf']}; torch threads {info['torch_threads']} (interop {info['torch_interop_threads']}, "
-          f"default, not changed)")
+          f"fxrf {info['fxrf']}; torch threads {torch.get_num_threads()} (interop {info['torch_interop_threads']}, "
+          f"{'--threads' if args.threads else 'default, not changed'})")
     print(f"timing: warm-up >= {args.warmup} calls (until stable), then median of {args.repeat} runs "
           f"({args.repeat_slow} for items slower than {args.slow_s} s)", flush=True)
 

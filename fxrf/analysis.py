@@ -22,8 +22,9 @@ from .metric import DEFAULT_ALPHA
 from .naming import module_path  # noqa: F401  (re-exported)
 from .ops import OpTable, TMeta
 from .records import META_KEY, RF, Analysis, NodeRecord, Stage, map_size, path_of  # noqa: F401  (re-exported)
-from .trace import InputSpec, _as_shapes, trace_with_values
-from .walk import _Walker
+from .shapes import fetch_attr
+from .trace import CAPTURE_KEY, InputSpec, _as_shapes, annotate, trace_with_values
+from .walk import _Walker, extend, reanalyze  # noqa: F401  (re-exported)
 
 
 def analyze(model: nn.Module, example_input: InputSpec, *, alpha: float = DEFAULT_ALPHA, strict: bool = False,
@@ -88,3 +89,31 @@ def analyze_graph(gm: fx.GraphModule, example_inputs, *, constant_inputs=(), alp
     walker.constant_names = {placeholders[i].name for i in constant_inputs}
     walker.spatial_cap = spatial_cap
     return walker.run(name or type(gm).__name__)
+
+
+def rebind(a: Analysis, gm: fx.GraphModule, name: str | None = None) -> Analysis | None:
+    """`a` as the analysis of `gm`, a copy of `a.graph_module`'s graph over the same module objects (unchanged
+    since `a` was made), without walking it again: the same stages and records, written onto `gm`'s nodes (with
+    their shapes) as `analyze(gm)` writes them; `name`: the model name (default: gm's class name). None where the
+    two graphs differ in any node, target, argument or module, or were captured differently."""
+    old = a.graph_module
+    if a._walk is None or old.meta.get(CAPTURE_KEY, "fx") != gm.meta.get(CAPTURE_KEY, "fx"):
+        return None
+    mine, theirs = list(gm.graph.nodes), list(old.graph.nodes)
+    if len(mine) != len(theirs):
+        return None
+    for n, o in zip(mine, theirs):
+        if (n.op, n.name, n.target, repr(n.args), repr(n.kwargs)) != (o.op, o.name, o.target, repr(o.args),
+                                                                     repr(o.kwargs)):
+            return None
+        if n.op in ("call_module", "get_attr") and fetch_attr(gm, n.target) is not fetch_attr(old, n.target):
+            return None
+    shapes = {n.name: v for n, v in a._walk.shapes.items() if isinstance(n, fx.Node)}
+    annotate(gm, {n: shapes[n.name] for n in mine if n.name in shapes})
+    gm.meta[CAPTURE_KEY] = old.meta.get(CAPTURE_KEY, "fx")
+    by_name = {r.name: r for r in a.records}
+    for n in mine:
+        if n.name in by_name:
+            n.meta[META_KEY] = by_name[n.name]
+    return Analysis(gm, name or type(gm).__name__, a.input_shape, a.alpha, a.stages, a.records, a.unsupported,
+                    a.spatial_cap, a.warnings)

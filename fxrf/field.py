@@ -93,7 +93,8 @@ class Field:
                 idx = lut[idx]
                 bits, spans = _frozen(bits[keep]), _frozen(spans[keep])
                 taps = _rows(self.taps, keep)
-        return Field(bits, spans, _frozen(_contiguous(idx)), self.jump if jump is None else tuple(jump),
+        idx = _uniform(idx.shape) if len(bits) == 1 else _contiguous(idx)
+        return Field(bits, spans, _frozen(idx), self.jump if jump is None else tuple(jump),
                      self.sp if sp is None else tuple(sp), taps, self.size)
 
     def sets(self) -> list[frozenset]:
@@ -158,12 +159,23 @@ class Field:
         counts = self._counts
         if len(counts) == 1:
             return spatial, int(counts[0]), float(counts[0])
-        per_reach = np.bincount(self.idx.ravel(), minlength=len(self.bits))
-        return spatial, int(counts.min()), float(np.dot(per_reach, counts)) / self.idx.size
+        return spatial, int(counts.min()), float(np.dot(self._per_reach, counts)) / self.idx.size
+
+    @functools.cached_property
+    def _per_reach(self) -> np.ndarray:  # channels per reach (mix sets it: it knows them without counting)
+        return np.bincount(self.idx.ravel(), minlength=len(self.bits))
 
     @functools.cached_property
     def _counts(self) -> np.ndarray:  # cached: BN and activations pass the same Field object on
+        if len(self.bits) == 1:  # (most fields of a CNN: numpy's per-call overhead is most of the cost)
+            return np.array([sum(w.bit_count() for w in self.bits[0].tolist())], dtype=np.int64)
         return np.bitwise_count(self.bits).sum(axis=1, dtype=np.int64)
+
+
+def _uniform(shape: tuple) -> np.ndarray:
+    """The index of a one-reach field: zeros, as a read-only broadcast view (nothing allocated; a window partition
+    of a ViT map has millions of channel positions, and a permute of such an index would copy all of them)."""
+    return np.broadcast_to(np.zeros((), dtype=np.int64), tuple(shape))
 
 
 def _contiguous(a: np.ndarray) -> np.ndarray:
@@ -226,6 +238,11 @@ def _shift_or(t: np.ndarray, offsets) -> np.ndarray:
 def _hull(spans: np.ndarray) -> np.ndarray:
     """The smallest bounds containing every row: min of the lo columns, max of the hi columns (rows that see no
     pixel left out, unless all are such)."""
+    if len(spans) <= 2:  # the same in plain Python: a residual add of two one-reach fields, a window of one
+        rows = spans.tolist()
+        live = [r for r in rows if not any(r[k] > r[k + 1] for k in range(0, len(r), 2))]
+        rows = live if live else rows
+        return np.array([min(c) if k % 2 == 0 else max(c) for k, c in enumerate(zip(*rows))], dtype=spans.dtype)
     empty = _empty_rows(spans)
     if empty.any() and not empty.all():
         spans = spans[~empty]
@@ -267,6 +284,11 @@ def _empty_rows(spans: np.ndarray) -> np.ndarray:
 def _shifted(f: Field, lo_add: Sequence, hi_add: Sequence, jump: tuple | None = None) -> Field:
     if not any(lo_add) and not any(hi_add):
         return f if jump is None else f.replace(jump=jump)
+    if len(f.spans) == 1:  # one reach: the same arithmetic in plain Python (numpy's call overhead dominates)
+        row = f.spans[0].tolist()
+        if not any(row[2 * k] > row[2 * k + 1] for k in range(len(lo_add))):
+            row = [v + float(d) for v, d in zip(row, (x for pair in zip(lo_add, hi_add) for x in pair))]
+        return f.replace(spans=_frozen(np.array([row])), jump=f.jump if jump is None else jump)
     add = np.empty(2 * len(lo_add))
     add[0::2], add[1::2] = lo_add, hi_add
     spans = f.spans + add
@@ -366,22 +388,65 @@ def mix(f: Field | None, out_channels: int, groups: int = 1, axis: int = -1) -> 
         bits = f.bits if len(f.bits) == 1 else _frozen(_or(f.bits)[None])
         spans = f.spans if len(f.bits) == 1 else _frozen(_hull(f.spans)[None])
         taps = f.taps if len(f.bits) == 1 else _union_taps(f.taps, [range(len(f.bits))])
-        out = np.zeros(lead + (out_channels,), dtype=np.int64)
+        out = _uniform(lead + (out_channels,))
         return Field(bits, spans, _frozen(out if not lead else np.moveaxis(out, -1, axis)), f.jump, f.sp, taps,
                      f.size)
-    rows = np.sort(idx.reshape(-1, cin // groups), axis=1)  # one row per (leading position, group)
-    memo: dict = {}  # equal rows are unioned once (a dict on the bytes: np.unique(axis=0) sorts structs, slowly)
-    out_rows = np.fromiter((memo.setdefault(r.tobytes(), len(memo)) for r in rows), dtype=np.int64,
-                           count=len(rows))
+    if idx.strides[-1] == 0:  # each row one reach (a mix's broadcast output): its reaches in order of first use
+        col = idx[..., ::cin // groups].reshape(-1)
+        vals, at, inv = np.unique(col, return_index=True, return_inverse=True)
+        order = np.argsort(at, kind="stable")
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order))
+        return _mixed(f, rank[inv.reshape(-1)], [[int(v)] for v in vals[order]], lead, groups, per_out, axis)
+    rows = np.ascontiguousarray(idx).reshape(-1, cin // groups)  # one row per (leading position, group)
+    # Equal rows are unioned once (a dict on the bytes: np.unique(axis=0) sorts structs, slowly). Rows equal as
+    # they stand are found first and only those distinct rows are sorted: tokens of a ViT repeat one row hundreds
+    # of times, and sorting every row was most of the walk there. Output reaches keep the order of first use.
+    raw_of = _row_ids(rows)
+    firsts = np.flatnonzero(np.diff(np.maximum.accumulate(raw_of), prepend=-1) > 0)  # ids count up from 0
+    memo: dict = {}
+    lut = np.fromiter((memo.setdefault(r.tobytes(), len(memo)) for r in np.sort(rows[firsts], axis=1)),
+                      dtype=np.int64, count=len(firsts))
+    out_rows = lut[raw_of]
     first = {}
-    for i, j in enumerate(out_rows.tolist()):
-        first.setdefault(j, i)
-    groups_of = [np.unique(rows[first[j]]).tolist() for j in range(len(memo))]
+    for i, j in enumerate(lut.tolist()):
+        first.setdefault(j, firsts[i])
+    return _mixed(f, out_rows, [np.unique(rows[first[j]]).tolist() for j in range(len(memo))], lead, groups,
+                  per_out, axis)
+
+
+def _row_ids(rows: np.ndarray, passes: int = 4) -> np.ndarray:
+    """Per row, the number of the first row equal to it among the distinct rows, numbered in order of first
+    occurrence. The first few distinct rows are matched by whole-array comparisons (a ViT's tokens: one row and the
+    class token's), the rest through a dict on their bytes."""
+    ids = np.full(len(rows), -1, dtype=np.int64)
+    k = 0
+    for _ in range(passes):
+        free = np.flatnonzero(ids < 0)
+        if not len(free):
+            return ids
+        ids[free[(rows[free] == rows[free[0]]).all(axis=1)]] = k
+        k += 1
+    free = np.flatnonzero(ids < 0)
+    memo: dict = {}
+    ids[free] = np.fromiter((memo.setdefault(r.tobytes(), len(memo)) for r in rows[free]), dtype=np.int64,
+                            count=len(free)) + k
+    return ids
+
+
+def _mixed(f: Field, out_rows: np.ndarray, groups_of: list, lead: tuple, groups: int, per_out: int, axis: int):
+    """mix's output: reach j unions `groups_of[j]`; row r (a leading position and group) has reach out_rows[r]."""
     bits = _frozen(np.stack([_or(f.bits[g]) for g in groups_of]))
     spans = _frozen(np.stack([_hull(f.spans[g]) for g in groups_of]))
-    out = np.repeat(out_rows.reshape(-1).astype(np.int64), per_out).reshape(lead + (out_channels,))
-    return Field(bits, spans, _frozen(np.moveaxis(out, -1, axis)), f.jump, f.sp, _union_taps(f.taps, groups_of),
-                 f.size)
+    if groups == 1:  # every output channel of a row has the row's reach: a broadcast view, nothing written
+        out = np.broadcast_to(out_rows[:, None], (len(out_rows), per_out)).reshape(lead + (per_out,))
+    else:
+        out = np.empty((len(out_rows), per_out), dtype=np.int64)
+        out[:] = out_rows[:, None]  # (np.repeat is several times slower for long rows)
+        out = out.reshape(lead + (groups * per_out,))
+    g = Field(bits, spans, _frozen(np.moveaxis(out, -1, axis)), f.jump, f.sp, _union_taps(f.taps, groups_of), f.size)
+    g.__dict__["_per_reach"] = np.bincount(out_rows, minlength=len(bits)) * per_out  # known here: no pass over idx
+    return g
 
 
 def channel_window(f: Field | None, axis: int, kernel: int, stride: int, padding: int, dilation: int,
@@ -395,8 +460,8 @@ def channel_window(f: Field | None, axis: int, kernel: int, stride: int, padding
     valid = (pos >= 0) & (pos < n)
     lead = idx.shape[:-1]
     if len(f.bits) == 1:  # every tap sees the one reach
-        out = np.zeros(lead + (out_size,), dtype=np.int64)
-        return f.replace(idx=_frozen(np.ascontiguousarray(np.moveaxis(out, -1, axis))))
+        ax = axis % (len(lead) + 1)
+        return f.replace(idx=_frozen(_uniform(lead[:ax] + (out_size,) + lead[ax:])))
     taps = np.where(valid, idx.reshape(-1, n)[:, np.clip(pos, 0, n - 1)], -1)  # (rows, out, k): reach per tap
     taps = np.sort(taps.reshape(-1, kernel), axis=1)
     keys, inv = np.unique(taps, axis=0, return_inverse=True)
@@ -422,6 +487,7 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
         live = [f.replace(taps=t) for f, t in zip(live, all_taps)]
     acc = live[0]
     bits, spans, idx, taps = acc.bits, acc.spans, np.broadcast_to(acc.idx, shape), acc.taps
+    per_reach = None  # channels per reach of `idx`, where pairing counted them
     for f in live[1:]:
         if f.bits is bits and f.spans is spans and f.idx is acc.idx:  # add(x, x)
             continue
@@ -429,7 +495,9 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
         if len(bits) == 1 and len(f.bits) == 1:
             bits, spans = bits | f.bits, _frozen(_hull(np.concatenate([spans, f.spans]))[None])
             taps = None if taps is None else tuple(_frozen(a | c) for a, c in zip(taps, f.taps))
+            per_reach = None
             continue
+        per_reach = None
         if len(bits) == 1 or len(f.bits) == 1:  # one side uniform (residual adds): broadcast, no pairing
             one, many, idx = ((bits, spans, taps), (f.bits, f.spans, f.taps), b) if len(bits) == 1 else \
                 ((f.bits, f.spans, f.taps), (bits, spans, taps), idx)
@@ -438,13 +506,28 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
             spans = _frozen(_union_spans(many[1], np.broadcast_to(one[1], many[1].shape)))
             continue
         codes = idx.astype(np.int64) * len(f.bits) + b
-        uniq, inv = np.unique(codes.ravel(), return_inverse=True)
+        uniq, inv, per_reach = _unique(codes.ravel(), len(bits) * len(f.bits))
         ia, ib = uniq // len(f.bits), uniq % len(f.bits)
         bits = bits[ia] | f.bits[ib]
         taps = None if taps is None else tuple(_frozen(a[ia] | c[ib]) for a, c in zip(taps, f.taps))
         spans, idx = _frozen(_union_spans(spans[ia], f.spans[ib])), inv.reshape(shape)
-    return Field(_frozen(bits) if bits.flags.writeable else bits, spans, _frozen(_contiguous(idx)), jump, sp,
-                 taps, acc.size)
+    idx = _uniform(np.shape(idx)) if len(bits) == 1 else _contiguous(idx)
+    out = Field(_frozen(bits) if bits.flags.writeable else bits, spans, _frozen(idx), jump, sp, taps, acc.size)
+    if per_reach is not None and len(per_reach) == len(out.bits):  # counted while pairing: no pass over idx
+        out.__dict__["_per_reach"] = per_reach
+    return out
+
+
+def _unique(codes: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """np.unique(codes, return_inverse=True) for codes in [0, bound), by a table rather than a sort while it is
+    small, and then also how often each value occurs (else None)."""
+    if bound > 4 * codes.size + 1024:
+        return np.unique(codes, return_inverse=True) + (None,)
+    counts = np.bincount(codes, minlength=bound)
+    seen = counts > 0
+    uniq = np.flatnonzero(seen)
+    rank = np.cumsum(seen) - 1
+    return uniq, rank[codes], counts[uniq]
 
 
 def cat(fields: Sequence[Field | None], axis: int, sizes: Sequence[int]) -> Field | None:
@@ -534,5 +617,4 @@ def everything(fields: Sequence[Field | None], sizes: Sequence[Sequence[int]], c
     taps = _all_taps(live)
     if taps is not None:
         taps = tuple(_frozen(np.concatenate([t[k] for t in taps]).any(axis=0)[None]) for k in range(live[0].dims))
-    return Field(_frozen(bits), _frozen(spans), _frozen(np.zeros(channel_shape, dtype=np.int64)), jump, sp, taps,
-                 live[0].size)
+    return Field(_frozen(bits), _frozen(spans), _frozen(_uniform(channel_shape)), jump, sp, taps, live[0].size)

@@ -83,6 +83,8 @@ class Analysis:
     unsupported: list  # (node name, target, reason)
     spatial_cap: bool = True  # False: spatial extents (and so volumes and gains) are not capped at w_0
     warnings: list = dc_field(default_factory=list)  # one line each, e.g. a gain 0 that rests on a gate
+    # the walk that made it (fxrf.walk): its fields per node, which fxrf.analysis.extend starts from
+    _walk: object = dc_field(default=None, repr=False, compare=False)
 
     def record(self, name: str) -> NodeRecord:
         """The record of a node, by its fx node name (`layer1_0_conv1`) or by module path (`layer1.0.conv1`: the
@@ -118,6 +120,16 @@ class Analysis:
             if r.op not in ("input", "constant") and r.target.split(" (")[0] == r.path:
                 out[r.path] = r
         return out
+
+    @functools.cached_property
+    def _nodes(self) -> dict:
+        """{node name: node} of the graph (for passes that look nodes up by the names in the records)."""
+        return {n.name: n for n in self.graph_module.graph.nodes}
+
+    @functools.cached_property
+    def _modules(self) -> dict:
+        """The graph module's named_modules() as a dict, read once per analysis."""
+        return dict(self.graph_module.named_modules())
 
     def convs(self) -> list:
         return [r for r in self.records if r.kernel is not None]

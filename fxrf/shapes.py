@@ -10,6 +10,8 @@ value (sizes, ints, tuples) is the concrete Python value the traced code would c
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import operator
 from typing import Any
 
@@ -20,7 +22,7 @@ from .errors import AnalysisError, FxrfError
 from .naming import describe
 from .ops import Call, OpTable, TMeta, default_table
 
-__all__ = ["TMeta", "propagate", "evaluate", "fetch_attr"]
+__all__ = ["TMeta", "propagate", "evaluate", "fetch_attr", "reuse_meta_runs"]
 
 
 # ---- the walk --------------------------------------------------------------------------------------------------
@@ -70,6 +72,45 @@ def _run_on_meta(node: fx.Node, mod, args, kwargs):
     return _unmeta(out)
 
 
+_META_RUNS: contextvars.ContextVar = contextvars.ContextVar("fxrf_meta_runs", default=None)
+
+
+@contextlib.contextmanager
+def reuse_meta_runs():
+    """Within this block, an op without a closed-form shape rule that runs on meta tensors again with the same
+    module object (or function, or method name) and the same abstract inputs gives its first result back instead of
+    running again. For a pass that analyses one model many times, changing only a few of its nodes (the organizer:
+    one multi-head attention module run on meta tensors is most of a ViT's shape propagation). Modules must not be
+    changed in a way that changes their output shapes while it is on."""
+    token = _META_RUNS.set({})
+    try:
+        yield
+    finally:
+        _META_RUNS.reset(token)
+
+
+def _hashable(v):
+    if isinstance(v, (list, tuple)) and not isinstance(v, TMeta):
+        return (type(v).__name__, tuple(_hashable(x) for x in v))
+    if isinstance(v, dict):
+        return ("dict", tuple((k, _hashable(x)) for k, x in v.items()))
+    return v
+
+
+def _run_on_meta_reused(node: fx.Node, mod, args, kwargs):
+    cache = _META_RUNS.get()
+    if cache is None:
+        return _run_on_meta(node, mod, args, kwargs)
+    key = (node.op, mod if mod is not None else node.target, _hashable(args), _hashable(kwargs))
+    try:
+        hash(key)
+    except TypeError:  # a slice or a tensor literal among the arguments: not reused
+        return _run_on_meta(node, mod, args, kwargs)
+    if key not in cache:  # (the key holds the module: its id cannot be reused by another while cached)
+        cache[key] = _run_on_meta(node, mod, args, kwargs)
+    return cache[key]
+
+
 def fetch_attr(gm: fx.GraphModule, target: str):
     """What a get_attr node with this dotted target reads from `gm`."""
     obj = gm
@@ -103,20 +144,20 @@ def evaluate(node: fx.Node, gm: fx.GraphModule, env: dict, modules: dict, table:
         return _unmeta(node.target(*args, **kwargs))
     if node.op == "call_function" and node.target is operator.getitem and not isinstance(args[0], TMeta):
         return args[0][args[1]]
-    rule = _shape_rule(table or default_table(), node, mod)
+    rule = _shape_rule(table if table is not None else default_table(), node, mod)  # `or` would call len()
     if rule is not None:
         try:
             return rule(Call(node, mod, args, kwargs))
         except NotImplementedError:
             pass
-    return _run_on_meta(node, mod, args, kwargs)
+    return _run_on_meta_reused(node, mod, args, kwargs)
 
 
 def propagate(gm: fx.GraphModule, inputs: list[TMeta], modules: dict | None = None,
               table: OpTable | None = None) -> dict:
     """{node: abstract value} for every node of `gm`; placeholders take `inputs` in order."""
     modules = dict(gm.named_modules()) if modules is None else modules
-    table = table or default_table()
+    table = table if table is not None else default_table()  # not `or`: OpTable.__len__ lists every op
     env: dict = {}
     it = iter(inputs)
     for node in gm.graph.nodes:

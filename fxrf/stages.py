@@ -21,7 +21,8 @@ def find_stages(w, nodes, inp_env):
 
     w: the walker (fxrf.walk), read only: its shapes, constant_names, _plan (each node's op), _inputs (what a node
     reads, in-place versions included) and _round_trip (a flatten undone). Returns (the stage of each node, the
-    Stages, the nodes that start one, the nodes computed from a whole map: gates and global context)."""
+    Stages, the nodes that start one, the nodes computed from a whole map: gates and global context, the nodes
+    that are maps of a stage: neither attached nor constant)."""
     parent: dict = {}
 
     def find(n):
@@ -133,7 +134,7 @@ def find_stages(w, nodes, inp_env):
         res = map_of(members[0])[0]
         c0 = sum(inp_env[m].channels for m in members)
         result.append(Stage(i, res, c0, tuple(m.name for m in members)))
-    return stage_of, result, set(starts), context
+    return stage_of, result, set(starts), context, set(parent)
 
 
 def _reference(shape, dims, offset, like: Field | None = None, words: int = 1, size=None, sp=None) -> Field:

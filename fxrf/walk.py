@@ -21,7 +21,7 @@ from .rules import default_sp
 from .rules.elementwise import broadcast_merge
 from .rules.layout import getitem
 from .shapes import fetch_attr
-from .stages import _channel_shape, _input_sp, _is_tensorish, _nothing, _reference, find_stages
+from .stages import _SLICES, _channel_shape, _input_sp, _is_tensorish, _nothing, _reference, find_stages
 
 # op names that only regroup axes row-major: a pair of them that gives back the shape gives back the field
 _RESHAPES = frozenset({"reshape", "flatten", "unflatten", "squeeze", "unsqueeze"})
@@ -45,6 +45,11 @@ class _Walker:
         self._declined: dict = {}
         self._subs: dict = {}  # node -> {input node: the in-place node whose result it reads instead}
         self.warnings: list = []
+        self._phase = 1  # which walk is running: 1 (model input) or 3 (stage input)
+        self._declined1: dict = {}  # what step 1 declined, and step 3's reasons (reanalyze replays them)
+        self._reasons3: dict = {}
+        self.base = None  # reanalyze: the walk of this graph before `fresh` nodes were inserted into it
+        self.fresh: set = set()
 
     # -- step 1 and 3: the rules ------------------------------------------------------------------------------
 
@@ -168,6 +173,8 @@ class _Walker:
 
     def _conservative(self, ctx: Call, reason: str, key=None):
         node = ctx.node
+        if self._phase == 3:
+            self._reasons3.setdefault(node if key is None else key, reason)
         if (node if key is None else key) not in self._declined:
             self._declined[node if key is None else key] = reason
             if self.strict:
@@ -209,6 +216,9 @@ class _Walker:
         layouts = {n: _input_sp(n, self.shapes[n].shape, self.dims) for n in refs}
         words = F_.words_for(sum(math.prod(_channel_shape(self.shapes[n].shape, layouts[n])) for n in refs))
         self._input_caps = []  # (first channel, end channel, map size) of each model input, for input_rf's cap
+        base = self.base
+        if base is not None:  # reanalyze: a node whose inputs hold the very fields they held before keeps its own
+            inp0, st0, loc0, stage_of0, stages0, starts0, context0, _ = base.envs
         for node in order:  # step 1: fields referenced to the model input
             v = self.shapes[node]
             with self._naming(node.write or node.node if isinstance(node, Version) else node):
@@ -218,12 +228,25 @@ class _Walker:
                     f = _reference(v.shape, self.dims, offset, words=words, sp=layouts[node])  # hull: classic RF
                     self._input_caps.append((offset, offset + f.channels, map_size(f, v.shape)))
                     offset += f.channels
-                    inp_env[node] = f
+                    inp_env[node] = inp0[node] if base is not None and node in inp0 else f
                 elif node.op in ("call_module", "call_function", "call_method") and _is_tensorish(v):
+                    if base is not None and node in inp0 and self._kept(node, ((inp_env, inp0),)):
+                        inp_env[node] = inp0[node]
+                        if node in base._declined1:
+                            self._declined.setdefault(node, base._declined1[node])
+                        continue
                     mod, rule = self._ctx_and_rule(node)
                     inp_env[node] = self._apply(node, mod, rule, inp_env)
+        self._declined1 = dict(self._declined)
+        self._phase = 3
         self._by_name = {n.name: n for n in order if not isinstance(n, Version)}
-        stage_of, stages, starts, context = find_stages(self, order, inp_env)
+        stage_of, stages, starts, context, members = find_stages(self, order, inp_env)
+
+        def same_stage(node):  # the same stage (or none) as in the base walk, and the same role in it
+            s, s0 = stage_of.get(node), stage_of0.get(node)
+            return ((s is None and s0 is None) or (s is not None and s0 is not None and stages[s] == stages0[s0])) \
+                and (node in context) == (node in context0) and (node in starts) == (node in starts0) \
+                and all((stage_of.get(m) == s) == (stage_of0.get(m) == s0) for m in self._inputs(node))
         st_env: dict = {}
         loc_env: dict = {}  # the same, with gates and global context seeing nothing (NodeRecord.local_rf)
         offsets = {}
@@ -247,11 +270,20 @@ class _Walker:
                     loc_env[node] = self._version(node, loc_env, stage_of, s)
                 continue
             with self._naming(node):
+                kept = base is not None and node in st0 and same_stage(node)
                 if node in starts:
                     stage = stages[stage_of[node]]
-                    st_env[node] = loc_env[node] = _reference(v.shape, self.dims, offsets[node.name],
-                                                              inp_env.get(node), F_.words_for(stage.channels),
-                                                              stage.resolution)
+                    if kept and offsets[node.name] == base.offsets.get(node.name) and \
+                            getattr(inp_env.get(node), "sp", None) == getattr(inp0.get(node), "sp", None):
+                        st_env[node] = loc_env[node] = st0[node]
+                    else:
+                        st_env[node] = loc_env[node] = _reference(v.shape, self.dims, offsets[node.name],
+                                                                  inp_env.get(node), F_.words_for(stage.channels),
+                                                                  stage.resolution)
+                elif kept and self._kept(node, ((st_env, st0), (loc_env, loc0))):
+                    st_env[node], loc_env[node] = st0[node], loc0[node]
+                    if node in base._reasons3:
+                        self._declined.setdefault(node, base._reasons3[node])
                 elif node.op in ("call_module", "call_function", "call_method"):
                     mod, rule = self._ctx_and_rule(node)
                     st_env[node] = self._apply(node, mod, rule, st_env, stage_of, stage_of.get(node))
@@ -262,7 +294,12 @@ class _Walker:
                 if node in context:
                     loc_env[node] = _nothing(st_env.get(node))
                 if isinstance(v, TMeta) and node.name not in self.constant_names:
-                    records.append(self._record(node, v, stage_of, stages, st_env, inp_env, starts, loc_env))
+                    if kept and (node in self._declined) == (node in base._declined) and \
+                            node in base.records and self._kept(node, ((st_env, st0), (loc_env, loc0), (inp_env, inp0)),
+                                                              own=True):
+                        records.append(base.records[node])  # the same fields, inputs and stage: the same record
+                    else:
+                        records.append(self._record(node, v, stage_of, stages, st_env, inp_env, starts, loc_env))
         for node, reason in self._declined.items():  # a Version: the write that made it conservative
             node = node.write if isinstance(node, Version) else node
             self.unsupported.append((node.name, _target_str(gm, node), reason))
@@ -274,8 +311,30 @@ class _Walker:
                     f"{r.name}: gain 0 rests on gate-induced saturation (a squeeze-excite gate or global context "
                     f"earlier in stage {r.stage} already sees the whole stage input); through the local path its "
                     f"gain is {r.local_gain:.3g} (NodeRecord.local_gain)")
-        return Analysis(gm, model_name, tuple(self.input_shape), self.alpha, stages, records, self.unsupported,
-                        self.spatial_cap, self.warnings)
+        out = Analysis(gm, model_name, tuple(self.input_shape), self.alpha, stages, records, self.unsupported,
+                       self.spatial_cap, self.warnings)
+        # what `extend` and `reanalyze` read to analyse this graph with a few nodes more without walking it again
+        self.envs = (inp_env, st_env, loc_env, stage_of, stages, starts, context, members)
+        self.offsets = offsets
+        self.records = {self._by_name[r.name]: r for r in records}
+        if base is not None:  # the base's summaries of fields no longer held go (and so does the base)
+            held = {id(f) for env in (inp_env, st_env, loc_env) for f in env.values()}
+            self._summaries = {k: r for k, r in self._summaries.items() if id(k[0]) in held}
+            self.base = None
+        out._walk = self
+        return out
+
+    def _kept(self, node, envs, own=False) -> bool:
+        """reanalyze: whether `node` computes what it computed in the base walk: not inserted, reading the same
+        in-place versions, and each of its inputs holding the very Field objects it held there, in each of `envs`
+        ((this walk's env, the base's)); own: `node`'s own fields too."""
+        base = self.base
+        if node in self.fresh or not _same_subs(self._subs.get(node), base._subs.get(node)):
+            return False
+        ins = self._inputs(node)
+        if any(isinstance(m, Version) for m in ins):
+            return False
+        return all(env.get(m) is env0.get(m) for env, env0 in envs for m in (ins + [node] if own else ins))
 
     @contextlib.contextmanager
     def _naming(self, node):
@@ -299,7 +358,9 @@ class _Walker:
     # -- records ------------------------------------------------------------------------------------------------
 
     def _summary(self, f: Field, cap, sizes) -> RF:
-        key = (id(f), tuple(cap), sizes)  # per-channel ops (BN, ReLU) hand the same Field on: summarise it once
+        # per-channel ops (BN, ReLU) hand the same Field on: summarise it once (keyed by the Field itself, which
+        # hashes by identity: an id could be reused by a later Field once this one is gone, as extend's can be)
+        key = (f, tuple(cap), sizes)
         rf = self._summaries.get(key)
         if rf is None:
             spatial, cmin, cmean = f.summary(tuple(cap), sizes, self.spatial_cap)
@@ -351,6 +412,13 @@ class _Walker:
         return caps[0][2] if caps and len(caps[0][2]) == f.dims else tuple(self.input_shape[2:])
 
 
+def _same_subs(a: dict | None, b: dict | None) -> bool:
+    """Whether two walks' in-place substitutions of one node name the same nodes and versions."""
+    if not a or not b:
+        return not a and not b
+    return {k.name: v.name for k, v in a.items()} == {k.name: v.name for k, v in b.items()}
+
+
 def _op_label(node, mod) -> str:
     if node.op == "placeholder":
         return "input"
@@ -376,3 +444,106 @@ def _rule_key(node, mod) -> str:
     if isinstance(node.target, str):
         return repr(node.target)
     return op_name(node)
+
+
+def extend(base: Analysis, gm: fx.GraphModule, chain: list) -> dict | None:
+    """{name: NodeRecord} of `chain`, nodes inserted into `base`'s graph (giving `gm`) right after one of its nodes
+    p, each reading the one before (the first reads p) and nothing else, the last one's output replacing p's for
+    its consumers: what `fxrf.analyze(gm)` records for them, without walking the rest of the graph again.
+
+    Exact where the chain leaves the rest unchanged upstream of it and does not change p's map: every chain node
+    keeps p's shape, map axes and pixel grid (an identity conv, a norm, an activation), so no stage changes, the
+    chain joins p's stage, and its fields follow from p's fields in `base` alone. None where that cannot be shown
+    (the caller analyses `gm` whole); the organizer's tests compare both on random and torchvision models."""
+    w0 = base._walk
+    if w0 is None or not chain:
+        return None
+    inp0, st0, loc0, stage_of0, stages, starts0, context0, members0 = w0.envs
+    by_name = {n.name: n for n in w0._by_name.values()}
+    p = chain[0].args[0] if chain[0].args else None
+    old = by_name.get(getattr(p, "name", None))
+    if not isinstance(p, fx.Node) or old is None or old not in members0 or old in context0:
+        return None
+    v = w0.shapes.get(old)
+    s = stage_of0.get(old)
+    if not isinstance(v, TMeta) or s is None or not isinstance(inp0.get(old), Field):
+        return None
+    modules = {n.target: gm.get_submodule(n.target) for n in chain if n.op == "call_module"}
+    w = _Walker(gm, {p: v}, [TMeta(w0.input_shape, v.dtype)], modules, w0.alpha, w0.strict, w0.table)
+    w.spatial_cap, w.constants, w.constant_names = w0.spatial_cap, w0.constants, w0.constant_names
+    w._input_caps = w0._input_caps
+    w._summaries = dict(w0._summaries)  # p's are done; new ones must not outlive their fields in base's cache
+    prev = p
+    for n in chain:  # a plain chain: each reads the one before and nothing else; no view, no slice, no write that
+        if n.op not in ("call_module", "call_function", "call_method") or n.all_input_nodes != [prev]:
+            return None
+        mod, op = w._ctx_and_rule(n)
+        if op is None or op.name in _RESHAPES or op.name in _SLICES:
+            return None
+        if mutates(n, mod) and (prev is p or w._ctx_and_rule(prev)[1].kind not in ("conv", "norm")):
+            return None  # could reach p's storage (only a conv's or a norm's output is surely a fresh tensor)
+        prev = n
+    from .shapes import evaluate
+    for n in chain:
+        w.shapes[n] = evaluate(n, gm, w.shapes, modules, w.table)
+        if not isinstance(w.shapes[n], TMeta) or tuple(w.shapes[n].shape) != tuple(v.shape):
+            return None
+    inp, st, loc = {p: inp0[old]}, {p: st0.get(old)}, {p: loc0.get(old)}
+    stage_of, prev = {p: s}, p
+    for n in chain:
+        mod, op = w._ctx_and_rule(n)
+        with w._naming(n):
+            inp[n] = w._apply(n, mod, op, inp)
+        f = inp[n]
+        if not isinstance(f, Field) or f.sp != inp[p].sp or f.jump != inp[p].jump:
+            return None  # another map or pixel grid: the stages could change
+        stage_of[n] = s  # the same map as p's input: p's stage, not a start (fxrf.stages)
+        with w._naming(n):
+            st[n] = w._apply(n, mod, op, st, stage_of, s)
+            loc[n] = st[n] if loc[prev] is st[prev] else w._apply(n, mod, op, loc, stage_of, s)
+        prev = n
+    from .trace import annotate
+    annotate(gm, {n: w.shapes[n] for n in chain})  # as analyze does: costs read them
+    out = {}
+    for n in chain:
+        out[n.name] = n.meta[META_KEY] = w._record(n, w.shapes[n], stage_of, stages, st, inp, set(), loc)
+    return out
+
+
+def reanalyze(base: Analysis, gm: fx.GraphModule, fresh, name: str | None = None) -> Analysis | None:
+    """`fxrf.analyze` of `gm` (the same records, stages, fields, warnings), where `gm` is `base.graph_module` after
+    the nodes `fresh` were inserted into it in place (nothing removed, modules unchanged), without walking it all
+    again: shapes are `base`'s but for the fresh nodes (and their consumers, checked unchanged); a node keeps its
+    fields (and record) from `base` where it is not fresh, reads the same in-place versions, sits in the same stage
+    and its inputs hold the very Field objects they held there. What a fresh node changes is walked again: the
+    fields downstream of it referenced to the model input, those referenced to its stage's input downstream of it,
+    and their records. None where the graph is not `base`'s plus `fresh` (analyse it whole).
+
+    `base` is left as it was, but its graph is `gm`'s: use it no more. tests/test_incremental.py compares this with
+    whole analyses."""
+    w0 = base._walk
+    fresh = set(fresh)
+    if w0 is None or w0.gm is not gm:
+        return None
+    nodes = [n for n in gm.graph.nodes if n.op != "output"]
+    old = {n for n in w0.shapes if isinstance(n, fx.Node) and n.op != "output"}
+    if {n for n in nodes if n not in fresh} != old or not fresh <= set(nodes):
+        return None
+    from .shapes import evaluate
+    modules = dict(w0.modules)  # the base's, and the fresh nodes' (named_modules() of a big model costs)
+    modules.update({n.target: gm.get_submodule(n.target) for n in fresh if n.op == "call_module"})
+    shapes = {n: v for n, v in w0.shapes.items() if isinstance(n, fx.Node)}
+    for n in nodes:
+        if n in fresh:
+            shapes[n] = evaluate(n, gm, shapes, modules, w0.table)
+    for n in nodes:  # a consumer of a fresh node computes what it computed before, or shapes would change further
+        if n not in fresh and any(m in fresh for m in n.all_input_nodes):
+            if evaluate(n, gm, shapes, modules, w0.table) != shapes[n]:
+                return None
+    from .trace import annotate
+    annotate(gm, {n: shapes[n] for n in fresh})
+    w = _Walker(gm, shapes, [TMeta(w0.input_shape, torch.float32)], modules, w0.alpha, w0.strict, w0.table)
+    w.spatial_cap, w.constants, w.constant_names = w0.spatial_cap, w0.constants, w0.constant_names
+    w._summaries = dict(w0._summaries)
+    w.base, w.fresh = w0, fresh
+    return w.run(name or base.model)

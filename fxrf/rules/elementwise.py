@@ -95,7 +95,26 @@ define("unary_math", torch.abs, torch.exp, torch.neg, torch.sqrt, torch.rsqrt, t
 # out = a (op) b with broadcasting: each output element sees what its two source elements see.
 def broadcast_shape(ctx: Ctx):
     ts = [a for a in ctx.tensors()]
-    return TMeta(tuple(torch.broadcast_shapes(*(t.shape for t in ts))), ts[0].dtype)
+    return TMeta(_broadcast([tuple(t.shape) for t in ts]), ts[0].dtype)
+
+
+def _broadcast(shapes: list) -> tuple:
+    """torch.broadcast_shapes for plain int sizes, in Python (torch's goes through its symbolic-shape machinery,
+    a tenth of a resnet's whole analysis); anything else, or sizes that do not broadcast, go to torch's."""
+    if all(type(n) is int for s in shapes for n in s):
+        out = [1] * max(map(len, shapes), default=0)
+        for s in shapes:
+            for i, n in enumerate(s, len(out) - len(s)):
+                if n != 1:
+                    if out[i] != 1 and out[i] != n:
+                        break
+                    out[i] = n
+            else:
+                continue
+            break
+        else:
+            return tuple(out)
+    return tuple(torch.broadcast_shapes(*shapes))
 
 
 def binary(ctx: Ctx):

@@ -51,16 +51,23 @@ The paper strategy on CIFAR VGG16 (13 convs, Table 3's VGG16-opt: 5.10M params, 
 """
 from __future__ import annotations
 
-import torch.nn as nn
+import dataclasses
 
-from fxrf.analysis import analyze
-from fxrf.cost import total
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx._lazy_graph_module import _LazyGraphModule
+
+from fxrf.analysis import analyze, rebind
+from fxrf.cost import _as_meta, _cost, _params_by_node, total
 from fxrf.metric import DEFAULT_ALPHA
+from fxrf.ops import default_table
+from fxrf.shapes import reuse_meta_runs
 
 from .. import finish, private_copy
 from ..select import Selection
-from ..util import copy_graph_module
+from ..util import copy_graph_module, keep_modes
 from .budget import start_clock
+from . import context
 from .context import DEFAULT_MACS_BUDGET, DEFAULT_THRESHOLD, STRATEGIES, Run, check_options, convs_per_stage, limits
 from .greedy import insert_greedy
 from .greedy import remove_saturated as remove_saturated_convs
@@ -74,6 +81,50 @@ __all__ = ["organize_stages", "Change", "Declined", "OrganizerResult", "DEFAULT_
            "STRATEGIES"]
 
 
+def _signatures(gm) -> dict:
+    """{node name: everything fxrf.cost reads of the node but the parameters it owns}: its call, its module and the
+    shapes of its arguments and output."""
+    meta = lambda v: _as_meta(gm, v)  # noqa: E731
+    return {n.name: (n.op, n.target, gm.get_submodule(n.target) if n.op == "call_module" else None,
+                     fx.node.map_aggregate(n.args, meta), fx.node.map_aggregate(n.kwargs, meta), meta(n))
+            for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")}
+
+
+def _costs(gm, costs: dict, signatures: dict) -> dict:
+    """fxrf.cost.model_cost(gm), taking each node's cost from `costs` (the input model's) where the node is the
+    same call on the same shapes (`signatures`: the input model's): only its parameters are counted again (which
+    node owns a shared tensor can change). A ViT's attention modules are costed by running them, twice otherwise."""
+    table = default_table()
+    params = _params_by_node(gm, table)
+    now = _signatures(gm)
+    out = {}
+    for n in gm.graph.nodes:
+        old = costs.get(n.name)
+        if old is not None and n.name in now and _same(now[n.name], signatures.get(n.name)):
+            c = dataclasses.replace(old, params=params.get(n.name, 0))
+        else:
+            c = _cost(gm, n, params, table)
+        if c is not None:
+            out[n.name] = c
+    return out
+
+
+def _same(a, b) -> bool:
+    try:
+        return a is not None and b is not None and a[2] is b[2] and a[:2] == b[:2] and a[3:] == b[3:]
+    except RuntimeError:  # a tensor among the arguments: compare as unequal
+        return False
+
+
+def _lazy(gm):
+    """The same GraphModule (its modules, in their modes), generating its code only when it is read or run: every
+    conv inserted regenerated the whole model's code (30 ms a round on resnet152), and only the result's is read."""
+    out = keep_modes(_LazyGraphModule(gm, gm.graph, type(gm).__name__), gm)
+    out.meta.update(gm.meta)
+    return out
+
+
+@reuse_meta_runs()  # one model analysed many times: its attention modules run on meta tensors once
 def organize_stages(model: nn.Module, example_input, *, strategy: str = "greedy", alpha: float = DEFAULT_ALPHA,
                     threshold: float | None = None, macs_budget: float | None = DEFAULT_MACS_BUDGET,
                     params_budget: float | None = None, remove_saturated: bool = True,
@@ -120,35 +171,43 @@ def organize_stages(model: nn.Module, example_input, *, strategy: str = "greedy"
     cap = (not paper) if spatial_cap is None else bool(spatial_cap)
     threshold = DEFAULT_THRESHOLD if threshold is None else threshold
     cutoff = threshold if remove_below is None else remove_below
-    work = private_copy(model, example_input)
+    work = _lazy(private_copy(model, example_input))
     a = analyze(work, example_input, alpha=alpha, spatial_cap=cap)
     selection = Selection(include, exclude)
     selection.check(r.path for r in a.convs())
     clock = None if latency_budget is None else start_clock(work, a, latency_budget, lm=latency, device=device,
                                                             batch=batch)
     before, convs_before = total(a.costs), convs_per_stage(a)
+    seen = (a.costs, _signatures(work)) if context.INCREMENTAL else None  # to reuse for the result's costs
     run = Run(example_input=example_input, alpha=alpha, cap=cap, threshold=threshold, cutoff=cutoff,
               original=before, limits=limits(before, macs_budget, params_budget), kernel_size=kernel_size,
-              max_insertions=max_insertions, selection=selection, clock=clock)
+              max_insertions=max_insertions, selection=selection, clock=clock, incremental=context.INCREMENTAL)
     changes, declined = [], []
-    # each analysis of a large model holds GBs of fields (vit_h_14: ~1.5 GB): none is kept past its last use
-    now, a = total(a.costs), None
+    # each analysis of a large model holds GBs of fields (vit_h_14: ~1.5 GB): none is kept past its last use, and
+    # one is handed on only to the next step that reads the same graph
+    now, a = total(a.costs), (a if run.incremental else None)
     if paper:
-        changes, declined = swap_paper(run, work)
+        changes, declined = swap_paper(run, work, a)
+        a = None
     else:
         if remove_saturated:
-            changes, declined, a = remove_saturated_convs(run, work)
-            now, a = total(a.costs), None
-        inserted, refused = insert_greedy(run, work, now)
+            changes, declined, a = remove_saturated_convs(run, work, a)
+            now, a = total(a.costs), (a if run.incremental else None)
+        inserted, refused, a = insert_greedy(run, work, now, a)
         changes, declined = changes + inserted, declined + refused
     if any(c.kind == "remove" for c in changes):  # a removal can leave act_(Identity(act_(x))): two in-place
+        a = None  # (the flags change what the analysis reads: analyse again)
         for m in work.modules():  # writes to one tensor that backward needs; out of place computes the same
             if getattr(m, "inplace", None) is True:
                 m.inplace = False
     finish(work)
     # under the input model's class name (deep copies of a GraphModule are all called "GraphModule")
     work = copy_graph_module(work, params="shared", class_name=type(model).__name__)
-    a = analyze(work, example_input, alpha=alpha, spatial_cap=cap)
+    # the last round's analysis, when finish left its graph as it was (nothing dead): the same records
+    a = None if a is None or not run.incremental else rebind(a, work, type(model).__name__)
+    a = a if a is not None else analyze(work, example_input, alpha=alpha, spatial_cap=cap)
+    if seen is not None:
+        a.__dict__["costs"] = _costs(work, *seen)  # (Analysis.costs is a cached property)
     after = total(a.costs)
     stage_convs = convs_per_stage(a)
     summary = {

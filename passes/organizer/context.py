@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fxrf.analysis import Analysis, analyze
@@ -26,6 +26,11 @@ DEFAULT_MACS_BUDGET = 1.25  # at most +25% MACs over the input model (the paper'
 
 NOT_SELECTED = "left alone: include/exclude do not select it"
 
+# Reuse what an analysis already knows: a candidate conv's records from its point's fields (fxrf.analysis.extend),
+# a round's analysis for the next round while the graph has not changed. False: analyse every graph whole, which
+# gives the same result, slower (tests/test_incremental.py compares the two).
+INCREMENTAL = True
+
 
 @dataclass(frozen=True)
 class Run:
@@ -43,6 +48,10 @@ class Run:
     max_insertions: int  # greedy: the most convs inserted; paper: the most swaps
     selection: Selection
     clock: Any = None  # budget.Clock: the latency budget's running prediction (the one mutable part)
+    incremental: bool = True  # INCREMENTAL when the run started
+    # units.score's rows by candidate, with the stage field of its point they were computed from (a later round
+    # whose analysis kept that very Field, in the same stage, gets the same row)
+    scored: dict = field(default_factory=dict)
 
     def analyze(self, gm) -> Analysis:
         return analyze(gm, self.example_input, alpha=self.alpha, spatial_cap=self.cap)

@@ -6,7 +6,7 @@ from itertools import count
 
 import torch.fx as fx
 
-from fxrf.analysis import Analysis
+from fxrf.analysis import Analysis, reanalyze
 from fxrf.cost import total
 from fxrf.progress import bar
 
@@ -20,17 +20,16 @@ from .units import PLACES, insert_unit, score
 __all__ = ["remove_saturated", "insert_greedy"]
 
 
-def remove_saturated(run: Run, gm: fx.GraphModule) -> tuple[list, list, Analysis]:
+def remove_saturated(run: Run, gm: fx.GraphModule, a: Analysis | None = None) -> tuple[list, list, Analysis]:
     """Remove convs with gain <= run.cutoff, last first, until a fresh analysis finds none left to remove:
-    (changes, declined, the last analysis).
+    (changes, declined, the last analysis). a: the analysis of `gm` as it is, if the caller has one.
 
     Within one analysis the convs are visited in reverse graph order: removing a conv changes the fields of the
     nodes after it only, so the gains of the convs still to visit stay exact.
     """
     changes, cutoff, clock = [], run.cutoff, run.clock
     for _ in bar(count(), "organizer: removing the convs at or below the cutoff", unit="rounds"):
-        a = None  # the last round's analysis goes before the next one is made
-        a = run.analyze(gm)
+        a = a if a is not None else run.analyze(gm)
         kept: dict = {}  # the convs this pass could not remove, with the reason
         costs = a.costs
         removed = False
@@ -58,27 +57,29 @@ def remove_saturated(run: Run, gm: fx.GraphModule) -> tuple[list, list, Analysis
             removed = True
         if not removed:
             return changes, list(kept.values()), a
+        a = None  # the graph changed; this analysis goes before the next one is made
 
 
-def insert_greedy(run: Run, gm: fx.GraphModule, now) -> tuple[list, list]:
+def insert_greedy(run: Run, gm: fx.GraphModule, now, a: Analysis | None = None) -> tuple[list, list, Analysis]:
     """Insert one conv at a time where the candidate graphs' analysis gives the highest gain (the cheaper place
-    on a tie), while the gain exceeds the threshold and the budgets hold: (changes, declined). `now`: the cost
-    (fxrf.cost.total) of `gm` as it is now."""
+    on a tie), while the gain exceeds the threshold and the budgets hold: (changes, declined, the analysis of `gm`
+    as it is at the end, or None). `now`: the cost (fxrf.cost.total) of `gm` as it is now; a: its analysis, if the
+    caller has one."""
     used = [now.macs, now.params]
     changes, declined = [], []
     closed: set = set()  # (stage, place) that will get nothing more: the graph there does not change any more
     own: set = set()  # the module paths of the convs inserted
     for _ in bar(count(), "organizer: inserting convs, one per round", unit="rounds"):
-        a = None  # the last round's analysis goes before the next one is made
-        a = run.analyze(gm)
+        a = a if a is not None else run.analyze(gm)
         sites, refused, closing = _open_sites(run, a, closed, own)
         declined += refused
         closed |= closing
         if not sites:
-            return changes, declined
+            return changes, declined, (a if run.incremental else None)
         rows = []  # (gain, MACs, stage, place, params): one trial graph per place, every stage at once
         for place in PLACES:
-            rows += score(run, gm, {s: x for (s, p), x in sites.items() if p == place}, place)
+            rows += score(run, gm, {s: x for (s, p), x in sites.items() if p == place}, place, a)
+        last, a = a, None  # the graph changes next (or nothing does and the loop ends): the next round analyses it
         for gain, macs, s, place, params in sorted(rows, key=lambda r: (-(r[0] if r[0] is not None else -1),) + r[1:4]):
             site, where = sites[s, place], PLACES[place]
             why, t = _why_not(run, (gain, macs, params), site, used=used, inserted=len(changes))
@@ -87,6 +88,8 @@ def insert_greedy(run: Run, gm: fx.GraphModule, now) -> tuple[list, list]:
                 closed.add((s, place))
                 continue
             nodes = insert_unit(gm, site)
+            # the next round's analysis: walked again only downstream of the new unit (None: a whole one)
+            a, last = (reanalyze(last, gm, nodes) if run.incremental else None), None
             own.add(nodes[0].target)
             if place == "end":  # a conv inside the block now would come before this one and change its gain
                 closed.add((s, "branch"))
@@ -99,9 +102,9 @@ def insert_greedy(run: Run, gm: fx.GraphModule, now) -> tuple[list, list]:
                                   f"{run.threshold}" + (f"; {site.note}" if site.note else ""),
                                   tuple(n.name for n in nodes), site.point, params, macs, place,
                                   None if run.clock is None else round_ms(t)))
-            break  # the graph changed: analyse again
+            break  # the graph changed: the next round reads its analysis
         else:
-            return changes, declined
+            return changes, declined, (last if run.incremental else None)
 
 
 def _open_sites(run: Run, a: Analysis, closed: set, own: set) -> tuple[dict, list, set]:

@@ -31,7 +31,7 @@ class _Victim:
     time_s: float | None  # latency_budget: its time alone (None: not timed)
 
 
-def swap_paper(run: Run, work: fx.GraphModule) -> tuple[list, list]:
+def swap_paper(run: Run, work: fx.GraphModule, a=None) -> tuple[list, list]:
     """Swap the removable conv of lowest gain for the candidate conv of highest gain while the candidate's gain is
     higher; one swap removes one conv and inserts one, so the number of convs never changes: (changes, declined).
 
@@ -41,21 +41,24 @@ def swap_paper(run: Run, work: fx.GraphModule) -> tuple[list, list]:
     conv that starts a stage, strided, has none): each stage keeps at least one of them, and a stage without one
     gets none, since its first conv's gain would be measured against a 1x1x1 field (large by construction).
     The budgets only skip candidates: the best candidate that fits them is the one compared with the conv removed.
+    a: the analysis of `work` as it is, if the caller has one.
     """
-    now = total(run.analyze(work).costs)
+    a = a if a is not None else run.analyze(work)
+    now = total(a.costs)
     used = (now.macs, now.params)
     changes, own, clock = [], set(), run.clock
     for _ in bar(count(), "organizer (paper): swapping convs, one per round", unit="rounds"):
-        a = run.analyze(work)
+        a = a if a is not None else run.analyze(work)
         victim, kept = _victim(run, a, work, own)
         if victim is None:
             return changes, kept + [Declined("insert", None, None, None, "paper: no conv can be removed (every stage "
                                                                         "keeps one; the others would break the graph)")]
         v = victim.record
-        sites, reasons = _candidate_sites(run, victim.trial, own)
+        sites, reasons, t = _candidate_sites(run, victim.trial, own)
         rows = []
         for place in PLACES:
-            rows += score(run, victim.trial, {s: x for (s, p), x in sites.items() if p == place}, place)
+            rows += score(run, victim.trial, {s: x for (s, p), x in sites.items() if p == place}, place, t)
+        t = None
         rows = sorted((row for row in rows if row[0] is not None), key=lambda row: (-row[0],) + row[1:4])
         base = (used[0] + victim.removal.macs, used[1] + victim.removal.params)
         lat_base = None if clock is None else clock.now - (victim.time_s or 0.0)
@@ -94,6 +97,7 @@ def swap_paper(run: Run, work: fx.GraphModule) -> tuple[list, list]:
         changes.append(remove(work, plan, v, a.costs, time_s=victim.time_s,
                               why=f"paper: the lowest gain of the removable convs ({v.gain:.4f}), swapped for a "
                                   f"conv in stage {s} with gain {gain:.4f}"))
+        a = None  # the graph changed: the next round analyses it
         nodes = insert_unit(work, site)
         own.add(nodes[0].target)
         if clock is not None:  # removal first, as checked: now = (now - t_victim) + t_best
@@ -132,8 +136,8 @@ def _victim(run: Run, a, work: fx.GraphModule, own: set) -> tuple[_Victim | None
     return None, kept
 
 
-def _candidate_sites(run: Run, trial: fx.GraphModule, own: set) -> tuple[dict, list]:
-    """({(stage, place): Site} in the graph without the victim, the stages' reasons for none)."""
+def _candidate_sites(run: Run, trial: fx.GraphModule, own: set) -> tuple[dict, list, object]:
+    """({(stage, place): Site} in the graph without the victim, the stages' reasons for none, its analysis)."""
     t = run.analyze(trial)
     sites, reasons = {}, []
     positions = convs_per_stage(t, with_gain=True)
@@ -151,4 +155,4 @@ def _candidate_sites(run: Run, trial: fx.GraphModule, own: set) -> tuple[dict, l
                 reasons.append(Declined("insert", stage.index, None, None, f"paper: {site}"))
             else:
                 sites[stage.index, place] = site
-    return sites, reasons
+    return sites, reasons, t

@@ -24,7 +24,7 @@ def inexact_gain(a: Analysis, r, cutoff: float) -> str | None:
     stage = a.stages[r.stage] if r.stage is not None else None
     starts = set(stage.inputs) if stage is not None else set()
     unsupported = {name: target for name, target, _ in a.unsupported}
-    nodes = {n.name: n for n in a.graph_module.graph.nodes}
+    nodes = a._nodes
     seen, todo = set(), list(nodes[r.name].all_input_nodes)
     while todo:  # the conv's ancestors inside its stage (stage inputs are references: nothing before them counts)
         n = todo.pop()

@@ -65,12 +65,12 @@ def sites(a: Analysis, stage: Stage, kernel_size: int | None) -> dict:
         return {"end": "the stage holds no conv to take the pattern from"}
     maps = {n for n in members if _is_map(rec[n.name], stage)}
     inside = maps | _returning({n for n in members if n not in maps}, maps)  # + gates (SE) that come back
-    exits = [n for n in maps if any(u not in inside for u in n.users)]
+    exits = [n for n in members if n in maps and any(u not in inside for u in n.users)]  # graph order: not a set's
     if not exits:
         return {"end": "no value of the stage is used after it"}
-    view = _StageNodes(a, stage, rec, convs, dict(gm.named_modules()))
+    view = _StageNodes(a, stage, rec, convs, a._modules)
     candidates = [n for n in reversed(members) if n in maps and _channels_first(rec[n.name], stage)]
-    cuts = {p: _is_cut(p, exits, inside) for p in candidates}
+    cuts = _Cuts(exits, inside)  # asked lazily: the search stops near the stage's end (_is_cut walks the stage)
     end = next((p for p in candidates if cuts[p]), None)
     last_block = []  # the branch nodes after the last fork (a cut point with several users) before `end`
     for q in candidates[candidates.index(end) + 1:] if end is not None else []:
@@ -151,6 +151,18 @@ def _returning(attached: set, maps: set) -> set:
                 found.add(m)
                 todo.append(m)
     return found
+
+
+class _Cuts(dict):
+    """{point: _is_cut(point, exits, inside)}, each computed on first use."""
+
+    def __init__(self, exits, inside):
+        super().__init__()
+        self.exits, self.inside = exits, inside
+
+    def __missing__(self, point):
+        self[point] = _is_cut(point, self.exits, self.inside)
+        return self[point]
 
 
 def _is_cut(point, exits, inside) -> bool:
