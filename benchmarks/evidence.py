@@ -26,7 +26,7 @@ confounded gain with stage. This script answers the same claims with controls:
 The primary comparisons are named in PRIMARY before the run; p-values of the others are Holm-corrected together.
 
     python benchmarks/evidence.py --quick      # under 3 minutes: 2 seeds, one task per section, short caps
-    python benchmarks/evidence.py              # the full run: 10 seeds (about an hour on one thread)
+    python benchmarks/evidence.py              # the full run: 10 seeds (several CPU-hours; split it with --tasks)
     python benchmarks/evidence.py --render docs/evidence.json   # re-render docs/accuracy.md's opening only
 
 Writes out/evidence[_quick].json after every task (a resumed run skips what it has) and, for the full run,

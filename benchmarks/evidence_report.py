@@ -195,8 +195,9 @@ def render(doc: dict) -> str:
            + (f", {doc['processes']} processes side by side" if doc.get("processes") else "") + ". Versions: "
            + ", ".join(f"{k} {val}" for k, val in v.items() if val) + ". Wall times (s): "
            + ", ".join(f"{k} {s}" for k, s in secs.items()) + ".", "",
-           "Reproduce: `python benchmarks/evidence.py` (about an hour on one thread; `--tasks` and `--json` split "
-           "it over processes, `--merge` joins them), `--quick` for under 3 minutes; `python benchmarks/evidence.py "
+           "Reproduce: `python benchmarks/evidence.py` (the wall times above were taken with four processes and other "
+           "jobs sharing two cores; `--tasks` and `--json` split a run over processes, `--merge` joins them), "
+           "`--quick` for under 3 minutes; `python benchmarks/evidence.py "
            "--render docs/evidence.json` renders this page again.", "",
            "Protocol: every run stops early on a validation split carved from its training data (the test set is "
            "read once, at the state kept); seeds are paired (split, batch order, initialisation); every arm of a "
