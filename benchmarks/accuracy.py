@@ -425,10 +425,11 @@ def proxy(mode: dict, log) -> dict:
 # ---------------------------------------------------------------------------------------------------- runner
 
 
-def versions() -> dict:
+def versions(extra=()) -> dict:
+    """Python, platform, torch, threads, the packages the figures depend on (and `extra` ones), the git commit."""
     out = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
            "threads": torch.get_num_threads()}
-    for pkg in ("numpy", "scipy", "scikit-learn", "mnist1d", "tqdm", "fxrf"):
+    for pkg in ("numpy", "scipy", "scikit-learn", "mnist1d", "tqdm", "fxrf") + tuple(extra):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

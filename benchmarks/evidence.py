@@ -622,21 +622,8 @@ def _write(doc, path):
 
 
 def versions() -> dict:
-    import platform
-    import subprocess
-    from importlib import metadata
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("numpy", "scipy", "torch-pruning", "mnist1d", "scikit-learn"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    try:
-        out["fxrf commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                            text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        out["fxrf commit"] = None
-    return out
+    from accuracy import versions as accuracy_versions  # round one's record, plus the pruning baseline
+    return accuracy_versions(extra=("torch-pruning",))
 
 
 def main(argv=None) -> int:
