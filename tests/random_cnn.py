@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hypothesis import assume
 from hypothesis import strategies as st
 
 
@@ -87,3 +88,12 @@ def random_cnns(draw, max_ops: int = 6):
     specs = draw(st.lists(_op, min_size=1, max_size=max_ops))
     torch.manual_seed(draw(st.integers(0, 2 ** 16)))
     return RandomCNN(cin, specs).eval(), (1, cin, size, size)
+
+
+def assume_runnable(model: nn.Module, shape: tuple) -> None:
+    """Reject a drawn net that pools its map away (its forward raises): not a model anyone could run."""
+    try:
+        with torch.no_grad():
+            model(torch.zeros(shape))
+    except RuntimeError:
+        assume(False)

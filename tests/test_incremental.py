@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
 import fxrf
@@ -15,7 +15,7 @@ from fxrf.passes.organizer import context
 from fxrf.passes.organizer.sites import sites as stage_sites
 from fxrf.passes.organizer.units import insert_unit
 from fxrf.passes.surgery import add_modules, insert_after
-from random_cnn import random_cnns
+from random_cnn import assume_runnable, random_cnns
 import tv_models
 
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -65,11 +65,7 @@ def _check_every_site(model, shape, **kw):
 @given(random_cnns())
 def test_extend_equals_a_whole_analysis_random_cnns(case):
     model, shape = case
-    try:
-        with torch.no_grad():
-            model(torch.zeros(shape))
-    except RuntimeError:  # the random net pooled its map away
-        assume(False)
+    assume_runnable(model, shape)
     n = _check_every_site(model, shape)
     event(f"sites checked: {min(n, 3)}{'+' if n >= 3 else ''}")
     _check_every_site(model, shape, spatial_cap=False)
@@ -113,11 +109,7 @@ def _check_reanalyze(model, shape, **kw):
 @given(random_cnns())
 def test_reanalyze_equals_a_whole_analysis_random_cnns(case):
     model, shape = case
-    try:
-        with torch.no_grad():
-            model(torch.zeros(shape))
-    except RuntimeError:
-        assume(False)
+    assume_runnable(model, shape)
     n = _check_reanalyze(model, shape)
     event(f"sites checked: {min(n, 3)}{'+' if n >= 3 else ''}")
     _check_reanalyze(model, shape, spatial_cap=False)
@@ -186,11 +178,7 @@ def _both(monkeypatch, model, shape, **kw):
 @given(random_cnns())
 def test_organizer_equals_whole_analyses_random_cnns(monkeypatch, case):
     model, shape = case
-    try:
-        with torch.no_grad():
-            model(torch.zeros(shape))
-    except RuntimeError:
-        assume(False)
+    assume_runnable(model, shape)
     for kw in ({}, {"threshold": 0.0, "macs_budget": None, "max_insertions": 4}, {"strategy": "paper"}):
         fast, whole = _both(monkeypatch, model, shape, **kw)
         assert fast == whole
