@@ -504,7 +504,7 @@ def decomposer_seed(task: str, seed: int, mode: dict) -> dict:
     students["fxrf.prune"] = fxrf.prune(teacher, shape, macs=target, calibration=calib,
                                         calibration_batches=CAL_BATCHES, seed=seed).model
     for arm, s in students.items():
-        r = distill(s, teacher, data.loader() * 1, epochs=mode["distill_epochs"], seed=seed, progress=False,
+        r = distill(s, teacher, data.loader(), epochs=mode["distill_epochs"], seed=seed, progress=False,
                     **DISTILL)
         row[arm] = {"macs": macs_of(s, shape) / base, "params": params_of(s) / params_of(teacher),
                     "calibrated": accuracy(s, data.test)[0], "distilled": accuracy(r.model, data.test)[0]}

@@ -118,7 +118,6 @@ def organizer_md(doc: dict, task: str, o: dict) -> list:
            f"({', '.join(o['changes']) or 'no change'}); it has {o['count']} convs, and {o['n_equal']} layouts with "
            f"1-4 convs per stage have as many ({len(o['set']) - 1} of them trained here, a fixed random sample where "
            f"there are more).", ""]
-    names = {v: k for k, v in o["arms"].items()}
     out += ["| layout | role | params | sum of gains | test % (mean ± sd) |", "|---|---|---|---|---|"]
     acc = {k: [r["test"] for r in v] for k, v in o["runs"].items()}
     keys = list(o["set"]) + [k for k in o["arms"].values() if k not in o["set"]]
@@ -135,7 +134,6 @@ def organizer_md(doc: dict, task: str, o: dict) -> list:
             "| comparison (paired over seeds) | difference, points | wins/losses | Holm p |", "|---|---|---|---|"]
     for name, t in o["tests"].items():
         out.append(f"| {name} | {_pm(t)} | {t['wins']}/{t['losses']} | {_p(_adj(doc, 'organizer', task, name))} |")
-    del names
     return out + [""]
 
 
@@ -147,8 +145,9 @@ def insertions_md(doc: dict, task: str, i: dict) -> list:
     for v, d in zip(i["variants"], i["delta"]):
         s, k, dil = json.loads(v.replace("(", "[").replace(")", "]"))
         info = i["info"][v]
+        from scipy import stats
         m, sd = _mean(d), _sd(d)
-        ci = 2.262 * sd / math.sqrt(len(d)) if len(d) == 10 else 1.96 * sd / math.sqrt(len(d))
+        ci = stats.t.ppf(0.975, len(d) - 1) * sd / math.sqrt(len(d)) if len(d) > 1 else float("nan")
         out.append(f"| {s} | {k} | {dil} | {info['gain']:.3f} | {info['params']} | {m:+.2f} ± {ci:.2f} |")
     out += ["", "| predictor of Δ accuracy | Spearman rho | 95% bootstrap over seeds |", "|---|---|---|"]
     for name, s in i["spearman"].items():

@@ -42,7 +42,6 @@ import copy
 import datetime
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -317,17 +316,10 @@ def child(name: str, side: str, timeout: float) -> dict:
 
 
 def versions() -> dict:
-    import torch
     import torch_pruning
-    import torchvision
-    out = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-           "torch_pruning": torch_pruning.__version__}
-    for mod in ("timm", "transformers"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except ImportError:
-            out[mod] = None
-    out["machine"] = f"{platform.machine()}, {os.cpu_count()} cpus"
+    from coverage import versions as coverage_versions  # python, torch, torchvision, timm, transformers, machine
+    out = coverage_versions()
+    out["torch_pruning"] = torch_pruning.__version__
     try:  # the fxrf code measured: the repository's commit, "+" if the working tree differs from it
         here = os.path.dirname(os.path.abspath(__file__))
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
