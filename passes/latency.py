@@ -37,12 +37,15 @@ fake one; the default runs the module: warm-up, then timed calls until the estim
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import json
 import math
 import os
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -54,6 +57,7 @@ import torch.nn as nn
 from fxrf.errors import InputError
 from fxrf.progress import bar, tick
 
+from . import prefetch
 from .blocks import CATALOG, Kind, Pattern, Recipe, build, emit, model_pattern, parse, signature
 
 MODES = ("eager", "compile")
@@ -174,6 +178,54 @@ def site_module(recipe: Recipe | str, conv: nn.Conv2d, pattern: Pattern = Patter
             x = graph.create_node("call_module", name, (x,), {}, name=name)
     graph.output(x)
     return fx.GraphModule(root, graph).eval()
+
+
+def site_input(in_shape: tuple, device: str, mode: str) -> torch.Tensor:
+    """The random input a site is timed on."""
+    x = torch.randn(in_shape, device=device)
+    if mode == "compile" and x.device.type == "cpu":
+        # inductor runs every conv of a CPU graph channels-last (graph.py, decide_layout_opt: always, with
+        # mkldnn), converting the model's input once; a site alone on an NCHW input would pay that conversion
+        # per block (a read and a write of its input: most of a depthwise block's time) and time 20-90% slow
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def compile_site(recipe: Recipe, conv_sig: tuple, pattern: Pattern, shift: int, in_shape: tuple) -> None:
+    """Build and compile the site `LatencyModel.time` times for these keys (CPU), and run it once (inductor
+    compiles on the first call): the graph lands in inductor's FX graph cache, where the timing finds it."""
+    gm = site_module(recipe, nn.Conv2d(*_conv_args(conv_sig)), pattern, shift, "cpu")
+    x = site_input(in_shape, "cpu", "compile")
+    with torch.no_grad():
+        compiled(gm, x)(x)
+
+
+def compile_model(model: nn.Module, in_shape: tuple) -> None:
+    """Compile `model` as `LatencyModel.compare` runs it, and run it once (into the FX graph cache)."""
+    x = torch.randn(in_shape)
+    with torch.no_grad():
+        compiled(model, x)(x)
+
+
+def _site_job(recipe: Recipe, conv_sig: tuple, pattern: Pattern, shift: int, in_shape: tuple, threads: int):
+    """A site as a compile worker gets it: the recipe without its weight transfer (a function the catalog
+    defines inline, which pickle cannot carry, and which building a block for timing never calls)."""
+    bare = dataclasses.replace(recipe, kind=dataclasses.replace(recipe.kind, factorize=None))
+    return prefetch.pack(("site", threads, bare, tuple(conv_sig), pattern, int(shift), tuple(in_shape)))
+
+
+def _compile_job(job) -> None:
+    what, threads, *args = job
+    torch.set_num_threads(threads)  # the timing process's count: a cpp kernel's code depends on it
+    (compile_site if what == "site" else compile_model)(*args)
+
+
+def serve_compiles() -> None:
+    """A compile worker's loop (passes/prefetch.py)."""
+    prefetch.serve(_compile_job)
+
+
+WORKER = f"{__name__}:serve_compiles"
 
 
 def conv_pattern(gm: fx.GraphModule) -> Pattern:
@@ -300,6 +352,7 @@ def default_timer(iters: int = 20, warmup: int = 2, budget_s: float = 0.5, stat:
                 if i + 1 >= 3 and (settled(times, stat, rel) or time.perf_counter() - start > budget_s):
                     break
         return pick(times)
+    timer.runs = True  # it calls the module (so compiles it): compiling ahead helps it (`LatencyModel.prefetch`)
     return timer
 
 
@@ -317,7 +370,8 @@ class LatencyModel:
     """
 
     def __init__(self, device: str = "cpu", batch: int = 1, mode: str = "compile", *, threads: int | None = None,
-                 cache: str | os.PathLike | None = "default", timer: Timer | None = None):
+                 cache: str | os.PathLike | None = "default", timer: Timer | None = None,
+                 workers: int | None = None):
         if mode not in MODES:
             raise InputError(f"latency: mode {mode!r} is unknown; use {' or '.join(MODES)}")
         if int(batch) < 1:
@@ -330,6 +384,9 @@ class LatencyModel:
         if self.path is not None:
             _check_cache_path(self.path)
         self.timer = timer or default_timer()
+        self.workers = prefetch.default_workers() if workers is None else max(0, int(workers))
+        self._ahead: prefetch.Prefetcher | None = None
+        self._ahead_keys: set = set()
         # whole models: the median of a round's calls, the typical latency a user sees; the minimum, right for a
         # block's own cost, favours a model whose memory-bound kernels vary most with the load
         self.model_timer = timer or default_timer(iters=15, budget_s=1.0, stat="median")
@@ -389,6 +446,62 @@ class LatencyModel:
             return self.time(unpermuted(recipe), conv, in_shape, pattern), False
         return self.time(recipe, conv, in_shape, pattern, shift), True
 
+    @contextmanager
+    def ahead(self):
+        """Within the block, `prefetch` keeps its worker processes between calls; they are closed at its end."""
+        if self._ahead is not None:
+            yield self
+            return
+        self._ahead = prefetch.Prefetcher(self.workers, WORKER)
+        try:
+            yield self
+        finally:
+            self._ahead.close()
+            self._ahead = None
+
+    def prefetch(self, items, pattern: Pattern = Pattern(), bounds: bool = False) -> int:
+        """Compile ahead, at once in this process and `workers` worker processes (passes/prefetch.py), the sites
+        `time` would build for `items` ((recipe, conv, in_shape, shift) each; with `bounds`, what `bound` would
+        time: the block without its permutation where it has one) that are not measured yet; returns how many
+        were compiled. A head start only: no figure changes, and it does nothing unless this model compiles on
+        the CPU with a timer that runs the module (`default_timer`), inductor's FX graph cache is on, there are workers and 2 sites or more."""
+        if not self._can_prefetch():
+            return 0
+        jobs, seen, threads = [], set(), torch.get_num_threads()
+        for recipe, conv, in_shape, shift in items:
+            recipe = parse(recipe)
+            if self.known(recipe, conv, in_shape, pattern, shift) is not None:
+                continue
+            if bounds and _permutes(recipe, shift):
+                recipe, shift = unpermuted(recipe), 0
+            if recipe.kind.rotates and not shift:
+                recipe = unpermuted(recipe)
+            probe = self.probe(recipe, conv, in_shape, pattern, shift)
+            key = probe.key()
+            if key in seen or key in self._ahead_keys or self.known(recipe, conv, in_shape, pattern, shift) is not None:
+                continue
+            seen.add(key)
+            sig = signature(conv)
+            jobs.append((f"{probe.recipe} at {probe.in_shape}",
+                         _site_job(recipe, sig, pattern, probe.shift, probe.in_shape, threads),
+                         functools.partial(compile_site, recipe, sig, pattern, probe.shift, probe.in_shape)))
+        if len(jobs) < 2:
+            return 0  # one compile has nothing to overlap with: it is compiled when timed
+        self._ahead_keys |= seen  # compiled ahead once: a later prefetch does not send it again
+        with self.ahead():
+            before = self._ahead.compiled
+            self._ahead.run(jobs)
+            tick("compiled ahead", self._ahead.compiled - before)
+            return self._ahead.compiled - before
+
+    def _can_prefetch(self) -> bool:
+        # a timer that never calls the module (a fake one) compiles nothing: nothing to compile ahead for it
+        runs = getattr(self.timer, "runs", False)
+        if not (self.workers and runs and self.mode == "compile" and torch.device(self.device).type == "cpu"):
+            return False
+        import torch._inductor.config as inductor_config
+        return bool(inductor_config.fx_graph_cache) and not inductor_config.force_disable_caches
+
     def time_conv(self, conv: nn.Conv2d, in_shape: tuple, pattern: Pattern = Pattern()) -> float:
         """Seconds per call of `conv` alone, then the model's norm and activation (`pattern`: `conv_pattern(gm)`),
         on an input of `in_shape`: what inserting or removing that conv costs. The same site (and cache entry) as
@@ -431,6 +544,7 @@ class LatencyModel:
             return {k: tuple(v) for k, v in got.items()}
         x = torch.randn(next(iter(probes.values())).in_shape, device=self.device)
         fns = {k: self._callable(m, x) for k, m in models.items()}
+        self._compile_models(models, fns, x)
         times: dict = {k: [] for k in models}
         what = f"timing {', '.join(models)} in alternation ({self.mode}, {self.device}, batch {self.batch})"
         for _ in bar(range(rounds), what, unit="rounds"):  # the first round compiles (mode "compile")
@@ -440,6 +554,21 @@ class LatencyModel:
         figures[key] = times
         self._save(key, times)
         return {k: tuple(v) for k, v in times.items()}
+
+    def _compile_models(self, models: dict, fns: dict, x: torch.Tensor) -> None:
+        """The models of a comparison compiled at once before its first round (`prefetch`): this process builds
+        its callables (`fns`) for some, workers fill inductor's cache for the others (a cache hit in round 1)."""
+        if len(models) < 2 or not self._can_prefetch():
+            return
+        threads = torch.get_num_threads()
+
+        def first_call(fn):
+            with torch.no_grad():
+                fn(x)
+        jobs = [(k, prefetch.pack(("model", threads, m, tuple(x.shape))), functools.partial(first_call, fns[k]))
+                for k, m in models.items()]
+        with self.ahead():
+            self._ahead.run(jobs)
 
     def _model_probe(self, model: nn.Module, in_shape: tuple, label: str) -> Probe:
         return Probe("model", 0, (fingerprint(model),), (self.batch,) + tuple(in_shape[1:]), (), self.mode,
@@ -451,12 +580,7 @@ class LatencyModel:
 
     def _measure(self, recipe: Recipe, conv: nn.Conv2d, pattern: Pattern, probe: Probe) -> float:
         gm = site_module(recipe, conv, pattern, probe.shift, self.device)
-        x = torch.randn(probe.in_shape, device=self.device)
-        if self.mode == "compile" and x.device.type == "cpu":
-            # inductor runs every conv of a CPU graph channels-last (graph.py, decide_layout_opt: always, with
-            # mkldnn), converting the model's input once; a site alone on an NCHW input would pay that conversion
-            # per block (a read and a write of its input: most of a depthwise block's time) and time 20-90% slow
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = site_input(probe.in_shape, self.device, self.mode)
         return self._checked(self.timer(self._callable(gm, x), x, probe), probe)
 
     def _callable(self, module: nn.Module, x: torch.Tensor) -> Callable:

@@ -18,6 +18,24 @@ def test_each_prediction_row_is_checked_against_10_percent():
     assert "predicted 7.50 ms, measured 10.00 ms" in checks[1]["detail"] and "-10.0%" in checks[1]["detail"]
 
 
+def test_the_prediction_is_checked_against_the_ratio_timed_in_alternation():
+    from bench_models import prediction_checks, predictions
+    lm = {"mode": "compile", "saved_ms": 3.0, "sites_ms": 6.0, "conv_ms": 4.0, "block_ms": 1.0}
+    results = [_result("resnet18", 1, "compile", 10.0, device="cpu"),
+               _result("resnet18/auto-macs", 1, "compile", 4.0, device="cpu", latency_model=lm)]
+    pairs = [{"a": "resnet18/auto-macs", "b": "resnet18", "device": "cpu", "batch": 1, "ratio": 0.55}]
+    (q,) = predictions(results, pairs)
+    # by hand: scaled = 10 * (1 - 3/6) = 5 ms against 4 ms measured in separate runs: +25%; the predicted ratio
+    # 1 - 3/6 = 0.5 against 0.55 measured in alternation: 0.5 / 0.55 - 1 = -9.09%
+    assert q["scaled_ms"] == pytest.approx(5.0) and q["scaled_error"] == pytest.approx(0.25)
+    assert q["predicted_ratio"] == pytest.approx(0.5) and q["paired_error"] == pytest.approx(-1 / 11)
+    (check,) = prediction_checks([q])
+    assert check["ok"] and check["value"] == -0.091 and "ratio to the model" in check["check"]
+    assert "measured 0.550 (alternating pairs)" in check["detail"] and "+25.0%" in check["detail"]
+    (alone,) = predictions(results)  # no pair: the separate runs' error is what is checked
+    assert "paired_error" not in alone and not prediction_checks([alone])[0]["ok"]
+
+
 def _result(model, batch, mode, ms, **extra):
     return {"model": model, "batch": batch, "mode": mode, "median_ms": ms, "macs": 1_000_000_000, **extra}
 

@@ -185,3 +185,83 @@ def test_the_search_shows_progress_on_stderr(capsys, monkeypatch):
     monkeypatch.setenv("FXRF_PROGRESS", "0")  # the usual switch silences it
     fxrf.decompose(_net(), SHAPE, objective="latency", latency=lm, verify=0)
     assert capsys.readouterr().err == ""
+
+
+def test_every_block_the_search_times_was_compiled_ahead_once(monkeypatch):
+    # the prefetch lists (`_needed`, the contenders' pending blocks) against what the search then times: a timed
+    # block missing from them would be compiled alone, when timed; a fake timer with compiling ahead forced on,
+    # and the compiles themselves recorded instead of run
+    from fxrf.passes import prefetch
+    sent = []
+    monkeypatch.setattr(LatencyModel, "_can_prefetch", lambda self: True)
+    monkeypatch.setattr(prefetch.Prefetcher, "run", lambda self, jobs: sent.extend(w for w, _, _ in jobs))
+    for table in ({"S": 1.0, "DW+PW": 0.9, "DW+GPW-g8": 0.2, "DW+GPW-g4": 0.3},  # rotated blocks contend
+                  {"S": 1.0, "DW+PW": 0.5, "GC+shuffle-g8": 0.2, "GC+shuffle-g4": 0.22}):  # shuffles contend
+        sent.clear()
+        timer = Table(table)
+        lm = LatencyModel("cpu", batch=1, mode="compile", cache=None, timer=timer, workers=1)
+        fxrf.decompose(_net(), SHAPE, objective="latency", latency=lm, verify=0)
+        timed = [f"{p.recipe} at {p.in_shape}" for p in timer.probes]
+        assert any(p.shift for p in timer.probes) or any("shuffle" in p.recipe for p in timer.probes)
+        assert set(timed) <= set(sent), set(timed) - set(sent)
+        assert len(sent) == len(set(sent))  # nothing sent twice
+
+
+def test_a_prefetched_site_is_a_cache_hit_when_timed(tmp_path):
+    # two sites compiled ahead (one in a worker process, one here: whichever takes which), then timed for real:
+    # inductor's own counters say the timing compiled nothing new. Shapes drawn per run, so the graphs are
+    # unlikely to be in the cache from an earlier run.
+    import random
+    from torch._dynamo.utils import counters
+    rng = random.Random()
+    c, h, w = rng.randrange(8, 64), rng.randrange(9, 64), rng.randrange(9, 64)
+    conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+    shape = (1, c, h, w)
+    lm = LatencyModel("cpu", batch=1, mode="compile", cache=tmp_path / "lat.json", workers=1,
+                      timer=None)
+    with lm.ahead():
+        assert lm.prefetch([("S", conv, shape, 0), ("DW+PW", conv, shape, 0)]) == 2
+        assert lm._ahead.failed == [] and len(lm._ahead._procs) == 1
+        hits, misses = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+        for recipe in ("S", "DW+PW"):
+            assert lm.time(recipe, conv, shape) > 0
+        assert counters["inductor"]["fxgraph_cache_hit"] - hits == 2
+        assert counters["inductor"]["fxgraph_cache_miss"] == misses
+        procs = list(lm._ahead._procs)
+    assert lm._ahead is None and all(p.poll() is not None for p in procs)  # the workers are gone with the block
+    assert lm.prefetch([("S", conv, shape, 0), ("DW+PW", conv, shape, 0)]) == 0  # measured: nothing to compile
+
+
+def test_compiling_ahead_is_off_where_it_cannot_help(monkeypatch):
+    from fxrf.errors import InputError
+    from fxrf.passes import prefetch
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    items = [("S", conv, (1, 8, 9, 9), 0), ("DW+PW", conv, (1, 8, 9, 9), 0)]
+    fake = lambda fn, x, probe: 1e-3  # noqa: E731
+    assert LatencyModel("cpu", cache=None, timer=fake, workers=2).prefetch(items) == 0  # a fake timer
+    assert LatencyModel("cpu", mode="eager", cache=None, workers=2).prefetch(items) == 0  # nothing compiles
+    assert LatencyModel("cpu", cache=None, workers=0).prefetch(items) == 0  # turned off
+    monkeypatch.setenv(prefetch.ENV, "0")
+    assert LatencyModel("cpu", cache=None).workers == 0
+    monkeypatch.setenv(prefetch.ENV, "3")
+    assert LatencyModel("cpu", cache=None).workers == 3
+    monkeypatch.setenv(prefetch.ENV, "many")
+    with pytest.raises(InputError, match="FXRF_COMPILE_WORKERS"):
+        LatencyModel("cpu", cache=None)
+
+
+@pytest.mark.parametrize("cpus, load, expected", [
+    (8, 2.5, 5),    # 8 - 2.5 = 5.5 CPUs idle: 5 workers
+    (8, 0.0, 7),    # all idle: one less than the CPUs (this process compiles too)
+    (16, 0.0, 7),   # at most 7
+    (2, 0.3, 1),    # a quiet 2-CPU machine: one worker beside this process
+    (2, 1.8, 0),    # another process keeps a CPU busy: none
+    (4, 9.0, 0),    # overloaded: none
+])
+def test_the_default_worker_count_is_the_idle_cpus(monkeypatch, cpus, load, expected):
+    import os
+    from fxrf.passes import prefetch
+    monkeypatch.delenv(prefetch.ENV, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    assert prefetch.default_workers() == expected

@@ -112,17 +112,42 @@ def _search(run: Run, gm: fx.GraphModule, objective: str) -> tuple[dict, dict]:
     stages = _stages(run)
     labels = _label_plans(stages) if objective == "macs" else None
     quality = _quality(run, gm)
-    plan, tried = {}, {}
-    lm, steps = run.latency, stages
-    if objective == "latency":  # a bar on stderr (fxrf.progress), its block timings counted in it ("timed")
+    if objective != "latency":
+        return _stage_loop(run, stages, objective, labels, quality)
+    lm = run.latency
+    # a bar on stderr (fxrf.progress), its block timings counted in it ("timed"); the sites each stage is about
+    # to time are compiled ahead, all at once (`LatencyModel.prefetch`)
+    with lm.ahead():
         steps = bar(stages, f"latency search ({lm.mode}, {lm.device}, batch {lm.batch})", unit="stages")
+        return _stage_loop(run, steps, objective, labels, quality)
+
+
+def _stage_loop(run: Run, steps, objective: str, labels, quality) -> tuple[dict, dict]:
+    plan, tried, lm = {}, {}, run.latency
     for stage in steps:
         log, checked = [], set()
+
+        def verdict(o: _Option, stage=stage) -> bool | None:
+            """None: a block is not compact; else whether the stage meets quality (cached per scope)."""
+            if not all(measure(u, c, s.in_shape, run.pattern).compact
+                       for u, c, s in zip(o.used, stage.convs, stage.sites) if not u.keeps):
+                return None
+            return True if all(u.keeps for u in o.used) else quality(*o.scope)[stage.index]
+        if objective == "latency":
+            lm.prefetch(_needed(stage, run.pattern), run.pattern, bounds=True)
         while True:
             options = _timed(run, stage) if objective == "latency" else _costed(run, stage, labels)
             chosen, again = None, False
-            for o in sorted(options, key=lambda o: o.rank):
+            ranked = sorted(options, key=lambda o: o.rank)
+            for i, o in enumerate(ranked):
                 if o.pending:  # its rank is a lower bound: time what it needs, then rank again
+                    # the contenders, compiled ahead at once: every option ranked before the next exact one not
+                    # yet refused waits for its blocks in turn, unless the timings put that exact one first (then
+                    # some of these compiles were spent for nothing)
+                    exact = next((j for j in range(i, len(ranked)) if not ranked[j].pending
+                                  and ranked[j].scope[0] not in checked and verdict(ranked[j])), len(ranked))
+                    lm.prefetch([(r, c, s.in_shape, sh) for q in ranked[i:exact] for r, c, s, sh in q.pending],
+                                run.pattern)
                     for recipe, conv, site, shift in o.pending:
                         lm.time(recipe, conv, site.in_shape, run.pattern, shift)
                     again = True
@@ -130,11 +155,8 @@ def _search(run: Run, gm: fx.GraphModule, objective: str) -> tuple[dict, dict]:
                 if o.scope[0] in checked:
                     continue
                 checked.add(o.scope[0])
-                compact = all(measure(u, c, s.in_shape, run.pattern).compact
-                              for u, c, s in zip(o.used, stage.convs, stage.sites) if not u.keeps)
-                ok = None if not compact else True if all(u.keeps for u in o.used) else \
-                    quality(*o.scope)[stage.index]
-                log.append(Trial(o.label, o.macs, o.params, ok, compact, o.time_ms))
+                ok = verdict(o)
+                log.append(Trial(o.label, o.macs, o.params, ok, ok is not None, o.time_ms))
                 if ok:
                     chosen = o
                     break
@@ -144,6 +166,25 @@ def _search(run: Run, gm: fx.GraphModule, objective: str) -> tuple[dict, dict]:
             plan.update({s.node: u for s, u in zip(stage.sites, chosen.used)})
         tried[stage.index] = tuple(log)
     return plan, tried
+
+
+def _needed(stage: _Stage, pattern) -> list:
+    """(recipe, conv, in_shape, shift) of what `_timed` times for `stage` before it can rank: each site's conv,
+    and every compact block of every assignment (rotated as `_apply` would emit it, if the blocks before it are
+    kept). An estimate for `LatencyModel.prefetch` (which blocks are kept depends on the timings): what it
+    misses is compiled when it is timed."""
+    out = [(KEEP, c, s.in_shape, 0) for c, s in zip(stage.convs, stage.sites)]
+    for assignment in stage.assignments:
+        used = _usable(assignment, stage)
+        if any(not u.keeps and not measure(u, c, s.in_shape, pattern).compact
+               for u, c, s in zip(used, stage.convs, stage.sites)):
+            continue
+        rotated = False
+        for u, c, s in zip(used, stage.convs, stage.sites):
+            if not u.keeps:
+                out.append((u, c, s.in_shape, u.shift(c) if rotated else 0))
+                rotated = rotated or u.kind.rotates
+    return out
 
 
 def _stages(run: Run) -> list[_Stage]:
