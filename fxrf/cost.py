@@ -76,7 +76,7 @@ import torch.nn as nn
 from .ops import KINDS, Call, Op, OpTable, TMeta, default_table
 from .shapes import fetch_attr
 
-__all__ = ["Cost", "KINDS", "node_cost", "model_cost", "total", "uncounted"]
+__all__ = ["Cost", "KINDS", "node_cost", "model_cost", "params_by_node", "as_meta", "total", "uncounted"]
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def _rule_for(gm: torch.fx.GraphModule, node: torch.fx.Node, table: OpTable) -> 
     return (op if op is not None and op.cost is not None else None), module
 
 
-def _as_meta(gm: torch.fx.GraphModule, value: Any) -> Any:
+def as_meta(gm: torch.fx.GraphModule, value: Any) -> Any:
     """A node argument as cost rules see it: tensors as TMeta (from tensor_meta, or the fetched constant)."""
     if isinstance(value, torch.fx.Node):
         shape = _shape_of(gm, value)
@@ -138,9 +138,9 @@ def _as_meta(gm: torch.fx.GraphModule, value: Any) -> Any:
 
 
 def _call(gm: torch.fx.GraphModule, node: torch.fx.Node, module) -> Call:
-    args = torch.fx.node.map_aggregate(node.args, lambda v: _as_meta(gm, v))
-    kwargs = torch.fx.node.map_aggregate(node.kwargs, lambda v: _as_meta(gm, v))
-    return Call(node, module, tuple(args), dict(kwargs), out=_as_meta(gm, node))
+    args = torch.fx.node.map_aggregate(node.args, lambda v: as_meta(gm, v))
+    kwargs = torch.fx.node.map_aggregate(node.kwargs, lambda v: as_meta(gm, v))
+    return Call(node, module, tuple(args), dict(kwargs), out=as_meta(gm, node))
 
 
 def _is_costed(node: torch.fx.Node) -> bool:
@@ -157,8 +157,10 @@ def _attr_param(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor |
     return obj if isinstance(obj, torch.Tensor) else None
 
 
-def _params_by_node(gm: torch.fx.GraphModule, table: OpTable) -> dict[str, int]:
-    """Parameter count owned by each costed node; each tensor counted once."""
+def params_by_node(gm: torch.fx.GraphModule, table: OpTable | None = None) -> dict[str, int]:
+    """Parameter count owned by each costed node; each tensor counted once (a whole-graph walk: a caller costing
+    many nodes of one graph passes it to `node_cost` once)."""
+    table = default_table() if table is None else table
     claims: dict[str, list[torch.Tensor]] = {}
     for node in gm.graph.nodes:
         if node.op != "get_attr" or (t := _attr_param(gm, node)) is None:
@@ -235,14 +237,15 @@ def _cost(gm: torch.fx.GraphModule, node: torch.fx.Node, params: Mapping[str, in
     return Cost(params.get(node.name, 0), int(macs), int(extra), op.kind)
 
 
-def node_cost(gm: torch.fx.GraphModule, node: torch.fx.Node, table: OpTable | None = None) -> Cost | None:
+def node_cost(gm: torch.fx.GraphModule, node: torch.fx.Node, table: OpTable | None = None,
+              params: Mapping[str, int] | None = None) -> Cost | None:
     """Cost of one node; ``None`` for placeholder/get_attr/output and non-tensor nodes.
 
-    Parameter ownership is a whole-graph property (each parameter counted once),
-    so this walks the graph; use :func:`model_cost` for all nodes at once.
+    Parameter ownership is a whole-graph property (each parameter counted once), so without `params` (the
+    counts by node, :func:`params_by_node`) this walks the graph; use :func:`model_cost` for all nodes at once.
     """
     table = table or default_table()
-    return _cost(gm, node, _params_by_node(gm, table), table)
+    return _cost(gm, node, params_by_node(gm, table) if params is None else params, table)
 
 
 def model_cost(gm: torch.fx.GraphModule, table: OpTable | None = None) -> dict[str, Cost]:
@@ -251,7 +254,7 @@ def model_cost(gm: torch.fx.GraphModule, table: OpTable | None = None) -> dict[s
     if any(n.op != "output" for n in nodes) and not any("tensor_meta" in n.meta for n in nodes):
         raise ValueError("no node carries meta['tensor_meta']; run torch.fx.passes.shape_prop.ShapeProp first")
     table = table or default_table()
-    params = _params_by_node(gm, table)
+    params = params_by_node(gm, table)
     costs = {n.name: _cost(gm, n, params, table) for n in nodes}
     return {name: c for name, c in costs.items() if c is not None}
 

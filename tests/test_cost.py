@@ -380,3 +380,17 @@ def test_fxrf_trace_counts_params_of_tuple_returning_modules():
     model = ConvAttention()
     a = fxrf.analyze(model, (1, 3, 8, 8))
     assert total(a.costs).params == sum(p.numel() for p in model.parameters())
+
+
+def test_node_cost_with_the_params_walked_once_is_model_cost():
+    # the organizer costs many nodes of one graph with one parameter walk (`params_by_node`); each must equal
+    # model_cost's (which walks once too) and node_cost's own walk; a shared tensor is counted by one node only
+    from fxrf.cost import params_by_node
+    m = torchvision.models.resnet18().eval()
+    gm = traced(m, torch.randn(1, 3, 64, 64))
+    params = params_by_node(gm)
+    whole = model_cost(gm)
+    assert sum(params.values()) == sum(p.numel() for p in m.parameters())
+    for n in gm.graph.nodes:
+        c = node_cost(gm, n, params=params)
+        assert c == whole.get(n.name) == node_cost(gm, n)

@@ -58,7 +58,7 @@ import torch.nn as nn
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from fxrf.analysis import analyze, rebind
-from fxrf.cost import _as_meta, _cost, _params_by_node, total
+from fxrf.cost import as_meta, node_cost, params_by_node, total
 from fxrf.metric import DEFAULT_ALPHA
 from fxrf.ops import default_table
 from fxrf.shapes import reuse_meta_runs
@@ -84,7 +84,7 @@ __all__ = ["organize_stages", "Change", "Declined", "OrganizerResult", "DEFAULT_
 def _signatures(gm) -> dict:
     """{node name: everything fxrf.cost reads of the node but the parameters it owns}: its call, its module and the
     shapes of its arguments and output."""
-    meta = lambda v: _as_meta(gm, v)  # noqa: E731
+    meta = lambda v: as_meta(gm, v)  # noqa: E731
     return {n.name: (n.op, n.target, gm.get_submodule(n.target) if n.op == "call_module" else None,
                      fx.node.map_aggregate(n.args, meta), fx.node.map_aggregate(n.kwargs, meta), meta(n))
             for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")}
@@ -95,7 +95,7 @@ def _costs(gm, costs: dict, signatures: dict) -> dict:
     same call on the same shapes (`signatures`: the input model's): only its parameters are counted again (which
     node owns a shared tensor can change). A ViT's attention modules are costed by running them, twice otherwise."""
     table = default_table()
-    params = _params_by_node(gm, table)
+    params = params_by_node(gm, table)
     now = _signatures(gm)
     out = {}
     for n in gm.graph.nodes:
@@ -103,7 +103,7 @@ def _costs(gm, costs: dict, signatures: dict) -> dict:
         if old is not None and n.name in now and _same(now[n.name], signatures.get(n.name)):
             c = dataclasses.replace(old, params=params.get(n.name, 0))
         else:
-            c = _cost(gm, n, params, table)
+            c = node_cost(gm, n, table, params)
         if c is not None:
             out[n.name] = c
     return out

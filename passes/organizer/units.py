@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from fxrf.analysis import Analysis, extend
-from fxrf.cost import _cost
+from fxrf.cost import node_cost
 from fxrf.ops import default_table
 
 from ..surgery import add_modules, free_prefix, insert_after
@@ -141,5 +141,5 @@ def _costs(trial: fx.GraphModule, nodes: list) -> dict:
     table = default_table()
     params = {n.name: sum(p.numel() for p in trial.get_submodule(n.target).parameters())
               if n.op == "call_module" else 0 for n in nodes}
-    costs = {n.name: _cost(trial, n, params, table) for n in nodes}
+    costs = {n.name: node_cost(trial, n, table, params) for n in nodes}
     return {name: c for name, c in costs.items() if c is not None}
