@@ -354,6 +354,7 @@ r = fxrf.decompose(model, (1, 3, px, px), recipe="auto", objective="latency", la
 t2 = time.perf_counter()
 v = r.summary.get("verified") or {}
 print(json.dumps({"search_s": t2 - t1, "process_s": t2 - t0, "timings": lm.calls, "fxrf": fxrf.__file__,
+                  "workers": getattr(lm, "workers", None),
                   "assignment": [list(s.blocks) for s in r.stages if s.blocks], "chosen": v.get("chosen"),
                   "vs_original": {k: m["vs_original"] for k, m in v.get("models", {}).items()},
                   "scaled_error": {k: m["scaled_error"] for k, m in v.get("models", {}).items()}}))
@@ -431,7 +432,8 @@ def search_runs(name: str, batches: list, px: int, verify: int, threads: int, ru
                 rows.append(r)
                 done(rows)
                 progress(f"  {side}: {r['search_s']:.1f} s search ({r['process_s']:.1f} s process), "
-                         f"{r['timings']} timings, chose {r['chosen']}, {r['assignment']}")
+                         f"{r['timings']} timings, {r.get('workers')} compile workers, chose {r['chosen']}, "
+                         f"{r['assignment']}")
                 shutil.rmtree(run_dir, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
     return rows
@@ -706,6 +708,9 @@ def main(argv=None) -> int:
     p.add_argument("--search-before", metavar="REF", help="with --search: also run git REF's code, in alternation")
     p.add_argument("--search-runs", type=int, default=1, help="with --search: runs per side and batch (default 1)")
     p.add_argument("--search-verify", type=int, default=5, help="with --search: decompose's verify (default 5)")
+    p.add_argument("--search-workers", type=int, default=None,
+                   help="with --search: compile workers (FXRF_COMPILE_WORKERS in each run; default: the library's "
+                   "own choice, the CPUs the load leaves idle)")
     p.add_argument("--px", type=int, default=224, help="the height and width of the 224 px models' input, and of "
                    "--search's (default 224; smaller for a quick dry run)")
     p.add_argument("--list", action="store_true", help="print the model names and exit")
@@ -823,15 +828,18 @@ def _search_main(args, argv) -> int:
             with open(args.json, "w") as f:
                 json.dump(doc, f, indent=1)
 
+    if args.search_workers is not None:
+        os.environ["FXRF_COMPILE_WORKERS"] = str(args.search_workers)  # the runs inherit it
     search_runs(args.search, batches, args.px, args.search_verify, threads, args.search_runs, args.search_before,
                 progress, write)
     doc["load_average_end"] = _load()
     print(f"decompose({args.search}, objective='latency') from cold caches, {threads} thread(s), "
           f"load {doc['load_average_start']} -> {doc['load_average_end']}")
-    print(f"{'side':<7} {'batch':>5} {'run':>3} {'search s':>9} {'process s':>9} {'timings':>7}  chosen   assignment")
+    print(f"{'side':<7} {'batch':>5} {'run':>3} {'search s':>9} {'process s':>9} {'timings':>7} {'workers':>7}  "
+          f"chosen   assignment")
     for r in doc["search"]:
         print(f"{r['side']:<7} {r['batch']:>5} {r['run']:>3} {r['search_s']:>9.1f} {r['process_s']:>9.1f} "
-              f"{r['timings']:>7}  {str(r['chosen']):<8} {r['assignment']}")
+              f"{r['timings']:>7} {str(r.get('workers')):>7}  {str(r['chosen']):<8} {r['assignment']}")
         for line in r["progress"]:
             print(f"        {line}")
     write(doc["search"])
