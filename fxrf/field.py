@@ -155,7 +155,8 @@ class Field:
                     spatial.append(max(int(round(min(hi, w0 - 1 - c) - max(lo, -c) + 1)), 0))
             n = int(self._counts[0])
             return tuple(spatial), n, float(n)
-        spatial = tuple(int(e) for e in self._reach_extents(tuple(cap), sizes, capped).max(axis=0))
+        spatial = tuple(int(e) for e in np.ascontiguousarray(self._reach_extents(tuple(cap), sizes, capped).T)
+                        .max(axis=1))  # (see _hull)
         counts = self._counts
         if len(counts) == 1:
             return spatial, int(counts[0]), float(counts[0])
@@ -246,8 +247,9 @@ def _hull(spans: np.ndarray) -> np.ndarray:
     empty = _empty_rows(spans)
     if empty.any() and not empty.all():
         spans = spans[~empty]
-    out = spans.max(axis=0)
-    out[0::2] = spans[:, 0::2].min(axis=0)
+    cols = np.ascontiguousarray(spans.T)  # numpy reduces a few long rows far faster than many short ones
+    out = cols.max(axis=1)
+    out[0::2] = cols[0::2].min(axis=1)
     return out
 
 
@@ -278,7 +280,10 @@ def identity(channel_shape: tuple, dims: int, offset: int = 0, sp: tuple | None 
 
 def _empty_rows(spans: np.ndarray) -> np.ndarray:
     """Reaches that see no pixel (lo > hi: a constant channel, from cat or padding)."""
-    return (spans[:, 0::2] > spans[:, 1::2]).any(axis=1)
+    out = np.zeros(len(spans), dtype=bool)  # a column pair at a time: any(axis=1) over pairs is slow for many rows
+    for k in range(0, spans.shape[1], 2):
+        out |= spans[:, k] > spans[:, k + 1]
+    return out
 
 
 def _shifted(f: Field, lo_add: Sequence, hi_add: Sequence, jump: tuple | None = None) -> Field:

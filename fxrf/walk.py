@@ -2,7 +2,6 @@
 each node's rule once per walk, and one `NodeRecord` per tensor-valued node."""
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -18,7 +17,8 @@ from .naming import describe, module_path, op_name
 from .ops import Call, Decline, OpTable, T, TMeta, default_table
 from .records import META_KEY, RF, Analysis, NodeRecord, map_size
 from .rules import default_sp
-from .rules.elementwise import broadcast_merge
+from .rules.conv import batch_norm, uses_batch_statistics
+from .rules.elementwise import broadcast_merge, per_element
 from .rules.layout import getitem
 from .shapes import fetch_attr
 from .stages import _SLICES, _channel_shape, _input_sp, _is_tensorish, _nothing, _reference, find_stages
@@ -38,6 +38,7 @@ class _Walker:
         self.modules = modules
         self._summaries: dict = {}
         self._plan: dict = {}
+        self._through: dict = {}  # node -> the input whose field it passes on unchanged, or None (see _passes_on)
         self.constants: dict = {}  # placeholder name -> tensor, for placeholders that hold parameters
         self.constant_names: set = set()
         self.spatial_cap = True  # False: extents are not capped at the reference size (analyze's spatial_cap)
@@ -64,6 +65,12 @@ class _Walker:
         """Fields of `node`'s output from its inputs' fields in `env` (inputs of other stages see nothing)."""
 
         subs = self._subs.get(node) if subs is None else subs
+        src = self._through.get(node, False)
+        if src is False:
+            src = self._through[node] = self._passes_on(node, mod, op)
+        if src is not None:  # what its rule would return, without building the call (half of a CNN's nodes)
+            n = subs.get(src, src) if subs is not None else src
+            return None if stage_of is not None and stage_of.get(n) != stage else env.get(n)
 
         def wrap(n):
             v = self.shapes[n]
@@ -104,6 +111,17 @@ class _Walker:
                 raise AnalysisError(f"the receptive-field rule of op {op.name!r} failed on "
                                     f"{describe(self.gm, node)}: {type(e).__name__}: {e}") from e
             return self._conservative(ctx, f"the {op.name!r} rule failed: {type(e).__name__}: {e}")
+
+    def _passes_on(self, node, mod, op):
+        """The input whose field `node`'s rule returns as it is, known without calling it (a per-element op or a
+        batch norm with running statistics, given the input positionally), else None."""
+        if op is None or op.name in _RESHAPES or not node.args or not isinstance(node.args[0], fx.Node) or \
+                not isinstance(self.shapes.get(node.args[0]), TMeta):
+            return None
+        if op.rf is per_element or (op.rf is batch_norm and mod is not None and
+                                    not uses_batch_statistics(Call(node, mod, (), {}))):
+            return node.args[0]
+        return None
 
     def _version(self, v: "Version", env, stage_of=None, stage=None):
         """The field of a Version: a view read again from its base's latest version, or a base after a write into
@@ -336,17 +354,9 @@ class _Walker:
             return False
         return all(env.get(m) is env0.get(m) for env, env0 in envs for m in (ins + [node] if own else ins))
 
-    @contextlib.contextmanager
-    def _naming(self, node):
+    def _naming(self, node) -> "_Naming":
         """Any failure that is not an FxrfError becomes an AnalysisError that names the node."""
-        try:
-            yield
-        except FxrfError:
-            raise
-        except Exception as e:
-            raise AnalysisError(f"fxrf failed on {describe(self.gm, node)}: {type(e).__name__}: {e}. This is a bug "
-                                f"in fxrf; as a workaround, mark the module as a leaf (leaf_modules=[...]) or "
-                                f"register a rule for this op (docs/architecture.md)") from e
+        return _Naming(self.gm, node)
 
     def _inputs(self, node) -> list:
         """The nodes `node` reads, each in its latest in-place version."""
@@ -410,6 +420,26 @@ class _Walker:
             if got:
                 return tuple(max(x) for x in zip(*got))
         return caps[0][2] if caps and len(caps[0][2]) == f.dims else tuple(self.input_shape[2:])
+
+
+class _Naming:
+    """_Walker._naming's context (a class: a generator-based context manager costs several times more, twice per
+    node)."""
+
+    __slots__ = ("gm", "node")
+
+    def __init__(self, gm, node):
+        self.gm, self.node = gm, node
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if e is None or isinstance(e, FxrfError) or not isinstance(e, Exception):
+            return False
+        raise AnalysisError(f"fxrf failed on {describe(self.gm, self.node)}: {type(e).__name__}: {e}. This is a bug "
+                            f"in fxrf; as a workaround, mark the module as a leaf (leaf_modules=[...]) or "
+                            f"register a rule for this op (docs/architecture.md)") from e
 
 
 def _same_subs(a: dict | None, b: dict | None) -> bool:
