@@ -313,6 +313,9 @@ class OpTable:
     def __len__(self) -> int:
         return len(self.ops())
 
+    def __bool__(self) -> bool:  # `table or DEFAULT` must not list every op (__len__) on each call
+        return bool(self._ops or self._pending)
+
 
 def _show(t) -> str:
     if isinstance(t, str):
