@@ -55,7 +55,7 @@ class Field:
     @property
     def ndim(self) -> int:
         """Rank of the tensor this field describes."""
-        return 1 + self.idx.ndim + sum(a is not None for a in self.sp)
+        return 1 + self.idx.ndim + len(self.sp) - self.sp.count(None)
 
     @property
     def is_map(self) -> bool:
@@ -78,7 +78,10 @@ class Field:
         d = dict(bits=self.bits, spans=self.spans, idx=self.idx, jump=self.jump, sp=self.sp, taps=self.taps,
                  size=self.size)
         d.update(kw)
-        return Field(**d)
+        out = Field(**d)
+        if "bits" not in kw:  # what follows from the reaches' channels alone carries over
+            out.__dict__.update({k: self.__dict__[k] for k in _OF_BITS if k in self.__dict__})
+        return out
 
     def with_idx(self, idx: np.ndarray, sp: tuple | None = None, jump: tuple | None = None) -> "Field":
         """Same reaches, channels rearranged by `idx` (reaches no channel refers to any more are dropped)."""
@@ -184,6 +187,10 @@ class Field:
         return np.bincount(self.idx.ravel(), minlength=len(self.bits))
 
     @functools.cached_property
+    def _union(self) -> np.ndarray:  # every channel any reach sees: a mix's one reach (identity and merge set it)
+        return _frozen(_or(self.bits))
+
+    @functools.cached_property
     def _counts(self) -> np.ndarray:  # cached: BN and activations pass the same Field object on
         if len(self.bits) == 1:  # (most fields of a CNN: numpy's per-call overhead is most of the cost)
             return np.array([sum(w.bit_count() for w in self.bits[0].tolist())], dtype=np.int64)
@@ -192,6 +199,9 @@ class Field:
             return per_word[:, 0].astype(np.int64)
         # a row sum as a float32 product: twice as fast as sum(axis=1) on short rows, exact below 2**24 channels
         return (per_word.astype(np.float32) @ np.ones(per_word.shape[1], dtype=np.float32)).astype(np.int64)
+
+
+_OF_BITS = ("_union", "_counts")  # the cached properties that depend on `bits` alone
 
 
 def _uniform(shape: tuple) -> np.ndarray:
@@ -297,8 +307,14 @@ def identity(channel_shape: tuple, dims: int, offset: int = 0, sp: tuple | None 
     spans = _frozen(np.zeros((n, 2 * dims)))
     idx = _frozen(np.arange(n, dtype=np.int64).reshape(channel_shape))
     first = 1 + len(channel_shape)
-    return Field(bits, spans, idx, (1,) * dims, tuple(range(first, first + dims)) if sp is None else sp, None,
-                 None if map_size is None else tuple(map_size))
+    out = Field(bits, spans, idx, (1,) * dims, tuple(range(first, first + dims)) if sp is None else sp, None,
+                None if map_size is None else tuple(map_size))
+    # known without a pass over the bits (a stage input has thousands of channels): channels offset..offset+n-1
+    whole = ((1 << n) - 1) << offset
+    out.__dict__["_union"] = _frozen(np.frombuffer(whole.to_bytes(8 * bits.shape[1], "little"), dtype="<u8")
+                                     .astype(np.uint64))
+    out.__dict__["_counts"], out.__dict__["_per_reach"] = np.ones(n, dtype=np.int64), np.ones(n, dtype=np.int64)
+    return out
 
 
 # ---- spatial transfer -------------------------------------------------------------------------------------------
@@ -432,7 +448,7 @@ def mix(f: Field | None, out_channels: int, groups: int = 1, axis: int = -1) -> 
     if groups == cin and per_out == 1:  # depthwise, multiplier 1: channel c sees what channel c saw
         return f
     if len(f.bits) == 1 or (groups == 1 and not lead):  # one reach for all outputs
-        bits = f.bits if len(f.bits) == 1 else _frozen(_or(f.bits)[None])
+        bits = f.bits if len(f.bits) == 1 else _frozen(f._union[None])
         spans = f.spans if len(f.bits) == 1 else _frozen(_hull(f.spans)[None])
         taps = f.taps if len(f.bits) == 1 else _union_taps(f.taps, [range(len(f.bits))])
         out = _uniform(lead + (out_channels,))
@@ -535,24 +551,39 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
     acc = live[0]
     bits, spans, idx, taps = acc.bits, acc.spans, None, acc.taps  # idx: acc.idx broadcast, once a pairing needs it
     per_reach = None  # channels per reach of `idx`, where pairing counted them
+    union, counts = acc.__dict__.get("_union"), acc.__dict__.get("_counts")  # of `bits`, where known
+    if np.shape(acc.idx) == tuple(shape):
+        per_reach = acc.__dict__.get("_per_reach")
     for f in live[1:]:
         if f.bits is bits and f.spans is spans and f.idx is acc.idx:  # add(x, x)
             continue
+        counts = None
         if len(bits) == 1 and len(f.bits) == 1:
             bits, spans = bits | f.bits, _frozen(_hull(np.concatenate([spans, f.spans]))[None])
             taps = None if taps is None else tuple(_frozen(a | c) for a, c in zip(taps, f.taps))
-            per_reach = None
+            per_reach = union = None
             continue
         idx = np.broadcast_to(acc.idx, shape) if idx is None else idx
         b = np.broadcast_to(f.idx, shape)
-        per_reach = None
         if len(bits) == 1 or len(f.bits) == 1:  # one side uniform (residual adds): broadcast, no pairing
             one, many, idx = ((bits, spans, taps), (f.bits, f.spans, f.taps), b) if len(bits) == 1 else \
                 ((f.bits, f.spans, f.taps), (bits, spans, taps), idx)
-            bits = many[0] | one[0]
+            if len(bits) == 1:  # the reaches are f's: what is known of them
+                known = f.__dict__.get("_union")
+                per_reach = f.__dict__.get("_per_reach") if np.shape(f.idx) == tuple(shape) else None
+            else:
+                known = union
+            row = one[0][0]
+            if known is not None and not (known & ~row).any():  # `one` sees all `many` sees: every row is `one`
+                bits = np.repeat(one[0], len(many[0]), axis=0)
+                counts = np.full(len(bits), int.from_bytes(row.tobytes(), "little").bit_count(), dtype=np.int64)
+            else:
+                bits = many[0] | one[0]
             taps = None if taps is None else tuple(_frozen(m | o) for m, o in zip(many[2], one[2]))
             spans = _frozen(_union_row(many[1], one[1][0]))
+            union = None if known is None else _frozen(known | row)
             continue
+        union = per_reach = None
         codes = idx.astype(np.int64) * len(f.bits) + b
         uniq, inv, per_reach = _unique(codes.ravel(), len(bits) * len(f.bits))
         ia, ib = uniq // len(f.bits), uniq % len(f.bits)
@@ -563,6 +594,10 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
     out = Field(_frozen(bits) if bits.flags.writeable else bits, spans, _frozen(idx), jump, sp, taps, acc.size)
     if per_reach is not None and len(per_reach) == len(out.bits):  # counted while pairing: no pass over idx
         out.__dict__["_per_reach"] = per_reach
+    if union is not None and len(out.bits) > 1:  # (a stage field's residual stream: no pass over its bits)
+        out.__dict__["_union"] = union
+    if counts is not None and len(counts) == len(out.bits):
+        out.__dict__["_counts"] = counts
     return out
 
 

@@ -305,10 +305,11 @@ class _Walker:
                 elif node.op in ("call_module", "call_function", "call_method"):
                     mod, rule = self._ctx_and_rule(node)
                     st_env[node] = self._apply(node, mod, rule, st_env, stage_of, stage_of.get(node))
-                    if any(loc_env.get(m) is not st_env.get(m) for m in self._inputs(node)):
-                        loc_env[node] = self._apply(node, mod, rule, loc_env, stage_of, stage_of.get(node))
-                    else:  # nothing upstream is a gate: the local field is the field
-                        loc_env[node] = st_env[node]
+                    loc_env[node] = st_env[node]  # unless a gate is upstream: then the local field is its own
+                    for m in self._inputs(node):
+                        if loc_env.get(m) is not st_env.get(m):
+                            loc_env[node] = self._apply(node, mod, rule, loc_env, stage_of, stage_of.get(node))
+                            break
                 if node in context:
                     loc_env[node] = _nothing(st_env.get(node))
                 if isinstance(v, TMeta) and node.name not in self.constant_names:
@@ -383,8 +384,8 @@ class _Walker:
         rf = local_rf = None
         if s is not None and isinstance(f, Field):
             rf = self._summary(f, stages[s].resolution, map_size(f, v.shape))
-        if s is not None and isinstance(lf, Field):
-            local_rf = self._summary(lf, stages[s].resolution, map_size(lf, v.shape))
+        if s is not None and isinstance(lf, Field):  # (the same field but downstream of a gate)
+            local_rf = rf if lf is f else self._summary(lf, stages[s].resolution, map_size(lf, v.shape))
         fi = inp_env.get(node)
         input_rf = None
         if isinstance(fi, Field) and self.dims:
