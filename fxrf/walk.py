@@ -27,6 +27,7 @@ from .stages import _SLICES, _channel_shape, _input_sp, _is_tensorish, _nothing,
 _RESHAPES = frozenset({"reshape", "flatten", "unflatten", "squeeze", "unsqueeze"})
 # elementwise ops of several operands (broadcast): per element where only one operand is a tensor (t * 2.0)
 _BROADCASTS = frozenset({"binary", "compare"})
+_CALLS = ("call_module", "call_function", "call_method")
 
 
 class _Walker:
@@ -237,17 +238,20 @@ class _Walker:
         base = self.base
         if base is not None:  # reanalyze: a node whose inputs hold the very fields they held before keeps its own
             inp0, st0, loc0, stage_of0, stages0, starts0, context0, _ = base.envs
-        for node in order:  # step 1: fields referenced to the model input
-            v = self.shapes[node]
-            with self._naming(node.write or node.node if isinstance(node, Version) else node):
+        shapes = self.shapes
+        node = None
+        try:  # (one try for the loop, not a context per node: any failure names the node it happened on)
+            for node in order:  # step 1: fields referenced to the model input
                 if isinstance(node, Version):
                     inp_env[node] = self._version(node, inp_env)
-                elif node in layouts:
+                    continue
+                v = shapes[node]
+                if node in layouts:
                     f = _reference(v.shape, self.dims, offset, words=words, sp=layouts[node])  # hull: classic RF
                     self._input_caps.append((offset, offset + f.channels, map_size(f, v.shape)))
                     offset += f.channels
                     inp_env[node] = inp0[node] if base is not None and node in inp0 else f
-                elif node.op in ("call_module", "call_function", "call_method") and _is_tensorish(v):
+                elif node.op in _CALLS and _is_tensorish(v):
                     if base is not None and node in inp0 and self._kept(node, ((inp_env, inp0),)):
                         inp_env[node] = inp0[node]
                         if node in base._declined1:
@@ -255,6 +259,10 @@ class _Walker:
                         continue
                     mod, rule = self._ctx_and_rule(node)
                     inp_env[node] = self._apply(node, mod, rule, inp_env)
+        except FxrfError:
+            raise
+        except Exception as e:
+            raise _failure(gm, node, e) from e
         self._declined1 = dict(self._declined)
         self._phase = 3
         self._by_name = {n.name: n for n in order if not isinstance(n, Version)}
@@ -273,21 +281,21 @@ class _Walker:
             for name in s.inputs:
                 offsets[name] = o
                 o += inp_env[self._by_name[name]].channels
-        records = []
-        for node in order:  # step 3: fields referenced to the stage input
-            v = self.shapes[node]
-            if not _is_tensorish(v):
-                continue
-            if isinstance(node, Version):
-                with self._naming(node.write or node.node):
+        records, recorded = [], []
+        node = None
+        try:
+            for node in order:  # step 3: fields referenced to the stage input
+                v = shapes[node]
+                if not _is_tensorish(v):
+                    continue
+                if isinstance(node, Version):
                     s = stage_of.get(node)
                     if node.kind == "view" and node.node in starts:  # a stage input is its own reference
                         st_env[node], loc_env[node] = st_env[node.node], loc_env[node.node]
                         continue
                     st_env[node] = self._version(node, st_env, stage_of, s)
                     loc_env[node] = self._version(node, loc_env, stage_of, s)
-                continue
-            with self._naming(node):
+                    continue
                 kept = base is not None and node in st0 and same_stage(node)
                 if node in starts:
                     stage = stages[stage_of[node]]
@@ -302,13 +310,14 @@ class _Walker:
                     st_env[node], loc_env[node] = st0[node], loc0[node]
                     if node in base._reasons3:
                         self._declined.setdefault(node, base._reasons3[node])
-                elif node.op in ("call_module", "call_function", "call_method"):
+                elif node.op in _CALLS:
                     mod, rule = self._ctx_and_rule(node)
-                    st_env[node] = self._apply(node, mod, rule, st_env, stage_of, stage_of.get(node))
-                    loc_env[node] = st_env[node]  # unless a gate is upstream: then the local field is its own
+                    s = stage_of.get(node)
+                    f = st_env[node] = self._apply(node, mod, rule, st_env, stage_of, s)
+                    loc_env[node] = f  # unless a gate is upstream: then the local field is its own
                     for m in self._inputs(node):
                         if loc_env.get(m) is not st_env.get(m):
-                            loc_env[node] = self._apply(node, mod, rule, loc_env, stage_of, stage_of.get(node))
+                            loc_env[node] = self._apply(node, mod, rule, loc_env, stage_of, s)
                             break
                 if node in context:
                     loc_env[node] = _nothing(st_env.get(node))
@@ -319,11 +328,15 @@ class _Walker:
                         records.append(base.records[node])  # the same fields, inputs and stage: the same record
                     else:
                         records.append(self._record(node, v, stage_of, stages, st_env, inp_env, starts, loc_env))
+                    recorded.append(node)
+        except FxrfError:
+            raise
+        except Exception as e:
+            raise _failure(gm, node, e) from e
         for node, reason in self._declined.items():  # a Version: the write that made it conservative
             node = node.write if isinstance(node, Version) else node
             self.unsupported.append((node.name, _target_str(gm, node), reason))
-        for r in records:
-            gm_node = self._by_name[r.name]
+        for gm_node, r in zip(recorded, records):
             gm_node.meta[META_KEY] = r
             if r.gain is not None and r.gain <= 0 and r.local_gain is not None and r.local_gain > 0:
                 self.warnings.append(
@@ -335,7 +348,7 @@ class _Walker:
         # what `extend` and `reanalyze` read to analyse this graph with a few nodes more without walking it again
         self.envs = (inp_env, st_env, loc_env, stage_of, stages, starts, context, members)
         self.offsets = offsets
-        self.records = {self._by_name[r.name]: r for r in records}
+        self.records = dict(zip(recorded, records))
         if base is not None:  # the base's summaries of fields no longer held go (and so does the base)
             held = {id(f) for env in (inp_env, st_env, loc_env) for f in env.values()}
             self._summaries = {k: r for k, r in self._summaries.items() if id(k[0]) in held}
@@ -438,9 +451,17 @@ class _Naming:
     def __exit__(self, kind, e, tb):
         if e is None or isinstance(e, FxrfError) or not isinstance(e, Exception):
             return False
-        raise AnalysisError(f"fxrf failed on {describe(self.gm, self.node)}: {type(e).__name__}: {e}. This is a bug "
-                            f"in fxrf; as a workaround, mark the module as a leaf (leaf_modules=[...]) or "
-                            f"register a rule for this op (docs/architecture.md)") from e
+        raise _failure(self.gm, self.node, e) from e
+
+
+def _failure(gm, node, e: Exception) -> AnalysisError:
+    """A failure that is not an FxrfError, as an AnalysisError that names the node (a Version: the write, or the
+    node it is a version of)."""
+    if isinstance(node, Version):
+        node = node.write or node.node
+    return AnalysisError(f"fxrf failed on {describe(gm, node)}: {type(e).__name__}: {e}. This is a bug in fxrf; as a "
+                         f"workaround, mark the module as a leaf (leaf_modules=[...]) or register a rule for this op "
+                         f"(docs/architecture.md)")
 
 
 def _same_subs(a: dict | None, b: dict | None) -> bool:
