@@ -75,10 +75,11 @@ class Field:
         return self.channel_axes().index(tensor_axis % self.ndim)
 
     def replace(self, **kw) -> "Field":
-        d = dict(bits=self.bits, spans=self.spans, idx=self.idx, jump=self.jump, sp=self.sp, taps=self.taps,
-                 size=self.size)
-        d.update(kw)
-        out = Field(**d)
+        get = kw.get
+        out = Field(get("bits", self.bits), get("spans", self.spans), get("idx", self.idx), get("jump", self.jump),
+                    get("sp", self.sp), get("taps", self.taps), get("size", self.size))
+        if len(kw) > sum(k in kw for k in _FIELDS):
+            raise TypeError(f"Field has no fields {sorted(set(kw) - set(_FIELDS))}")
         if "bits" not in kw:  # what follows from the reaches' channels alone carries over
             out.__dict__.update({k: self.__dict__[k] for k in _OF_BITS if k in self.__dict__})
         return out
@@ -202,6 +203,7 @@ class Field:
 
 
 _OF_BITS = ("_union", "_counts")  # the cached properties that depend on `bits` alone
+_FIELDS = ("bits", "spans", "idx", "jump", "sp", "taps", "size")
 
 
 def _uniform(shape: tuple) -> np.ndarray:
@@ -356,10 +358,12 @@ def _union_spans(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _union_row(a: np.ndarray, row: np.ndarray) -> np.ndarray:
     """_union_spans(a, row broadcast to a's shape), a column at a time (a residual add of a one-reach field to a
     stage field of a reach per channel)."""
-    if _empty_rows(row[None])[0]:  # sees no pixel: widens nothing
-        out = np.array(a, dtype=np.result_type(a, row))
+    r = row.tolist()
+    dtype = a.dtype if a.dtype == row.dtype else np.result_type(a, row)
+    if any(r[k] > r[k + 1] for k in range(0, len(r), 2)):  # sees no pixel: widens nothing
+        out = np.array(a, dtype=dtype)
     else:
-        out = np.empty(a.shape, dtype=np.result_type(a, row))
+        out = np.empty(a.shape, dtype=dtype)
         for k in range(0, a.shape[1], 2):
             np.minimum(a[:, k], row[k], out=out[:, k])
             np.maximum(a[:, k + 1], row[k + 1], out=out[:, k + 1])
@@ -563,15 +567,15 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
             taps = None if taps is None else tuple(_frozen(a | c) for a, c in zip(taps, f.taps))
             per_reach = union = None
             continue
-        idx = np.broadcast_to(acc.idx, shape) if idx is None else idx
-        b = np.broadcast_to(f.idx, shape)
         if len(bits) == 1 or len(f.bits) == 1:  # one side uniform (residual adds): broadcast, no pairing
-            one, many, idx = ((bits, spans, taps), (f.bits, f.spans, f.taps), b) if len(bits) == 1 else \
-                ((f.bits, f.spans, f.taps), (bits, spans, taps), idx)
-            if len(bits) == 1:  # the reaches are f's: what is known of them
+            one, many = ((bits, spans, taps), (f.bits, f.spans, f.taps)) if len(bits) == 1 else \
+                ((f.bits, f.spans, f.taps), (bits, spans, taps))
+            if len(bits) == 1:  # the reaches are f's: its index, and what is known of them
+                idx = np.broadcast_to(f.idx, shape)
                 known = f.__dict__.get("_union")
                 per_reach = f.__dict__.get("_per_reach") if np.shape(f.idx) == tuple(shape) else None
             else:
+                idx = np.broadcast_to(acc.idx, shape) if idx is None else idx
                 known = union
             row = one[0][0]
             if known is not None and not (known & ~row).any():  # `one` sees all `many` sees: every row is `one`
@@ -584,6 +588,8 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
             union = None if known is None else _frozen(known | row)
             continue
         union = per_reach = None
+        idx = np.broadcast_to(acc.idx, shape) if idx is None else idx
+        b = np.broadcast_to(f.idx, shape)
         codes = idx.astype(np.int64) * len(f.bits) + b
         uniq, inv, per_reach = _unique(codes.ravel(), len(bits) * len(f.bits))
         ia, ib = uniq // len(f.bits), uniq % len(f.bits)

@@ -126,6 +126,7 @@ def _shape_rule(table: OpTable, node: fx.Node, mod):
         base = table.registered_base(type(mod))
         if base is None or type(mod).forward is not base.forward:
             return None
+        return table.lookup_target(base).shape  # (lookup(node, mod) would find the base again)
     op = table.lookup(node, mod)
     return op.shape if op is not None else None
 
@@ -138,7 +139,7 @@ def evaluate(node: fx.Node, gm: fx.GraphModule, env: dict, modules: dict, table:
         v = fetch_attr(gm, node.target)
         return TMeta(tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v
     mod = modules[node.target] if node.op == "call_module" else None
-    if not _has_tensor(args) and not _has_tensor(kwargs) and node.op == "call_function":
+    if node.op == "call_function" and not _has_tensor(args) and not _has_tensor(kwargs):
         # plain Python arithmetic on sizes; a factory (aten.arange) made a real tensor: its TMeta, as for every
         # other tensor, so that no real tensor meets the meta ones of a later op (an attention mask from arange)
         return _unmeta(node.target(*args, **kwargs))

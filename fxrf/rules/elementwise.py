@@ -164,7 +164,12 @@ def broadcast_merge(ts: list[T], out_shape: tuple, layout: T | None = None):
         return None
     rank = len(out_shape)
     # the output layout comes from an operand of the output's full shape that still has its spatial axes
-    lead = max(ts, key=lambda t: (tuple(t.shape) == tuple(out_shape), t.field.is_map, len(t.shape)))
+    out_t = tuple(out_shape)
+    lead, best = None, None
+    for t in ts:  # max(ts, key=...) without a call per operand: the first of the best
+        key = (tuple(t.shape) == out_t, t.field.is_map, len(t.shape))
+        if best is None or key > best:
+            lead, best = t, key
     if layout is not None and layout.field is not None and layout.field.is_map and \
             tuple(layout.shape) == tuple(out_shape) and not (tuple(lead.shape) == tuple(out_shape) and lead.field.is_map):
         lead = layout
