@@ -185,6 +185,11 @@ def _align(t: T, rank: int, sp: tuple, channel_axes: list, out_shape: tuple, jum
     """One operand's field expressed in the output's layout: broadcast channels, spread broadcast pixels."""
     if t.field.sp == sp and tuple(t.shape) == tuple(out_shape):  # in that layout already (a residual add)
         return t.field.replace(jump=jump, idx=t.field.idx.view())  # (an idx object of its own, as broadcast_to's)
+    return _broadcast_field(t, rank, sp, channel_axes, out_shape, jump)
+
+
+def _broadcast_field(t: T, rank: int, sp: tuple, channel_axes: list, out_shape: tuple, jump: tuple):
+    """_align's general case (tests/test_fast_paths.py compares the two where both apply)."""
     f = t.field.replace(jump=jump)  # a pooled gate broadcast back lives on the output's pixel grid
     shift = rank - len(t.shape)
     own_sp = tuple(None if a is None else a + shift for a in f.sp)
