@@ -87,7 +87,7 @@ class Field:
     def with_idx(self, idx: np.ndarray, sp: tuple | None = None, jump: tuple | None = None) -> "Field":
         """Same reaches, channels rearranged by `idx` (reaches no channel refers to any more are dropped)."""
         idx = np.asarray(idx, dtype=np.int64)
-        bits, spans, taps = self.bits, self.spans, self.taps
+        bits, spans, taps, used = self.bits, self.spans, self.taps, None
         if len(bits) > 1:
             used = np.bincount(idx.ravel(), minlength=len(bits))
             if not used.all():
@@ -95,11 +95,16 @@ class Field:
                 lut = np.full(len(bits), -1, dtype=np.int64)
                 lut[keep] = np.arange(len(keep))
                 idx = lut[idx]
-                bits, spans = _frozen(bits[keep]), _frozen(spans[keep])
+                bits, spans, used = _frozen(bits[keep]), _frozen(spans[keep]), used[keep]
                 taps = _rows(self.taps, keep)
         idx = _uniform(idx.shape) if len(bits) == 1 else _contiguous(idx)
-        return Field(bits, spans, _frozen(idx), self.jump if jump is None else tuple(jump),
-                     self.sp if sp is None else tuple(sp), taps, self.size)
+        out = Field(bits, spans, _frozen(idx), self.jump if jump is None else tuple(jump),
+                    self.sp if sp is None else tuple(sp), taps, self.size)
+        if len(bits) > 1:  # counted above; and with every reach kept, what follows from the bits carries over
+            out.__dict__["_per_reach"] = used
+            if bits is self.bits:
+                out.__dict__.update({k: self.__dict__[k] for k in _OF_BITS if k in self.__dict__})
+        return out
 
     def sets(self) -> list[frozenset]:
         """The reference channels each channel can see, in flattened channel order (for tests and users)."""

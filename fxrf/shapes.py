@@ -134,7 +134,7 @@ def _shape_rule(table: OpTable, node: fx.Node, mod):
 def evaluate(node: fx.Node, gm: fx.GraphModule, env: dict, modules: dict, table: OpTable | None = None) -> Any:
     """The abstract value of one node given the values of its inputs (`modules`: gm.named_modules() as a dict)."""
     args = fx.node.map_arg(node.args, env.__getitem__)
-    kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+    kwargs = fx.node.map_arg(node.kwargs, env.__getitem__) if node.kwargs else node.kwargs
     if node.op == "get_attr":
         v = fetch_attr(gm, node.target)
         return TMeta(tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v

@@ -413,8 +413,9 @@ class _Walker:
             src = node.args[0]
             src = self._subs.get(node, {}).get(src, src)
             if s is not None and node not in starts and stage_of.get(src) == s:  # a conv of constants: no stage
-                g = self._gain(st_env.get(src), rf, stages[s], src)
-                lg = self._gain(loc_env.get(src), local_rf, stages[s], src)
+                prev, local_prev = st_env.get(src), loc_env.get(src)
+                g = self._gain(prev, rf, stages[s], src)
+                lg = g if local_prev is prev and local_rf is rf else self._gain(local_prev, local_rf, stages[s], src)
         return NodeRecord(node.name, _op_label(node, mod), _target_str(self.gm, node, mod), tuple(v.shape), s, kernel, rf,
                           g, input_rf, node not in self._declined, f if isinstance(f, Field) else None,
                           fi if isinstance(fi, Field) else None, module_path(node), local_rf, lg)
