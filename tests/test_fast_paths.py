@@ -2,7 +2,8 @@
 
 The walk skips work where it can tell the result beforehand: a per-element op or a running-statistics batch norm
 hands its input's field on (`_Walker._passes_on`), the usual conv is mixed and slid in one step (`rules.conv.
-_one_reach`), an operand already in the output's layout is not broadcast (`rules.elementwise._align`), and fields
+_one_reach`), an operand already in the output's layout is not broadcast (`rules.elementwise._align`), one-reach
+operands in that layout are united directly (`rules.elementwise._one_reach_union`), and fields
 remember facts about their reaches (`_union`, `_counts`, `_per_reach`) that let a residual add and the summaries
 skip passes over thousands of rows. Each test here takes its expected values from the general path (shortcuts
 switched off) or from the facts' definitions, never from the shortcut itself.
@@ -46,6 +47,7 @@ def general_path():
     with mock.patch.object(walk._Walker, "_passes_on", lambda self, node, mod, op: None), \
             mock.patch.object(conv_rules, "_one_reach", lambda *a: None), \
             mock.patch.object(elementwise, "_align", elementwise._broadcast_field), \
+            mock.patch.object(elementwise, "_one_reach_union", lambda *a: None), \
             mock.patch.object(F, "merge", lambda fields, shape, sp: merge([_forgetful(f) for f in fields], shape, sp)):
         yield
 

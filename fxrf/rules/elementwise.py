@@ -177,8 +177,25 @@ def broadcast_merge(ts: list[T], out_shape: tuple, layout: T | None = None):
     sp = tuple(None if a is None else a + shift for a in lead.field.sp)
     channel_axes = [a for a in range(1, rank) if a not in sp]
     shape = tuple(out_shape[a] for a in channel_axes)
+    out = _one_reach_union(ts, out_t, shape, sp, lead.field.jump)
+    if out is not None:
+        return out
     aligned = [_align(t, rank, sp, channel_axes, out_shape, lead.field.jump) for t in ts]
     return field.merge(aligned, shape, sp)
+
+
+def _one_reach_union(ts: list[T], out_shape: tuple, shape: tuple, sp: tuple, jump: tuple):
+    """What aligning then merging gives when every operand has one reach, no taps and the output's layout (the
+    residual adds of a CNN outside its stage fields): one union of bits, one hull of bounds. None otherwise."""
+    if len(ts) < 2 or not all(len(t.field.bits) == 1 and t.field.taps is None and t.field.sp == sp and
+                              tuple(t.shape) == out_shape for t in ts):
+        return None
+    bits, spans = ts[0].field.bits, ts[0].field.spans
+    for t in ts[1:]:  # as field.merge pairs them, one operand at a time
+        bits = bits | t.field.bits
+        spans = field._frozen(field._hull(np.concatenate([spans, t.field.spans]))[None])
+    return field.Field(field._frozen(bits), spans, field._frozen(field._uniform(shape)), tuple(jump), sp, None,
+                       ts[0].field.size)
 
 
 def _align(t: T, rank: int, sp: tuple, channel_axes: list, out_shape: tuple, jump: tuple):
