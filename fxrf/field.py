@@ -80,8 +80,9 @@ class Field:
                     get("sp", self.sp), get("taps", self.taps), get("size", self.size))
         if len(kw) > sum(k in kw for k in _FIELDS):
             raise TypeError(f"Field has no fields {sorted(set(kw) - set(_FIELDS))}")
-        if "bits" not in kw:  # what follows from the reaches' channels alone carries over
-            out.__dict__.update({k: self.__dict__[k] for k in _OF_BITS if k in self.__dict__})
+        known = self.__dict__  # what follows from the arrays kept carries over
+        out.__dict__.update({k: known[k] for k in (() if "bits" in kw else _OF_BITS) +
+                             (() if "spans" in kw else _OF_SPANS) if k in known})
         return out
 
     def with_idx(self, idx: np.ndarray, sp: tuple | None = None, jump: tuple | None = None) -> "Field":
@@ -103,7 +104,7 @@ class Field:
         if len(bits) > 1:  # counted above; and with every reach kept, what follows from the bits carries over
             out.__dict__["_per_reach"] = used
             if bits is self.bits:
-                out.__dict__.update({k: self.__dict__[k] for k in _OF_BITS if k in self.__dict__})
+                out.__dict__.update({k: self.__dict__[k] for k in _OF_BITS + _OF_SPANS if k in self.__dict__})
         return out
 
     def sets(self) -> list[frozenset]:
@@ -197,6 +198,14 @@ class Field:
         return _frozen(_or(self.bits))
 
     @functools.cached_property
+    def _bounds(self) -> np.ndarray:  # the hull of the reaches' bounds: a mix's one reach (identity and merge set it)
+        return _frozen(_hull(self.spans))
+
+    @functools.cached_property
+    def _full(self) -> bool:  # whether every reach sees a pixel (then _bounds is the plain min and max)
+        return not _empty_rows(self.spans).any()
+
+    @functools.cached_property
     def _counts(self) -> np.ndarray:  # cached: BN and activations pass the same Field object on
         if len(self.bits) == 1:  # (most fields of a CNN: numpy's per-call overhead is most of the cost)
             return np.array([sum(w.bit_count() for w in self.bits[0].tolist())], dtype=np.int64)
@@ -208,6 +217,7 @@ class Field:
 
 
 _OF_BITS = ("_union", "_counts")  # the cached properties that depend on `bits` alone
+_OF_SPANS = ("_bounds", "_full")  # ... on `spans` alone
 _FIELDS = ("bits", "spans", "idx", "jump", "sp", "taps", "size")
 
 
@@ -321,6 +331,7 @@ def identity(channel_shape: tuple, dims: int, offset: int = 0, sp: tuple | None 
     out.__dict__["_union"] = _frozen(np.frombuffer(whole.to_bytes(8 * bits.shape[1], "little"), dtype="<u8")
                                      .astype(np.uint64))
     out.__dict__["_counts"], out.__dict__["_per_reach"] = np.ones(n, dtype=np.int64), np.ones(n, dtype=np.int64)
+    out.__dict__["_bounds"], out.__dict__["_full"] = _frozen(np.zeros(2 * dims)), True
     return out
 
 
@@ -458,7 +469,7 @@ def mix(f: Field | None, out_channels: int, groups: int = 1, axis: int = -1) -> 
         return f
     if len(f.bits) == 1 or (groups == 1 and not lead):  # one reach for all outputs
         bits = f.bits if len(f.bits) == 1 else _frozen(f._union[None])
-        spans = f.spans if len(f.bits) == 1 else _frozen(_hull(f.spans)[None])
+        spans = f.spans if len(f.bits) == 1 else _frozen(f._bounds[None])
         taps = f.taps if len(f.bits) == 1 else _union_taps(f.taps, [range(len(f.bits))])
         out = _uniform(lead + (out_channels,))
         return Field(bits, spans, _frozen(out if not lead else np.moveaxis(out, -1, axis)), f.jump, f.sp, taps,
@@ -561,6 +572,7 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
     bits, spans, idx, taps = acc.bits, acc.spans, None, acc.taps  # idx: acc.idx broadcast, once a pairing needs it
     per_reach = None  # channels per reach of `idx`, where pairing counted them
     union, counts = acc.__dict__.get("_union"), acc.__dict__.get("_counts")  # of `bits`, where known
+    bounds, full = acc.__dict__.get("_bounds"), acc.__dict__.get("_full")  # of `spans`, where known
     if np.shape(acc.idx) == tuple(shape):
         per_reach = acc.__dict__.get("_per_reach")
     for f in live[1:]:
@@ -570,18 +582,28 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
         if len(bits) == 1 and len(f.bits) == 1:
             bits, spans = bits | f.bits, _frozen(_hull(np.concatenate([spans, f.spans]))[None])
             taps = None if taps is None else tuple(_frozen(a | c) for a, c in zip(taps, f.taps))
-            per_reach = union = None
+            per_reach = union = bounds = full = None
             continue
         if len(bits) == 1 or len(f.bits) == 1:  # one side uniform (residual adds): broadcast, no pairing
             one, many = ((bits, spans, taps), (f.bits, f.spans, f.taps)) if len(bits) == 1 else \
                 ((f.bits, f.spans, f.taps), (bits, spans, taps))
             if len(bits) == 1:  # the reaches are f's: its index, and what is known of them
                 idx = np.broadcast_to(f.idx, shape)
-                known = f.__dict__.get("_union")
+                known, bounds, full = f.__dict__.get("_union"), f.__dict__.get("_bounds"), f.__dict__.get("_full")
                 per_reach = f.__dict__.get("_per_reach") if np.shape(f.idx) == tuple(shape) else None
             else:
                 idx = np.broadcast_to(acc.idx, shape) if idx is None else idx
                 known = union
+            lo_hi = one[1][0].tolist()
+            if not any(lo_hi[k] > lo_hi[k + 1] for k in range(0, len(lo_hi), 2)):  # `one` sees a pixel: so will
+                if full and bounds is not None:  # every row, and the hull widens by `one`'s bounds
+                    bounds = _frozen(np.array([min(b, x) if k % 2 == 0 else max(b, x)
+                                               for k, (b, x) in enumerate(zip(bounds.tolist(), lo_hi))]))
+                else:
+                    bounds = None
+                full = True
+            elif not full:  # rows that see no pixel stay so, but may change (the hull of all-empty rows moves)
+                bounds = None
             row = one[0][0]
             if known is not None and not (known & ~row).any():  # `one` sees all `many` sees: every row is `one`
                 bits = np.repeat(one[0], len(many[0]), axis=0)
@@ -592,7 +614,7 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
             spans = _frozen(_union_row(many[1], one[1][0]))
             union = None if known is None else _frozen(known | row)
             continue
-        union = per_reach = None
+        union = per_reach = bounds = full = None
         idx = np.broadcast_to(acc.idx, shape) if idx is None else idx
         b = np.broadcast_to(f.idx, shape)
         codes = idx.astype(np.int64) * len(f.bits) + b
@@ -609,6 +631,8 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
         out.__dict__["_union"] = union
     if counts is not None and len(counts) == len(out.bits):
         out.__dict__["_counts"] = counts
+    if len(out.bits) > 1 and bounds is not None and full is not None:
+        out.__dict__["_bounds"], out.__dict__["_full"] = bounds, full
     return out
 
 

@@ -80,6 +80,10 @@ def _facts_hold(a):
                 assert known["_union"].tolist() == np.bitwise_or.reduce(f.bits, axis=0).tolist(), r.name
             if "_counts" in known:
                 assert known["_counts"].tolist() == np.bitwise_count(f.bits).sum(axis=1).tolist(), r.name
+            if "_bounds" in known:
+                assert known["_bounds"].tolist() == F._hull(f.spans).tolist(), r.name
+            if "_full" in known:
+                assert known["_full"] == (not (f.spans[:, 0::2] > f.spans[:, 1::2]).any()), r.name
             if "_per_reach" in known:
                 assert known["_per_reach"].tolist() == np.bincount(np.asarray(f.idx).ravel(),
                                                                    minlength=len(f.bits)).tolist(), r.name

@@ -122,6 +122,8 @@ def conv(ctx: Ctx):
     if mode != "circular" and (out := _one_reach(f, x.shape, spec)) is not None:
         return out
     f = field.mix(f, spec.out_channels, spec.groups, axis=f.idx_axis(-len(spec.kernel) - 1))
+    if mode != "circular" and (out := _one_reach(f, x.shape, spec)) is not None:
+        return out  # mixed into one reach (a standard conv over a stage input): slid in one step too
     out = _slide(f, x.shape, spec.kernel, spec.stride, spec.padding, spec.dilation, ctx.out_shape)
     if mode == "circular":  # the padding wraps around the map
         rank, d = len(x.shape), len(spec.kernel)
