@@ -381,28 +381,32 @@ class _Walker:
 
     # -- records ------------------------------------------------------------------------------------------------
 
-    def _summary(self, f: Field, cap, sizes) -> RF:
+    def _summary(self, f: Field, cap: tuple, shape: tuple) -> RF:
+        """The RF of field `f` on a tensor of `shape`, capped at `cap`."""
         # per-channel ops (BN, ReLU) hand the same Field on: summarise it once (keyed by the Field itself, which
         # hashes by identity: an id could be reused by a later Field once this one is gone, as extend's can be)
-        key = (f, tuple(cap), sizes)
+        key = (f, cap, shape)
         rf = self._summaries.get(key)
         if rf is None:
-            spatial, cmin, cmean = f.summary(tuple(cap), sizes, self.spatial_cap)
+            spatial, cmin, cmean = f.summary(tuple(cap), map_size(f, shape), self.spatial_cap)
             rf = self._summaries[key] = RF(spatial, cmin, cmean)
         return rf
 
     def _record(self, node, v, stage_of, stages, st_env, inp_env, starts, loc_env) -> NodeRecord:
         s = stage_of.get(node)
         f, lf = st_env.get(node), loc_env.get(node)
+        shape = tuple(v.shape)
         rf = local_rf = None
-        if s is not None and isinstance(f, Field):
-            rf = self._summary(f, stages[s].resolution, map_size(f, v.shape))
-        if s is not None and isinstance(lf, Field):  # (the same field but downstream of a gate)
-            local_rf = rf if lf is f else self._summary(lf, stages[s].resolution, map_size(lf, v.shape))
+        if s is not None:
+            cap = stages[s].resolution
+            if isinstance(f, Field):
+                rf = self._summary(f, cap, shape)
+            if isinstance(lf, Field):  # (the same field unless downstream of a gate)
+                local_rf = rf if lf is f else self._summary(lf, cap, shape)
         fi = inp_env.get(node)
         input_rf = None
         if isinstance(fi, Field) and self.dims:
-            input_rf = self._summary(fi, self._cap_of(fi), map_size(fi, v.shape))
+            input_rf = self._summary(fi, self._cap_of(fi), shape)
         mod, op = self._plan.get(node, (None, None))
         kernel, g, lg = None, None, None
         if op is not None and op.conv_like:  # a kernel type and a gain (any op registered with a ConvSpec)
@@ -416,14 +420,14 @@ class _Walker:
                 prev, local_prev = st_env.get(src), loc_env.get(src)
                 g = self._gain(prev, rf, stages[s], src)
                 lg = g if local_prev is prev and local_rf is rf else self._gain(local_prev, local_rf, stages[s], src)
-        return NodeRecord(node.name, _op_label(node, mod), _target_str(self.gm, node, mod), tuple(v.shape), s, kernel, rf,
+        return NodeRecord(node.name, _op_label(node, mod), _target_str(self.gm, node, mod), shape, s, kernel, rf,
                           g, input_rf, node not in self._declined, f if isinstance(f, Field) else None,
                           fi if isinstance(fi, Field) else None, module_path(node), local_rf, lg)
 
     def _gain(self, prev, rf, stage, src):
         if rf is None or not isinstance(prev, Field):
             return None
-        pv = self._summary(prev, stage.resolution, map_size(prev, self.shapes[src].shape)).volume
+        pv = self._summary(prev, stage.resolution, tuple(self.shapes[src].shape)).volume
         return gain_of(pv, rf.volume, stage.volume, self.alpha) if pv > 0 else None
 
     def _cap_of(self, f: Field) -> tuple:
