@@ -75,14 +75,16 @@ class Field:
         return self.channel_axes().index(tensor_axis % self.ndim)
 
     def replace(self, **kw) -> "Field":
+        if not kw.keys() <= _FIELDS:
+            raise TypeError(f"Field has no fields {sorted(set(kw) - _FIELDS)}")
         get = kw.get
         out = Field(get("bits", self.bits), get("spans", self.spans), get("idx", self.idx), get("jump", self.jump),
                     get("sp", self.sp), get("taps", self.taps), get("size", self.size))
-        if len(kw) > sum(k in kw for k in _FIELDS):
-            raise TypeError(f"Field has no fields {sorted(set(kw) - set(_FIELDS))}")
-        known = self.__dict__  # what follows from the arrays kept carries over
-        out.__dict__.update({k: known[k] for k in (() if "bits" in kw else _OF_BITS) +
-                             (() if "spans" in kw else _OF_SPANS) if k in known})
+        known = self.__dict__
+        if len(known) > len(_FIELDS):  # facts remembered about the reaches: those of the arrays kept carry over
+            for k, on in _FACTS.items():
+                if k in known and not kw.keys() & on:
+                    out.__dict__[k] = known[k]
         return out
 
     def with_idx(self, idx: np.ndarray, sp: tuple | None = None, jump: tuple | None = None) -> "Field":
@@ -104,7 +106,8 @@ class Field:
         if len(bits) > 1:  # counted above; and with every reach kept, what follows from the bits carries over
             out.__dict__["_per_reach"] = used
             if bits is self.bits:
-                out.__dict__.update({k: self.__dict__[k] for k in _OF_BITS + _OF_SPANS if k in self.__dict__})
+                out.__dict__.update({k: self.__dict__[k] for k in _OF_BITS + _OF_SPANS + ("_one_row",)
+                                     if k in self.__dict__})
         return out
 
     def sets(self) -> list[frozenset]:
@@ -151,7 +154,8 @@ class Field:
         capped=False reports the uncapped extent (the recurrence w_k = w_{k-1} + (w_k - 1) * D_k without
         min(., w_0)), which is what the paper's Tables 3-5 use (docs/paper.md); channels are unaffected."""
         sizes = tuple(cap) if sizes is None else tuple(sizes)
-        if len(self.bits) == 1 and (self.taps is None or not capped):  # one reach, its hull: plain Python is faster
+        # one reach (or reaches all alike: a residual stream, `_one_row`), its hull: plain Python is faster
+        if (len(self.bits) == 1 or self.__dict__.get("_one_row")) and (self.taps is None or not capped):
             row = self.spans[0].tolist()
             spatial = []
             for k, (w0, n, j) in enumerate(zip(cap, sizes, self.jump)):
@@ -163,7 +167,7 @@ class Field:
                 else:
                     c = (n // 2) * j
                     spatial.append(max(int(round(min(hi, w0 - 1 - c) - max(lo, -c) + 1)), 0))
-            n = int.from_bytes(self.bits.tobytes(), "little").bit_count()  # one popcount, no numpy call
+            n = int.from_bytes(self.bits[0].tobytes(), "little").bit_count()  # one popcount, no numpy call
             return tuple(spatial), n, float(n)
         spatial = self._max_extents(tuple(cap), sizes, capped)
         counts = self._counts
@@ -218,7 +222,10 @@ class Field:
 
 _OF_BITS = ("_union", "_counts")  # the cached properties that depend on `bits` alone
 _OF_SPANS = ("_bounds", "_full")  # ... on `spans` alone
-_FIELDS = ("bits", "spans", "idx", "jump", "sp", "taps", "size")
+_FIELDS = frozenset(("bits", "spans", "idx", "jump", "sp", "taps", "size"))
+# each remembered fact and the fields it depends on (Field.replace keeps it where none of them changes)
+_FACTS = {"_union": {"bits"}, "_counts": {"bits"}, "_bounds": {"spans"}, "_full": {"spans"},
+          "_one_row": {"bits", "spans", "taps"}, "_per_reach": {"bits", "idx"}}
 
 
 def _uniform(shape: tuple) -> np.ndarray:
@@ -572,13 +579,14 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
     bits, spans, idx, taps = acc.bits, acc.spans, None, acc.taps  # idx: acc.idx broadcast, once a pairing needs it
     per_reach = None  # channels per reach of `idx`, where pairing counted them
     union, counts = acc.__dict__.get("_union"), acc.__dict__.get("_counts")  # of `bits`, where known
+    one_row = acc.__dict__.get("_one_row", False)
     bounds, full = acc.__dict__.get("_bounds"), acc.__dict__.get("_full")  # of `spans`, where known
     if np.shape(acc.idx) == tuple(shape):
         per_reach = acc.__dict__.get("_per_reach")
     for f in live[1:]:
         if f.bits is bits and f.spans is spans and f.idx is acc.idx:  # add(x, x)
             continue
-        counts = None
+        counts, one_row = None, False
         if len(bits) == 1 and len(f.bits) == 1:
             bits, spans = bits | f.bits, _frozen(_hull(np.concatenate([spans, f.spans]))[None])
             taps = None if taps is None else tuple(_frozen(a | c) for a, c in zip(taps, f.taps))
@@ -594,24 +602,29 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
             else:
                 idx = np.broadcast_to(acc.idx, shape) if idx is None else idx
                 known = union
-            lo_hi = one[1][0].tolist()
+            lo_hi, covers = one[1][0].tolist(), False
             if not any(lo_hi[k] > lo_hi[k + 1] for k in range(0, len(lo_hi), 2)):  # `one` sees a pixel: so will
                 if full and bounds is not None:  # every row, and the hull widens by `one`'s bounds
+                    hull = bounds.tolist()
+                    covers = all(x <= b if k % 2 == 0 else x >= b for k, (b, x) in enumerate(zip(hull, lo_hi)))
                     bounds = _frozen(np.array([min(b, x) if k % 2 == 0 else max(b, x)
-                                               for k, (b, x) in enumerate(zip(bounds.tolist(), lo_hi))]))
+                                               for k, (b, x) in enumerate(zip(hull, lo_hi))]))
                 else:
                     bounds = None
                 full = True
             elif not full:  # rows that see no pixel stay so, but may change (the hull of all-empty rows moves)
                 bounds = None
             row = one[0][0]
-            if known is not None and not (known & ~row).any():  # `one` sees all `many` sees: every row is `one`
+            sees_all = known is not None and not (known & ~row).any()
+            if sees_all:  # `one` sees all `many` sees: every row of bits is `one`'s
                 bits = np.repeat(one[0], len(many[0]), axis=0)
                 counts = np.full(len(bits), int.from_bytes(row.tobytes(), "little").bit_count(), dtype=np.int64)
             else:
                 bits = many[0] | one[0]
             taps = None if taps is None else tuple(_frozen(m | o) for m, o in zip(many[2], one[2]))
-            spans = _frozen(_union_row(many[1], one[1][0]))
+            # bounds covering every row's: every row of spans is `one`'s too
+            spans = _frozen(np.repeat(one[1], len(many[1]), axis=0) if covers else _union_row(many[1], one[1][0]))
+            one_row = sees_all and covers and taps is None
             union = None if known is None else _frozen(known | row)
             continue
         union = per_reach = bounds = full = None
@@ -633,6 +646,8 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
         out.__dict__["_counts"] = counts
     if len(out.bits) > 1 and bounds is not None and full is not None:
         out.__dict__["_bounds"], out.__dict__["_full"] = bounds, full
+    if one_row and len(out.bits) > 1:
+        out.__dict__["_one_row"] = True
     return out
 
 

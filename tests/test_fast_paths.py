@@ -84,6 +84,8 @@ def _facts_hold(a):
                 assert known["_bounds"].tolist() == F._hull(f.spans).tolist(), r.name
             if "_full" in known:
                 assert known["_full"] == (not (f.spans[:, 0::2] > f.spans[:, 1::2]).any()), r.name
+            if known.get("_one_row"):
+                assert (f.bits == f.bits[0]).all() and (f.spans == f.spans[0]).all() and f.taps is None, r.name
             if "_per_reach" in known:
                 assert known["_per_reach"].tolist() == np.bincount(np.asarray(f.idx).ravel(),
                                                                    minlength=len(f.bits)).tolist(), r.name
