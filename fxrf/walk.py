@@ -282,6 +282,7 @@ class _Walker:
                 offsets[name] = o
                 o += inp_env[self._by_name[name]].channels
         records, recorded = [], []
+        differs: set = set()  # the keys whose local field is not their field (none before the first gate)
         node = None
         try:
             for node in order:  # step 3: fields referenced to the stage input
@@ -292,9 +293,11 @@ class _Walker:
                     s = stage_of.get(node)
                     if node.kind == "view" and node.node in starts:  # a stage input is its own reference
                         st_env[node], loc_env[node] = st_env[node.node], loc_env[node.node]
-                        continue
-                    st_env[node] = self._version(node, st_env, stage_of, s)
-                    loc_env[node] = self._version(node, loc_env, stage_of, s)
+                    else:
+                        st_env[node] = self._version(node, st_env, stage_of, s)
+                        loc_env[node] = self._version(node, loc_env, stage_of, s)
+                    if loc_env[node] is not st_env[node]:
+                        differs.add(node)
                     continue
                 kept = base is not None and node in st0 and same_stage(node)
                 if node in starts:
@@ -315,12 +318,15 @@ class _Walker:
                     s = stage_of.get(node)
                     f = st_env[node] = self._apply(node, mod, rule, st_env, stage_of, s)
                     loc_env[node] = f  # unless a gate is upstream: then the local field is its own
-                    for m in self._inputs(node):
-                        if loc_env.get(m) is not st_env.get(m):
-                            loc_env[node] = self._apply(node, mod, rule, loc_env, stage_of, s)
-                            break
+                    if differs:
+                        for m in self._inputs(node):
+                            if m in differs:
+                                loc_env[node] = self._apply(node, mod, rule, loc_env, stage_of, s)
+                                break
                 if node in context:
                     loc_env[node] = _nothing(st_env.get(node))
+                if loc_env.get(node) is not st_env.get(node):
+                    differs.add(node)
                 if isinstance(v, TMeta) and node.name not in self.constant_names:
                     if kept and (node in self._declined) == (node in base._declined) and \
                             node in base.records and self._kept(node, ((st_env, st0), (loc_env, loc0), (inp_env, inp0)),

@@ -144,7 +144,8 @@ def _one_reach(f, in_shape, spec: ConvSpec):
         return None
     lo, hi, jump = [], [], []
     for n, k, s, p, dl, j in zip(in_shape[2:], spec.kernel, spec.stride, spec.padding, spec.dilation, f.jump):
-        k, s, p, dl = one_pixel(n, k, s, p, dl)
+        if n == 1:
+            k, s, p, dl = one_pixel(n, k, s, p, dl)
         if f.size is not None and k > 1 and dl * j != 1:
             return None  # a window with holes on a stage field: its taps (field.window)
         lo.append(-p * j)
