@@ -231,7 +231,8 @@ _FACTS = {"_union": {"bits"}, "_counts": {"bits"}, "_bounds": {"spans"}, "_full"
 def _uniform(shape: tuple) -> np.ndarray:
     """The index of a one-reach field: zeros, as a read-only broadcast view (nothing allocated; a window partition
     of a ViT map has millions of channel positions, and a permute of such an index would copy all of them)."""
-    return _uniform_view(tuple(int(n) for n in shape)).view()  # a view of its own: merge tells fields by idx identity
+    return _uniform_view(tuple(shape)).view()  # a view of its own: merge tells fields by idx identity (numpy and
+    # Python ints of one value hash alike, so either finds the cached view)
 
 
 @functools.lru_cache(maxsize=1024)

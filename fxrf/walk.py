@@ -97,7 +97,7 @@ class _Walker:
         if back is not None:  # a flatten/view undone by the next view: the field of what was flattened, exactly
             return wrap(back).field
         args = fx.node.map_arg(node.args, wrap)
-        kwargs = fx.node.map_arg(node.kwargs, wrap)
+        kwargs = fx.node.map_arg(node.kwargs, wrap) if node.kwargs else node.kwargs
         ctx = Call(node, mod, args, kwargs, self.shapes[node], self.dims)
         if op is None or op.rf is None:
             return self._conservative(ctx, "no rule")
