@@ -60,7 +60,7 @@ class Field:
     @property
     def is_map(self) -> bool:
         """Whether every reference spatial dim is still an axis of the tensor."""
-        return bool(self.sp) and all(a is not None for a in self.sp)
+        return bool(self.sp) and None not in self.sp
 
     @property
     def channels(self) -> int:
@@ -616,7 +616,8 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
             elif not full:  # rows that see no pixel stay so, but may change (the hull of all-empty rows moves)
                 bounds = None
             row = one[0][0]
-            sees_all = known is not None and not (known & ~row).any()
+            sees_all = known is not None and not (int.from_bytes(known.tobytes(), "little")  # (as Python ints:
+                                                  & ~int.from_bytes(row.tobytes(), "little"))  # no numpy calls)
             if sees_all:  # `one` sees all `many` sees: every row of bits is `one`'s
                 bits = np.repeat(one[0], len(many[0]), axis=0)
                 counts = np.full(len(bits), int.from_bytes(row.tobytes(), "little").bit_count(), dtype=np.int64)

@@ -174,7 +174,7 @@ def broadcast_merge(ts: list[T], out_shape: tuple, layout: T | None = None):
             tuple(layout.shape) == tuple(out_shape) and not (tuple(lead.shape) == tuple(out_shape) and lead.field.is_map):
         lead = layout
     shift = rank - len(lead.shape)
-    sp = tuple(None if a is None else a + shift for a in lead.field.sp)
+    sp = tuple(lead.field.sp) if not shift else tuple(None if a is None else a + shift for a in lead.field.sp)
     channel_axes = [a for a in range(1, rank) if a not in sp]
     shape = tuple(out_shape[a] for a in channel_axes)
     out = _one_reach_union(ts, out_t, shape, sp, lead.field.jump)
