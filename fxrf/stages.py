@@ -111,12 +111,8 @@ def find_stages(w, nodes, inp_env):
         same = [m for m in ins if m in parent and map_of(m)[1] == jump]
         if sliced_on(n):  # half of a slicing, not a map of its own: it stays in its input's stage
             same = [m for m in ins if m in parent]
-        fed = False
-        for m in w._inputs(n):
-            if not constant(m) and _is_tensorish(shapes.get(m)):
-                fed = True
-                break
-        if n.op != "placeholder" and fed and not same and all(s == 1 for s in size):
+        if n.op != "placeholder" and not same and all(s == 1 for s in size) and \
+                any(not constant(m) and _is_tensorish(shapes.get(m)) for m in w._inputs(n)):  # fed by tensors
             attached.append(n)  # global pooling and the 1x1 maps computed from it (gates)
             continue
         parent[n] = n
