@@ -115,6 +115,8 @@ class Call:
 
     def tensors(self) -> list:
         """Every tensor argument (T or TMeta), flattened out of lists, tuples and dicts, in argument order."""
+        if not self.kwargs and all(isinstance(a, (T, TMeta)) for a in self.args):  # (t + u): no nesting to walk
+            return list(self.args)
         out: list = []
 
         def walk(v):
