@@ -145,7 +145,7 @@ def evaluate(node: fx.Node, gm: fx.GraphModule, env: dict, modules: dict, table:
         return _unmeta(node.target(*args, **kwargs))
     if node.op == "call_function" and node.target is operator.getitem and not isinstance(args[0], TMeta):
         return args[0][args[1]]
-    rule = _shape_rule(table if table is not None else default_table(), node, mod)  # `or` would call len()
+    rule = _shape_rule(table if table is not None else default_table(), node, mod)
     if rule is not None:
         try:
             return rule(Call(node, mod, args, kwargs))
@@ -158,7 +158,7 @@ def propagate(gm: fx.GraphModule, inputs: list[TMeta], modules: dict | None = No
               table: OpTable | None = None) -> dict:
     """{node: abstract value} for every node of `gm`; placeholders take `inputs` in order."""
     modules = dict(gm.named_modules()) if modules is None else modules
-    table = table if table is not None else default_table()  # not `or`: OpTable.__len__ lists every op
+    table = table if table is not None else default_table()
     env: dict = {}
     it = iter(inputs)
     for node in gm.graph.nodes:
