@@ -30,7 +30,7 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     return a
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, init=False)
 class Field:
     """Distinct reaches (`bits`, `spans`) plus, per channel, the index of its reach (`idx`)."""
 
@@ -46,6 +46,11 @@ class Field:
     # Stage fields: the reference map size; extents are then taken at the centre neuron, clipped by the map.
     # While no dilated or strided window has made holes, `taps` stays None and `spans` say it all (cheap).
     size: tuple | None = None
+
+    def __init__(self, bits, spans, idx, jump, sp, taps=None, size=None):
+        # the frozen dataclass's own __init__ sets each field through object.__setattr__, twice as slow: an
+        # analysis makes fields by the hundred
+        self.__dict__.update(bits=bits, spans=spans, idx=idx, jump=jump, sp=sp, taps=taps, size=size)
 
     @property
     def dims(self) -> int:
