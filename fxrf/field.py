@@ -30,7 +30,7 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     return a
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, init=False)
 class Field:
     """Distinct reaches (`bits`, `spans`) plus, per channel, the index of its reach (`idx`)."""
 
@@ -47,6 +47,11 @@ class Field:
     # While no dilated or strided window has made holes, `taps` stays None and `spans` say it all (cheap).
     size: tuple | None = None
 
+    def __init__(self, bits, spans, idx, jump, sp, taps=None, size=None):
+        # the frozen dataclass's own __init__ sets each field through object.__setattr__, twice as slow: an
+        # analysis makes fields by the hundred
+        self.__dict__.update(bits=bits, spans=spans, idx=idx, jump=jump, sp=sp, taps=taps, size=size)
+
     @property
     def dims(self) -> int:
         """Number of reference spatial dims."""
@@ -55,12 +60,12 @@ class Field:
     @property
     def ndim(self) -> int:
         """Rank of the tensor this field describes."""
-        return 1 + self.idx.ndim + sum(a is not None for a in self.sp)
+        return 1 + self.idx.ndim + len(self.sp) - self.sp.count(None)
 
     @property
     def is_map(self) -> bool:
         """Whether every reference spatial dim is still an axis of the tensor."""
-        return bool(self.sp) and all(a is not None for a in self.sp)
+        return bool(self.sp) and None not in self.sp
 
     @property
     def channels(self) -> int:
@@ -75,15 +80,22 @@ class Field:
         return self.channel_axes().index(tensor_axis % self.ndim)
 
     def replace(self, **kw) -> "Field":
-        d = dict(bits=self.bits, spans=self.spans, idx=self.idx, jump=self.jump, sp=self.sp, taps=self.taps,
-                 size=self.size)
-        d.update(kw)
-        return Field(**d)
+        if not kw.keys() <= _FIELDS:
+            raise TypeError(f"Field has no fields {sorted(set(kw) - _FIELDS)}")
+        get = kw.get
+        out = Field(get("bits", self.bits), get("spans", self.spans), get("idx", self.idx), get("jump", self.jump),
+                    get("sp", self.sp), get("taps", self.taps), get("size", self.size))
+        known = self.__dict__
+        if len(known) > len(_FIELDS):  # facts remembered about the reaches: those of the arrays kept carry over
+            for k, on in _FACTS.items():
+                if k in known and not kw.keys() & on:
+                    out.__dict__[k] = known[k]
+        return out
 
     def with_idx(self, idx: np.ndarray, sp: tuple | None = None, jump: tuple | None = None) -> "Field":
         """Same reaches, channels rearranged by `idx` (reaches no channel refers to any more are dropped)."""
         idx = np.asarray(idx, dtype=np.int64)
-        bits, spans, taps = self.bits, self.spans, self.taps
+        bits, spans, taps, used = self.bits, self.spans, self.taps, None
         if len(bits) > 1:
             used = np.bincount(idx.ravel(), minlength=len(bits))
             if not used.all():
@@ -91,11 +103,17 @@ class Field:
                 lut = np.full(len(bits), -1, dtype=np.int64)
                 lut[keep] = np.arange(len(keep))
                 idx = lut[idx]
-                bits, spans = _frozen(bits[keep]), _frozen(spans[keep])
+                bits, spans, used = _frozen(bits[keep]), _frozen(spans[keep]), used[keep]
                 taps = _rows(self.taps, keep)
         idx = _uniform(idx.shape) if len(bits) == 1 else _contiguous(idx)
-        return Field(bits, spans, _frozen(idx), self.jump if jump is None else tuple(jump),
-                     self.sp if sp is None else tuple(sp), taps, self.size)
+        out = Field(bits, spans, _frozen(idx), self.jump if jump is None else tuple(jump),
+                    self.sp if sp is None else tuple(sp), taps, self.size)
+        if len(bits) > 1:  # counted above; and with every reach kept, what follows from the bits carries over
+            out.__dict__["_per_reach"] = used
+            if bits is self.bits:
+                out.__dict__.update({k: self.__dict__[k] for k in _OF_BITS + _OF_SPANS + ("_one_row",)
+                                     if k in self.__dict__})
+        return out
 
     def sets(self) -> list[frozenset]:
         """The reference channels each channel can see, in flattened channel order (for tests and users)."""
@@ -141,7 +159,8 @@ class Field:
         capped=False reports the uncapped extent (the recurrence w_k = w_{k-1} + (w_k - 1) * D_k without
         min(., w_0)), which is what the paper's Tables 3-5 use (docs/paper.md); channels are unaffected."""
         sizes = tuple(cap) if sizes is None else tuple(sizes)
-        if len(self.bits) == 1 and (self.taps is None or not capped):  # one reach, its hull: plain Python is faster
+        # one reach (or reaches all alike: a residual stream, `_one_row`), its hull: plain Python is faster
+        if (len(self.bits) == 1 or self.__dict__.get("_one_row")) and (self.taps is None or not capped):
             row = self.spans[0].tolist()
             spatial = []
             for k, (w0, n, j) in enumerate(zip(cap, sizes, self.jump)):
@@ -153,29 +172,77 @@ class Field:
                 else:
                     c = (n // 2) * j
                     spatial.append(max(int(round(min(hi, w0 - 1 - c) - max(lo, -c) + 1)), 0))
-            n = int(self._counts[0])
+            n = int.from_bytes(self.bits[0].tobytes(), "little").bit_count()  # one popcount, no numpy call
             return tuple(spatial), n, float(n)
-        spatial = tuple(int(e) for e in self._reach_extents(tuple(cap), sizes, capped).max(axis=0))
+        spatial = self._max_extents(tuple(cap), sizes, capped)
         counts = self._counts
         if len(counts) == 1:
             return spatial, int(counts[0]), float(counts[0])
         return spatial, int(counts.min()), float(np.dot(self._per_reach, counts)) / self.idx.size
+
+    def _max_extents(self, cap, sizes, capped) -> tuple:
+        """The largest of `_reach_extents` per dim. Without taps, every step from a reach's bounds to its extent is
+        non-decreasing in their difference, so the largest extent is that of the largest difference: one pass down a
+        column, no row per reach (a stage field after a residual add has one reach per channel)."""
+        if self.taps is not None and capped:
+            return tuple(int(e) for e in np.ascontiguousarray(self._reach_extents(cap, sizes, capped).T).max(axis=1))
+        out = []
+        for k, (w0, n, j) in enumerate(zip(cap, sizes, self.jump)):
+            lo, hi = self.spans[:, 2 * k], self.spans[:, 2 * k + 1]
+            if capped and self.size is not None:  # as _reach_extents: clipped to the map seen from the centre
+                c = float((n // 2) * j)
+                d = float((np.minimum(hi, float(w0) - 1 - c) - np.maximum(lo, -c)).max())
+                out.append(max(int(np.rint(d + 1)), 0))
+            else:
+                e = int(np.rint(float((hi - lo).max()) + 1))
+                out.append(min(e, w0) if capped else e)
+        return tuple(out)
 
     @functools.cached_property
     def _per_reach(self) -> np.ndarray:  # channels per reach (mix sets it: it knows them without counting)
         return np.bincount(self.idx.ravel(), minlength=len(self.bits))
 
     @functools.cached_property
+    def _union(self) -> np.ndarray:  # every channel any reach sees: a mix's one reach (identity and merge set it)
+        return _frozen(_or(self.bits))
+
+    @functools.cached_property
+    def _bounds(self) -> np.ndarray:  # the hull of the reaches' bounds: a mix's one reach (identity and merge set it)
+        return _frozen(_hull(self.spans))
+
+    @functools.cached_property
+    def _full(self) -> bool:  # whether every reach sees a pixel (then _bounds is the plain min and max)
+        return not _empty_rows(self.spans).any()
+
+    @functools.cached_property
     def _counts(self) -> np.ndarray:  # cached: BN and activations pass the same Field object on
         if len(self.bits) == 1:  # (most fields of a CNN: numpy's per-call overhead is most of the cost)
             return np.array([sum(w.bit_count() for w in self.bits[0].tolist())], dtype=np.int64)
-        return np.bitwise_count(self.bits).sum(axis=1, dtype=np.int64)
+        per_word = np.bitwise_count(self.bits)
+        if per_word.shape[1] == 1:
+            return per_word[:, 0].astype(np.int64)
+        # a row sum as a float32 product: twice as fast as sum(axis=1) on short rows, exact below 2**24 channels
+        return (per_word.astype(np.float32) @ np.ones(per_word.shape[1], dtype=np.float32)).astype(np.int64)
+
+
+_OF_BITS = ("_union", "_counts")  # the cached properties that depend on `bits` alone
+_OF_SPANS = ("_bounds", "_full")  # ... on `spans` alone
+_FIELDS = frozenset(("bits", "spans", "idx", "jump", "sp", "taps", "size"))
+# each remembered fact and the fields it depends on (Field.replace keeps it where none of them changes)
+_FACTS = {"_union": {"bits"}, "_counts": {"bits"}, "_bounds": {"spans"}, "_full": {"spans"},
+          "_one_row": {"bits", "spans", "taps"}, "_per_reach": {"bits", "idx"}}
 
 
 def _uniform(shape: tuple) -> np.ndarray:
     """The index of a one-reach field: zeros, as a read-only broadcast view (nothing allocated; a window partition
     of a ViT map has millions of channel positions, and a permute of such an index would copy all of them)."""
-    return np.broadcast_to(np.zeros((), dtype=np.int64), tuple(shape))
+    return _uniform_view(tuple(shape)).view()  # a view of its own: merge tells fields by idx identity (numpy and
+    # Python ints of one value hash alike, so either finds the cached view)
+
+
+@functools.lru_cache(maxsize=1024)
+def _uniform_view(shape: tuple) -> np.ndarray:
+    return np.broadcast_to(np.zeros((), dtype=np.int64), shape)
 
 
 def _contiguous(a: np.ndarray) -> np.ndarray:
@@ -246,8 +313,9 @@ def _hull(spans: np.ndarray) -> np.ndarray:
     empty = _empty_rows(spans)
     if empty.any() and not empty.all():
         spans = spans[~empty]
-    out = spans.max(axis=0)
-    out[0::2] = spans[:, 0::2].min(axis=0)
+    cols = np.ascontiguousarray(spans.T)  # numpy reduces a few long rows far faster than many short ones
+    out = cols.max(axis=1)
+    out[0::2] = cols[0::2].min(axis=1)
     return out
 
 
@@ -269,8 +337,15 @@ def identity(channel_shape: tuple, dims: int, offset: int = 0, sp: tuple | None 
     spans = _frozen(np.zeros((n, 2 * dims)))
     idx = _frozen(np.arange(n, dtype=np.int64).reshape(channel_shape))
     first = 1 + len(channel_shape)
-    return Field(bits, spans, idx, (1,) * dims, tuple(range(first, first + dims)) if sp is None else sp, None,
-                 None if map_size is None else tuple(map_size))
+    out = Field(bits, spans, idx, (1,) * dims, tuple(range(first, first + dims)) if sp is None else sp, None,
+                None if map_size is None else tuple(map_size))
+    # known without a pass over the bits (a stage input has thousands of channels): channels offset..offset+n-1
+    whole = ((1 << n) - 1) << offset
+    out.__dict__["_union"] = _frozen(np.frombuffer(whole.to_bytes(8 * bits.shape[1], "little"), dtype="<u8")
+                                     .astype(np.uint64))
+    out.__dict__["_counts"], out.__dict__["_per_reach"] = np.ones(n, dtype=np.int64), np.ones(n, dtype=np.int64)
+    out.__dict__["_bounds"], out.__dict__["_full"] = _frozen(np.zeros(2 * dims)), True
+    return out
 
 
 # ---- spatial transfer -------------------------------------------------------------------------------------------
@@ -278,7 +353,10 @@ def identity(channel_shape: tuple, dims: int, offset: int = 0, sp: tuple | None 
 
 def _empty_rows(spans: np.ndarray) -> np.ndarray:
     """Reaches that see no pixel (lo > hi: a constant channel, from cat or padding)."""
-    return (spans[:, 0::2] > spans[:, 1::2]).any(axis=1)
+    out = np.zeros(len(spans), dtype=bool)  # a column pair at a time: any(axis=1) over pairs is slow for many rows
+    for k in range(0, spans.shape[1], 2):
+        out |= spans[:, k] > spans[:, k + 1]
+    return out
 
 
 def _shifted(f: Field, lo_add: Sequence, hi_add: Sequence, jump: tuple | None = None) -> Field:
@@ -304,6 +382,24 @@ def _union_spans(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     out[:, 0::2] = np.minimum(a[:, 0::2], b[:, 0::2])
     ea, eb = _empty_rows(a)[:, None], _empty_rows(b)[:, None]
     return np.where(ea, b, np.where(eb, a, out))
+
+
+def _union_row(a: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """_union_spans(a, row broadcast to a's shape), a column at a time (a residual add of a one-reach field to a
+    stage field of a reach per channel)."""
+    r = row.tolist()
+    dtype = a.dtype if a.dtype == row.dtype else np.result_type(a, row)
+    if any(r[k] > r[k + 1] for k in range(0, len(r), 2)):  # sees no pixel: widens nothing
+        out = np.array(a, dtype=dtype)
+    else:
+        out = np.empty(a.shape, dtype=dtype)
+        for k in range(0, a.shape[1], 2):
+            np.minimum(a[:, k], row[k], out=out[:, k])
+            np.maximum(a[:, k + 1], row[k + 1], out=out[:, k + 1])
+    empty = _empty_rows(a)  # rows of `a` that see no pixel take the row's bounds
+    if empty.any():
+        out[empty] = row
+    return out
 
 
 def window(f: Field | None, kernel: Sequence, stride: Sequence, padding: Sequence, dilation: Sequence):
@@ -385,8 +481,8 @@ def mix(f: Field | None, out_channels: int, groups: int = 1, axis: int = -1) -> 
     if groups == cin and per_out == 1:  # depthwise, multiplier 1: channel c sees what channel c saw
         return f
     if len(f.bits) == 1 or (groups == 1 and not lead):  # one reach for all outputs
-        bits = f.bits if len(f.bits) == 1 else _frozen(_or(f.bits)[None])
-        spans = f.spans if len(f.bits) == 1 else _frozen(_hull(f.spans)[None])
+        bits = f.bits if len(f.bits) == 1 else _frozen(f._union[None])
+        spans = f.spans if len(f.bits) == 1 else _frozen(f._bounds[None])
         taps = f.taps if len(f.bits) == 1 else _union_taps(f.taps, [range(len(f.bits))])
         out = _uniform(lead + (out_channels,))
         return Field(bits, spans, _frozen(out if not lead else np.moveaxis(out, -1, axis)), f.jump, f.sp, taps,
@@ -486,35 +582,79 @@ def merge(fields: Sequence[Field | None], shape: tuple, sp: tuple) -> Field | No
     if all_taps is not None:
         live = [f.replace(taps=t) for f, t in zip(live, all_taps)]
     acc = live[0]
-    bits, spans, idx, taps = acc.bits, acc.spans, np.broadcast_to(acc.idx, shape), acc.taps
+    bits, spans, idx, taps = acc.bits, acc.spans, None, acc.taps  # idx: acc.idx broadcast, once a pairing needs it
     per_reach = None  # channels per reach of `idx`, where pairing counted them
+    union, counts = acc.__dict__.get("_union"), acc.__dict__.get("_counts")  # of `bits`, where known
+    one_row = acc.__dict__.get("_one_row", False)
+    bounds, full = acc.__dict__.get("_bounds"), acc.__dict__.get("_full")  # of `spans`, where known
+    if np.shape(acc.idx) == tuple(shape):
+        per_reach = acc.__dict__.get("_per_reach")
     for f in live[1:]:
         if f.bits is bits and f.spans is spans and f.idx is acc.idx:  # add(x, x)
             continue
-        b = np.broadcast_to(f.idx, shape)
+        counts, one_row = None, False
         if len(bits) == 1 and len(f.bits) == 1:
             bits, spans = bits | f.bits, _frozen(_hull(np.concatenate([spans, f.spans]))[None])
             taps = None if taps is None else tuple(_frozen(a | c) for a, c in zip(taps, f.taps))
-            per_reach = None
+            per_reach = union = bounds = full = None
             continue
-        per_reach = None
         if len(bits) == 1 or len(f.bits) == 1:  # one side uniform (residual adds): broadcast, no pairing
-            one, many, idx = ((bits, spans, taps), (f.bits, f.spans, f.taps), b) if len(bits) == 1 else \
-                ((f.bits, f.spans, f.taps), (bits, spans, taps), idx)
-            bits = many[0] | one[0]
+            one, many = ((bits, spans, taps), (f.bits, f.spans, f.taps)) if len(bits) == 1 else \
+                ((f.bits, f.spans, f.taps), (bits, spans, taps))
+            if len(bits) == 1:  # the reaches are f's: its index, and what is known of them
+                idx = np.broadcast_to(f.idx, shape)
+                known, bounds, full = f.__dict__.get("_union"), f.__dict__.get("_bounds"), f.__dict__.get("_full")
+                per_reach = f.__dict__.get("_per_reach") if np.shape(f.idx) == tuple(shape) else None
+            else:
+                idx = np.broadcast_to(acc.idx, shape) if idx is None else idx
+                known = union
+            lo_hi, covers = one[1][0].tolist(), False
+            if not any(lo_hi[k] > lo_hi[k + 1] for k in range(0, len(lo_hi), 2)):  # `one` sees a pixel: so will
+                if full and bounds is not None:  # every row, and the hull widens by `one`'s bounds
+                    hull = bounds.tolist()
+                    covers = all(x <= b if k % 2 == 0 else x >= b for k, (b, x) in enumerate(zip(hull, lo_hi)))
+                    bounds = _frozen(np.array([min(b, x) if k % 2 == 0 else max(b, x)
+                                               for k, (b, x) in enumerate(zip(hull, lo_hi))]))
+                else:
+                    bounds = None
+                full = True
+            elif not full:  # rows that see no pixel stay so, but may change (the hull of all-empty rows moves)
+                bounds = None
+            row = one[0][0]
+            sees_all = known is not None and not (int.from_bytes(known.tobytes(), "little")  # (as Python ints:
+                                                  & ~int.from_bytes(row.tobytes(), "little"))  # no numpy calls)
+            if sees_all:  # `one` sees all `many` sees: every row of bits is `one`'s
+                bits = np.repeat(one[0], len(many[0]), axis=0)
+                counts = np.full(len(bits), int.from_bytes(row.tobytes(), "little").bit_count(), dtype=np.int64)
+            else:
+                bits = many[0] | one[0]
             taps = None if taps is None else tuple(_frozen(m | o) for m, o in zip(many[2], one[2]))
-            spans = _frozen(_union_spans(many[1], np.broadcast_to(one[1], many[1].shape)))
+            # bounds covering every row's: every row of spans is `one`'s too
+            spans = _frozen(np.repeat(one[1], len(many[1]), axis=0) if covers else _union_row(many[1], one[1][0]))
+            one_row = sees_all and covers and taps is None
+            union = None if known is None else _frozen(known | row)
             continue
+        union = per_reach = bounds = full = None
+        idx = np.broadcast_to(acc.idx, shape) if idx is None else idx
+        b = np.broadcast_to(f.idx, shape)
         codes = idx.astype(np.int64) * len(f.bits) + b
         uniq, inv, per_reach = _unique(codes.ravel(), len(bits) * len(f.bits))
         ia, ib = uniq // len(f.bits), uniq % len(f.bits)
         bits = bits[ia] | f.bits[ib]
         taps = None if taps is None else tuple(_frozen(a[ia] | c[ib]) for a, c in zip(taps, f.taps))
         spans, idx = _frozen(_union_spans(spans[ia], f.spans[ib])), inv.reshape(shape)
-    idx = _uniform(np.shape(idx)) if len(bits) == 1 else _contiguous(idx)
+    idx = _uniform(shape) if len(bits) == 1 else _contiguous(np.broadcast_to(acc.idx, shape) if idx is None else idx)
     out = Field(_frozen(bits) if bits.flags.writeable else bits, spans, _frozen(idx), jump, sp, taps, acc.size)
     if per_reach is not None and len(per_reach) == len(out.bits):  # counted while pairing: no pass over idx
         out.__dict__["_per_reach"] = per_reach
+    if union is not None and len(out.bits) > 1:  # (a stage field's residual stream: no pass over its bits)
+        out.__dict__["_union"] = union
+    if counts is not None and len(counts) == len(out.bits):
+        out.__dict__["_counts"] = counts
+    if len(out.bits) > 1 and bounds is not None and full is not None:
+        out.__dict__["_bounds"], out.__dict__["_full"] = bounds, full
+    if one_row and len(out.bits) > 1:
+        out.__dict__["_one_row"] = True
     return out
 
 

@@ -39,8 +39,20 @@ def mutates(node: fx.Node, module: nn.Module | None = None) -> bool:
                 module = node.graph.owning_module.get_submodule(node.target)
             except AttributeError:
                 return False
-        return getattr(module, "inplace", False) is True
+        if _class_says_inplace(type(module)):
+            return getattr(module, "inplace", False) is True
+        return module.__dict__.get("inplace") is True  # as getattr, without nn.Module's slow miss path
     return False
+
+
+_INPLACE_CLASSES: dict = {}  # module class -> whether a class on its MRO defines `inplace` itself
+
+
+def _class_says_inplace(cls: type) -> bool:
+    got = _INPLACE_CLASSES.get(cls)
+    if got is None:
+        got = _INPLACE_CLASSES[cls] = any("inplace" in vars(c) for c in cls.__mro__)
+    return got
 
 
 class Version:

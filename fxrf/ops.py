@@ -115,6 +115,8 @@ class Call:
 
     def tensors(self) -> list:
         """Every tensor argument (T or TMeta), flattened out of lists, tuples and dicts, in argument order."""
+        if not self.kwargs and all(isinstance(a, (T, TMeta)) for a in self.args):  # (t + u): no nesting to walk
+            return list(self.args)
         out: list = []
 
         def walk(v):
@@ -191,6 +193,8 @@ class OpTable:
         self._ops: dict = {}  # key -> Op
         self._objs: dict = {}  # key -> target object (to list targets)
         self._pending: dict = {}  # "module:Name" -> Op, resolved once the module is imported
+        self._bases: dict = {}  # class -> registered_base(class), forgotten whenever an op is added
+        self._modules_seen = -1  # len(sys.modules) when _pending was last tried: imports only add modules
         for o in ops:
             self.register(o)
 
@@ -207,9 +211,11 @@ class OpTable:
         for t in op.targets:
             if _lazy(t):
                 self._pending[t] = op
+                self._modules_seen = -1
             else:
                 self._ops[_key(t)] = op
                 self._objs[_key(t)] = t
+        self._bases.clear()
         return op
 
     def op(self, *targets, name: str | None = None, **fields) -> Callable:
@@ -234,6 +240,7 @@ class OpTable:
         for t in targets:
             self._ops[_key(t)] = op
             self._objs[_key(t)] = t
+        self._bases.clear()
         return op
 
     def rf_rule(self, *targets, spec: Callable | None = None, name: str | None = None) -> Callable:
@@ -254,6 +261,9 @@ class OpTable:
     # -- reading ----------------------------------------------------------------------------------------------
 
     def _resolve(self) -> None:
+        if len(sys.modules) == self._modules_seen:  # nothing imported since the last try (every lookup asks)
+            return
+        self._modules_seen = len(sys.modules)
         for t in [t for t in self._pending if t.split(":")[0] in sys.modules]:
             mod, _, qual = t.partition(":")
             op = self._pending.pop(t)
@@ -265,12 +275,17 @@ class OpTable:
                 continue
             self._ops[_key(obj)] = op
             self._objs[_key(obj)] = obj
+            self._bases.clear()
 
     def registered_base(self, cls: type) -> type | None:
         """The class in `cls`'s MRO that has an op (cls itself or its nearest registered base class)."""
         if self._pending:
             self._resolve()
-        return next((c for c in cls.__mro__ if c in self._ops), None)
+        try:
+            return self._bases[cls]
+        except KeyError:
+            base = self._bases[cls] = next((c for c in cls.__mro__ if c in self._ops), None)
+            return base
 
     def lookup_target(self, target) -> Op | None:
         """The op for a module class (or its nearest registered base class), a function or a method name."""
@@ -312,6 +327,9 @@ class OpTable:
 
     def __len__(self) -> int:
         return len(self.ops())
+
+    def __bool__(self) -> bool:  # `table or DEFAULT` must not list every op (__len__) on each call
+        return bool(self._ops or self._pending)
 
 
 def _show(t) -> str:

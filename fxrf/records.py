@@ -49,7 +49,7 @@ class Stage:
         return volume_of(self.resolution, self.channels)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class NodeRecord:
     """Everything the analysis knows about one node; stored in node.meta["fxrf"]."""
 
@@ -70,6 +70,13 @@ class NodeRecord:
     # computed from the whole stage) see nothing. Equal to `rf` where no gate is upstream (docs/concepts.md).
     local_rf: RF | None = None
     local_gain: float | None = None  # the gain computed from local_rf
+
+    def __init__(self, name, op, target, shape, stage, kernel, rf, gain, input_rf, supported, field=None,
+                 input_field=None, path=None, local_rf=None, local_gain=None):
+        # (the frozen dataclass's own __init__ sets each field through object.__setattr__: one record per node)
+        self.__dict__.update(name=name, op=op, target=target, shape=shape, stage=stage, kernel=kernel, rf=rf,
+                             gain=gain, input_rf=input_rf, supported=supported, field=field,
+                             input_field=input_field, path=path, local_rf=local_rf, local_gain=local_gain)
 
 
 @dataclass

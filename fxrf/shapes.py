@@ -126,6 +126,7 @@ def _shape_rule(table: OpTable, node: fx.Node, mod):
         base = table.registered_base(type(mod))
         if base is None or type(mod).forward is not base.forward:
             return None
+        return table.lookup_target(base).shape  # (lookup(node, mod) would find the base again)
     op = table.lookup(node, mod)
     return op.shape if op is not None else None
 
@@ -133,18 +134,18 @@ def _shape_rule(table: OpTable, node: fx.Node, mod):
 def evaluate(node: fx.Node, gm: fx.GraphModule, env: dict, modules: dict, table: OpTable | None = None) -> Any:
     """The abstract value of one node given the values of its inputs (`modules`: gm.named_modules() as a dict)."""
     args = fx.node.map_arg(node.args, env.__getitem__)
-    kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+    kwargs = fx.node.map_arg(node.kwargs, env.__getitem__) if node.kwargs else node.kwargs
     if node.op == "get_attr":
         v = fetch_attr(gm, node.target)
         return TMeta(tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v
     mod = modules[node.target] if node.op == "call_module" else None
-    if not _has_tensor(args) and not _has_tensor(kwargs) and node.op == "call_function":
+    if node.op == "call_function" and not _has_tensor(args) and not _has_tensor(kwargs):
         # plain Python arithmetic on sizes; a factory (aten.arange) made a real tensor: its TMeta, as for every
         # other tensor, so that no real tensor meets the meta ones of a later op (an attention mask from arange)
         return _unmeta(node.target(*args, **kwargs))
     if node.op == "call_function" and node.target is operator.getitem and not isinstance(args[0], TMeta):
         return args[0][args[1]]
-    rule = _shape_rule(table if table is not None else default_table(), node, mod)  # `or` would call len()
+    rule = _shape_rule(table if table is not None else default_table(), node, mod)
     if rule is not None:
         try:
             return rule(Call(node, mod, args, kwargs))
@@ -157,7 +158,7 @@ def propagate(gm: fx.GraphModule, inputs: list[TMeta], modules: dict | None = No
               table: OpTable | None = None) -> dict:
     """{node: abstract value} for every node of `gm`; placeholders take `inputs` in order."""
     modules = dict(gm.named_modules()) if modules is None else modules
-    table = table if table is not None else default_table()  # not `or`: OpTable.__len__ lists every op
+    table = table if table is not None else default_table()
     env: dict = {}
     it = iter(inputs)
     for node in gm.graph.nodes:

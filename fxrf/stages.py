@@ -32,14 +32,21 @@ def find_stages(w, nodes, inp_env):
         return n
 
     maps: dict = {}
+    grids: dict = {}  # jump -> its rounded form (a CNN has a handful of pixel grids)
+    shapes = w.shapes
 
     def map_of(n):  # (size, jump) of a node's map; None for vectors, tuples and constants
-        if n not in maps:
-            f, v = inp_env.get(n), w.shapes.get(n)
-            maps[n] = None
-            if isinstance(f, Field) and isinstance(v, TMeta) and f.is_map:
-                maps[n] = (tuple(v.shape[a] for a in f.sp), tuple(round(float(j), 9) for j in f.jump))
-        return maps[n]
+        mp = maps.get(n, False)
+        if mp is False:
+            f, v = inp_env.get(n), shapes.get(n)
+            mp = None
+            if isinstance(f, Field) and isinstance(v, TMeta) and f.sp and None not in f.sp:  # f.is_map
+                grid = grids.get(f.jump)
+                if grid is None:
+                    grid = grids[f.jump] = tuple([round(float(j), 9) for j in f.jump])
+                mp = (tuple([v.shape[a] for a in f.sp]), grid)
+            maps[n] = mp
+        return mp
 
     def constant(n):
         return n.op == "get_attr" or n.name in w.constant_names
@@ -104,8 +111,8 @@ def find_stages(w, nodes, inp_env):
         same = [m for m in ins if m in parent and map_of(m)[1] == jump]
         if sliced_on(n):  # half of a slicing, not a map of its own: it stays in its input's stage
             same = [m for m in ins if m in parent]
-        fed = any(not constant(m) and _is_tensorish(w.shapes.get(m)) for m in w._inputs(n))
-        if n.op != "placeholder" and fed and not same and all(s == 1 for s in size):
+        if n.op != "placeholder" and not same and all(s == 1 for s in size) and \
+                any(not constant(m) and _is_tensorish(shapes.get(m)) for m in w._inputs(n)):  # fed by tensors
             attached.append(n)  # global pooling and the 1x1 maps computed from it (gates)
             continue
         parent[n] = n

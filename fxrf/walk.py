@@ -2,7 +2,6 @@
 each node's rule once per walk, and one `NodeRecord` per tensor-valued node."""
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -18,7 +17,8 @@ from .naming import describe, module_path, op_name
 from .ops import Call, Decline, OpTable, T, TMeta, default_table
 from .records import META_KEY, RF, Analysis, NodeRecord, map_size
 from .rules import default_sp
-from .rules.elementwise import broadcast_merge
+from .rules.conv import batch_norm, uses_batch_statistics
+from .rules.elementwise import broadcast_merge, per_element
 from .rules.layout import getitem
 from .shapes import fetch_attr
 from .stages import _SLICES, _channel_shape, _input_sp, _is_tensorish, _nothing, _reference, find_stages
@@ -27,6 +27,7 @@ from .stages import _SLICES, _channel_shape, _input_sp, _is_tensorish, _nothing,
 _RESHAPES = frozenset({"reshape", "flatten", "unflatten", "squeeze", "unsqueeze"})
 # elementwise ops of several operands (broadcast): per element where only one operand is a tensor (t * 2.0)
 _BROADCASTS = frozenset({"binary", "compare"})
+_CALLS = ("call_module", "call_function", "call_method")
 
 
 class _Walker:
@@ -38,6 +39,7 @@ class _Walker:
         self.modules = modules
         self._summaries: dict = {}
         self._plan: dict = {}
+        self._through: dict = {}  # node -> the input whose field it passes on unchanged, or None (see _passes_on)
         self.constants: dict = {}  # placeholder name -> tensor, for placeholders that hold parameters
         self.constant_names: set = set()
         self.spatial_cap = True  # False: extents are not capped at the reference size (analyze's spatial_cap)
@@ -64,6 +66,12 @@ class _Walker:
         """Fields of `node`'s output from its inputs' fields in `env` (inputs of other stages see nothing)."""
 
         subs = self._subs.get(node) if subs is None else subs
+        src = self._through.get(node, False)
+        if src is False:
+            src = self._through[node] = self._passes_on(node, mod, op)
+        if src is not None:  # what its rule would return, without building the call (half of a CNN's nodes)
+            n = subs.get(src, src) if subs is not None else src
+            return None if stage_of is not None and stage_of.get(n) != stage else env.get(n)
 
         def wrap(n):
             v = self.shapes[n]
@@ -89,7 +97,7 @@ class _Walker:
         if back is not None:  # a flatten/view undone by the next view: the field of what was flattened, exactly
             return wrap(back).field
         args = fx.node.map_arg(node.args, wrap)
-        kwargs = fx.node.map_arg(node.kwargs, wrap)
+        kwargs = fx.node.map_arg(node.kwargs, wrap) if node.kwargs else node.kwargs
         ctx = Call(node, mod, args, kwargs, self.shapes[node], self.dims)
         if op is None or op.rf is None:
             return self._conservative(ctx, "no rule")
@@ -104,6 +112,17 @@ class _Walker:
                 raise AnalysisError(f"the receptive-field rule of op {op.name!r} failed on "
                                     f"{describe(self.gm, node)}: {type(e).__name__}: {e}") from e
             return self._conservative(ctx, f"the {op.name!r} rule failed: {type(e).__name__}: {e}")
+
+    def _passes_on(self, node, mod, op):
+        """The input whose field `node`'s rule returns as it is, known without calling it (a per-element op or a
+        batch norm with running statistics, given the input positionally), else None."""
+        if op is None or op.name in _RESHAPES or not node.args or not isinstance(node.args[0], fx.Node) or \
+                not isinstance(self.shapes.get(node.args[0]), TMeta):
+            return None
+        if op.rf is per_element or (op.rf is batch_norm and mod is not None and
+                                    not uses_batch_statistics(Call(node, mod, (), {}))):
+            return node.args[0]
+        return None
 
     def _version(self, v: "Version", env, stage_of=None, stage=None):
         """The field of a Version: a view read again from its base's latest version, or a base after a write into
@@ -219,17 +238,20 @@ class _Walker:
         base = self.base
         if base is not None:  # reanalyze: a node whose inputs hold the very fields they held before keeps its own
             inp0, st0, loc0, stage_of0, stages0, starts0, context0, _ = base.envs
-        for node in order:  # step 1: fields referenced to the model input
-            v = self.shapes[node]
-            with self._naming(node.write or node.node if isinstance(node, Version) else node):
+        shapes = self.shapes
+        node = None
+        try:  # (one try for the loop, not a context per node: any failure names the node it happened on)
+            for node in order:  # step 1: fields referenced to the model input
                 if isinstance(node, Version):
                     inp_env[node] = self._version(node, inp_env)
-                elif node in layouts:
+                    continue
+                v = shapes[node]
+                if node in layouts:
                     f = _reference(v.shape, self.dims, offset, words=words, sp=layouts[node])  # hull: classic RF
                     self._input_caps.append((offset, offset + f.channels, map_size(f, v.shape)))
                     offset += f.channels
                     inp_env[node] = inp0[node] if base is not None and node in inp0 else f
-                elif node.op in ("call_module", "call_function", "call_method") and _is_tensorish(v):
+                elif node.op in _CALLS and _is_tensorish(v):
                     if base is not None and node in inp0 and self._kept(node, ((inp_env, inp0),)):
                         inp_env[node] = inp0[node]
                         if node in base._declined1:
@@ -237,6 +259,10 @@ class _Walker:
                         continue
                     mod, rule = self._ctx_and_rule(node)
                     inp_env[node] = self._apply(node, mod, rule, inp_env)
+        except FxrfError:
+            raise
+        except Exception as e:
+            raise _failure(gm, node, e) from e
         self._declined1 = dict(self._declined)
         self._phase = 3
         self._by_name = {n.name: n for n in order if not isinstance(n, Version)}
@@ -255,21 +281,24 @@ class _Walker:
             for name in s.inputs:
                 offsets[name] = o
                 o += inp_env[self._by_name[name]].channels
-        records = []
-        for node in order:  # step 3: fields referenced to the stage input
-            v = self.shapes[node]
-            if not _is_tensorish(v):
-                continue
-            if isinstance(node, Version):
-                with self._naming(node.write or node.node):
+        records, recorded = [], []
+        differs: set = set()  # the keys whose local field is not their field (none before the first gate)
+        node = None
+        try:
+            for node in order:  # step 3: fields referenced to the stage input
+                v = shapes[node]
+                if not _is_tensorish(v):
+                    continue
+                if isinstance(node, Version):
                     s = stage_of.get(node)
                     if node.kind == "view" and node.node in starts:  # a stage input is its own reference
                         st_env[node], loc_env[node] = st_env[node.node], loc_env[node.node]
-                        continue
-                    st_env[node] = self._version(node, st_env, stage_of, s)
-                    loc_env[node] = self._version(node, loc_env, stage_of, s)
-                continue
-            with self._naming(node):
+                    else:
+                        st_env[node] = self._version(node, st_env, stage_of, s)
+                        loc_env[node] = self._version(node, loc_env, stage_of, s)
+                    if loc_env[node] is not st_env[node]:
+                        differs.add(node)
+                    continue
                 kept = base is not None and node in st0 and same_stage(node)
                 if node in starts:
                     stage = stages[stage_of[node]]
@@ -284,15 +313,20 @@ class _Walker:
                     st_env[node], loc_env[node] = st0[node], loc0[node]
                     if node in base._reasons3:
                         self._declined.setdefault(node, base._reasons3[node])
-                elif node.op in ("call_module", "call_function", "call_method"):
+                elif node.op in _CALLS:
                     mod, rule = self._ctx_and_rule(node)
-                    st_env[node] = self._apply(node, mod, rule, st_env, stage_of, stage_of.get(node))
-                    if any(loc_env.get(m) is not st_env.get(m) for m in self._inputs(node)):
-                        loc_env[node] = self._apply(node, mod, rule, loc_env, stage_of, stage_of.get(node))
-                    else:  # nothing upstream is a gate: the local field is the field
-                        loc_env[node] = st_env[node]
+                    s = stage_of.get(node)
+                    f = st_env[node] = self._apply(node, mod, rule, st_env, stage_of, s)
+                    loc_env[node] = f  # unless a gate is upstream: then the local field is its own
+                    if differs:
+                        for m in self._inputs(node):
+                            if m in differs:
+                                loc_env[node] = self._apply(node, mod, rule, loc_env, stage_of, s)
+                                break
                 if node in context:
                     loc_env[node] = _nothing(st_env.get(node))
+                if loc_env.get(node) is not st_env.get(node):
+                    differs.add(node)
                 if isinstance(v, TMeta) and node.name not in self.constant_names:
                     if kept and (node in self._declined) == (node in base._declined) and \
                             node in base.records and self._kept(node, ((st_env, st0), (loc_env, loc0), (inp_env, inp0)),
@@ -300,11 +334,15 @@ class _Walker:
                         records.append(base.records[node])  # the same fields, inputs and stage: the same record
                     else:
                         records.append(self._record(node, v, stage_of, stages, st_env, inp_env, starts, loc_env))
+                    recorded.append(node)
+        except FxrfError:
+            raise
+        except Exception as e:
+            raise _failure(gm, node, e) from e
         for node, reason in self._declined.items():  # a Version: the write that made it conservative
             node = node.write if isinstance(node, Version) else node
             self.unsupported.append((node.name, _target_str(gm, node), reason))
-        for r in records:
-            gm_node = self._by_name[r.name]
+        for gm_node, r in zip(recorded, records):
             gm_node.meta[META_KEY] = r
             if r.gain is not None and r.gain <= 0 and r.local_gain is not None and r.local_gain > 0:
                 self.warnings.append(
@@ -316,7 +354,7 @@ class _Walker:
         # what `extend` and `reanalyze` read to analyse this graph with a few nodes more without walking it again
         self.envs = (inp_env, st_env, loc_env, stage_of, stages, starts, context, members)
         self.offsets = offsets
-        self.records = {self._by_name[r.name]: r for r in records}
+        self.records = dict(zip(recorded, records))
         if base is not None:  # the base's summaries of fields no longer held go (and so does the base)
             held = {id(f) for env in (inp_env, st_env, loc_env) for f in env.values()}
             self._summaries = {k: r for k, r in self._summaries.items() if id(k[0]) in held}
@@ -336,17 +374,9 @@ class _Walker:
             return False
         return all(env.get(m) is env0.get(m) for env, env0 in envs for m in (ins + [node] if own else ins))
 
-    @contextlib.contextmanager
-    def _naming(self, node):
+    def _naming(self, node) -> "_Naming":
         """Any failure that is not an FxrfError becomes an AnalysisError that names the node."""
-        try:
-            yield
-        except FxrfError:
-            raise
-        except Exception as e:
-            raise AnalysisError(f"fxrf failed on {describe(self.gm, node)}: {type(e).__name__}: {e}. This is a bug "
-                                f"in fxrf; as a workaround, mark the module as a leaf (leaf_modules=[...]) or "
-                                f"register a rule for this op (docs/architecture.md)") from e
+        return _Naming(self.gm, node)
 
     def _inputs(self, node) -> list:
         """The nodes `node` reads, each in its latest in-place version."""
@@ -357,28 +387,32 @@ class _Walker:
 
     # -- records ------------------------------------------------------------------------------------------------
 
-    def _summary(self, f: Field, cap, sizes) -> RF:
+    def _summary(self, f: Field, cap: tuple, shape: tuple) -> RF:
+        """The RF of field `f` on a tensor of `shape`, capped at `cap`."""
         # per-channel ops (BN, ReLU) hand the same Field on: summarise it once (keyed by the Field itself, which
         # hashes by identity: an id could be reused by a later Field once this one is gone, as extend's can be)
-        key = (f, tuple(cap), sizes)
+        key = (f, cap, shape)
         rf = self._summaries.get(key)
         if rf is None:
-            spatial, cmin, cmean = f.summary(tuple(cap), sizes, self.spatial_cap)
+            spatial, cmin, cmean = f.summary(tuple(cap), map_size(f, shape), self.spatial_cap)
             rf = self._summaries[key] = RF(spatial, cmin, cmean)
         return rf
 
     def _record(self, node, v, stage_of, stages, st_env, inp_env, starts, loc_env) -> NodeRecord:
         s = stage_of.get(node)
         f, lf = st_env.get(node), loc_env.get(node)
+        shape = tuple(v.shape)
         rf = local_rf = None
-        if s is not None and isinstance(f, Field):
-            rf = self._summary(f, stages[s].resolution, map_size(f, v.shape))
-        if s is not None and isinstance(lf, Field):
-            local_rf = self._summary(lf, stages[s].resolution, map_size(lf, v.shape))
+        if s is not None:
+            cap = stages[s].resolution
+            if isinstance(f, Field):
+                rf = self._summary(f, cap, shape)
+            if isinstance(lf, Field):  # (the same field unless downstream of a gate)
+                local_rf = rf if lf is f else self._summary(lf, cap, shape)
         fi = inp_env.get(node)
         input_rf = None
         if isinstance(fi, Field) and self.dims:
-            input_rf = self._summary(fi, self._cap_of(fi), map_size(fi, v.shape))
+            input_rf = self._summary(fi, self._cap_of(fi), shape)
         mod, op = self._plan.get(node, (None, None))
         kernel, g, lg = None, None, None
         if op is not None and op.conv_like:  # a kernel type and a gain (any op registered with a ConvSpec)
@@ -389,16 +423,17 @@ class _Walker:
             src = node.args[0]
             src = self._subs.get(node, {}).get(src, src)
             if s is not None and node not in starts and stage_of.get(src) == s:  # a conv of constants: no stage
-                g = self._gain(st_env.get(src), rf, stages[s], src)
-                lg = self._gain(loc_env.get(src), local_rf, stages[s], src)
-        return NodeRecord(node.name, _op_label(node, mod), _target_str(self.gm, node, mod), tuple(v.shape), s, kernel, rf,
+                prev, local_prev = st_env.get(src), loc_env.get(src)
+                g = self._gain(prev, rf, stages[s], src)
+                lg = g if local_prev is prev and local_rf is rf else self._gain(local_prev, local_rf, stages[s], src)
+        return NodeRecord(node.name, _op_label(node, mod), _target_str(self.gm, node, mod), shape, s, kernel, rf,
                           g, input_rf, node not in self._declined, f if isinstance(f, Field) else None,
                           fi if isinstance(fi, Field) else None, module_path(node), local_rf, lg)
 
     def _gain(self, prev, rf, stage, src):
         if rf is None or not isinstance(prev, Field):
             return None
-        pv = self._summary(prev, stage.resolution, map_size(prev, self.shapes[src].shape)).volume
+        pv = self._summary(prev, stage.resolution, tuple(self.shapes[src].shape)).volume
         return gain_of(pv, rf.volume, stage.volume, self.alpha) if pv > 0 else None
 
     def _cap_of(self, f: Field) -> tuple:
@@ -410,6 +445,34 @@ class _Walker:
             if got:
                 return tuple(max(x) for x in zip(*got))
         return caps[0][2] if caps and len(caps[0][2]) == f.dims else tuple(self.input_shape[2:])
+
+
+class _Naming:
+    """_Walker._naming's context (a class: a generator-based context manager costs several times more, twice per
+    node)."""
+
+    __slots__ = ("gm", "node")
+
+    def __init__(self, gm, node):
+        self.gm, self.node = gm, node
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if e is None or isinstance(e, FxrfError) or not isinstance(e, Exception):
+            return False
+        raise _failure(self.gm, self.node, e) from e
+
+
+def _failure(gm, node, e: Exception) -> AnalysisError:
+    """A failure that is not an FxrfError, as an AnalysisError that names the node (a Version: the write, or the
+    node it is a version of)."""
+    if isinstance(node, Version):
+        node = node.write or node.node
+    return AnalysisError(f"fxrf failed on {describe(gm, node)}: {type(e).__name__}: {e}. This is a bug in fxrf; as a "
+                         f"workaround, mark the module as a leaf (leaf_modules=[...]) or register a rule for this op "
+                         f"(docs/architecture.md)")
 
 
 def _same_subs(a: dict | None, b: dict | None) -> bool:

@@ -19,6 +19,8 @@ def tuple_of(v, n: int) -> tuple:
 
 def same_shape(call: Call):
     """Shape rule of ops whose output has their first tensor argument's shape and dtype."""
+    if call.args and isinstance(call.args[0], TMeta):  # (nearly always: BN, activations)
+        return call.args[0]
     return next(a for a in list(call.args) + list(call.kwargs.values()) if isinstance(a, TMeta))
 
 

@@ -119,15 +119,47 @@ def conv(ctx: Ctx):
         # a border neuron reads padding that holds pixels outside its own taps (a dilated window's holes, or
         # padding wider than half the window): which ones depends on its position, which a field cannot hold
         raise Decline(f"{mode} padding read outside the window's own taps (dilation or wide padding)")
+    if mode != "circular" and (out := _one_reach(f, x.shape, spec)) is not None:
+        return out
     f = field.mix(f, spec.out_channels, spec.groups, axis=f.idx_axis(-len(spec.kernel) - 1))
+    if mode != "circular" and (out := _one_reach(f, x.shape, spec)) is not None:
+        return out  # mixed into one reach (a standard conv over a stage input): slid in one step too
     out = _slide(f, x.shape, spec.kernel, spec.stride, spec.padding, spec.dilation, ctx.out_shape)
-    if getattr(ctx.module, "padding_mode", "zeros") == "circular":  # the padding wraps around the map
+    if mode == "circular":  # the padding wraps around the map
         rank, d = len(x.shape), len(spec.kernel)
         pads = dict(zip(range(rank - d, rank), spec.padding))
         out = field.wrap(out, [x.shape[a] * j if a is not None and pads.get(a) else 0 for a, j in zip(f.sp, f.jump)])
     # reflect / replicate padding of at most half a dense window: a border neuron reads, instead of padding, pixels
     # its own window covers anyway (reflect: -o - 2x within [x - |o|, x + |o|]; replicate: the edge), so as zeros
     return out
+
+
+def _one_reach(f, in_shape, spec: ConvSpec):
+    """mix then _slide in one step, for the usual conv: a one-reach field without taps over a batched map whose
+    spatial axes are the window's, no window with holes on a stage field (those would grow taps). None otherwise.
+    Half of a CNN's rule time was building the intermediate field and the window's lists (tests/test_field.py
+    compares it with the general path)."""
+    d, rank = len(spec.kernel), len(in_shape)
+    if len(f.bits) != 1 or f.taps is not None or rank != d + 2 or f.sp != tuple(range(2, rank)):
+        return None
+    lo, hi, jump = [], [], []
+    for n, k, s, p, dl, j in zip(in_shape[2:], spec.kernel, spec.stride, spec.padding, spec.dilation, f.jump):
+        if n == 1:
+            k, s, p, dl = one_pixel(n, k, s, p, dl)
+        if f.size is not None and k > 1 and dl * j != 1:
+            return None  # a window with holes on a stage field: its taps (field.window)
+        lo.append(-p * j)
+        hi.append(((k - 1) * dl - p) * j)
+        jump.append(j * s)
+    spans = f.spans  # as field._shifted: moved unless the reach sees no pixel, the same array if nothing moves
+    if any(lo) or any(hi):
+        row = f.spans[0].tolist()
+        if not any(row[2 * k] > row[2 * k + 1] for k in range(d)):
+            row = [v + float(x) for v, x in zip(row, (x for pair in zip(lo, hi) for x in pair))]
+        spans = field._frozen(np.array([row]))
+    depthwise = spec.groups == f.idx.shape[-1] and spec.out_channels // spec.groups == 1  # mix hands f on
+    idx = f.idx if depthwise else field._frozen(field._uniform((spec.out_channels,)))
+    return field.Field(f.bits, spans, idx, tuple(jump), f.sp, None, f.size)
 
 
 def one_pixel(size, k, s, p, dl):
@@ -177,8 +209,9 @@ def _slide(f, in_shape, kernel, stride, padding, dilation, out_shape):
     for axis in f.sp:  # spatial dims of the reference, in its order
         k, s, p, dl = params.pop(axis, (1, 1, 0, 1))
         sp_k.append(k), sp_s.append(s), sp_p.append(p), sp_d.append(dl)
-    keeps_taps(f, sp_k, sp_s, sp_p, sp_d, [out_shape[a] if a is not None else 1 for a in f.sp])
-    pads_inside(f, sp_k, sp_p, sp_d, [in_shape[a] if a is not None else 1 for a in f.sp])
+    if f.size is not None:  # (both checks are about stage fields)
+        keeps_taps(f, sp_k, sp_s, sp_p, sp_d, [out_shape[a] if a is not None else 1 for a in f.sp])
+        pads_inside(f, sp_k, sp_p, sp_d, [in_shape[a] if a is not None else 1 for a in f.sp])
     f = field.window(f, sp_k, sp_s, sp_p, sp_d)
     for axis, (k, s, p, dl) in params.items():  # a conv run across a channel-like axis (ECA's conv1d)
         f = field.channel_window(f, f.idx_axis(axis), k, s, p, dl, out_shape[axis])

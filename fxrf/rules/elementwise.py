@@ -164,20 +164,49 @@ def broadcast_merge(ts: list[T], out_shape: tuple, layout: T | None = None):
         return None
     rank = len(out_shape)
     # the output layout comes from an operand of the output's full shape that still has its spatial axes
-    lead = max(ts, key=lambda t: (tuple(t.shape) == tuple(out_shape), t.field.is_map, len(t.shape)))
+    out_t = tuple(out_shape)
+    lead, best = None, None
+    for t in ts:  # max(ts, key=...) without a call per operand: the first of the best
+        key = (tuple(t.shape) == out_t, t.field.is_map, len(t.shape))
+        if best is None or key > best:
+            lead, best = t, key
     if layout is not None and layout.field is not None and layout.field.is_map and \
             tuple(layout.shape) == tuple(out_shape) and not (tuple(lead.shape) == tuple(out_shape) and lead.field.is_map):
         lead = layout
     shift = rank - len(lead.shape)
-    sp = tuple(None if a is None else a + shift for a in lead.field.sp)
+    sp = tuple(lead.field.sp) if not shift else tuple(None if a is None else a + shift for a in lead.field.sp)
     channel_axes = [a for a in range(1, rank) if a not in sp]
     shape = tuple(out_shape[a] for a in channel_axes)
+    out = _one_reach_union(ts, out_t, shape, sp, lead.field.jump)
+    if out is not None:
+        return out
     aligned = [_align(t, rank, sp, channel_axes, out_shape, lead.field.jump) for t in ts]
     return field.merge(aligned, shape, sp)
 
 
+def _one_reach_union(ts: list[T], out_shape: tuple, shape: tuple, sp: tuple, jump: tuple):
+    """What aligning then merging gives when every operand has one reach, no taps and the output's layout (the
+    residual adds of a CNN outside its stage fields): one union of bits, one hull of bounds. None otherwise."""
+    if len(ts) < 2 or not all(len(t.field.bits) == 1 and t.field.taps is None and t.field.sp == sp and
+                              tuple(t.shape) == out_shape for t in ts):
+        return None
+    bits, spans = ts[0].field.bits, ts[0].field.spans
+    for t in ts[1:]:  # as field.merge pairs them, one operand at a time
+        bits = bits | t.field.bits
+        spans = field._frozen(field._hull(np.concatenate([spans, t.field.spans]))[None])
+    return field.Field(field._frozen(bits), spans, field._frozen(field._uniform(shape)), tuple(jump), sp, None,
+                       ts[0].field.size)
+
+
 def _align(t: T, rank: int, sp: tuple, channel_axes: list, out_shape: tuple, jump: tuple):
     """One operand's field expressed in the output's layout: broadcast channels, spread broadcast pixels."""
+    if t.field.sp == sp and tuple(t.shape) == tuple(out_shape):  # in that layout already (a residual add)
+        return t.field.replace(jump=jump, idx=t.field.idx.view())  # (an idx object of its own, as broadcast_to's)
+    return _broadcast_field(t, rank, sp, channel_axes, out_shape, jump)
+
+
+def _broadcast_field(t: T, rank: int, sp: tuple, channel_axes: list, out_shape: tuple, jump: tuple):
+    """_align's general case (tests/test_fast_paths.py compares the two where both apply)."""
     f = t.field.replace(jump=jump)  # a pooled gate broadcast back lives on the output's pixel grid
     shift = rank - len(t.shape)
     own_sp = tuple(None if a is None else a + shift for a in f.sp)
