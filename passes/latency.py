@@ -200,24 +200,17 @@ def compile_site(recipe: Recipe, conv_sig: tuple, pattern: Pattern, shift: int, 
         compiled(gm, x)(x)
 
 
-def compile_model(model: nn.Module, in_shape: tuple) -> None:
-    """Compile `model` as `LatencyModel.compare` runs it, and run it once (into the FX graph cache)."""
-    x = torch.randn(in_shape)
-    with torch.no_grad():
-        compiled(model, x)(x)
-
-
 def _site_job(recipe: Recipe, conv_sig: tuple, pattern: Pattern, shift: int, in_shape: tuple, threads: int):
     """A site as a compile worker gets it: the recipe without its weight transfer (a function the catalog
     defines inline, which pickle cannot carry, and which building a block for timing never calls)."""
     bare = dataclasses.replace(recipe, kind=dataclasses.replace(recipe.kind, factorize=None))
-    return prefetch.pack(("site", threads, bare, tuple(conv_sig), pattern, int(shift), tuple(in_shape)))
+    return prefetch.pack((threads, bare, tuple(conv_sig), pattern, int(shift), tuple(in_shape)))
 
 
 def _compile_job(job) -> None:
-    what, threads, *args = job
+    threads, *args = job
     torch.set_num_threads(threads)  # the timing process's count: a cpp kernel's code depends on it
-    (compile_site if what == "site" else compile_model)(*args)
+    compile_site(*args)
 
 
 def serve_compiles() -> None:
@@ -544,7 +537,6 @@ class LatencyModel:
             return {k: tuple(v) for k, v in got.items()}
         x = torch.randn(next(iter(probes.values())).in_shape, device=self.device)
         fns = {k: self._callable(m, x) for k, m in models.items()}
-        self._compile_models(models, fns, x)
         times: dict = {k: [] for k in models}
         what = f"timing {', '.join(models)} in alternation ({self.mode}, {self.device}, batch {self.batch})"
         for _ in bar(range(rounds), what, unit="rounds"):  # the first round compiles (mode "compile")
@@ -554,21 +546,6 @@ class LatencyModel:
         figures[key] = times
         self._save(key, times)
         return {k: tuple(v) for k, v in times.items()}
-
-    def _compile_models(self, models: dict, fns: dict, x: torch.Tensor) -> None:
-        """The models of a comparison compiled at once before its first round (`prefetch`): this process builds
-        its callables (`fns`) for some, workers fill inductor's cache for the others (a cache hit in round 1)."""
-        if len(models) < 2 or not self._can_prefetch():
-            return
-        threads = torch.get_num_threads()
-
-        def first_call(fn):
-            with torch.no_grad():
-                fn(x)
-        jobs = [(k, prefetch.pack(("model", threads, m, tuple(x.shape))), functools.partial(first_call, fns[k]))
-                for k, m in models.items()]
-        with self.ahead():
-            self._ahead.run(jobs)
 
     def _model_probe(self, model: nn.Module, in_shape: tuple, label: str) -> Probe:
         return Probe("model", 0, (fingerprint(model),), (self.batch,) + tuple(in_shape[1:]), (), self.mode,

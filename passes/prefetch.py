@@ -53,8 +53,8 @@ def default_workers() -> int:
 
 
 def pack(job) -> bytes | None:
-    """A job as a worker reads it (a pickled, base64 line); None where pickle cannot carry it (a lambda or a
-    local class in a user's model): this process compiles that one itself."""
+    """A job as a worker reads it (a pickled, base64 line); None where pickle cannot carry it: this process
+    compiles that one itself."""
     try:
         return base64.b64encode(pickle.dumps(job))
     except Exception:  # noqa: BLE001
@@ -77,7 +77,8 @@ def serve(handle: Callable) -> None:
 
 
 class Prefetcher:
-    """Worker processes started on first use and kept until `close` (the search closes it when it ends)."""
+    """Worker processes started on first use and kept until `close` (the search closes it when it ends, before
+    the whole-model check times anything)."""
 
     def __init__(self, workers: int, entry: str):
         self.workers = max(0, int(workers))

@@ -109,10 +109,7 @@ def decompose(model: nn.Module, example_input, recipe: str | Recipe = DEFAULT_RE
               selection, total(before.costs), _stage_costs(before), fold, transfer_weights, latency)
     if options.recipe is not None:
         return _build(run, gm, {s.node: options.recipe for s in sites}, {})
-    if objective != "latency":
-        return _build(run, gm, *_search(run, gm, objective))
-    with latency.ahead():  # one set of compile workers for the search and the whole-model check
-        plan, tried = _search(run, gm, objective)
-        if verify:
-            return _verified(run, gm, plan, tried)  # the whole-model check
+    plan, tried = _search(run, gm, objective)
+    if objective == "latency" and verify:
+        return _verified(run, gm, plan, tried)  # the whole-model check
     return _build(run, gm, plan, tried)
