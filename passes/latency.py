@@ -79,11 +79,8 @@ class Probe:
     label: str = ""  # a whole model (recipe "model"): what the caller calls it ("original", "latency", ...)
 
     def key(self, torch_version: str = torch.__version__) -> str:
-        # a block's second, independent figure (`LatencyModel.confirm`) has a key of its own; the first keeps the
-        # key it always had (a whole model's label is not part of its key: its fingerprint is)
-        extra = [self.label] if self.label and self.recipe != "model" else []
         return json.dumps([self.device, torch_version, self.mode, self.recipe, self.shift, list(self.conv),
-                           list(self.in_shape), list(self.pattern)] + extra, default=str)
+                           list(self.in_shape), list(self.pattern)], default=str)
 
 
 Timer = Callable[[Callable, torch.Tensor, Probe], float]
@@ -419,19 +416,6 @@ class LatencyModel:
         if recipe.kind.rotates and not shift:
             recipe = unpermuted(recipe)  # the module it builds (its probe's recipe)
         probe = self.probe(recipe, conv, in_shape, pattern, shift)
-        return self._cached(probe, lambda: self._measure(recipe, conv, pattern, probe))
-
-    def confirm(self, recipe: Recipe | str, conv: nn.Conv2d, in_shape: tuple, pattern: Pattern = Pattern(),
-                shift: int = 0) -> float:
-        """A second figure for the block `time` prices, measured apart from the first (its own cache entry) and so
-        independent of it: what predictions use. The search keeps the blocks whose first figures came out lowest
-        (and a conv where its figure came out below the block's), so under noise and a drifting load those
-        figures are biased in the kept blocks' favour (choosing by a noisy minimum); a figure taken after the
-        choice is not."""
-        recipe = parse(recipe)
-        if recipe.kind.rotates and not shift:
-            recipe = unpermuted(recipe)
-        probe = dataclasses.replace(self.probe(recipe, conv, in_shape, pattern, shift), label="confirm")
         return self._cached(probe, lambda: self._measure(recipe, conv, pattern, probe))
 
     def known(self, recipe: Recipe | str, conv: nn.Conv2d, in_shape: tuple, pattern: Pattern = Pattern(),

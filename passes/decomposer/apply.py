@@ -114,21 +114,14 @@ def _build(run: Run, gm: fx.GraphModule, plan: dict, tried: dict) -> Decompositi
 
 def _priced(run: Run, applied: _Applied) -> dict:
     """What the latency model says of the blocks placed: per replaced conv its time and the block's, totals, and
-    `sites_ms`, the sum of the times of every eligible conv (kept or replaced). The figures are the second ones
-    (`LatencyModel.confirm`), taken apart from those the search chose by; `search_saved_ms` is the saving the
-    search's own figures say."""
+    `sites_ms`, the sum of the times of every eligible conv (kept or replaced)."""
     latency, pattern, sites_ms = run.latency, run.pattern, run.sites_ms  # (sites_ms first: the timing order)
     rows = []
     for d in applied.replaced:
-        shape = d.site.in_shape
-        first = (latency.time(KEEP, d.conv, shape, pattern), latency.time(d.recipe, d.conv, shape, pattern, d.shift))
-        t_conv = latency.confirm(KEEP, d.conv, shape, pattern)
-        t_block = latency.confirm(d.recipe, d.conv, shape, pattern, d.shift)
+        t_conv = latency.time(KEEP, d.conv, d.site.in_shape, pattern)
+        t_block = latency.time(d.recipe, d.conv, d.site.in_shape, pattern, d.shift)
         rows.append({"conv": d.site.node, "recipe": d.recipe.name, "shift": d.shift, "conv_ms": t_conv * 1e3,
-                     "block_ms": t_block * 1e3, "search_conv_ms": first[0] * 1e3, "search_block_ms": first[1] * 1e3})
-    # the replaced convs' second figures in place of their first in the sum over every eligible conv
-    sites_ms += sum(r["conv_ms"] - r["search_conv_ms"] for r in rows)
+                     "block_ms": t_block * 1e3})
     return {"model": repr(latency), "device": latency.key, "batch": latency.batch, "mode": latency.mode,
             "sites": rows, "conv_ms": sum(r["conv_ms"] for r in rows), "block_ms": sum(r["block_ms"] for r in rows),
-            "saved_ms": sum(r["conv_ms"] - r["block_ms"] for r in rows),
-            "search_saved_ms": sum(r["search_conv_ms"] - r["search_block_ms"] for r in rows), "sites_ms": sites_ms}
+            "saved_ms": sum(r["conv_ms"] - r["block_ms"] for r in rows), "sites_ms": sites_ms}

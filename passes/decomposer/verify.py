@@ -55,14 +55,13 @@ def _verdict(run: Run, times: dict, pick: str, built: dict) -> dict:
     additive = measured(original) - sum over the replaced convs of (conv time - block time); scaled =
     measured(original) * (1 - that saving / the sum of the times of every eligible conv), i.e. the block times
     taken as right relative to the convs' and the whole model scaled by them (on a CPU, convs timed alone sum to
-    20-30% more than the compiled model, so the additive one overstates the saving). The blocks' and convs' times
-    are their second figures (`LatencyModel.confirm`), independent of the figures the search chose by."""
+    20-30% more than the compiled model, so the additive one overstates the saving)."""
+    sites_s = run.sites_ms / 1e3
     base = min(times["original"])
     rows = {}
     for k, ts in times.items():
         t = min(ts)
-        priced = built[k].summary["latency"]  # the blocks' second figures (`_priced`), not those chosen by
-        saved, sites_s = priced["saved_ms"] / 1e3, priced["sites_ms"] / 1e3
+        saved = built[k].summary["latency"]["saved_ms"] / 1e3
         additive, scaled = base - saved, base * (1 - saved / sites_s) if sites_s > 0 else base
         rows[k] = {"ms": round(t * 1e3, 4), "rounds_ms": [round(x * 1e3, 4) for x in ts],
                    "vs_original": round(paired_ratio(times, k, "original"), 4),
@@ -72,5 +71,5 @@ def _verdict(run: Run, times: dict, pick: str, built: dict) -> dict:
                    "replaced": built[k].summary["replaced"], "macs": built[k].summary["macs_after"]}
     return {"rounds": run.options.verify, "chosen": pick, "margin": VERIFY_MARGIN, "models": rows,
             "latency_vs_macs": round(paired_ratio(times, "latency", "macs"), 4) if "macs" in times else None,
-            "sites_ms": round(run.sites_ms, 4), "speedup": round(1 / rows[pick]["vs_original"], 4)
+            "sites_ms": round(sites_s * 1e3, 4), "speedup": round(1 / rows[pick]["vs_original"], 4)
             if rows[pick]["vs_original"] > 0 else None}
