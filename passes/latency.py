@@ -112,6 +112,13 @@ def unpermuted(recipe: Recipe | str, catalog=CATALOG) -> Recipe:
     return Recipe(kind, groups=recipe.groups, overlap=recipe.overlap, expansion=recipe.expansion)
 
 
+def _built(recipe: Recipe | str, shift: int) -> Recipe:
+    """The recipe of the module `recipe` builds at `shift`: a rotation at shift 0 builds no roll, so it is its
+    unpermuted block (one figure for both: each distinct block is timed once)."""
+    recipe = parse(recipe)
+    return unpermuted(recipe) if recipe.kind.rotates and not shift else recipe
+
+
 def _permutes(recipe: Recipe, shift: int) -> bool:
     """Whether the block `recipe` builds at `shift` has a permutation step (a roll builds only at shift > 0)."""
     return any(s.op == "shuffle" or (s.op == "roll" and shift) for s in recipe.kind.steps)
@@ -402,9 +409,7 @@ class LatencyModel:
 
     def probe(self, recipe: Recipe | str, conv: nn.Conv2d, in_shape: tuple, pattern: Pattern = Pattern(),
               shift: int = 0) -> Probe:
-        recipe = parse(recipe)
-        if recipe.kind.rotates and not shift:
-            recipe = unpermuted(recipe)  # the same module: one timing for both (time each distinct block once)
+        recipe = _built(recipe, shift)
         return Probe(recipe.name, int(shift) if recipe.kind.rotates else 0, signature(conv),
                      (self.batch,) + tuple(in_shape[1:]), pattern.signature, self.mode, self.key)
 
@@ -412,9 +417,7 @@ class LatencyModel:
              shift: int = 0) -> float:
         """Seconds per call of `recipe` replacing `conv` (followed by the model's norm and activation) on an input
         of `in_shape` (its batch replaced by this model's batch); measured once per key, then read back."""
-        recipe = parse(recipe)
-        if recipe.kind.rotates and not shift:
-            recipe = unpermuted(recipe)  # the module it builds (its probe's recipe)
+        recipe = _built(recipe, shift)  # the module it builds (its probe's recipe)
         probe = self.probe(recipe, conv, in_shape, pattern, shift)
         return self._cached(probe, lambda: self._measure(recipe, conv, pattern, probe))
 
@@ -456,9 +459,9 @@ class LatencyModel:
         """Compile ahead, at once in this process and `workers` worker processes (passes/prefetch.py), the sites
         `time` would build for `items` ((recipe, conv, in_shape, shift) each; with `bounds`, what `bound` would
         time: the block without its permutation where it has one) that are not measured yet; returns how many
-        were compiled. A head start only: no figure changes, and it does nothing unless this model compiles on
-        the CPU with a timer that runs the module (`default_timer`), inductor's FX graph cache is on, there are workers and 2 sites or more."""
-        if not self._can_prefetch():
+        were compiled. A head start only: no figure changes, and it does nothing unless `compiles_ahead` and
+        there are 2 sites or more to compile."""
+        if not self.compiles_ahead:
             return 0
         jobs, seen, threads = [], set(), torch.get_num_threads()
         for recipe, conv, in_shape, shift in items:
@@ -467,11 +470,12 @@ class LatencyModel:
                 continue
             if bounds and _permutes(recipe, shift):
                 recipe, shift = unpermuted(recipe), 0
-            if recipe.kind.rotates and not shift:
-                recipe = unpermuted(recipe)
+                if self.known(recipe, conv, in_shape, pattern, shift) is not None:
+                    continue
+            recipe = _built(recipe, shift)
             probe = self.probe(recipe, conv, in_shape, pattern, shift)
             key = probe.key()
-            if key in seen or key in self._ahead_keys or self.known(recipe, conv, in_shape, pattern, shift) is not None:
+            if key in seen or key in self._ahead_keys:
                 continue
             seen.add(key)
             sig = signature(conv)
@@ -487,8 +491,10 @@ class LatencyModel:
             tick("compiled ahead", self._ahead.compiled - before)
             return self._ahead.compiled - before
 
-    def _can_prefetch(self) -> bool:
-        # a timer that never calls the module (a fake one) compiles nothing: nothing to compile ahead for it
+    @property
+    def compiles_ahead(self) -> bool:
+        """Whether `prefetch` does anything: workers, compiled CPU timing, a timer that runs the module
+        (`default_timer`; a fake one compiles nothing) and inductor's FX graph cache on."""
         runs = getattr(self.timer, "runs", False)
         if not (self.workers and runs and self.mode == "compile" and torch.device(self.device).type == "cpu"):
             return False

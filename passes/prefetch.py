@@ -87,12 +87,6 @@ class Prefetcher:
         self.compiled = 0  # sites compiled ahead (in this process or a worker)
         self.failed: list = []  # (what, why) of those that did not build ahead: compiled when timed instead
 
-    def __enter__(self) -> "Prefetcher":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def _start(self) -> None:
         from torch._inductor.runtime.cache_dir_utils import cache_dir
         # the same interpreter, environment and working directory: the workers import the fxrf this process did,

@@ -193,7 +193,7 @@ def test_every_block_the_search_times_was_compiled_ahead_once(monkeypatch):
     # and the compiles themselves recorded instead of run
     from fxrf.passes import prefetch
     sent = []
-    monkeypatch.setattr(LatencyModel, "_can_prefetch", lambda self: True)
+    monkeypatch.setattr(LatencyModel, "compiles_ahead", property(lambda self: True))
     monkeypatch.setattr(prefetch.Prefetcher, "run", lambda self, jobs: sent.extend(w for w, _, _ in jobs))
     for table in ({"S": 1.0, "DW+PW": 0.9, "DW+GPW-g8": 0.2, "DW+GPW-g4": 0.3},  # rotated blocks contend
                   {"S": 1.0, "DW+PW": 0.5, "GC+shuffle-g8": 0.2, "GC+shuffle-g4": 0.22}):  # shuffles contend

@@ -133,7 +133,8 @@ def _stage_loop(run: Run, steps, objective: str, labels, quality) -> tuple[dict,
                        for u, c, s in zip(o.used, stage.convs, stage.sites) if not u.keeps):
                 return None
             return True if all(u.keeps for u in o.used) else quality(*o.scope)[stage.index]
-        if objective == "latency":
+        ahead = objective == "latency" and lm.compiles_ahead
+        if ahead:
             lm.prefetch(_needed(stage, run.pattern), run.pattern, bounds=True)
         while True:
             options = _timed(run, stage) if objective == "latency" else _costed(run, stage, labels)
@@ -144,10 +145,11 @@ def _stage_loop(run: Run, steps, objective: str, labels, quality) -> tuple[dict,
                     # the contenders, compiled ahead at once: every option ranked before the next exact one not
                     # yet refused waits for its blocks in turn, unless the timings put that exact one first (then
                     # some of these compiles were spent for nothing)
-                    exact = next((j for j in range(i, len(ranked)) if not ranked[j].pending
-                                  and ranked[j].scope[0] not in checked and verdict(ranked[j])), len(ranked))
-                    lm.prefetch([(r, c, s.in_shape, sh) for q in ranked[i:exact] for r, c, s, sh in q.pending],
-                                run.pattern)
+                    if ahead:  # (finding the next exact option runs quality checks: only when it serves)
+                        exact = next((j for j in range(i, len(ranked)) if not ranked[j].pending
+                                      and ranked[j].scope[0] not in checked and verdict(ranked[j])), len(ranked))
+                        lm.prefetch([(r, c, s.in_shape, sh) for q in ranked[i:exact] for r, c, s, sh in q.pending],
+                                    run.pattern)
                     for recipe, conv, site, shift in o.pending:
                         lm.time(recipe, conv, site.in_shape, run.pattern, shift)
                     again = True
